@@ -1,0 +1,14 @@
+"""zipvl_compile: a torch.compile backend applying ZipVL to Hugging Face decoders.
+
+``torch.compile(model, backend="zipvl", options={...})`` rewrites every decoder self-attention site of the
+traced graph into zipvl ops; :func:`report` tells what was rewritten, what was left alone and why.
+"""
+
+from zipvl_compile.backend import register as _register
+from zipvl_compile.backend import zipvl_backend
+from zipvl_compile.config import ZipVLConfig
+from zipvl_compile.report import CompileReport, report, reset_report
+
+_register()
+
+__all__ = ["CompileReport", "ZipVLConfig", "report", "reset_report", "zipvl_backend"]

@@ -1,0 +1,102 @@
+"""ZipVLConfig: every option of the ``zipvl`` backend, its default and its validation.
+
+Options arrive as the ``options=`` dict of ``torch.compile`` (or keyword arguments of
+``zipvl_compile.compile``). An unknown key or a bad value raises ``ValueError`` naming the key, the value
+given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+_BITS = (2, 4, 8, 16)
+_KV_MODES = ("packed", "simulate", "off")
+_INNER = ("inductor", "aot_eager", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZipVLConfig:
+    """Validated options (see the README's options table).
+
+    tau: fraction of the probe attention mass the kept set must hold, 0 < tau <= 1 (>= 1 keeps all).
+    hi_bits / lo_bits: KV bit widths of kept / other tokens, each in {2, 4, 8, 16}, lo_bits <= hi_bits;
+        16 means stored unquantised in the model's dtype.
+    n_probe_recent / n_probe_random: probe queries per layer (last rows + seeded random rows).
+    min_keep: floor on the kept count per sequence and layer.
+    dense_layers: decoder layer indices that keep dense prefill attention.
+    recompress_interval: decode tokens held unquantised before their block is scored and quantised.
+    kv_mode: "packed" (ZipVLCache), "simulate" (quantise on write into a stock cache) or "off".
+    inner: the compiler run on the rewritten graph.
+    seed: seed of the random probes.
+    cudagraphs: capture the compiled graphs in CUDA graphs (also set by ``mode="reduce-overhead"``).
+    """
+
+    tau: float = 0.975
+    hi_bits: int = 4
+    lo_bits: int = 2
+    n_probe_recent: int = 64
+    n_probe_random: int = 64
+    min_keep: int = 64
+    dense_layers: tuple[int, ...] = ()
+    recompress_interval: int = 100
+    kv_mode: str = "packed"
+    inner: str = "inductor"
+    seed: int = 0
+    cudagraphs: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and self.tau > 0,
+               "tau", self.tau, "a number with 0 < tau <= 1 (tau >= 1 keeps every token)")
+        for key in ("hi_bits", "lo_bits"):
+            _check(getattr(self, key) in _BITS and not isinstance(getattr(self, key), bool),
+                   key, getattr(self, key), f"one of {_BITS}")
+        _check(self.lo_bits <= self.hi_bits, "lo_bits", self.lo_bits,
+               f"a value <= hi_bits ({self.hi_bits})")
+        for key in ("n_probe_recent", "n_probe_random", "min_keep"):
+            _check(_is_int(getattr(self, key)) and getattr(self, key) >= 0, key, getattr(self, key),
+                   "an integer >= 0")
+        _check(self.n_probe_recent + self.n_probe_random > 0, "n_probe_recent", self.n_probe_recent,
+               "n_probe_recent + n_probe_random >= 1")
+        _check(_is_int(self.recompress_interval) and self.recompress_interval >= 1,
+               "recompress_interval", self.recompress_interval, "an integer >= 1")
+        _check(self.kv_mode in _KV_MODES, "kv_mode", self.kv_mode, f"one of {_KV_MODES}")
+        _check(self.inner in _INNER, "inner", self.inner, f"one of {_INNER}")
+        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        _check(isinstance(self.cudagraphs, bool), "cudagraphs", self.cudagraphs, "True or False")
+        _check(isinstance(self.dense_layers, tuple) and all(_is_int(i) and i >= 0 for i in self.dense_layers),
+               "dense_layers", self.dense_layers, "a sequence of layer indices >= 0")
+
+    @property
+    def keeps_all(self) -> bool:
+        """True when tau >= 1: prefill keeps every valid token (dense, exact)."""
+        return self.tau >= 1.0
+
+    def replace(self, **changes: Any) -> ZipVLConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> ZipVLConfig:
+        """Build from a user options dict; unknown keys raise ``ValueError`` naming them."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                raise ValueError(f"zipvl: unknown option {key!r} (value {options[key]!r}); "
+                                 f"allowed options: {', '.join(sorted(known))}")
+        if "dense_layers" in options:
+            layers = options["dense_layers"]
+            _check(isinstance(layers, (list, tuple, set, frozenset, range)), "dense_layers", layers,
+                   "a sequence of layer indices >= 0")
+            options["dense_layers"] = tuple(sorted(layers))
+        return cls(**options)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"zipvl: invalid option {key}={value!r}; allowed: {allowed}")

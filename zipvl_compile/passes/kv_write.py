@@ -1,0 +1,61 @@
+"""Find the KV-cache write that feeds each decoder attention site.
+
+Forms recognised (transformers 5.17):
+- ``dynamic_cat``: DynamicCache, ``keys = cat([past_or_empty, k_new], dim=-2)`` (the result is a graph
+  output that Dynamo writes back into the cache object);
+- ``static_index_copy``: StaticCache, ``buffer.index_copy_(2, cache_position, k_new)`` on the buffer the
+  attention reads (possibly through a ``[:, :, :L]`` slice);
+- ``static_copy``: sliding-window layers, ``buffer.copy_(...)`` or ``buffer[..., idx] = k_new``;
+- ``zipvl``: a ZipVLCache write op; ``none``: the keys come straight from the projection (no cache).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from zipvl_compile.passes.fx_util import is_function, is_getitem, is_method
+from zipvl_compile.passes.site import AttentionSite
+
+_WRITE_METHODS = ("index_copy_", "copy_")
+
+
+def find_kv_write(site: AttentionSite) -> None:
+    """Set ``site.kv_write`` (and ``k_new``/``v_new`` when the new keys/values are identifiable)."""
+    k_kind, k_new = _write_of(site.k)
+    v_kind, v_new = _write_of(site.v)
+    if k_kind != v_kind:
+        site.reject(f"keys and values are cached differently ({k_kind} vs {v_kind})")
+        return
+    site.kv_write, site.k_new, site.v_new = k_kind, k_new, v_new
+
+
+def _write_of(node: fx.Node) -> tuple[str, fx.Node | None]:
+    base = node
+    while is_getitem(base) and _is_seq_slice(base.args[1]):
+        base = base.args[0]
+    if is_function(base, torch.cat) and _cat_dim(base) in (-2, 2) and len(base.args[0]) == 2:
+        return "dynamic_cat", base.args[0][1]
+    for user in base.users:
+        if is_method(user, "index_copy_") and user.args[0] is base:
+            return "static_index_copy", user.args[3]
+        if (is_method(user, "copy_") and user.args[0] is base) or is_function(user, operator.setitem):
+            return "static_copy", None
+    for user in list(base.users):
+        # the new keys may also feed a write of a sliding-window buffer (a slice copied into it)
+        for nxt in [user, *user.users]:
+            if is_method(nxt, *_WRITE_METHODS) and nxt.args[0] is not base and nxt.args[-1] in (base, user):
+                return "static_copy", base
+    return "none", None
+
+
+def _cat_dim(node: fx.Node) -> int | None:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+
+def _is_seq_slice(index: object) -> bool:
+    full = slice(None, None, None)
+    return isinstance(index, tuple) and len(index) == 4 and index[0] == full and index[1] == full \
+        and isinstance(index[2], slice) and index[3] == full

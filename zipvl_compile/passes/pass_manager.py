@@ -1,0 +1,78 @@
+"""The pass manager: runs the FX passes on one Dynamo graph, logs what each matched, fills the report.
+
+Order: find sites -> classify -> peel repeat_kv -> analyse the mask -> find the KV write -> rewrite
+-> safe DCE. A pass that rejects a site records why; a rejected site is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch.fx as fx
+
+from zipvl_compile.config import ZipVLConfig
+from zipvl_compile.passes.causal_mask import analyse_mask
+from zipvl_compile.passes.classify import classify_site, mark_non_causal
+from zipvl_compile.passes.dce import safe_dce
+from zipvl_compile.passes.find_attention import find_attention_sites
+from zipvl_compile.passes.fx_util import layer_index, module_path
+from zipvl_compile.passes.kv_write import find_kv_write
+from zipvl_compile.passes.repeat_kv import peel_repeat_kv
+from zipvl_compile.passes.rewrite_attention import rewrite_dense
+from zipvl_compile.passes.site import AttentionSite
+from zipvl_compile.report import SiteRecord, report
+
+log = logging.getLogger("zipvl_compile")
+
+SITE_PASSES: list[tuple[str, Callable[[AttentionSite], None]]] = [
+    ("classify", classify_site),
+    ("repeat_kv", peel_repeat_kv),
+    ("causal_mask", analyse_mask),
+    ("kv_write", find_kv_write),
+    ("non_causal", mark_non_causal),
+]
+
+
+def run_passes(gm: fx.GraphModule, config: ZipVLConfig) -> list[AttentionSite]:
+    """Rewrite every decoder self-attention site of ``gm`` in place; returns all sites seen."""
+    graph_id = report().new_graph(len(gm.graph.nodes), {"tau": config.tau, "hi_bits": config.hi_bits,
+                                                         "lo_bits": config.lo_bits, "kv_mode": config.kv_mode})
+    sites, unmatched = find_attention_sites(gm)
+    log.info("graph %d: find_attention matched %d site(s) (%d sdpa, %d eager), %d softmax left alone",
+             graph_id, len(sites), sum(s.pattern == "sdpa" for s in sites),
+             sum(s.pattern == "eager" for s in sites), len(unmatched))
+    for name, site_pass in SITE_PASSES:
+        before = sum(s.skip is None for s in sites)
+        for site in sites:
+            if site.skip is None:
+                site_pass(site)
+        log.debug("graph %d: %s kept %d of %d candidate site(s)", graph_id, name,
+                  sum(s.skip is None for s in sites), before)
+    for site in sites:
+        if site.skip is None:
+            rewrite_dense(gm, site)
+    removed = safe_dce(gm)
+    gm.graph.lint()
+    gm.recompile()
+    log.info("graph %d: rewrote %d site(s), left %d, removed %d dead node(s)", graph_id,
+             sum(s.op is not None for s in sites), sum(s.op is None for s in sites), removed)
+    for site in sites:
+        _record(graph_id, site)
+    for node, reason in unmatched:
+        path, _ = module_path(node)
+        report().add_site(SiteRecord(graph_id, path, layer_index(path), "unknown", False, reason, None, "eager"))
+        log.info("graph %d: softmax at %s left alone: %s", graph_id, path or node.name, reason)
+    return sites
+
+
+def _record(graph_id: int, site: AttentionSite) -> None:
+    rewritten = site.op is not None
+    report().add_site(SiteRecord(graph_id, site.module_path, site.layer, site.kind, rewritten,
+                                 None if rewritten else site.skip, site.op, site.pattern, site.n_rep,
+                                 site.mask_kind, site.kv_write))
+    if rewritten:
+        log.info("graph %d: layer %s %s site %s -> %s (n_rep %s, mask %s, kv %s)", graph_id, site.layer,
+                 site.kind, site.module_path, site.op, site.n_rep, site.mask_kind, site.kv_write)
+    else:
+        log.info("graph %d: %s site %s left as it was: %s", graph_id, site.kind, site.module_path, site.skip)

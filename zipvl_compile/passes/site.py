@@ -1,0 +1,48 @@
+"""AttentionSite: what the passes know about one attention computation in a Dynamo FX graph."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """One attention site, filled in step by step by the passes.
+
+    ``out`` is the node whose value is the attention output [B, Hq, Lq, d] (the SDPA call, or the final
+    matmul of the eager pattern); ``nodes`` are the pattern's own nodes (replaced together or not at all).
+    ``skip`` holds the reason when a pass decides the site must stay as it was.
+    """
+
+    out: fx.Node
+    pattern: str  # "sdpa" | "eager"
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: fx.Node | None
+    is_causal: bool
+    scale: float | None
+    softcap: float = 0.0
+    nodes: list[fx.Node] = dataclasses.field(default_factory=list)
+    # classify
+    module_path: str = ""
+    layer: int | None = None
+    kind: str = "unknown"  # prefill | decode | cross | encoder | unknown
+    # repeat_kv
+    n_rep: int | None = None
+    # mask
+    mask_kind: str | None = None  # causal | causal+padding | mask | none
+    # kv write
+    kv_write: str | None = None
+    k_new: fx.Node | None = None
+    v_new: fx.Node | None = None
+    # outcome
+    skip: str | None = None
+    op: str | None = None
+
+    def reject(self, reason: str) -> None:
+        """Leave this site exactly as it was, for ``reason`` (the first reason wins)."""
+        if self.skip is None:
+            self.skip = reason
