@@ -47,8 +47,8 @@ class ZipVLConfig:
     cudagraphs: bool = False
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and self.tau > 0,
-               "tau", self.tau, "a number with 0 < tau <= 1 (tau >= 1 keeps every token)")
+        _check(isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and 0 < self.tau <= 1,
+               "tau", self.tau, "a number with 0 < tau <= 1 (tau = 1 keeps every token)")
         for key in ("hi_bits", "lo_bits"):
             _check(getattr(self, key) in _BITS and not isinstance(getattr(self, key), bool),
                    key, getattr(self, key), f"one of {_BITS}")
@@ -87,7 +87,8 @@ class ZipVLConfig:
                                  f"allowed options: {', '.join(sorted(known))}")
         if "dense_layers" in options:
             layers = options["dense_layers"]
-            _check(isinstance(layers, (list, tuple, set, frozenset, range)), "dense_layers", layers,
+            _check(isinstance(layers, (list, tuple, set, frozenset, range))
+                   and all(_is_int(i) and i >= 0 for i in layers), "dense_layers", layers,
                    "a sequence of layer indices >= 0")
             options["dense_layers"] = tuple(sorted(layers))
         return cls(**options)

@@ -6,7 +6,8 @@ transformers 5.17 builds the SDPA mask in the graph as an AND of terms, then ``e
   ``a - b == Lk - Lq`` (bottom-right alignment, proven on the symbolic shapes);
 - key padding: ``attention_mask[batch_idx, kv_idx]`` (a [B, 1, 1, Lk] bool), kept as the op's mask;
 - the constant True that starts the AND chain.
-Any other term (sliding window, bidirectional image spans, token types) keeps the whole mask as a mask.
+Any other term (sliding window, bidirectional image spans, token types) keeps the whole mask as a mask
+(``causal+mask`` when a causal term is among them, ``mask`` otherwise).
 Masks that arrive as graph inputs (static caches build them outside the graph) stay masks.
 """
 
@@ -20,7 +21,7 @@ import torch.fx as fx
 from zipvl_compile.passes.fx_util import example, is_function, is_getitem, is_method, shape
 from zipvl_compile.passes.site import AttentionSite
 
-_MIN_FILL = -1e30  # where(mask, 0, x) with x below this is an additive form of a bool mask
+_MIN_FILL = torch.finfo(torch.float16).min  # where(mask, 0, x <= this): the additive form of a bool mask
 
 
 def analyse_mask(site: AttentionSite) -> None:
@@ -52,17 +53,15 @@ def analyse_mask(site: AttentionSite) -> None:
             padding.append(term)
         else:
             other.append(term)
-    if other or not causal:
-        site.mask_kind = "mask"
+    if other or not causal or len(padding) > 1:
+        # the whole mask stays; a causal term among others still marks a decoder (e.g. sliding window)
+        site.mask_kind = "causal+mask" if causal else "mask"
         return
     site.is_causal = True
-    if len(padding) == 1:
+    if padding:
         site.mask, site.mask_kind = padding[0], "causal+padding"
-    elif not padding:
-        site.mask, site.mask_kind = None, "causal"
     else:
-        site.mask_kind = "mask"
-        site.is_causal = False
+        site.mask, site.mask_kind = None, "causal"
 
 
 def _unwrap_additive(node: fx.Node) -> fx.Node:

@@ -21,6 +21,10 @@ def classify_site(site: AttentionSite) -> None:
     """Set ``kind``, ``module_path`` and ``layer`` of ``site``; reject sites that are not decoder self-attn."""
     path, cls = module_path(site.out)
     site.module_path, site.layer = path, layer_index(path)
+    if not path:
+        site.reject("no module path (attention outside a traced module, e.g. after a graph break): "
+                    "decoder and encoder cannot be told apart")
+        return
     classes = " ".join(module_classes(site.out))
     if _CROSS.search(path) or _CROSS.search(classes):
         site.kind = "cross"

@@ -33,7 +33,7 @@ class AttentionSite:
     # repeat_kv
     n_rep: int | None = None
     # mask
-    mask_kind: str | None = None  # causal | causal+padding | mask | none
+    mask_kind: str | None = None  # causal | causal+padding | causal+mask | mask | none
     # kv write
     kv_write: str | None = None
     k_new: fx.Node | None = None

@@ -1,0 +1,5 @@
+import sys
+
+from zipvl_compile.cli import main
+
+sys.exit(main())
