@@ -10,6 +10,7 @@ from tiny_models import TEXT_MODELS, VLMS, build_text, build_vlm, language_model
 import zipvl_compile
 
 GEN = dict(max_new_tokens=6, do_sample=False)
+EXACT = {"tau": 1.0, "hi_bits": 16, "lo_bits": 16, "inner": "eager"}
 
 
 def _generate(model, inputs, cache):
@@ -22,9 +23,11 @@ def _check_report(expect_cross: bool = False):
     rep = zipvl_compile.report()
     assert rep.sites, "no attention site seen"
     for site in rep.sites:
-        if site.kind in ("prefill", "decode"):
+        if site.kind == "prefill":
             assert site.rewritten, str(rep)
-            assert site.op == "zipvl.attention"
+            assert site.op == "zipvl.sparse_attention" or (site.op == "zipvl.attention" and site.dense_reason)
+        elif site.kind == "decode":
+            assert site.rewritten and site.op == "zipvl.attention", str(rep)
         else:
             assert not site.rewritten and site.reason, str(rep)
     assert any(s.kind == "prefill" for s in rep.sites) and any(s.kind == "decode" for s in rep.sites)
@@ -34,7 +37,7 @@ def _check_report(expect_cross: bool = False):
 def _compile_lm(lm):
     torch._dynamo.reset()
     zipvl_compile.reset_report()
-    lm.forward = torch.compile(lm.forward, backend="zipvl", options={"inner": "eager"})
+    lm.forward = torch.compile(lm.forward, backend="zipvl", options=EXACT)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -111,6 +114,6 @@ def test_inductor_end_to_end():
     expected = _generate(model, inputs, "static")
     torch._dynamo.reset()
     zipvl_compile.reset_report()
-    model.forward = torch.compile(model.forward, backend="zipvl")
+    model.forward = torch.compile(model.forward, backend="zipvl", options=dict(EXACT, inner="inductor"))
     assert torch.equal(_generate(model, inputs, "static"), expected)
     _check_report()

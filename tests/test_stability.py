@@ -12,7 +12,7 @@ import zipvl_compile
 def _compile(model):
     torch._dynamo.reset()
     zipvl_compile.reset_report()
-    model.forward = torch.compile(model.forward, backend="zipvl", options={"inner": "eager"})
+    model.forward = torch.compile(model.forward, backend="zipvl", options={"inner": "eager", "tau": 1.0})
 
 
 def test_static_cache_decode_never_recompiles():

@@ -1,8 +1,8 @@
 """CompileReport: every attention site the backend saw, what it did with it and why, and runtime stats.
 
 The passes append one :class:`SiteRecord` per attention site. Prefill sites rewritten into
-``zipvl.sparse_attention`` also register a small device buffer that the graph fills with the kept ratio of
-each run; it is read (one device->host copy) only when the report is rendered or queried.
+``zipvl.sparse_attention`` also get a runtime stats slot (a small device tensor) that the op fills with the
+kept ratio of each run; it is read (one device->host copy) only when the report is rendered or queried.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class SiteRecord:
     n_rep: int | None = None
     mask: str | None = None  # causal | causal+padding | causal+mask | mask | none
     kv_write: str | None = None  # dynamic_cat | static_index_copy | static_copy | zipvl | none
+    dense_reason: str | None = None  # why a prefill site got the dense op instead of sparse_attention
 
 
 @dataclasses.dataclass
@@ -37,14 +38,17 @@ class LayerStats:
     """Per decoder layer runtime figures, filled by the graph (ratio buffer) and by the KV cache."""
 
     layer: int
-    ratio_buffer: torch.Tensor | None = None  # float32 [B] kept / valid tokens of the last prefill
+    slot: int | None = None  # runtime.stats slot written by zipvl.sparse_attention
+    stats: torch.Tensor | None = None  # float32 [2]: (mean r, mean r^2) over the batch of the last prefill
     hi_tokens: int | None = None
     lo_tokens: int | None = None
 
-    def kept_ratio(self) -> list[float] | None:
-        if self.ratio_buffer is None or not bool((self.ratio_buffer >= 0).all()):
+    def ratio_moments(self) -> tuple[float, float] | None:
+        """(mean kept ratio, mean squared kept ratio) of the last sparse prefill, None before any."""
+        if self.stats is None:
             return None
-        return [round(float(r), 4) for r in self.ratio_buffer.float().cpu()]
+        mean, mean_sq = self.stats.tolist()
+        return None if mean < 0 else (mean, mean_sq)
 
 
 class CompileReport:
@@ -85,21 +89,13 @@ class CompileReport:
 
     def kept_ratios(self) -> dict[int, float]:
         """Mean kept ratio over the batch, per layer, of the last sparse prefill that ran."""
-        out = {}
-        for index, stats in sorted(self.layers.items()):
-            ratio = stats.kept_ratio()
-            if ratio is not None:
-                out[index] = sum(ratio) / len(ratio)
-        return out
+        moments = {i: s.ratio_moments() for i, s in sorted(self.layers.items())}
+        return {i: m[0] for i, m in moments.items() if m is not None}
 
     def flop_reduction(self) -> dict[int, float]:
         """Prefill attention-FLOP reduction per layer, 1 - mean(r^2) over the batch."""
-        out = {}
-        for index, stats in sorted(self.layers.items()):
-            ratio = stats.kept_ratio()
-            if ratio is not None:
-                out[index] = 1.0 - sum(r * r for r in ratio) / len(ratio)
-        return out
+        moments = {i: s.ratio_moments() for i, s in sorted(self.layers.items())}
+        return {i: 1.0 - m[1] for i, m in moments.items() if m is not None}
 
     def __str__(self) -> str:
         lines = [f"zipvl compile report: {len(self.graphs)} graph(s), {len(self.sites)} attention site(s), "
@@ -113,7 +109,7 @@ class CompileReport:
             for s in self.sites:
                 rows.append((str(s.graph_id), "-" if s.layer is None else str(s.layer), s.kind, s.pattern,
                              s.mask or "-", s.kv_write or "-", "yes" if s.rewritten else "no",
-                             s.op if s.rewritten else (s.reason or "-"), s.module_path))
+                             _outcome(s), s.module_path))
             widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
             for r in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
@@ -133,6 +129,12 @@ class CompileReport:
         return "\n".join(lines)
 
 
+def _outcome(site: SiteRecord) -> str:
+    if not site.rewritten:
+        return site.reason or "-"
+    return f"{site.op} (dense: {site.dense_reason})" if site.dense_reason else site.op
+
+
 _REPORT = CompileReport()
 
 
@@ -150,6 +152,6 @@ def reset_report() -> None:
     layers = _REPORT.layers
     _REPORT.__init__()
     for stats in layers.values():
-        if stats.ratio_buffer is not None:
-            stats.ratio_buffer.fill_(-1.0)
-            _REPORT.layers[stats.layer] = LayerStats(stats.layer, stats.ratio_buffer)
+        if stats.stats is not None:
+            stats.stats.fill_(-1.0)
+            _REPORT.layers[stats.layer] = LayerStats(stats.layer, stats.slot, stats.stats)

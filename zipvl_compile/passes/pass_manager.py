@@ -19,7 +19,7 @@ from zipvl_compile.passes.find_attention import find_attention_sites
 from zipvl_compile.passes.fx_util import layer_index, module_path
 from zipvl_compile.passes.kv_write import find_kv_write
 from zipvl_compile.passes.repeat_kv import peel_repeat_kv
-from zipvl_compile.passes.rewrite_attention import rewrite_dense
+from zipvl_compile.passes.rewrite_attention import rewrite_site
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.report import SiteRecord, report
 
@@ -51,7 +51,7 @@ def run_passes(gm: fx.GraphModule, config: ZipVLConfig) -> list[AttentionSite]:
                   sum(s.skip is None for s in sites), before)
     for site in sites:
         if site.skip is None:
-            rewrite_dense(gm, site)
+            rewrite_site(gm, site, config)
     removed = safe_dce(gm)
     gm.graph.lint()
     gm.recompile()
@@ -70,7 +70,7 @@ def _record(graph_id: int, site: AttentionSite) -> None:
     rewritten = site.op is not None
     report().add_site(SiteRecord(graph_id, site.module_path, site.layer, site.kind, rewritten,
                                  None if rewritten else site.skip, site.op, site.pattern, site.n_rep,
-                                 site.mask_kind, site.kv_write))
+                                 site.mask_kind, site.kv_write, site.dense_reason))
     if rewritten:
         log.info("graph %d: layer %s %s site %s -> %s (n_rep %s, mask %s, kv %s)", graph_id, site.layer,
                  site.kind, site.module_path, site.op, site.n_rep, site.mask_kind, site.kv_write)

@@ -1,33 +1,81 @@
-"""Rewrite a decoder self-attention site into a zipvl op, all at once or not at all."""
+"""Rewrite a decoder self-attention site into a zipvl op, all at once or not at all.
+
+Prefill sites become ``zipvl.sparse_attention`` (its kept ratio recorded for the report through
+``zipvl.record_ratio_``) unless the site cannot take it, in which case they get the dense
+``zipvl.attention`` and the reason is recorded; decode sites get ``zipvl.attention``.
+"""
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
 
+from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.find_attention import default_scale
+from zipvl_compile.passes.fx_util import example, shape
 from zipvl_compile.passes.site import AttentionSite
-from zipvl_compile.runtime import ops
+from zipvl_compile.report import report
+from zipvl_compile.runtime import ops, stats
 
 
-def rewrite_dense(gm: fx.GraphModule, site: AttentionSite) -> None:
-    """Replace ``site.out`` by ``zipvl.attention`` on the un-expanded K/V (the old nodes become dead)."""
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> None:
+    """Rewrite ``site`` in place (``site.op`` set), or reject it with a reason (graph untouched)."""
     scale = site.scale if site.scale is not None else default_scale(site.q)
     if scale is None:
         site.reject("head dim is not static (no default scale)")
         return
-    args = (site.q, site.k, site.v, site.mask, site.is_causal, float(scale), site.n_rep, float(site.softcap))
-    _replace(gm, site, ops.attention, args)
-    site.op = "zipvl.attention"
+    site.scale = float(scale)
+    site.dense_reason = _why_not_sparse(site, config) if site.kind == "prefill" else None
+    if site.kind == "prefill" and site.dense_reason is None:
+        _rewrite_sparse(gm, site, config)
+    else:
+        args = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep, float(site.softcap))
+        _replace(gm, site, ops.attention, args)
+        site.op = "zipvl.attention"
 
 
-def _replace(gm: fx.GraphModule, site: AttentionSite, target: object, args: tuple) -> fx.Node:
+def _why_not_sparse(site: AttentionSite, config: ZipVLConfig) -> str | None:
+    q_shape, k_shape = shape(site.q), shape(site.k)
+    if site.layer in config.dense_layers:
+        return "layer listed in dense_layers"
+    if site.softcap:
+        return "logit softcap (not in the sparse kernel)"
+    if q_shape[2] is not k_shape[2] and q_shape[2] != k_shape[2]:
+        return "keys are longer than the prompt (a static cache buffer or a chunked prefill)"
+    mask = example(site.mask) if site.mask is not None else None
+    if mask is not None and mask.dtype != torch.bool:
+        return "additive float mask (values unknown at compile time)"
+    if site.mask_kind not in ("causal", "causal+padding", "causal+mask"):
+        return f"mask kind {site.mask_kind} (no causal structure)"
+    return None
+
+
+def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> None:
+    args = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep, float(config.tau),
+            config.n_probe_recent, config.n_probe_random, config.min_keep, config.seed, _stats_slot(site))
+    _replace(gm, site, ops.sparse_attention, args, output_index=0)
+    site.op = "zipvl.sparse_attention"
+
+
+def _stats_slot(site: AttentionSite) -> int:
+    """The runtime stats slot of this layer (kept-ratio moments of each prefill), shared with the report."""
+    layer = report().layer(site.layer)
+    device = example(site.q).device
+    if layer.slot is None or layer.stats.device != device:
+        layer.slot, layer.stats = stats.new_slot(device)
+    return layer.slot
+
+
+def _replace(gm: fx.GraphModule, site: AttentionSite, target: object, args: tuple,
+             output_index: int | None = None) -> fx.Node:
+    """Insert ``target(*args)`` before ``site.out`` and route every use of the old output to it."""
     with gm.graph.inserting_before(site.out):
         new = gm.graph.call_function(target, args)
-    new.meta = {k: v for k, v in site.out.meta.items() if k in ("nn_module_stack", "stack_trace",
-                                                                 "source_fn_stack")}
-    value = site.out.meta.get("example_value")
-    if isinstance(value, torch.Tensor):
-        new.meta["example_value"] = value
-    site.out.replace_all_uses_with(new)
+        out = new if output_index is None else gm.graph.call_function(operator.getitem, (new, output_index))
+    out.meta = {k: v for k, v in site.out.meta.items() if k in ("nn_module_stack", "stack_trace",
+                                                                 "source_fn_stack", "example_value")}
+    new.meta.setdefault("nn_module_stack", site.out.meta.get("nn_module_stack"))
+    site.out.replace_all_uses_with(out)
     return new

@@ -41,6 +41,7 @@ class AttentionSite:
     # outcome
     skip: str | None = None
     op: str | None = None
+    dense_reason: str | None = None
 
     def reject(self, reason: str) -> None:
         """Leave this site exactly as it was, for ``reason`` (the first reason wins)."""

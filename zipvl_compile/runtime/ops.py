@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from zipvl_compile.runtime import stats
 from zipvl_compile.runtime.reference import dense_attention
+from zipvl_compile.runtime.sparse import sparse_attention as sparse_attention_impl
 
 NAMESPACE = "zipvl"
 
@@ -43,3 +45,33 @@ def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
 attention = define_op("attention", _attention, _attention_fake)
 """zipvl::attention(q [B,Hq,Lq,d], k/v [B,Hkv,Lk,d], attn_mask?, is_causal, scale, n_rep, softcap=0)
 -> [B,Hq,Lq,d]: dense attention, exact (see runtime.reference for the mask convention)."""
+
+
+def _bshd(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, d] with (B, S, H, d) memory: the layout HF's ``transpose(1, 2).reshape`` reads for free."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                      is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
+                      n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, keep, ratio = sparse_attention_impl(q, k, v, attn_mask, is_causal, scale, n_rep, tau, n_probe_recent,
+                                             n_probe_random, min_keep, seed)
+    stats.record_ratio(stats_slot, ratio)
+    return _bshd(out), keep, ratio
+
+
+def _sparse_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                           is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
+                           n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, n, _ = q.shape
+    out = q.new_empty(batch, n, heads, v.shape[-1]).transpose(1, 2)
+    return out, q.new_empty(batch, n, dtype=torch.bool), q.new_empty(batch, dtype=torch.float32)
+
+
+sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_attention_fake)
+"""zipvl::sparse_attention(q, k, v, attn_mask?, is_causal, scale, n_rep, tau, n_probe_recent, n_probe_random,
+min_keep, seed, stats_slot=-1) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): ZipVL prefill
+(runtime.sparse); with a stats slot (runtime.stats) it also stores the batch's kept-ratio moments there."""

@@ -1,0 +1,145 @@
+"""Microbenchmark: packed-cache decode attention (Triton split-K) vs bf16 SDPA decode on the same tokens.
+
+Cache: half the n tokens in ``hi`` (4-bit), half in ``lo`` (2-bit), plus a bf16 tail of 50 tokens
+(capacity 100), d = 128; MHA 32x128 and GQA 28/4x128; n in {8k, 32k, 128k}; B in {1, 8}. Times are the
+median of ``triton.testing.do_bench`` and of CUDA-graph replay (``do_bench_cudagraph``). ``bytes`` counts
+what one call must read or write: codes + quantisation params + positions + tail + q/out (the split-K
+workspace is listed apart as ``ws_bytes``). Achieved bandwidth = bytes / graph time, against 3.0 TB/s.
+
+    python bench/decode_attention.py            # GPU; prints a markdown table, writes $OUT/... if OUT is set
+    python bench/decode_attention.py --smoke    # tiny sizes, runs on CPU under the Triton interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+PEAK_BW = 3.0e12  # bytes/s, measured copy bandwidth of the H100
+D, HI_BITS, LO_BITS, R, TAIL_LEN = 128, 4, 2, 100, 50
+
+
+def make_cache(B: int, H: int, n_rep: int, n: int, d: int, device: str, gen: torch.Generator):
+    """Random packed cache: n/2 tokens in hi, n/2 in lo (segments exactly full), TAIL_LEN tail tokens."""
+    from zipvl_compile.runtime.kernels.decode import Segment
+
+    def segment(cap: int, bits: int, first_pos: int) -> Segment:
+        kb = d * bits // 8
+        codes = lambda: torch.randint(0, 256, (B, H, cap, kb), device=device, dtype=torch.uint8,
+                                      generator=gen)
+        param = lambda *shape: (torch.rand(*shape, device=device, generator=gen) * 0.1).half()
+        pos = torch.arange(first_pos, first_pos + cap, device=device, dtype=torch.int32).expand(B, cap)
+        fill = torch.full((B,), cap, device=device, dtype=torch.int32)
+        return Segment(codes(), param(B, H, cap // 64, d), param(B, H, cap // 64, d) - 0.05, codes(),
+                       param(B, H, cap), param(B, H, cap) - 0.05, pos.contiguous(), fill)
+
+    half = n // 2
+    bf = dict(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    tail_pos = torch.arange(n, n + R, device=device, dtype=torch.int32).expand(B, R).contiguous()
+    return dict(q=torch.randn(B, H * n_rep, 1, d, generator=gen, **bf),
+                hi=segment(half, HI_BITS, 0), lo=segment(half, LO_BITS, half),
+                k_tail=torch.randn(B, H, R, d, generator=gen, **bf),
+                v_tail=torch.randn(B, H, R, d, generator=gen, **bf),
+                tail_pos=tail_pos, tail_len=torch.full((B,), TAIL_LEN, device=device, dtype=torch.int32),
+                scale=d ** -0.5, n_rep=n_rep, hi_bits=HI_BITS, lo_bits=LO_BITS)
+
+
+def bytes_read(B: int, H: int, n_rep: int, n: int, d: int, elt: int) -> int:
+    """Bytes one decode call moves: codes, params (fp16), positions (int32), tail, q and out."""
+    total = 0
+    for bits in (HI_BITS, LO_BITS):
+        tok = n // 2
+        total += B * H * tok * 2 * d * bits // 8  # k + v codes
+        total += B * H * (tok // 64) * d * 2 * 2 + B * H * tok * 2 * 2  # k scale/zero, v scale/zero
+        total += B * tok * 4  # pos
+    total += B * H * TAIL_LEN * d * elt * 2 + B * TAIL_LEN * 4
+    return total + 2 * B * H * n_rep * d * elt
+
+
+def time_fn(fn, smoke: bool) -> tuple[float, float]:
+    """(do_bench median, CUDA-graph replay median) in microseconds; on CPU one wall-clock call, twice."""
+    if smoke and not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6, float("nan")
+    import triton.testing as tt
+
+    return (tt.do_bench(fn, return_mode="median") * 1e3,
+            tt.do_bench_cudagraph(fn, return_mode="median") * 1e3)
+
+
+def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool) -> dict:
+    from zipvl_compile.runtime.kernels import decode as dec
+
+    gen = torch.Generator(device).manual_seed(0)
+    args = make_cache(B, H, n_rep, n, d, device, gen)
+    elt = args["q"].element_size()
+    splits = dec.num_splits_for(B, H, n // 2)
+    fn = lambda: dec.decode_attention_triton(**args)
+    out = fn()
+    err = float("nan")
+    if B * H * n_rep * n * d * 4 <= 2**30:  # the fp32 reference fits comfortably
+        err = (out.float() - dec.decode_attention_reference(**args).float()).abs().max().item()
+    t_tr, g_tr = time_fn(fn, smoke)
+
+    k = torch.randn(B, H, n + TAIL_LEN, d, device=device, dtype=args["q"].dtype, generator=gen)
+    v = torch.randn_like(k)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(args["q"], k, v, enable_gqa=n_rep > 1)
+    t_sd, g_sd = time_fn(sdpa, smoke)
+    nbytes = bytes_read(B, H, n_rep, n, d, elt)
+    sdpa_bytes = 2 * B * H * (n + TAIL_LEN) * d * elt + 2 * B * H * n_rep * d * elt
+    ws_bytes = 2 * B * H * n_rep * splits * (d + 2) * 4
+    best = g_tr if g_tr == g_tr else t_tr
+    return dict(B=B, Hq=H * n_rep, H=H, d=d, n=n, splits=splits, bytes=nbytes, ws_bytes=ws_bytes,
+                sdpa_bytes=sdpa_bytes, triton_us=t_tr, triton_graph_us=g_tr, sdpa_us=t_sd, sdpa_graph_us=g_sd,
+                gbps=nbytes / best / 1e3, frac_peak=nbytes / best / 1e-6 / PEAK_BW,
+                speedup_graph=(g_sd / g_tr) if g_tr == g_tr else t_sd / t_tr, max_abs_err=err)
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| n | B | heads | splits | MB read | bytes vs bf16 | Triton µs | graph µs | GB/s | of 3 TB/s "
+            "| SDPA µs | SDPA graph µs | speedup (graph) | max err |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['n']} | {r['B']} | {r['Hq']}/{r['H']}x{r['d']} | {r['splits']} | "
+                     f"{r['bytes'] / 1e6:.1f} | {r['bytes'] / r['sdpa_bytes']:.1%} | {r['triton_us']:.1f} | "
+                     f"{r['triton_graph_us']:.1f} | {r['gbps']:.0f} | {r['frac_peak']:.0%} | "
+                     f"{r['sdpa_us']:.1f} | {r['sdpa_graph_us']:.1f} | {r['speedup_graph']:.2f}x | "
+                     f"{r['max_abs_err']:.2e} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; CPU via the Triton interpreter")
+    opts = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not opts.smoke:
+        parser.error("needs a CUDA device (or --smoke)")
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+    device = "cuda" if cuda else "cpu"
+    if opts.smoke:
+        grid = [(B, H, n_rep, n, 32) for n in (256, 512) for B in (1, 2) for H, n_rep in ((2, 1), (1, 3))]
+    else:
+        grid = [(B, H, n_rep, n, D) for n in (8192, 32768, 131072) for B in (1, 8)
+                for H, n_rep in ((32, 1), (4, 7))]
+    rows = []
+    for cfg in grid:
+        rows.append(run_one(*cfg, device, opts.smoke))
+        if cuda:
+            torch.cuda.empty_cache()
+    title = f"decode attention, {torch.cuda.get_device_name() if cuda else 'CPU (interpreter)'}, " \
+            f"bits {HI_BITS}/{LO_BITS} at r = 0.5, tail {TAIL_LEN}, torch {torch.__version__}"
+    print(f"## {title}\n\n{markdown(rows)}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "decode_attention.json"), "w") as f:
+            json.dump(dict(title=title, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

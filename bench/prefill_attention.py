@@ -1,0 +1,276 @@
+"""Prefill attention: the fastest dense causal kernel vs ZipVL's attention among the kept tokens.
+
+    python -m bench.prefill_attention            # GPU, one invocation (a few minutes on an H100), bf16
+    python -m bench.prefill_attention --smoke    # CPU check of the same code at tiny sizes, fp32
+
+For each shape (Qwen2-7B: 28 query / 4 KV heads; LLaVA-Next-7B: 32 / 32; d = 128) and length n, B = 1:
+- dense causal attention with every dense backend present: FlashAttention-4
+  ``flash_attn.cute.flash_attn_func`` (native GQA), SDPA forced to cuDNN (it needs as many K/V heads as
+  query heads: K/V are expanded once before timing, the expansion is not timed), SDPA forced to its flash
+  backend (``enable_gqa``);
+- for each kept ratio r, a random sorted kept set of round(r * n) tokens: ``kept_causal_attention`` (gather
+  -> varlen causal kernel -> scatter) for every varlen backend, eager and replayed from a CUDA graph, plus
+  its stages alone (pack, varlen kernel on packed buffers, unpack) and its peak extra memory;
+- probe + select (choose_probes, probe_colsum, select_tokens, keep_to_index) at the project's defaults,
+  when those modules are importable.
+Reported: best dense time, sparse time, ideal = r^2 x dense, sparse / ideal (target <= 1.18 at 32k), and
+probe + select as % of dense. Prints a markdown table; writes $OUT/prefill_attention.json when $OUT is set.
+Every measurement is guarded: a backend that fails records its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench._timing import cuda_graph_ms, device_name, markdown_table, median_ms, peak_memory_mb, write_json
+from zipvl_compile.runtime.kernels.kept_attention import (
+    available_backends,
+    keep_to_index,
+    kept_causal_attention,
+    pack_kept,
+    unpack_kept,
+    varlen_attention,
+)
+
+SHAPES = {"qwen2-7b": (28, 4, 128), "llava-next-7b": (32, 32, 128)}  # (Hq, Hkv, d)
+LENGTHS = (8192, 16384, 32768, 65536)
+RATIOS = (0.3, 0.5)
+SMOKE_SHAPES = {"tiny-gqa": (4, 2, 16), "tiny-mha": (2, 2, 16)}
+SMOKE_LENGTHS = (64, 256)
+TARGET_N, TARGET_RATIO = 32768, 1.18
+_VARLEN_KERNELS = ("fa4", "fa2", "torch_varlen")
+
+
+@dataclasses.dataclass
+class Inputs:
+    """q/k/v in (B, n, H, d) memory; k_rep/v_rep expanded to Hq heads (the same tensors when Hq == Hkv)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_rep: torch.Tensor
+    v_rep: torch.Tensor
+    scale: float
+    n_rep: int
+
+    @classmethod
+    def random(cls, heads: tuple[int, int, int], n: int, dtype: torch.dtype, device: str) -> Inputs:
+        n_q, n_kv, d = heads
+        q, k, v = (torch.randn(1, n, h, d, dtype=dtype, device=device) for h in (n_q, n_kv, n_kv))
+        n_rep = n_q // n_kv
+        k_rep, v_rep = (x.repeat_interleave(n_rep, dim=2) if n_rep > 1 else x for x in (k, v))
+        return cls(q, k, v, k_rep, v_rep, d**-0.5, n_rep)
+
+    def bhsd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, H, n, d] views, as the decoder hands them to attention."""
+        return self.q.transpose(1, 2), self.k.transpose(1, 2), self.v.transpose(1, 2)
+
+
+def _sdpa(backend: SDPBackend | None, expanded: bool) -> Callable[[Inputs], torch.Tensor]:
+    def run(t: Inputs) -> torch.Tensor:
+        k, v = (t.k_rep, t.v_rep) if expanded else (t.k, t.v)
+        args = (t.q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        gqa = not expanded and t.n_rep > 1
+        if backend is None:
+            return F.scaled_dot_product_attention(*args, is_causal=True, scale=t.scale, enable_gqa=gqa)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(*args, is_causal=True, scale=t.scale, enable_gqa=gqa)
+
+    return run
+
+
+def dense_backends() -> dict[str, Callable[[Inputs], torch.Tensor]]:
+    """Dense causal attention backends present here (CPU: plain SDPA only)."""
+    if not torch.cuda.is_available():
+        return {"sdpa": _sdpa(None, expanded=False)}
+    found: dict[str, Callable[[Inputs], torch.Tensor]] = {}
+    try:
+        from flash_attn.cute import flash_attn_func
+
+        found["fa4"] = lambda t: flash_attn_func(t.q, t.k, t.v, softmax_scale=t.scale, causal=True)[0]
+    except Exception as exc:  # optional dependency
+        print(f"FlashAttention-4 not available: {exc!r}")
+    found["sdpa_cudnn"] = _sdpa(SDPBackend.CUDNN_ATTENTION, expanded=True)
+    found["sdpa_flash"] = _sdpa(SDPBackend.FLASH_ATTENTION, expanded=False)
+    return found
+
+
+def random_kept(n: int, ratio: float, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, count) of round(ratio * n) uniformly random positions of one row, ascending."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(1, n, dtype=torch.bool)
+    keep[0, torch.randperm(n, generator=g)[: round(ratio * n)]] = True
+    idx, count = keep_to_index(keep)
+    return idx.to(device), count.to(device)
+
+
+def probe_select_fn(t: Inputs) -> Callable[[], Any] | None:
+    """probe + select of one layer at the project's default options, or None when the modules are absent."""
+    try:
+        from zipvl_compile.config import ZipVLConfig
+        from zipvl_compile.runtime.kernels.probe import probe_colsum
+        from zipvl_compile.runtime.selection import choose_probes, select_tokens
+    except ImportError as exc:
+        print(f"probe/select not timed: {exc!r}")
+        return None
+    cfg = ZipVLConfig()
+    q, k, _ = t.bhsd()
+    batch, n_q, n, d = q.shape
+    valid = torch.ones(batch, n, dtype=torch.bool, device=q.device)
+
+    def run() -> Any:
+        probes = choose_probes(valid, cfg.n_probe_recent, cfg.n_probe_random, cfg.seed)
+        rows = probes.clamp(min=0)[:, None, :, None].expand(batch, n_q, -1, d)
+        colsum, seen = probe_colsum(q.gather(2, rows), k, probes, valid, t.scale, t.n_rep)
+        keep, _ = select_tokens(colsum, seen, valid, cfg.tau, cfg.min_keep)
+        return keep_to_index(keep)
+
+    return run
+
+
+def _guard(fn: Callable[[], Any], errors: dict[str, str], key: str) -> Any:
+    """fn() or None, recording the exception under ``key``."""
+    try:
+        return fn()
+    except Exception as exc:  # a failing backend must not end a one-shot GPU run
+        errors[key] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"  {key} failed: {errors[key]}")
+        return None
+
+
+def _best(times: dict[str, float | None]) -> str | None:
+    done = {b: ms for b, ms in times.items() if ms is not None}
+    return min(done, key=done.get) if done else None
+
+
+def _div(num: float | None, den: float | None, factor: float = 1.0) -> float | None:
+    return None if num is None or not den else factor * num / den
+
+
+def _time_kept_backend(b: str, t: Inputs, idx: torch.Tensor, count: torch.Tensor, packed: tuple,
+                       errors: dict[str, str], no_graph: set[str]) -> tuple[float | None, ...]:
+    """(eager ms, CUDA-graph ms, varlen-kernel-alone ms) of backend ``b``; a failed capture is not retried."""
+    q, k, v = t.bhsd()
+    plan, qp, kp, vp = packed
+    call = lambda: kept_causal_attention(q, k, v, idx, count, t.scale, t.n_rep, backend=b)
+    kernel = lambda: varlen_attention(qp, kp, vp, plan, q.shape[2], t.scale, t.n_rep, b)
+    eager = _guard(lambda: median_ms(call), errors, f"sparse/{b}")
+    graph = None if b in no_graph else _guard(lambda: cuda_graph_ms(call), errors, f"graph/{b}")
+    if f"graph/{b}" in errors:
+        no_graph.add(b)
+    return eager, graph, _guard(lambda: median_ms(kernel), errors, f"kernel/{b}")
+
+
+def time_sparse(t: Inputs, idx: torch.Tensor, count: torch.Tensor, kernels: list[str], errors: dict[str, str],
+                no_graph: set[str]) -> dict[str, Any]:
+    """Timings of kept_causal_attention per backend (eager, CUDA graph, varlen kernel alone) and of its
+    pack / unpack stages, with the best backend's peak extra memory and an output sanity check."""
+    q, k, v = t.bhsd()
+    packed = pack_kept(q, k, v, idx, count)
+    times = {b: _time_kept_backend(b, t, idx, count, packed, errors, no_graph) for b in kernels}
+    res: dict[str, Any] = {f"{key}_all_ms": {b: times[b][i] for b in kernels}
+                           for i, key in enumerate(("sparse", "sparse_graph", "kernel"))}
+    best = res["sparse_backend"] = _best(res["sparse_all_ms"])
+    res["pack_ms"] = _guard(lambda: median_ms(lambda: pack_kept(q, k, v, idx, count)), errors, "pack")
+    if best is None:
+        return res
+    for key in ("sparse", "sparse_graph", "kernel"):
+        res[f"{key}_ms"] = res[f"{key}_all_ms"][best]
+    plan, qp, kp, vp = packed
+    out_packed = varlen_attention(qp, kp, vp, plan, q.shape[2], t.scale, t.n_rep, best)
+    res["unpack_ms"] = _guard(lambda: median_ms(lambda: unpack_kept(out_packed, plan)), errors, "unpack")
+    call = lambda: kept_causal_attention(q, k, v, idx, count, t.scale, t.n_rep, backend=best)
+    res["output_finite"] = bool(call().isfinite().all())
+    res["peak_extra_mb"] = _guard(lambda: peak_memory_mb(call), errors, "peak")
+    return res
+
+
+def bench_length(name: str, heads: tuple[int, int, int], n: int, ratios: tuple[float, ...],
+                 dtype: torch.dtype, device: str, no_graph: set[str]) -> list[dict]:
+    """All measurements of one (shape, n); returns one result dict per kept ratio."""
+    t = Inputs.random(heads, n, dtype, device)
+    errors: dict[str, str] = {}
+    dense = {b: _guard(lambda fn=fn: median_ms(lambda: fn(t)), errors, f"dense/{b}")
+             for b, fn in dense_backends().items()}
+    dense_backend = _best(dense)
+    dense_ms = dense.get(dense_backend)
+    probe = probe_select_fn(t)
+    probe_ms = _guard(lambda: median_ms(probe), errors, "probe_select") if probe else None
+    kernels = [b for b in available_backends() if b in _VARLEN_KERNELS] or ["sdpa_padded"]
+    rows = []
+    for ratio in ratios:
+        idx, count = random_kept(n, ratio, device, seed=n + round(ratio * 1000))
+        r = round(ratio * n) / n
+        sparse = time_sparse(t, idx, count, kernels, errors, no_graph)
+        ideal = r * r * dense_ms if dense_ms else None
+        rows.append(dict(
+            shape=name, heads=f"{heads[0]}/{heads[1]}", n=n, r=round(r, 4), dense_backend=dense_backend,
+            dense_ms=dense_ms, dense_all_ms=dense, ideal_ms=ideal, **sparse,
+            ratio=_div(sparse.get("sparse_ms"), ideal),
+            ratio_graph=_div(sparse.get("sparse_graph_ms"), ideal),
+            kernel_ratio=_div(sparse.get("kernel_ms"), ideal), probe_select_ms=probe_ms,
+            probe_pct_of_dense=_div(probe_ms, dense_ms, 100.0), errors=dict(errors)))
+        print(f"  {name} n={n} r={r:.2f}: dense {dense_ms} ms ({dense_backend}), sparse "
+              f"{sparse.get('sparse_ms')} ms ({sparse['sparse_backend']}), ratio {rows[-1]['ratio']}",
+              flush=True)
+    return rows
+
+
+COLUMNS = ["shape", "n", "r", "dense_backend", "dense_ms", "sparse_backend", "sparse_ms", "sparse_graph_ms",
+           "ideal_ms", "ratio", "ratio_graph", "kernel_ratio", "pack_ms", "unpack_ms", "probe_select_ms",
+           "probe_pct_of_dense"]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (runs on CPU)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="override the sequence lengths")
+    parser.add_argument("--shapes", nargs="+", help="subset of the shape names")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    shapes = {k: v for k, v in shapes.items() if not args.shapes or k in args.shapes}
+    lengths = args.lengths or (SMOKE_LENGTHS if args.smoke else LENGTHS)
+    print(f"device {device_name()}, torch {torch.__version__}, {dtype}, kept backends {available_backends()}")
+
+    start = time.time()
+    rows: list[dict] = []
+    no_graph: set[str] = set()
+    for name, heads in shapes.items():
+        for n in lengths:
+            rows += bench_length(name, heads, n, tuple(args.ratios), dtype, device, no_graph)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    elapsed = time.time() - start
+
+    print()
+    print(markdown_table(rows, COLUMNS))
+    at_target = [row["ratio"] for row in rows if row["n"] == TARGET_N and row["ratio"] is not None]
+    if at_target:
+        print(f"\nsparse / (r^2 x dense) at n = {TARGET_N}: max {max(at_target):.3f} "
+              f"(target <= {TARGET_RATIO})")
+    payload = dict(bench="prefill_attention", date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   device=device_name(), torch=torch.__version__, dtype=str(dtype), batch=1,
+                   kept_backends=list(available_backends()), smoke=args.smoke, seconds=round(elapsed, 1),
+                   notes="sdpa_cudnn runs on K/V expanded to the query head count before timing; "
+                         "ratio = sparse_ms / (r^2 x dense_ms) with the best dense backend",
+                   target=dict(n=TARGET_N, max_ratio=TARGET_RATIO), rows=rows)
+    path = write_json("prefill_attention.json", payload)
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s" + (f"; wrote {path}" if path else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

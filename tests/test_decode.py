@@ -1,0 +1,222 @@
+"""Decode attention over the packed cache: Triton kernel vs reference vs an independent dense softmax.
+
+Data come from a test-local quantiser of the layout (keys per channel over 64-slot groups of valid slots,
+values per token), with holes (pos = -1), different fill / tail_len per row and garbage (NaN params,
+random codes, stale positions) wherever the layout says a slot is empty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from zipvl_compile.runtime.kernels.decode import (
+    Segment,
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_triton,
+)
+
+G = 64
+NAN = float("nan")
+
+
+def _pack(code: torch.Tensor, bits: int) -> torch.Tensor:
+    """int codes [..., d] -> uint8 [..., d*bits//8], channel c at byte c // per, shift (c % per) * bits."""
+    per = 8 // bits
+    code = code.to(torch.int32).unflatten(-1, (-1, per))
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (code << shifts).sum(-1).to(torch.uint8)
+
+
+def _minmax_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int):
+    """Asymmetric quantisation with fp16 params; returns (codes, scale fp16, zero fp16, x_hat fp32)."""
+    scale, zero = ((hi - lo) / (2**bits - 1)).half(), lo.half()
+    code = ((x - zero.float()) / scale.float().clamp_min(1e-8)).round().clamp(0, 2**bits - 1)
+    return code, scale, zero, code * scale.float() + zero.float()
+
+
+def quantize_segment(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, fill: torch.Tensor, bits: int,
+                     gen: torch.Generator):
+    """k, v fp32 [B, H, C, d]; pos int32 [B, C]; fill int32 [B] -> (Segment, k_hat, v_hat, valid [B, C]).
+
+    Empty slots (pos < 0 or >= fill) get random codes, NaN value params, a stale pos beyond fill and NaN
+    key params where a whole group is empty: the kernel must mask all of it.
+    """
+    B, H, C, d = k.shape
+    valid = (pos >= 0) & (torch.arange(C)[None, :] < fill[:, None])
+    vg = valid[:, None, :, None].unflatten(2, (C // G, G))
+    kg = k.unflatten(2, (C // G, G))
+    empty = ~vg.any(3)
+    k_lo = torch.where(empty, 0.0, torch.where(vg, kg, math.inf).amin(3))
+    k_hi = torch.where(empty, 0.0, torch.where(vg, kg, -math.inf).amax(3))
+    code, k_scale, k_zero, k_hat = _minmax_quant(kg, k_lo[:, :, :, None], k_hi[:, :, :, None], bits)
+    k_code, k_hat = code.flatten(2, 3), k_hat.flatten(2, 3)
+    k_scale, k_zero = k_scale[:, :, :, 0], k_zero[:, :, :, 0]
+    v_code, v_scale, v_zero, v_hat = _minmax_quant(v, v.amin(-1, keepdim=True), v.amax(-1, keepdim=True),
+                                                   bits)
+    v_scale, v_zero = v_scale[..., 0], v_zero[..., 0]
+
+    rand_codes = torch.randint(0, 2**bits, k_code.shape, generator=gen)
+    hole = ~valid[:, None, :, None]
+    k_code, v_code = torch.where(hole, rand_codes, k_code), torch.where(hole, rand_codes.flip(-1), v_code)
+    k_scale = k_scale.masked_fill(empty, NAN)
+    v_scale, v_zero = v_scale.masked_fill(hole[..., 0], NAN), v_zero.masked_fill(hole[..., 0], NAN)
+    pos = torch.where(torch.arange(C)[None, :] < fill[:, None], pos, 5)  # stale positions past fill
+    seg = Segment(_pack(k_code, bits), k_scale, k_zero, _pack(v_code, bits), v_scale, v_zero,
+                  pos.to(torch.int32), fill.to(torch.int32))
+    return seg, k_hat, v_hat, valid
+
+
+def make_case(*, B=2, H=2, n_rep=2, d=32, bits=(4, 2), caps=(192, 128), R=24, fills=((192, 64), (128, 128)),
+              tail_lens=(17, 24), dtype=torch.float32, seed=0):
+    """Random decode case. fills[i] = (hi fill, lo fill) of row i. Returns (args dict, dense pieces)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_tok = sum(caps) + R
+    perm = torch.stack([torch.randperm(n_tok, generator=gen) for _ in range(B)]).to(torch.int32)
+    srcs, ofs = [], 0
+    for cap, b_bits, fill in zip(caps, bits, zip(*fills, strict=True), strict=True):
+        pos = perm[:, ofs:ofs + cap].clone()
+        ofs += cap
+        pos[torch.rand(pos.shape, generator=gen) < 0.15] = -1  # holes
+        k, v = (torch.randn(B, H, cap, d, generator=gen) * 2 for _ in range(2))
+        k[:, :, :, 3] += 6.0  # an outlier channel
+        srcs.append(quantize_segment(k, v, pos, torch.tensor(fill), b_bits, gen))
+    tail_len = torch.tensor(tail_lens, dtype=torch.int32)
+    tail_pos = perm[:, ofs:].clone()
+    tail_pos[:, 1] = -1
+    tail_ok = (tail_pos >= 0) & (torch.arange(R)[None, :] < tail_len[:, None])
+    k_tail, v_tail = (torch.randn(B, H, R, d, generator=gen).to(dtype) for _ in range(2))
+    k_tail[~tail_ok[:, None].expand(B, H, R)] = NAN
+    v_tail[~tail_ok[:, None].expand(B, H, R)] = NAN
+    tail_pos[torch.arange(R)[None, :] >= tail_len[:, None]] = 7  # stale
+    q = torch.randn(B, H * n_rep, 1, d, generator=gen).to(dtype)
+    args = dict(q=q, hi=srcs[0][0], lo=srcs[1][0], k_tail=k_tail, v_tail=v_tail, tail_pos=tail_pos,
+                tail_len=tail_len, scale=d ** -0.5, n_rep=n_rep, hi_bits=bits[0], lo_bits=bits[1])
+    dense = dict(k=torch.cat([srcs[0][1], srcs[1][1], k_tail.float()], 2),
+                 v=torch.cat([srcs[0][2], srcs[1][2], v_tail.float()], 2),
+                 valid=torch.cat([srcs[0][3], srcs[1][3], tail_ok], 1),
+                 pos=torch.cat([srcs[0][0].pos, srcs[1][0].pos, tail_pos], 1))
+    return args, dense
+
+
+def dense_attention(q, dense, n_rep, scale, window=0, q_pos=None):
+    """Independent float64 softmax attention over the dequantised keys/values, per row and head."""
+    B, Hq, _, d = q.shape
+    out = torch.zeros(B, Hq, 1, d, dtype=torch.float64)
+    for b in range(B):
+        keep = dense["valid"][b]
+        if window:
+            keep = keep & (dense["pos"][b] > q_pos[b] - window)
+        for hq in range(Hq):
+            k = dense["k"][b, hq // n_rep, keep].double()
+            v = dense["v"][b, hq // n_rep, keep].double()
+            if k.shape[0]:
+                out[b, hq, 0] = torch.softmax(k @ q[b, hq, 0].double() * scale, 0) @ v
+    return out
+
+
+def to_device(args, device=DEVICE):
+    return {k: (Segment(*(t.to(device) for t in v)) if isinstance(v, Segment)
+                else v.to(device) if torch.is_tensor(v) else v) for k, v in args.items()}
+
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])
+@pytest.mark.parametrize("n_rep", [1, 2, 4, 7])
+def test_kernel_matches_reference(dtype, bits, n_rep):
+    args, _ = make_case(n_rep=n_rep, bits=bits, dtype=dtype, seed=n_rep + 10 * bits[0])
+    ref = decode_attention_reference(**args)
+    out = decode_attention_triton(**to_device(args), num_splits=3)
+    assert out.dtype == dtype and out.shape == args["q"].shape
+    assert ref.abs().mean() > 0.1
+    torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])
+@pytest.mark.parametrize("n_rep", [1, 7])
+def test_reference_matches_dense(bits, n_rep):
+    args, dense = make_case(n_rep=n_rep, bits=bits, seed=3)
+    ref = decode_attention_reference(**args)
+    exp = dense_attention(args["q"], dense, n_rep, args["scale"])
+    torch.testing.assert_close(ref.double(), exp, atol=1e-5, rtol=1e-5)
+
+
+CASES = {
+    "empty_tail": dict(tail_lens=(0, 0)),
+    "empty_lo": dict(fills=((192, 0), (64, 0))),
+    "only_tail": dict(fills=((0, 0), (0, 0))),
+    "one_row_empty": dict(fills=((0, 0), (192, 128)), tail_lens=(0, 24)),
+    "d16": dict(d=16, n_rep=4), "d64": dict(d=64), "d128": dict(d=128, n_rep=1), "d256": dict(d=256, n_rep=1),
+    "long_tail": dict(R=150, tail_lens=(150, 80)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_edge_cases(name):
+    args, dense = make_case(dtype=torch.float32, seed=7, **CASES[name])
+    ref = decode_attention_reference(**args)
+    exp = dense_attention(args["q"], dense, args["n_rep"], args["scale"])
+    torch.testing.assert_close(ref.double(), exp, atol=1e-5, rtol=1e-5)
+    out = decode_attention_triton(**to_device(args), num_splits=2)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [40, 400])
+def test_window(dtype, window):
+    args, dense = make_case(dtype=dtype, n_rep=2, seed=11)
+    q_pos = torch.tensor([344, 360])  # > every cached position (344 tokens in all)
+    ref = decode_attention_reference(**args, window=window, q_pos=q_pos)
+    exp = dense_attention(args["q"], dense, 2, args["scale"], window, q_pos)
+    torch.testing.assert_close(ref.double(), exp.to(dtype).double(), **TOL[dtype])
+    if window == 40:  # the window really masks something
+        assert (ref - decode_attention_reference(**args)).abs().max() > 1e-2
+    out = decode_attention_triton(**to_device(args), window=window, q_pos=q_pos.to(DEVICE), num_splits=2)
+    torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("num_splits", [1, 6, None])
+def test_splits_agree(num_splits):
+    args, _ = make_case(n_rep=4, seed=5)
+    ref = decode_attention_reference(**args)
+    out = decode_attention_triton(**to_device(args), num_splits=num_splits)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+def test_dispatcher():
+    args, _ = make_case(seed=2)
+    ref = decode_attention_reference(**args)
+    assert torch.equal(decode_attention(**args, use_triton=False), ref)
+    out = decode_attention(**to_device(args), use_triton=True)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+def test_bad_shapes():
+    args, _ = make_case()
+    with pytest.raises(ValueError, match="Hq = H\\*n_rep"):
+        decode_attention_triton(**{**args, "n_rep": 3})
+    with pytest.raises(ValueError, match="q_pos"):
+        decode_attention_triton(**args, window=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n_rep,d", [(1, 128), (7, 128), (4, 64), (2, 256)])
+def test_bf16_gpu(n_rep, d):
+    args, dense = make_case(dtype=torch.bfloat16, n_rep=n_rep, d=d, B=3, H=4, caps=(1024, 2048),
+                            fills=((1024, 1984), (576, 0), (0, 128)), R=100, tail_lens=(100, 3, 0), seed=d)
+    q_pos = torch.tensor([3000, 3100, 3200])
+    for window in (0, 700):
+        exp = dense_attention(args["q"], dense, n_rep, args["scale"], window, q_pos).float()
+        ref = decode_attention_reference(**args, window=window, q_pos=q_pos)
+        out = decode_attention(**to_device(args, "cuda"), window=window, q_pos=q_pos.cuda())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.cpu().float(), exp, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(out.cpu().float(), ref.float(), atol=2e-2, rtol=2e-2)

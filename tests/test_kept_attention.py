@@ -1,0 +1,222 @@
+"""Attention among the kept tokens: the pack -> varlen -> unpack path and the Triton gather/scatter kernels
+against the plain-torch references (CPU: "sdpa_padded" backend, Triton under the interpreter; GPU: every
+varlen backend in bf16)."""
+
+import zlib
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from zipvl_compile.runtime.kernels.kept_attention import (
+    _TAIL_ZERO_ROWS,
+    available_backends,
+    default_backend,
+    keep_to_index,
+    kept_causal_attention,
+    kept_causal_attention_reference,
+    kept_mask,
+    make_plan,
+    pack_rows_reference,
+    pack_rows_triton,
+    unpack_rows_reference,
+    unpack_rows_triton,
+)
+
+HEADS = [(4, 4), (4, 2), (4, 1)]  # (Hq, Hkv): MHA, GQA, MQA
+# kept sets of the two batch rows: random masks with ~40 % / ~70 % kept, or explicit edge cases
+PATTERNS = ["random", "one_and_all", "last_and_first", "none_and_random"]
+
+
+def _gen(seed: object) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(seed).encode()))
+
+
+def _keep(pattern: str, batch: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """bool [batch, n] kept masks (fresh random draws; the last position is kept like select_tokens does)."""
+    keep = torch.rand(batch, n, generator=g) < torch.tensor([0.4, 0.7])[:batch, None]
+    keep[:, -1] = True
+    if pattern == "one_and_all":  # count = 1 (the last token only) and count = n
+        keep[0] = False
+        keep[0, -1] = True
+        keep[1] = True
+    elif pattern == "last_and_first":  # count = 1 at either end of the sequence
+        keep[:] = False
+        keep[0, -1] = True
+        keep[1, 0] = True
+    elif pattern == "none_and_random":  # count = 0: the row is all zeros
+        keep[0] = False
+    return keep
+
+
+def _scramble_tail(idx: torch.Tensor, count: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """idx with everything past count replaced by arbitrary in-range positions (duplicates of kept ones)."""
+    n = idx.shape[-1]
+    junk = torch.randint(0, n, idx.shape, generator=g)
+    return torch.where(torch.arange(n) < count[:, None], idx, junk)
+
+
+def _inputs(heads: tuple[int, int], n: int, d: int, dtype: torch.dtype, pattern: str, g: torch.Generator,
+            bshd_memory: bool = True) -> tuple:
+    """q, k, v as [B, H, n, d] (transposed views of (B, n, H, d) memory, as the decoder's q/k after RoPE are,
+    or contiguous), idx with a scrambled tail, count (int32), keep, scale, n_rep."""
+    n_q, n_kv = heads
+    batch = 2
+    tensors = []
+    for n_heads in (n_q, n_kv, n_kv):
+        x = torch.randn(batch, n, n_heads, d, generator=g).to(dtype).to(DEVICE)
+        tensors.append(x.transpose(1, 2) if bshd_memory else x.transpose(1, 2).contiguous())
+    keep = _keep(pattern, batch, n, g)
+    idx, count = keep_to_index(keep)
+    idx = _scramble_tail(idx, count, g)
+    count = count.to(torch.int32)  # any integer dtype is accepted
+    return (*tensors, idx.to(DEVICE), count.to(DEVICE), keep.to(DEVICE), d**-0.5, n_q // n_kv)
+
+
+def test_keep_to_index_and_kept_mask() -> None:
+    g = _gen("index")
+    keep = torch.rand(3, 50, generator=g) < 0.3
+    keep[2] = True
+    idx, count = keep_to_index(keep)
+    assert count.tolist() == keep.sum(dim=-1).tolist()
+    for b in range(3):
+        assert sorted(idx[b].tolist()) == list(range(50))
+        kept = idx[b, : count[b]]
+        assert (kept.diff() > 0).all() and keep[b, kept].all()
+    assert torch.equal(kept_mask(_scramble_tail(idx, count, g), count), keep)
+
+
+def test_reference_matches_per_row_loop() -> None:
+    """The O(n^2) reference against gather -> causal softmax -> scatter written out per row and head."""
+    q, k, v, idx, count, keep, scale, n_rep = _inputs((4, 2), 40, 16, torch.float64, "random", _gen("loop"))
+    out = kept_causal_attention_reference(q, k, v, idx, count, scale, n_rep)
+    expect = torch.zeros_like(out)
+    for b in range(q.shape[0]):
+        t = idx[b, : count[b]]
+        for h in range(q.shape[1]):
+            s = q[b, h, t] @ k[b, h // n_rep, t].T * scale
+            s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+            expect[b, h, t] = torch.softmax(s, dim=-1) @ v[b, h // n_rep, t]
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)  # the reference runs SDPA in fp32
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_path_matches_reference(dtype: torch.dtype, heads: tuple, pattern: str,
+                                       use_triton: bool) -> None:
+    g = _gen((dtype, heads, pattern, use_triton))
+    q, k, v, idx, count, keep, scale, n_rep = _inputs(heads, 24, 16, dtype, pattern, g,
+                                                      bshd_memory=not use_triton)
+    out = kept_causal_attention(q, k, v, idx, count, scale, n_rep, backend="sdpa_padded",
+                                use_triton=use_triton)
+    ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    assert (out.transpose(1, 2)[~keep] == 0).all()
+    assert (out.transpose(1, 2)[keep] != 0).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("bshd_memory", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_pack_unpack_match_reference(dtype: torch.dtype, bshd_memory: bool) -> None:
+    g = _gen(("pack", dtype, bshd_memory))
+    q, _, _, idx, count, _, _, _ = _inputs((3, 3), 37, 24, dtype, "random", g, bshd_memory)
+    plan = make_plan(idx, count)
+    x = q.transpose(1, 2)
+    total = int(count.sum())
+    packed = pack_rows_triton(x, plan)
+    expect = pack_rows_reference(x, plan)
+    assert torch.equal(packed[:total], expect[:total])
+    assert (packed[total: total + _TAIL_ZERO_ROWS] == 0).all()
+    # attention output stand-in: any values in the valid rows, NaN in the padding rows (never read)
+    values = torch.randn(packed.shape, generator=g).to(dtype).to(DEVICE)
+    out_packed = torch.where(torch.arange(packed.shape[0], device=DEVICE)[:, None, None] < total, values,
+                             float("nan"))
+    unpacked = unpack_rows_triton(out_packed, plan)
+    assert torch.equal(unpacked, unpack_rows_reference(out_packed, plan))
+    assert not unpacked.isnan().any()
+
+
+def test_plan_layout() -> None:
+    """cu_seqlens, and packed row r of batch row b at slot j holds position idx[b, j]."""
+    keep = _keep("random", 2, 30, _gen("plan"))
+    idx, count = keep_to_index(keep)
+    plan = make_plan(idx, count)
+    c0, c1 = count.tolist()
+    assert plan.cu_seqlens.dtype == torch.int32 and plan.cu_seqlens.tolist() == [0, c0, c0 + c1]
+    assert torch.equal(plan.pos[:c0], idx[0, :c0]) and torch.equal(plan.pos[c0: c0 + c1], idx[1, :c1])
+    assert plan.batch[: c0 + c1].tolist() == [0] * c0 + [1] * c1
+    inv = plan.inv.view(2, 30)
+    assert torch.equal(inv >= 0, keep)
+    assert torch.equal(plan.pos[inv[keep]], keep.nonzero()[:, 1])
+
+
+def test_default_backend_and_validation() -> None:
+    q = torch.randn(1, 2, 8, 16)
+    if not torch.cuda.is_available():
+        assert available_backends() == ("sdpa_padded", "reference")
+    assert default_backend(q) == "reference"
+    idx, count = keep_to_index(torch.rand(1, 8, generator=_gen("default")) < 0.5)
+    out = kept_causal_attention(q, q[:, :1], q[:, :1], idx, count, 0.25, 2)
+    ref = kept_causal_attention_reference(q, q[:, :1], q[:, :1], idx, count, 0.25, 2)
+    assert torch.equal(out, ref) and out.transpose(1, 2).is_contiguous()
+    with pytest.raises(ValueError, match="not available"):
+        kept_causal_attention(q, q, q, idx, count, 0.25, 1, backend="no_such_backend")
+
+
+def test_traces_fullgraph_without_host_sync() -> None:
+    """The packing path (torch gather/scatter + SDPA) compiles with fullgraph=True: no .item(), no
+    data-dependent shapes; a second kept set of another size reuses the graph."""
+    torch._dynamo.reset()
+    fn = torch.compile(kept_causal_attention, fullgraph=True, backend="eager")
+    for pattern in ("random", "one_and_all"):
+        q, k, v, idx, count, _, scale, n_rep = _inputs((4, 2), 24, 16, torch.float32, pattern, _gen(pattern))
+        out = fn(q, k, v, idx, count, scale, n_rep, backend="sdpa_padded", use_triton=False)
+        ref = kept_causal_attention_reference(q, k, v, idx, count, scale, n_rep)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU (bf16): every backend against the fp32 reference
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4), (4, 1)])
+@pytest.mark.parametrize("backend", ["fa4", "fa2", "torch_varlen", "sdpa_padded"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_backend_matches_reference(backend: str, heads: tuple, pattern: str) -> None:
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not available")
+    n, d = 1000, 128  # not a multiple of any tile size
+    q, k, v, idx, count, keep, scale, n_rep = _inputs(heads, n, d, torch.bfloat16, pattern,
+                                                      _gen(("gpu", backend, heads, pattern)))
+    out = kept_causal_attention(q, k, v, idx, count, scale, n_rep, backend=backend)
+    ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
+    assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+    assert _rel_err(out, ref) < 1e-2
+    assert (out.transpose(1, 2)[~keep] == 0).all()
+    assert not out.isnan().any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_default_backend_and_pack_kernels() -> None:
+    q, k, v, idx, count, _, scale, n_rep = _inputs((8, 2), 3000, 128, torch.bfloat16, "random", _gen("dflt"))
+    assert default_backend(q) == available_backends()[0]
+    plan = make_plan(idx, count)
+    total = int(count.sum())
+    for x in (q, k):
+        packed = pack_rows_triton(x.transpose(1, 2), plan)
+        assert torch.equal(packed[:total], pack_rows_reference(x.transpose(1, 2), plan)[:total])
+        assert (packed[total: total + _TAIL_ZERO_ROWS] == 0).all()
+    out = kept_causal_attention(q, k, v, idx, count, scale, n_rep)
+    ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
+    assert _rel_err(out, ref) < 1e-2

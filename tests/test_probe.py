@@ -1,0 +1,132 @@
+"""Probe scoring: the Triton kernels against the plain-torch reference (interpreter on CPU)."""
+
+import zlib
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from zipvl_compile.runtime.kernels import probe
+from zipvl_compile.runtime.kernels.probe import (
+    probe_colsum,
+    probe_colsum_reference,
+    probe_colsum_triton,
+    probe_seen,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+# (batch, kv heads, n_rep, probe rows m, keys n, head dim d); with the default tiles (128 keys, 128 rows =
+# 128 // next_pow2(n_rep) probe rows x heads) m spans one or several row blocks; n is never a multiple of a
+# key tile.
+CASES = [
+    (2, 2, 1, 40, 150, 16),  # MHA, m below the 128-row block
+    (2, 2, 1, 140, 300, 64),  # MHA, m above the block, 2 key splits
+    (2, 2, 2, 70, 130, 64),  # GQA 2: 2 row blocks of 64
+    (2, 1, 4, 20, 97, 16),  # MQA, 4 query heads
+    (1, 2, 4, 9, 70, 64),  # GQA 4, m below the 32-row block
+    (2, 2, 7, 21, 90, 16),  # GQA 7 (padded to 8 heads per tile), 2 row blocks of 16
+]
+
+
+def _inputs(case: tuple, dtype: torch.dtype, seed: int) -> tuple:
+    """Random q/k, probes at random positions (some -1, one inside row 1's padding), left padding."""
+    batch, n_kv, n_rep, m, n, d = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, n_kv * n_rep, m, d, generator=g)
+    k = torch.randn(batch, n_kv, n, d, generator=g)
+    key_valid = torch.ones(batch, n, dtype=torch.bool)
+    key_valid[-1, : n // 5] = False
+    pos = torch.randint(0, n, (batch, m), generator=g)
+    pos[:, -1] = n - 1
+    pos[0, 1] = -1
+    pos[-1, 0] = n // 10  # sees only padding keys: contributes nothing
+    pos[-1, m // 2] = -1
+    return (q.to(dtype).to(DEVICE), k.to(dtype).to(DEVICE), pos.to(DEVICE), key_valid.to(DEVICE),
+            d**-0.5, n_rep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_reference(case: tuple, dtype: torch.dtype) -> None:
+    args = _inputs(case, dtype, seed=zlib.crc32(repr((case, dtype)).encode()))
+    colsum, seen = probe_colsum_triton(*args)
+    ref_colsum, ref_seen = probe_colsum_reference(*args)
+    assert colsum.dtype == seen.dtype == torch.float32
+    assert colsum.shape == seen.shape == (case[0], case[4])
+    torch.testing.assert_close(colsum, ref_colsum, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen, ref_seen, rtol=0, atol=0)
+    # each (head, probe row) that sees a key spreads exactly one unit of mass
+    pos, key_valid = args[2], args[3]
+    first_valid = key_valid.to(torch.int64).argmax(dim=-1, keepdim=True)
+    rows_seeing = ((pos >= first_valid) & (pos >= 0)).sum(dim=-1) * args[0].shape[1]
+    torch.testing.assert_close(colsum.sum(dim=-1), rows_seeing.to(torch.float32), rtol=1e-5, atol=0)
+    assert (colsum[~key_valid] == 0).all() and (seen[~key_valid] == 0).all()
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]])
+def test_kernel_small_tiles(case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-key / 16-row tiles: many key splits and row blocks, partial last tiles everywhere."""
+    monkeypatch.setattr(probe, "_BLOCK_N", 16)
+    monkeypatch.setattr(probe, "_ROWS", 16)
+    args = _inputs(case, torch.float16, seed=zlib.crc32(repr(case).encode()))
+    colsum, _ = probe_colsum_triton(*args)
+    torch.testing.assert_close(colsum, probe_colsum_reference(*args)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_is_deterministic() -> None:
+    args = _inputs(CASES[2], torch.float32, seed=11)
+    first = probe_colsum_triton(*args)
+    again = probe_colsum_triton(*args)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_seen_closed_form() -> None:
+    g = torch.Generator().manual_seed(5)
+    n, m = 57, 13
+    pos = torch.randint(-1, n, (3, m), generator=g)
+    key_valid = torch.rand(3, n, generator=g) > 0.2
+    brute = ((pos[:, :, None] >= torch.arange(n)[None, None, :]).sum(dim=1) * key_valid).to(torch.float32)
+    assert torch.equal(probe_seen(pos, key_valid), brute)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_planted_keys_dominate(use_triton: bool) -> None:
+    """Keys aligned with a direction every query shares take almost all the mass."""
+    batch, n_kv, n_rep, m, n, d = 2, 2, 2, 24, 120, 64
+    g = torch.Generator().manual_seed(23)
+    shared = torch.zeros(d)
+    shared[0] = 4.0
+    q = 0.5 * torch.randn(batch, n_kv * n_rep, m, d, generator=g) + shared
+    k = torch.randn(batch, n_kv, n, d, generator=g)
+    planted = torch.tensor([30, 41, 77])
+    k[:, :, planted, 0] = 20.0
+    key_valid = torch.ones(batch, n, dtype=torch.bool)
+    key_valid[1, :25] = False
+    pos = torch.sort(torch.randint(80, n, (batch, m), generator=g), dim=-1).values
+    q, k, pos, key_valid = (t.to(DEVICE) for t in (q, k, pos, key_valid))
+    colsum, _ = probe_colsum(q, k, pos, key_valid, d**-0.5, n_rep, use_triton=use_triton)
+    colsum = colsum.cpu()
+    top = colsum.topk(3, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(top, planted.expand(batch, 3))
+    assert (colsum[:, planted].sum(dim=-1) > 0.95 * n_kv * n_rep * m).all()
+
+
+def test_dispatcher() -> None:
+    args = _inputs(CASES[3], torch.float32, seed=3)
+    ref = probe_colsum_reference(*args)
+    for use_triton, expected in ((None, ref if DEVICE == "cpu" else probe_colsum_triton(*args)),
+                                 (False, ref), (True, probe_colsum_triton(*args))):
+        out = probe_colsum(*args, use_triton=use_triton)
+        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", CASES + [(1, 4, 7, 128, 4100, 128)])
+def test_kernel_bf16_gpu(case: tuple) -> None:
+    args = _inputs(case, torch.bfloat16, seed=7)
+    colsum, seen = probe_colsum_triton(*args)
+    ref_colsum, ref_seen = probe_colsum_reference(*args)
+    torch.testing.assert_close(colsum, ref_colsum, rtol=1e-3, atol=1e-4)
+    assert torch.equal(seen, ref_seen)

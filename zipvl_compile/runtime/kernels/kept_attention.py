@@ -1,0 +1,351 @@
+"""Causal attention among the kept tokens of a sparse prefill (ZipVL Alg. 1: FlashAttention(Q[T],K[T],V[T])).
+
+Shapes and dtypes shared by every function here:
+    q       [B, Hq, n, d]   fp16/bf16 (fp32 too off the varlen kernels), RoPE applied.
+    k, v    [B, Hkv, n, d]  un-expanded, Hq = Hkv * n_rep (query head h reads KV head h // n_rep).
+    idx     int64 [B, n]    idx[b, :count[b]] = the kept positions of row b, ascending; the rest of the row is
+                            arbitrary but in [0, n).
+    count   int [B]         kept tokens per row (0 <= count <= n), on q's device.
+    returns [B, Hq, n, d]   in q's dtype: for a kept query i, softmax attention over the kept keys j <= i;
+                            exact zeros at non-kept positions. Memory layout (B, n, Hq, d), i.e. the
+                            ``transpose(1, 2)`` of a contiguous [B, n, Hq, d] tensor, on every backend:
+                            what SDPA's flash/cuDNN kernels and FlashAttention return, so the decoder's
+                            ``out.transpose(1, 2).reshape(B, n, Hq * d)`` is free (``.contiguous()`` copies).
+
+Because idx is ascending, "causal among kept tokens" is plain causal attention on the gathered sequence, and
+RoPE was applied before the gather, so positions stay right. Nothing here syncs with the host or takes a
+shape from data: the packed buffers have the static size B * n.
+
+Pipeline (:func:`kept_causal_attention` = pack -> varlen attention -> unpack):
+1. :func:`make_plan`: cu_seqlens = [0, c0, c0 + c1, ...] (int32, built on the device) and, per packed row r,
+   its batch row, its slot in the kept list and its position; per output position its packed row or -1.
+2. :func:`pack_kept`: gather the kept tokens of q, k, v into [B * n, H, d] buffers, rows of all batch rows one
+   after the other (only the first sum(count) rows valid). The gather runs on the (B, S, H, D) view
+   ``x.transpose(1, 2)`` along S: the varlen kernels want (total, H, D), so this writes their layout directly,
+   with one index per token for all heads (a (B, H, S, D) gather needs one per (head, token) and a transpose
+   copy after it); when the memory already is (B, S, H, D), as the decoder's q/k after RoPE and v are, each
+   kept token is one contiguous H * d run. Measured on an H100: 2x cheaper than gathering in (B, H, S, D).
+3. the varlen causal kernel, backend chosen once per process: FlashAttention-4 ``fa4``
+   (``flash_attn.cute.flash_attn_varlen_func``), FlashAttention-2 ``fa2``, torch's ``torch_varlen``
+   (``torch.nn.attention.varlen.varlen_attn``), else ``sdpa_padded`` (causal SDPA on each batch row's
+   window of the packed buffer; exact, but costs dense n^2 work). All take max_seqlen = n (static) and GQA
+   natively (torch 2.11's varlen_attn has no enable_gqa argument and no head check; the FlashAttention-2
+   varlen kernel under it takes Hkv | Hq heads; 2.13 asks for enable_gqa=True).
+4. :func:`unpack_kept`: write every output row once: the packed row of a kept position, zeros elsewhere.
+
+On CUDA steps 2 and 4 are Triton kernels that touch only the valid rows (a torch gather of the static B * n
+rows would read and write the whole of q once more); their plain-torch references are
+:func:`pack_rows_reference` / :func:`unpack_rows_reference`. On CPU the default backend is
+:func:`kept_causal_attention_reference`; ``backend="sdpa_padded"`` runs the packing path there.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_BLOCK_ROWS = 32  # packed / output rows per Triton program (one head per program)
+# Rows after the last valid packed row that the pack kernel zeroes: TMA-based kernels (FA4) load whole key
+# tiles, and a masked score times a NaN value row is still NaN, so the rows a tile can run into past the
+# last sequence must be finite (all other garbage rows are never read).
+_TAIL_ZERO_ROWS = 256
+_VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class KeptPlan(NamedTuple):
+    """Index plan of one call; every tensor lives on the device, sizes are static (R = B * n rows).
+
+    cu_seqlens int32 [B + 1]: [0, c0, c0 + c1, ...]; packed rows >= cu_seqlens[-1] are padding.
+    batch, slot, pos int64 [R]: batch row, index in idx[batch] and sequence position of packed row r
+        (clamped into range for padding rows).
+    inv int64 [R]: packed row of output position b * n + s, or -1 when s is not kept in row b.
+    """
+
+    cu_seqlens: torch.Tensor
+    batch: torch.Tensor
+    slot: torch.Tensor
+    pos: torch.Tensor
+    inv: torch.Tensor
+
+
+def keep_to_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, n] kept mask -> (idx int64 [B, n], count int64 [B]) in this module's convention.
+
+    idx[b] lists the kept positions ascending, then the others ascending (a permutation of 0..n-1); no sort.
+    """
+    batch, n = keep.shape
+    kept = keep.to(torch.int64)
+    count = kept.sum(dim=-1)
+    dest = torch.where(keep, kept.cumsum(dim=-1) - 1, count[:, None] + (1 - kept).cumsum(dim=-1) - 1)
+    positions = torch.arange(n, device=keep.device, dtype=torch.int64).expand(batch, n)
+    return torch.empty_like(dest).scatter_(-1, dest, positions), count
+
+
+def kept_mask(idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """bool [B, n]: True at the positions idx[b, :count[b]] (the arbitrary tail of idx is ignored)."""
+    n = idx.shape[-1]
+    listed = (torch.arange(n, device=idx.device) < count[:, None]).to(torch.int32)
+    return torch.zeros_like(idx, dtype=torch.int32).scatter_add_(-1, idx, listed) > 0
+
+
+def kept_causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                                    count: torch.Tensor, scale: float, n_rep: int) -> torch.Tensor:
+    """Plain torch, O(n^2) memory (CPU / tests): SDPA in fp32 with the mask keep_i & keep_j & (j <= i).
+
+    Returns a contiguous [B, Hq, n, d] tensor in q's dtype, zeros at non-kept rows.
+    """
+    n = q.shape[2]
+    keep = kept_mask(idx, count)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    mask = keep[:, None, :, None] & keep[:, None, None, :] & causal
+    k, v = (x.float().repeat_interleave(n_rep, dim=1) for x in (k, v))
+    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale)
+    return torch.where(keep[:, None, :, None], out, 0.0).to(q.dtype)
+
+
+def make_plan(idx: torch.Tensor, count: torch.Tensor) -> KeptPlan:
+    """The :class:`KeptPlan` of idx int64 [B, n] and count int [B] (see the module docstring)."""
+    batch, n = idx.shape
+    rows = torch.arange(batch * n, device=idx.device, dtype=torch.int64)
+    count = count.to(torch.int64)
+    ends = count.cumsum(dim=0)
+    row_batch = torch.searchsorted(ends, rows, right=True).clamp_(max=batch - 1)
+    slot = (rows - (ends - count)[row_batch]).clamp_(0, n - 1)
+    pos = idx[row_batch, slot]
+    dest = torch.where(rows < ends[-1], row_batch * n + pos, batch * n)  # padding rows -> a spare slot
+    inv = torch.full((batch * n + 1,), -1, device=idx.device, dtype=torch.int64).index_copy_(0, dest, rows)
+    return KeptPlan(F.pad(ends, (1, 0)).to(torch.int32), row_batch, slot, pos, inv[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gather / scatter: Triton kernels and their plain-torch references
+
+
+@triton.jit
+def _pack_rows_kernel(x_ptr, batch_ptr, pos_ptr, cu_ptr, out_ptr, n_rows, n_batch, head_dim,
+                      stride_xb, stride_xs, stride_xh, stride_xd, stride_or, stride_oh, stride_od,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ZERO_ROWS: tl.constexpr):
+    """out[r, h] = x[batch[r], pos[r], h] for r < total; zeros for total <= r < total + ZERO_ROWS.
+
+    Grid (row blocks, heads). Rows past that are neither read nor written.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    head = tl.program_id(1).to(tl.int64)
+    total = tl.load(cu_ptr + n_batch)
+    valid = rows < total
+    b = tl.load(batch_ptr + rows, mask=valid, other=0)
+    s = tl.load(pos_ptr + rows, mask=valid, other=0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d[None, :] < head_dim
+    src = x_ptr + b[:, None] * stride_xb + s[:, None] * stride_xs + head * stride_xh + d[None, :] * stride_xd
+    vals = tl.load(src, mask=valid[:, None] & d_ok, other=0.0)
+    written = (rows < total + ZERO_ROWS) & (rows < n_rows)
+    dst = out_ptr + rows[:, None].to(tl.int64) * stride_or + head * stride_oh + d[None, :] * stride_od
+    tl.store(dst, vals, mask=written[:, None] & d_ok)
+
+
+@triton.jit
+def _unpack_rows_kernel(packed_ptr, inv_ptr, out_ptr, n_rows, head_dim,
+                        stride_pr, stride_ph, stride_pd, stride_or, stride_oh, stride_od,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r, h] = packed[inv[r], h] where inv[r] >= 0, else 0.
+
+    Grid (row blocks, heads); reads the kept rows only, writes every row once.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    head = tl.program_id(1).to(tl.int64)
+    in_range = rows < n_rows
+    src_row = tl.load(inv_ptr + rows, mask=in_range, other=-1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d[None, :] < head_dim
+    src = packed_ptr + src_row[:, None] * stride_pr + head * stride_ph + d[None, :] * stride_pd
+    vals = tl.load(src, mask=(src_row[:, None] >= 0) & d_ok, other=0.0)
+    dst = out_ptr + rows[:, None].to(tl.int64) * stride_or + head * stride_oh + d[None, :] * stride_od
+    tl.store(dst, vals, mask=in_range[:, None] & d_ok)
+
+
+def pack_rows_reference(x_bshd: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
+    """[B * n, H, d] contiguous: row r = x_bshd[batch[r], pos[r]] for every r (padding rows: real tokens)."""
+    return x_bshd[plan.batch, plan.pos]
+
+
+def pack_rows_triton(x_bshd: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
+    """Triton :func:`pack_rows_reference`: equal on the valid rows and the next _TAIL_ZERO_ROWS rows are 0;
+    rows after those are left uninitialised (no varlen kernel reads them)."""
+    batch, n, heads, head_dim = x_bshd.shape
+    out = x_bshd.new_empty(batch * n, heads, head_dim)
+    grid = (triton.cdiv(batch * n, _BLOCK_ROWS), heads)
+    _pack_rows_kernel[grid](x_bshd, plan.batch, plan.pos, plan.cu_seqlens, out, batch * n, batch, head_dim,
+                            *x_bshd.stride(), *out.stride(), BLOCK_R=_BLOCK_ROWS,
+                            BLOCK_D=triton.next_power_of_2(head_dim), ZERO_ROWS=_TAIL_ZERO_ROWS)
+    return out
+
+
+def unpack_rows_reference(packed: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
+    """[B * n, H, d] contiguous: row b * n + s = packed[inv] where kept, else 0."""
+    return torch.where((plan.inv >= 0)[:, None, None], packed[plan.inv.clamp(min=0)], 0.0)
+
+
+def unpack_rows_triton(packed: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
+    """Triton :func:`unpack_rows_reference` (same result; reads only the kept rows of ``packed``)."""
+    n_rows = plan.inv.shape[0]
+    heads, head_dim = packed.shape[1:]
+    out = packed.new_empty(n_rows, heads, head_dim)
+    grid = (triton.cdiv(n_rows, _BLOCK_ROWS), heads)
+    _unpack_rows_kernel[grid](packed, plan.inv, out, n_rows, head_dim, *packed.stride(), *out.stride(),
+                              BLOCK_R=_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(head_dim))
+    return out
+
+
+def _triton_wanted(x: torch.Tensor, use_triton: bool | None) -> bool:
+    return x.is_cuda if use_triton is None else use_triton
+
+
+def pack_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
+              use_triton: bool | None = None) -> tuple[KeptPlan, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(plan, q_packed [B*n, Hq, d], k_packed [B*n, Hkv, d], v_packed [B*n, Hkv, d]) from [B, H, n, d] inputs.
+
+    ``use_triton``: the Triton gather (None: on CUDA); True on CPU tensors needs TRITON_INTERPRET=1.
+    """
+    plan = make_plan(idx, count)
+    pack = pack_rows_triton if _triton_wanted(q, use_triton) else pack_rows_reference
+    return (plan, *(pack(x.transpose(1, 2), plan) for x in (q, k, v)))
+
+
+def unpack_kept(out_packed: torch.Tensor, plan: KeptPlan, use_triton: bool | None = None) -> torch.Tensor:
+    """[B, Hq, n, d] (memory (B, n, Hq, d)) from the packed output [B*n, Hq, d]; zeros where not kept."""
+    batch = plan.cu_seqlens.shape[0] - 1
+    unpack = unpack_rows_triton if _triton_wanted(out_packed, use_triton) else unpack_rows_reference
+    return unpack(out_packed, plan).view(batch, -1, *out_packed.shape[1:]).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Varlen causal attention backends:
+# (q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep) -> out_packed
+
+
+@functools.cache
+def _fa4_varlen() -> Callable | None:
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception:  # optional dependency: absent, or its CUDA DSL fails to load
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def _fa2_varlen() -> Callable | None:
+    try:
+        import flash_attn
+    except Exception:  # optional dependency
+        return None
+    return getattr(flash_attn, "flash_attn_varlen_func", None)  # absent when only FA4's namespace is there
+
+
+@functools.cache
+def _torch_varlen() -> tuple[Callable, frozenset[str]] | None:
+    """(varlen_attn, its keyword names): the signature changed between torch releases (2.11: window_size
+    only, no head-count check; 2.13: enable_gqa required for Hq != Hkv; earlier: is_causal)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _run_fa4(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int) -> torch.Tensor:
+    cu = plan.cu_seqlens
+    out, _lse = _fa4_varlen()(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen,
+                              max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True)
+    return out
+
+
+def _run_fa2(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int) -> torch.Tensor:
+    cu = plan.cu_seqlens
+    return _fa2_varlen()(qp, kp, vp, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+
+
+def _run_torch_varlen(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int) -> torch.Tensor:
+    varlen_attn, params = _torch_varlen()
+    extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:  # without it (2.11) the flash kernel below takes Hkv | Hq heads as they are
+        extra["enable_gqa"] = n_rep > 1
+    cu = plan.cu_seqlens
+    return varlen_attn(qp, kp, vp, cu, cu, max_seqlen, max_seqlen, scale=scale, **extra)
+
+
+def _run_sdpa_padded(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int) -> torch.Tensor:
+    """One causal SDPA over B padded windows [B, H, n, d] of the packed buffer (window b starts at
+    cu_seqlens[b]). No key-padding mask is needed: under the causal mask a kept query (slot < count) only
+    sees slots below it, all kept; the rows past count are dropped. Window rows past the last valid row
+    point at it, so no uninitialised (possibly NaN) row enters a softmax or a P @ V product."""
+    starts = plan.cu_seqlens[:-1].to(torch.int64)
+    last = (plan.cu_seqlens[-1].to(torch.int64) - 1).clamp(min=0)
+    rows = torch.minimum(starts[:, None] + torch.arange(max_seqlen, device=qp.device), last)
+    q, k, v = (x[rows].transpose(1, 2) for x in (qp, kp, vp))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_rep > 1)
+    return out.transpose(1, 2)[plan.batch, plan.slot]
+
+
+_VARLEN = {"fa4": _run_fa4, "fa2": _run_fa2, "torch_varlen": _run_torch_varlen,
+           "sdpa_padded": _run_sdpa_padded}
+
+
+@functools.cache
+def _find_backends() -> tuple[str, ...]:
+    names = []
+    if torch.cuda.is_available():
+        names += [name for name, found in (("fa4", _fa4_varlen), ("fa2", _fa2_varlen)) if found() is not None]
+        if _torch_varlen() is not None and torch.backends.cuda.is_flash_attention_available():
+            names.append("torch_varlen")
+    return (*names, "sdpa_padded", "reference")
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it at trace time instead of tracing imports
+def available_backends() -> tuple[str, ...]:
+    """Backends usable in this process, fastest first (decided once; importing FA4 takes seconds).
+
+    The varlen kernels ("fa4", "fa2", "torch_varlen") need CUDA and fp16/bf16; "sdpa_padded" and "reference"
+    (:func:`kept_causal_attention_reference`) run anywhere.
+    """
+    return _find_backends()
+
+
+def default_backend(q: torch.Tensor) -> str:
+    """"reference" off CUDA; on CUDA the fastest varlen kernel for fp16/bf16, else "sdpa_padded"."""
+    if not q.is_cuda:
+        return "reference"
+    return available_backends()[0] if q.dtype in _VARLEN_DTYPES else "sdpa_padded"
+
+
+def varlen_attention(q_packed: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, plan: KeptPlan,
+                     max_seqlen: int, scale: float, n_rep: int, backend: str) -> torch.Tensor:
+    """Causal attention within each packed sequence -> [B*n, Hq, d]; rows past cu_seqlens[-1] are garbage."""
+    if backend not in _VARLEN or backend not in available_backends():
+        raise ValueError(f"kept attention backend {backend!r} is not available here; "
+                         f"varlen backends available: {[b for b in available_backends() if b in _VARLEN]}")
+    return _VARLEN[backend](q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep)
+
+
+def kept_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                          count: torch.Tensor, scale: float, n_rep: int, backend: str | None = None,
+                          use_triton: bool | None = None) -> torch.Tensor:
+    """Causal attention among the kept tokens (module docstring: shapes, output layout, pipeline).
+
+    backend: one of :func:`available_backends` (None: :func:`default_backend`). use_triton: the Triton
+    gather/scatter (None: on CUDA; True on CPU needs TRITON_INTERPRET=1). No host sync.
+    """
+    backend = backend or default_backend(q)
+    if backend == "reference":
+        out = kept_causal_attention_reference(q, k, v, idx, count, scale, n_rep)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+    plan, qp, kp, vp = pack_kept(q, k, v, idx, count, use_triton)
+    out = varlen_attention(qp, kp, vp, plan, q.shape[2], scale, n_rep, backend)
+    return unpack_kept(out, plan, use_triton)

@@ -1,0 +1,81 @@
+"""ZipVL sparse prefill attention (spec §2-5): probe -> adaptive kept set -> attention among kept tokens.
+
+``sparse_attention`` is the body of the ``zipvl.sparse_attention`` op. Shapes: q [B, Hq, n, d], k/v
+un-expanded [B, Hkv, n, d]; ``attn_mask`` is None or a bool mask broadcastable to [B, 1, n, n]
+(True = may attend); ``is_causal`` ANDs the causal mask. Keys no query may see are padding: never probes,
+never kept. Returns (out [B, Hq, n, d], keep bool [B, n], ratio float32 [B]); out is zero at every
+non-kept position. Nothing here syncs with the host; every shape is static.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zipvl_compile.runtime.kernels.kept_attention import keep_to_index, kept_causal_attention
+from zipvl_compile.runtime.kernels.probe import probe_colsum
+from zipvl_compile.runtime.reference import causal_mask, dense_attention
+from zipvl_compile.runtime.selection import choose_probes, select_tokens
+
+
+def token_validity(attn_mask: torch.Tensor | None, is_causal: bool, batch: int, n: int,
+                   device: torch.device) -> torch.Tensor:
+    """bool [B, n]: tokens that are not padding (some query may see them)."""
+    if attn_mask is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    mask = attn_mask.expand(batch, 1, attn_mask.shape[-2], n)
+    if is_causal and mask.shape[-2] == n:
+        mask = mask & causal_mask(n, n, device)
+    return mask.any(dim=-2)[:, 0]
+
+
+def is_key_padding(attn_mask: torch.Tensor | None) -> bool:
+    """True when the mask only says which keys are padding ([B, 1, 1, n]): the fast path applies."""
+    return attn_mask is None or attn_mask.shape[-2] == 1
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                     is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
+                     n_probe_random: int, min_keep: int, seed: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ZipVL prefill attention; see the module docstring for the contract."""
+    if attn_mask is None:
+        is_causal = True
+    batch, _, n, _ = q.shape
+    valid = token_validity(attn_mask, is_causal, batch, n, q.device)
+    if tau >= 1.0:
+        out = dense_attention(q, k, v, attn_mask, is_causal, scale, n_rep)
+        return torch.where(valid[:, None, :, None], out, 0), valid, torch.ones(batch, device=q.device)
+    probes = choose_probes(valid, n_probe_recent, n_probe_random, seed)
+    rows = probes.clamp(min=0)
+    q_probe = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    if is_causal and is_key_padding(attn_mask):
+        colsum, seen = probe_colsum(q_probe, k, probes, valid, scale, n_rep)
+    else:
+        colsum, seen = _masked_probe_colsum(q_probe, k, probes, attn_mask, is_causal, scale, n_rep)
+    keep, ratio = select_tokens(colsum, seen, valid, tau, min_keep)
+    if is_causal and is_key_padding(attn_mask):
+        idx, count = keep_to_index(keep)
+        out = kept_causal_attention(q, k, v, idx, count, scale, n_rep)
+    else:
+        pair = keep[:, None, :, None] & keep[:, None, None, :]
+        out = dense_attention(q, k, v, attn_mask.expand(batch, 1, n, n) & pair, is_causal, scale, n_rep)
+        out = torch.where(keep[:, None, :, None], out, 0)
+    return out, keep, ratio
+
+
+def _masked_probe_colsum(q_probe: torch.Tensor, k: torch.Tensor, probes: torch.Tensor,
+                         attn_mask: torch.Tensor, is_causal: bool, scale: float, n_rep: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5 column sums and Eq. 7 denominators for an arbitrary mask: (colsum, seen) float32 [B, n].
+
+    The m x n probe block only (m = number of probes); rows of unused probe slots (-1) count nothing.
+    """
+    batch, n = probes.shape[0], k.shape[2]
+    mask = attn_mask.expand(batch, 1, n, n)[:, 0]
+    if is_causal:
+        mask = mask & causal_mask(n, n, k.device)
+    rows = mask.gather(1, probes.clamp(min=0)[:, :, None].expand(-1, -1, n)) & (probes >= 0)[:, :, None]
+    keys = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k
+    logits = torch.matmul(q_probe.float(), keys.float().transpose(-1, -2)) * scale
+    probs = torch.softmax(logits.masked_fill(~rows[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs.sum(dim=(1, 2)), rows.sum(dim=1).to(torch.float32)
