@@ -113,3 +113,11 @@ def test_fullgraph_traceable():
     eager = OP(q, k, v, None, True, 0.25, 2, *_args())
     for a, b in zip(fn(q, k, v), eager):
         torch.testing.assert_close(a, b)
+
+
+def test_force_ratio_fixes_the_kept_count():
+    q, k, v = _qkv(2, 4, 2, 50, 16, seed=9)
+    _, keep, ratio = OP(q, k, v, None, True, 0.25, 2, *_args(tau=0.5, min_keep=0), -1, 0.4)
+    counts = keep.sum(-1)
+    assert ((counts == 20) | (counts == 21)).all(), counts  # p = 20, plus the forced last token if not in it
+    torch.testing.assert_close(ratio, counts.float() / 50)

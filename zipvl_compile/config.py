@@ -31,6 +31,8 @@ class ZipVLConfig:
     inner: the compiler run on the rewritten graph.
     seed: seed of the random probes.
     cudagraphs: capture the compiled graphs in CUDA graphs (also set by ``mode="reduce-overhead"``).
+    force_ratio: BENCHMARK-ONLY. 0 = off; 0 < r <= 1 keeps round(r * n) tokens per layer instead of Eq. 6
+        (probing and selection still run): random weights have no sparse structure for tau to find.
     """
 
     tau: float = 0.975
@@ -45,6 +47,7 @@ class ZipVLConfig:
     inner: str = "inductor"
     seed: int = 0
     cudagraphs: bool = False
+    force_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and 0 < self.tau <= 1,
@@ -64,6 +67,8 @@ class ZipVLConfig:
         _check(self.kv_mode in _KV_MODES, "kv_mode", self.kv_mode, f"one of {_KV_MODES}")
         _check(self.inner in _INNER, "inner", self.inner, f"one of {_INNER}")
         _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        _check(isinstance(self.force_ratio, (int, float)) and not isinstance(self.force_ratio, bool)
+               and 0 <= self.force_ratio <= 1, "force_ratio", self.force_ratio, "0 (off) or 0 < r <= 1")
         _check(isinstance(self.cudagraphs, bool), "cudagraphs", self.cudagraphs, "True or False")
         _check(isinstance(self.dense_layers, tuple) and all(_is_int(i) and i >= 0 for i in self.dense_layers),
                "dense_layers", self.dense_layers, "a sequence of layer indices >= 0")

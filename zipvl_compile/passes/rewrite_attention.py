@@ -54,7 +54,8 @@ def _why_not_sparse(site: AttentionSite, config: ZipVLConfig) -> str | None:
 
 def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> None:
     args = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep, float(config.tau),
-            config.n_probe_recent, config.n_probe_random, config.min_keep, config.seed, _stats_slot(site))
+            config.n_probe_recent, config.n_probe_random, config.min_keep, config.seed, _stats_slot(site),
+            float(config.force_ratio))
     _replace(gm, site, ops.sparse_attention, args, output_index=0)
     site.op = "zipvl.sparse_attention"
 

@@ -54,18 +54,18 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
 
 def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                       is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
-                      n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1,
+                      force_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, keep, ratio = sparse_attention_impl(q, k, v, attn_mask, is_causal, scale, n_rep, tau, n_probe_recent,
-                                             n_probe_random, min_keep, seed)
+                                             n_probe_random, min_keep, seed, force_ratio)
     stats.record_ratio(stats_slot, ratio)
     return _bshd(out), keep, ratio
 
 
 def _sparse_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                            is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
-                           n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1,
+                           force_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, n, _ = q.shape
     out = q.new_empty(batch, n, heads, v.shape[-1]).transpose(1, 2)
     return out, q.new_empty(batch, n, dtype=torch.bool), q.new_empty(batch, dtype=torch.float32)
@@ -73,5 +73,6 @@ def _sparse_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
 
 sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_attention_fake)
 """zipvl::sparse_attention(q, k, v, attn_mask?, is_causal, scale, n_rep, tau, n_probe_recent, n_probe_random,
-min_keep, seed, stats_slot=-1) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): ZipVL prefill
-(runtime.sparse); with a stats slot (runtime.stats) it also stores the batch's kept-ratio moments there."""
+min_keep, seed, stats_slot=-1, force_ratio=0) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): ZipVL
+prefill (runtime.sparse); with a stats slot (runtime.stats) it also stores the batch's kept-ratio moments there;
+force_ratio > 0 is the benchmark-only fixed kept ratio."""

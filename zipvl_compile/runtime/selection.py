@@ -59,7 +59,7 @@ def choose_probes(valid: torch.Tensor, n_recent: int, n_random: int, seed: int) 
 
 
 def select_tokens(colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, tau: float,
-                  min_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  min_keep: int, force_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept set of one layer -> (keep bool [B, n], ratio float32 [B] = kept / valid count).
 
     colsum, seen: float32 [B, n] from ``probe_colsum`` (Eq. 5 column sums, Eq. 7 denominators);
@@ -67,12 +67,15 @@ def select_tokens(colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor,
     tau * total (clamped to the valid count; tau >= 1 gives every valid key). Eqs. 7-8: keep the p valid
     keys with the largest colsum / seen (0 where seen == 0), ties to the lower position. Then the last valid
     token is forced in, and the set is raised to min(min_keep, valid count) tokens in score order.
-    Padding keys are never kept.
+    Padding keys are never kept. ``force_ratio`` > 0 (benchmark-only) replaces Eq. 6 by
+    p = round(force_ratio * valid count): random weights have no sparse structure to adapt to.
     """
     batch, n = valid.shape
     n_valid = valid.sum(dim=-1)
     mass = torch.where(valid, colsum, 0.0)
-    if tau >= 1.0:
+    if force_ratio > 0:
+        p = torch.round(force_ratio * n_valid.to(torch.float64)).to(n_valid.dtype).clamp(min=1)
+    elif tau >= 1.0:
         p = n_valid
     else:
         prefix = mass.sort(dim=-1, descending=True).values.cumsum(dim=-1)

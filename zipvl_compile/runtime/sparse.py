@@ -35,14 +35,15 @@ def is_key_padding(attn_mask: torch.Tensor | None) -> bool:
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                      is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
-                     n_probe_random: int, min_keep: int, seed: int
+                     n_probe_random: int, min_keep: int, seed: int, force_ratio: float = 0.0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ZipVL prefill attention; see the module docstring for the contract."""
+    """ZipVL prefill attention; see the module docstring for the contract (``force_ratio``: benchmark-only,
+    see :func:`select_tokens`)."""
     if attn_mask is None:
         is_causal = True
     batch, _, n, _ = q.shape
     valid = token_validity(attn_mask, is_causal, batch, n, q.device)
-    if tau >= 1.0:
+    if tau >= 1.0 and force_ratio <= 0:
         out = dense_attention(q, k, v, attn_mask, is_causal, scale, n_rep)
         return torch.where(valid[:, None, :, None], out, 0), valid, torch.ones(batch, device=q.device)
     probes = choose_probes(valid, n_probe_recent, n_probe_random, seed)
@@ -52,7 +53,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
         colsum, seen = probe_colsum(q_probe, k, probes, valid, scale, n_rep)
     else:
         colsum, seen = _masked_probe_colsum(q_probe, k, probes, attn_mask, is_causal, scale, n_rep)
-    keep, ratio = select_tokens(colsum, seen, valid, tau, min_keep)
+    keep, ratio = select_tokens(colsum, seen, valid, tau, min_keep, force_ratio)
     if is_causal and is_key_padding(attn_mask):
         idx, count = keep_to_index(keep)
         out = kept_causal_attention(q, k, v, idx, count, scale, n_rep)
