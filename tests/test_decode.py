@@ -133,7 +133,7 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2,
 def test_kernel_matches_reference(dtype, bits, n_rep):
     args, _ = make_case(n_rep=n_rep, bits=bits, dtype=dtype, seed=n_rep + 10 * bits[0])
     ref = decode_attention_reference(**args)
-    out = decode_attention_triton(**to_device(args), num_splits=3)
+    out = decode_attention_triton(**to_device(args), num_splits=(2, 3, 1))
     assert out.dtype == dtype and out.shape == args["q"].shape
     assert ref.abs().mean() > 0.1
     torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
@@ -164,7 +164,7 @@ def test_edge_cases(name):
     ref = decode_attention_reference(**args)
     exp = dense_attention(args["q"], dense, args["n_rep"], args["scale"])
     torch.testing.assert_close(ref.double(), exp, atol=1e-5, rtol=1e-5)
-    out = decode_attention_triton(**to_device(args), num_splits=2)
+    out = decode_attention_triton(**to_device(args), num_splits=(2, 1, 2))
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
@@ -178,11 +178,11 @@ def test_window(dtype, window):
     torch.testing.assert_close(ref.double(), exp.to(dtype).double(), **TOL[dtype])
     if window == 40:  # the window really masks something
         assert (ref - decode_attention_reference(**args)).abs().max() > 1e-2
-    out = decode_attention_triton(**to_device(args), window=window, q_pos=q_pos.to(DEVICE), num_splits=2)
+    out = decode_attention_triton(**to_device(args), window=window, q_pos=q_pos.to(DEVICE), num_splits=(1, 2, 1))
     torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("num_splits", [1, 6, None])
+@pytest.mark.parametrize("num_splits", [(1, 1, 1), (6, 5, 2), None])
 def test_splits_agree(num_splits):
     args, _ = make_case(n_rep=4, seed=5)
     ref = decode_attention_reference(**args)

@@ -6,7 +6,9 @@ Forms recognised (transformers 5.17):
 - ``static_index_copy``: StaticCache, ``buffer.index_copy_(2, cache_position, k_new)`` on the buffer the
   attention reads (possibly through a ``[:, :, :L]`` slice);
 - ``static_copy``: sliding-window layers, ``buffer.copy_(...)`` or ``buffer[..., idx] = k_new``;
-- ``zipvl``: a ZipVLCache write op; ``none``: the keys come straight from the projection (no cache).
+- ``zipvl``: a ZipVLCache: ``zipvl.kv_write_`` of the new keys (prefill) or keys read through
+  ``zipvl.kv_dense_view`` (decode); ``site.kv_node`` is that node;
+- ``none``: the keys come straight from the projection (no cache).
 """
 
 from __future__ import annotations
@@ -18,18 +20,38 @@ import torch.fx as fx
 
 from zipvl_compile.passes.fx_util import is_function, is_getitem, is_method
 from zipvl_compile.passes.site import AttentionSite
+from zipvl_compile.runtime import ops
 
 _WRITE_METHODS = ("index_copy_", "copy_")
 
 
 def find_kv_write(site: AttentionSite) -> None:
     """Set ``site.kv_write`` (and ``k_new``/``v_new`` when the new keys/values are identifiable)."""
+    packed = _zipvl_node(site.k)
+    if packed is not None and packed is _zipvl_node(site.v):
+        site.kv_write, site.kv_node = "zipvl", packed
+        return
     k_kind, k_new = _write_of(site.k)
     v_kind, v_new = _write_of(site.v)
     if k_kind != v_kind:
         site.reject(f"keys and values are cached differently ({k_kind} vs {v_kind})")
         return
     site.kv_write, site.k_new, site.v_new = k_kind, k_new, v_new
+
+
+def is_op(node: object, op: torch._ops.OpOverload) -> bool:
+    """``node`` calls ``op`` (Dynamo records custom ops as the packet or the overload: design.md §8.2)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (op, op._overloadpacket)
+
+
+def _zipvl_node(node: fx.Node) -> fx.Node | None:
+    """The ZipVLCache node feeding these keys/values: a kv_dense_view (decode) or the kv_write_ of them."""
+    if is_getitem(node) and is_op(node.args[0], ops.kv_dense_view):
+        return node.args[0]
+    for user in node.users:
+        if is_op(user, ops.kv_write_) and node in user.args[2:4]:
+            return user
+    return None
 
 
 def _write_of(node: fx.Node) -> tuple[str, fx.Node | None]:

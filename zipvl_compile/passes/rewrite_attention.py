@@ -15,9 +15,12 @@ import torch.fx as fx
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.find_attention import default_scale
 from zipvl_compile.passes.fx_util import example, shape
+from zipvl_compile.passes.packed_cache import rewrite_packed_decode, wire_prefill_write
 from zipvl_compile.passes.site import AttentionSite
+from zipvl_compile.passes.tensor_parallel import tensor_parallel_group
 from zipvl_compile.report import report
 from zipvl_compile.runtime import ops, stats
+from zipvl_compile.runtime.sparse import keeps_all
 
 
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> None:
@@ -28,12 +31,20 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -
         return
     site.scale = float(scale)
     site.dense_reason = _why_not_sparse(site, config) if site.kind == "prefill" else None
+    packed = site.kv_write == "zipvl"
+    if site.kind == "decode" and packed:
+        new = rewrite_packed_decode(gm, site, config)
+        _route_uses(site, new)
+        site.op = "zipvl.decode_attention"
+        return
     if site.kind == "prefill" and site.dense_reason is None:
-        _rewrite_sparse(gm, site, config)
+        new = _rewrite_sparse(gm, site, config)
     else:
         args = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep, float(site.softcap))
-        _replace(gm, site, ops.attention, args)
+        new = _replace(gm, site, ops.attention, args)
         site.op = "zipvl.attention"
+    if packed:
+        wire_prefill_write(gm, site, new)
 
 
 def _why_not_sparse(site: AttentionSite, config: ZipVLConfig) -> str | None:
@@ -52,12 +63,36 @@ def _why_not_sparse(site: AttentionSite, config: ZipVLConfig) -> str | None:
     return None
 
 
-def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> None:
-    args = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep, float(config.tau),
-            config.n_probe_recent, config.n_probe_random, config.min_keep, config.seed, _stats_slot(site),
-            float(config.force_ratio))
-    _replace(gm, site, ops.sparse_attention, args, output_index=0)
-    site.op = "zipvl.sparse_attention"
+def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> fx.Node:
+    """Insert the sparse prefill; returns the op node whose outputs are (out, keep, ratio).
+
+    When the site's query heads are sharded over a tensor-parallel group (passes.tensor_parallel) and the kept
+    set depends on the scores, the op is split so the kept set is computed from all heads on every rank:
+    ``zipvl.probe_scores`` -> ``_c10d_functional.all_reduce(colsum, "sum", group)`` -> ``wait_tensor`` ->
+    ``zipvl.sparse_attention_scored`` (seen counts probe rows, the same on every rank: not reduced).
+    """
+    group = None if keeps_all(config.tau, config.force_ratio) else tensor_parallel_group(site.q)
+    head = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep)
+    tail = (_stats_slot(site), float(config.force_ratio))
+    if group is None:
+        args = (*head, float(config.tau), config.n_probe_recent, config.n_probe_random, config.min_keep,
+                config.seed, *tail)
+        new = _replace(gm, site, ops.sparse_attention, args, output_index=0)
+        site.op = "zipvl.sparse_attention"
+        return new
+    graph = gm.graph
+    with graph.inserting_before(site.out):
+        scores = graph.call_function(ops.probe_scores, (site.q, site.k, site.mask, site.is_causal, site.scale,
+                                                        site.n_rep, config.n_probe_recent, config.n_probe_random,
+                                                        config.seed))
+        scores.meta["nn_module_stack"] = site.out.meta.get("nn_module_stack")
+        colsum, seen = (graph.call_function(operator.getitem, (scores, i)) for i in (0, 1))
+        reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (colsum, "sum", group))
+        colsum = graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduced,))
+    args = (*head, colsum, seen, float(config.tau), config.min_keep, *tail)
+    new = _replace(gm, site, ops.sparse_attention_scored, args, output_index=0)
+    site.op = "zipvl.sparse_attention_scored"
+    return new
 
 
 def _stats_slot(site: AttentionSite) -> int:
@@ -75,8 +110,13 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, target: object, args: tupl
     with gm.graph.inserting_before(site.out):
         new = gm.graph.call_function(target, args)
         out = new if output_index is None else gm.graph.call_function(operator.getitem, (new, output_index))
+    _route_uses(site, out)
+    new.meta.setdefault("nn_module_stack", site.out.meta.get("nn_module_stack"))
+    return new
+
+
+def _route_uses(site: AttentionSite, out: fx.Node) -> None:
+    """Every use of the site's old output now reads ``out`` (the old pattern becomes dead code)."""
     out.meta = {k: v for k, v in site.out.meta.items() if k in ("nn_module_stack", "stack_trace",
                                                                  "source_fn_stack", "example_value")}
-    new.meta.setdefault("nn_module_stack", site.out.meta.get("nn_module_stack"))
     site.out.replace_all_uses_with(out)
-    return new

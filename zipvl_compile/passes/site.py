@@ -36,6 +36,7 @@ class AttentionSite:
     mask_kind: str | None = None  # causal | causal+padding | causal+mask | mask | none
     # kv write
     kv_write: str | None = None
+    kv_node: fx.Node | None = None  # the ZipVLCache op node (kv_write_ in prefill, kv_dense_view in decode)
     k_new: fx.Node | None = None
     v_new: fx.Node | None = None
     # outcome

@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from zipvl_compile.runtime import stats
+from zipvl_compile.runtime import packed, stats
+from zipvl_compile.runtime import sparse as sparse_impl
+from zipvl_compile.runtime.kernels.decode import Segment
+from zipvl_compile.runtime.kernels.decode import decode_attention as decode_attention_impl
 from zipvl_compile.runtime.reference import dense_attention
-from zipvl_compile.runtime.sparse import sparse_attention as sparse_attention_impl
 
 NAMESPACE = "zipvl"
 
@@ -52,23 +54,34 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def _sparse_outputs(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], stats_slot: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, keep, ratio) of a sparse prefill as the ops return them; the ratio is stored in ``stats_slot``."""
+    out, keep, ratio = outputs
+    stats.record_ratio(stats_slot, ratio)
+    return _bshd(out), keep, ratio
+
+
+def _sparse_outputs_fake(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, n, _ = q.shape
+    out = q.new_empty(batch, n, heads, v.shape[-1]).transpose(1, 2)
+    return out, q.new_empty(batch, n, dtype=torch.bool), q.new_empty(batch, dtype=torch.float32)
+
+
 def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                       is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
                       n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1,
                       force_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, keep, ratio = sparse_attention_impl(q, k, v, attn_mask, is_causal, scale, n_rep, tau, n_probe_recent,
-                                             n_probe_random, min_keep, seed, force_ratio)
-    stats.record_ratio(stats_slot, ratio)
-    return _bshd(out), keep, ratio
+    return _sparse_outputs(sparse_impl.sparse_attention(q, k, v, attn_mask, is_causal, scale, n_rep, tau,
+                                                        n_probe_recent, n_probe_random, min_keep, seed,
+                                                        force_ratio), stats_slot)
 
 
 def _sparse_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                            is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
                            n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1,
                            force_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, heads, n, _ = q.shape
-    out = q.new_empty(batch, n, heads, v.shape[-1]).transpose(1, 2)
-    return out, q.new_empty(batch, n, dtype=torch.bool), q.new_empty(batch, dtype=torch.float32)
+    return _sparse_outputs_fake(q, v)
 
 
 sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_attention_fake)
@@ -76,3 +89,116 @@ sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_atte
 min_keep, seed, stats_slot=-1, force_ratio=0) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): ZipVL
 prefill (runtime.sparse); with a stats slot (runtime.stats) it also stores the batch's kept-ratio moments there;
 force_ratio > 0 is the benchmark-only fixed kept ratio."""
+
+
+def _kv_write(hi: list[torch.Tensor], lo: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+              keep: torch.Tensor | None, valid: torch.Tensor | None, pos: torch.Tensor, hi_bits: int,
+              lo_bits: int) -> None:
+    packed.write_tokens_(hi, lo, k, v, keep, valid, pos, hi_bits, lo_bits)
+
+
+def _no_result(*args: object) -> None:
+    return None
+
+
+kv_write_ = define_op("kv_write_", _kv_write, _no_result, mutates_args=("hi", "lo"))
+"""zipvl::kv_write_(hi (mutated), lo (mutated), k, v [B,H,t,d], keep bool [B,t]?, valid bool [B,t]?, pos [B,t],
+hi_bits, lo_bits): quantise a prefill's tokens into the packed segments (runtime.packed.write_tokens_)."""
+
+
+def _kv_append(tail: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    packed.append_tail_(tail, k, v, pos)
+
+
+kv_append_ = define_op("kv_append_", _kv_append, _no_result, mutates_args=("tail",))
+"""zipvl::kv_append_(tail (mutated), k, v [B,H,1,d], pos int [B]): one decode token into the model-dtype tail."""
+
+
+def _kv_recompress(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor],
+                   q: torch.Tensor | None, scale: float, n_rep: int, tau: float, hi_bits: int,
+                   lo_bits: int) -> None:
+    packed.recompress_(hi, lo, tail, q, scale, n_rep, tau, hi_bits, lo_bits)
+
+
+kv_recompress_ = define_op("kv_recompress_", _kv_recompress, _no_result, mutates_args=("hi", "lo", "tail"))
+"""zipvl::kv_recompress_(hi, lo, tail (all mutated), q [B,Hq,1,d]?, scale, n_rep, tau, hi_bits, lo_bits):
+quantise the tail block of rows whose tail is full, scored with q (runtime.packed.recompress_)."""
+
+
+def _kv_dense_view(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int,
+                   hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return packed.dense_view(hi, lo, tail, length, hi_bits, lo_bits)
+
+
+def _kv_dense_view_fake(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int,
+                        hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k_tail = tail[0]
+    out = k_tail.new_empty(k_tail.shape[0], k_tail.shape[1], length, k_tail.shape[3])
+    return out, torch.empty_like(out)
+
+
+kv_dense_view = define_op("kv_dense_view", _kv_dense_view, _kv_dense_view_fake)
+"""zipvl::kv_dense_view(hi, lo, tail, length, hi_bits, lo_bits) -> (k, v) [B,H,length,d]: the dequantised cache
+in position order (the eager path's K/V; compiled decode graphs read the packed buffers instead)."""
+
+
+def _decode_attention(q: torch.Tensor, hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor],
+                      scale: float, n_rep: int, hi_bits: int, lo_bits: int) -> torch.Tensor:
+    return decode_attention_impl(q, Segment(*hi), Segment(*lo), *tail, scale, n_rep, hi_bits, lo_bits)
+
+
+def _decode_attention_fake(q: torch.Tensor, hi: list[torch.Tensor], lo: list[torch.Tensor],
+                           tail: list[torch.Tensor], scale: float, n_rep: int, hi_bits: int,
+                           lo_bits: int) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+decode_attention = define_op("decode_attention", _decode_attention, _decode_attention_fake)
+"""zipvl::decode_attention(q [B,Hq,1,d], hi, lo, tail, scale, n_rep, hi_bits, lo_bits) -> [B,Hq,1,d]: attention
+of one query over every valid slot of the packed cache, dequantising in the kernel (runtime.kernels.decode)."""
+
+
+def _probe_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                  scale: float, n_rep: int, n_probe_recent: int, n_probe_random: int, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return sparse_impl.probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random,
+                                    seed)
+
+
+def _probe_scores_fake(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                       scale: float, n_rep: int, n_probe_recent: int, n_probe_random: int, seed: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (q.shape[0], k.shape[2])
+    return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
+
+
+probe_scores = define_op("probe_scores", _probe_scores, _probe_scores_fake)
+"""zipvl::probe_scores(q, k, attn_mask?, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
+-> (colsum, seen) float32 [B,n]: the probe stage of sparse_attention over the heads of q (runtime.sparse). Under
+tensor parallelism the graph all-reduces colsum (sum over ranks) before zipvl.sparse_attention_scored; seen
+counts probe rows, the same on every rank."""
+
+
+def _sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                             is_causal: bool, scale: float, n_rep: int, colsum: torch.Tensor, seen: torch.Tensor,
+                             tau: float, min_keep: int, stats_slot: int = -1, force_ratio: float = 0.0
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sparse_outputs(sparse_impl.sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep,
+                                                               colsum, seen, tau, min_keep, force_ratio),
+                           stats_slot)
+
+
+def _sparse_attention_scored_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  attn_mask: torch.Tensor | None, is_causal: bool, scale: float, n_rep: int,
+                                  colsum: torch.Tensor, seen: torch.Tensor, tau: float, min_keep: int,
+                                  stats_slot: int = -1, force_ratio: float = 0.0
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sparse_outputs_fake(q, v)
+
+
+sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored,
+                                    _sparse_attention_scored_fake)
+"""zipvl::sparse_attention_scored(q, k, v, attn_mask?, is_causal, scale, n_rep, colsum, seen, tau, min_keep,
+stats_slot=-1, force_ratio=0) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): the selection (Eqs. 6-8
+on colsum / seen of zipvl.probe_scores, summed over all heads) and kept-token attention stages of
+sparse_attention; stats_slot and force_ratio as there."""

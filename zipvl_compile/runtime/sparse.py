@@ -1,10 +1,17 @@
 """ZipVL sparse prefill attention (spec §2-5): probe -> adaptive kept set -> attention among kept tokens.
 
-``sparse_attention`` is the body of the ``zipvl.sparse_attention`` op. Shapes: q [B, Hq, n, d], k/v
-un-expanded [B, Hkv, n, d]; ``attn_mask`` is None or a bool mask broadcastable to [B, 1, n, n]
-(True = may attend); ``is_causal`` ANDs the causal mask. Keys no query may see are padding: never probes,
-never kept. Returns (out [B, Hq, n, d], keep bool [B, n], ratio float32 [B]); out is zero at every
-non-kept position. Nothing here syncs with the host; every shape is static.
+Shapes: q [B, Hq, n, d], k/v un-expanded [B, Hkv, n, d]; ``attn_mask`` is None or a bool mask broadcastable
+to [B, 1, n, n] (True = may attend); ``is_causal`` ANDs the causal mask. Keys no query may see are padding:
+never probes, never kept. Nothing here syncs with the host; every shape is static.
+
+Two stages, each the body of an op:
+- :func:`probe_scores` -> (colsum, seen) float32 [B, n]: Eq. 5 column sums of the probe rows' attention,
+  summed over the query heads given, and the Eq. 7 denominators (probe rows per key, the same for any
+  subset of heads). Under tensor parallelism each rank holds a subset of the heads: the graph all-reduces
+  colsum (sum) between the stages, so every rank selects from the scores of all heads.
+- :func:`sparse_attention_scored` -> (out [B, Hq, n, d], keep bool [B, n], ratio float32 [B]): Eqs. 6-8 on
+  the scores, then attention among the kept tokens; out is zero at every non-kept position.
+:func:`sparse_attention` is both stages on one device (the single-device op).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from zipvl_compile.runtime.kernels.kept_attention import keep_to_index, kept_cau
 from zipvl_compile.runtime.kernels.probe import probe_colsum
 from zipvl_compile.runtime.reference import causal_mask, dense_attention
 from zipvl_compile.runtime.selection import choose_probes, select_tokens
+
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def token_validity(attn_mask: torch.Tensor | None, is_causal: bool, batch: int, n: int,
@@ -33,35 +42,75 @@ def is_key_padding(attn_mask: torch.Tensor | None) -> bool:
     return attn_mask is None or attn_mask.shape[-2] == 1
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                     is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
-                     n_probe_random: int, min_keep: int, seed: int, force_ratio: float = 0.0
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ZipVL prefill attention; see the module docstring for the contract (``force_ratio``: benchmark-only,
-    see :func:`select_tokens`)."""
-    if attn_mask is None:
-        is_causal = True
-    batch, _, n, _ = q.shape
-    valid = token_validity(attn_mask, is_causal, batch, n, q.device)
-    if tau >= 1.0 and force_ratio <= 0:
-        out = dense_attention(q, k, v, attn_mask, is_causal, scale, n_rep)
-        return torch.where(valid[:, None, :, None], out, 0), valid, torch.ones(batch, device=q.device)
+def keeps_all(tau: float, force_ratio: float) -> bool:
+    """True when the kept set is every valid token whatever the scores (tau >= 1, no forced ratio)."""
+    return tau >= 1.0 and force_ratio <= 0
+
+
+def probe_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                 scale: float, n_rep: int, n_probe_recent: int, n_probe_random: int, seed: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colsum, seen) float32 [B, n] of the probe rows over the heads of q (see the module docstring)."""
+    is_causal, valid = _validity(q, attn_mask, is_causal)
     probes = choose_probes(valid, n_probe_recent, n_probe_random, seed)
     rows = probes.clamp(min=0)
     q_probe = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
     if is_causal and is_key_padding(attn_mask):
-        colsum, seen = probe_colsum(q_probe, k, probes, valid, scale, n_rep)
-    else:
-        colsum, seen = _masked_probe_colsum(q_probe, k, probes, attn_mask, is_causal, scale, n_rep)
+        return probe_colsum(q_probe, k, probes, valid, scale, n_rep)
+    return _masked_probe_colsum(q_probe, k, probes, attn_mask, is_causal, scale, n_rep)
+
+
+def sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                            is_causal: bool, scale: float, n_rep: int, colsum: torch.Tensor,
+                            seen: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0
+                            ) -> Outputs:
+    """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention among kept tokens.
+
+    ``force_ratio``: benchmark-only, see :func:`select_tokens`.
+    """
+    if keeps_all(tau, force_ratio):
+        return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
+    is_causal, valid = _validity(q, attn_mask, is_causal)
     keep, ratio = select_tokens(colsum, seen, valid, tau, min_keep, force_ratio)
+    return _attend(q, k, v, attn_mask, is_causal, scale, n_rep, keep), keep, ratio
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                     is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
+                     n_probe_random: int, min_keep: int, seed: int, force_ratio: float = 0.0) -> Outputs:
+    """ZipVL prefill attention on one device: :func:`probe_scores` then :func:`sparse_attention_scored`
+    (no probe when every token is kept)."""
+    if keeps_all(tau, force_ratio):
+        return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
+    colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
+    return sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, tau, min_keep,
+                                   force_ratio)
+
+
+def _validity(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> tuple[bool, torch.Tensor]:
+    """(is_causal, valid bool [B, n]); no mask at all means causal attention."""
+    is_causal = is_causal or attn_mask is None
+    return is_causal, token_validity(attn_mask, is_causal, q.shape[0], q.shape[2], q.device)
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+           scale: float, n_rep: int) -> Outputs:
+    """Every valid token kept: exact dense attention, zero at padding rows, ratio 1."""
+    is_causal, valid = _validity(q, attn_mask, is_causal)
+    out = dense_attention(q, k, v, attn_mask, is_causal, scale, n_rep)
+    return torch.where(valid[:, None, :, None], out, 0), valid, torch.ones(q.shape[0], device=q.device)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+            scale: float, n_rep: int, keep: torch.Tensor) -> torch.Tensor:
+    """Attention among the kept tokens ``keep`` bool [B, n] -> [B, Hq, n, d], zero at non-kept rows."""
     if is_causal and is_key_padding(attn_mask):
         idx, count = keep_to_index(keep)
-        out = kept_causal_attention(q, k, v, idx, count, scale, n_rep)
-    else:
-        pair = keep[:, None, :, None] & keep[:, None, None, :]
-        out = dense_attention(q, k, v, attn_mask.expand(batch, 1, n, n) & pair, is_causal, scale, n_rep)
-        out = torch.where(keep[:, None, :, None], out, 0)
-    return out, keep, ratio
+        return kept_causal_attention(q, k, v, idx, count, scale, n_rep)
+    batch, n = keep.shape
+    pair = keep[:, None, :, None] & keep[:, None, None, :]
+    out = dense_attention(q, k, v, attn_mask.expand(batch, 1, n, n) & pair, is_causal, scale, n_rep)
+    return torch.where(keep[:, None, :, None], out, 0)
 
 
 def _masked_probe_colsum(q_probe: torch.Tensor, k: torch.Tensor, probes: torch.Tensor,

@@ -130,113 +130,208 @@ def _online_update(s, m, den):
 
 
 @triton.jit
-def _load_codes(base, slot, slot_ok, BITS: tl.constexpr, D: tl.constexpr):
-    """Unpacked codes [BLOCK, D] (float32) of the slots ``slot`` of a uint8 [C, D*BITS//8] plane."""
-    PER: tl.constexpr = 8 // BITS
-    chan = tl.arange(0, D)
-    byte = tl.load(base + slot[:, None] * (D * BITS // 8) + (chan // PER)[None, :], mask=slot_ok[:, None],
-                   other=0).to(tl.int32)
-    return ((byte >> ((chan % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+def _mm(a, b, USE_DOT: tl.constexpr):
+    """a [M, K] @ b [K, N] -> fp32: tl.dot, or a broadcast multiply-sum when K or N < 16 (tiny head dims)."""
+    if USE_DOT:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return r
 
 
 @triton.jit
-def _attend_segment(q2, m, den, acc, kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr, b, bh, split, n_splits, C,
-                    min_pos, BITS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr):
-    """Walk this split's blocks of one quantised segment, updating (m, den, acc).
+def _plane(byte, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr):
+    """Sub-plane J of a packed byte tile: the codes at bit shift J*BITS, i.e. channels i*(8//BITS) + J.
 
-    q2 [NP, D] fp32: queries times scale*log2(e). kc/vc: uint8 code planes, ks/kz/vs/vz: float16 params,
-    pos_ptr int32 [B, C], fill_ptr int32 [B]; bh = b*H + h (int64). Keys with pos <= min_pos are masked.
+    F32: fp32 codes. Otherwise fp16 ``1024 + code``: the code ORed into the mantissa of 1024 (exact, one
+    integer op instead of two conversions); callers subtract the 1024 through their zero-point term.
     """
+    x = byte.to(tl.int16)
+    if J > 0:
+        x = x >> (J * BITS)
+    if (J + 1) * BITS < 8:
+        x = x & ((1 << BITS) - 1)
+    if F32:
+        r = x.to(tl.float32)
+    else:
+        r = (x | 0x6400).to(tl.float16, bitcast=True)
+    return r
+
+
+@triton.jit
+def _key_scores(qj, kbyte, ks_row, kz_row, J: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr,
+                F32: tl.constexpr):
+    """Scores of sub-plane J: (qj*k_scale)·codes [NP, BLOCK] and its per-row constant [NP] (zero point).
+
+    qj [NP, KB] fp32: queries at channels i*(8//BITS) + J (times scale*log2 e); kbyte [BLOCK, KB] uint8;
+    ks_row / kz_row: this group's [D] key scale / zero.
+    """
+    chan = tl.arange(0, KB) * (8 // BITS) + J
+    k_s = tl.load(ks_row + chan).to(tl.float32)
+    k_z = tl.load(kz_row + chan).to(tl.float32)
+    if F32:
+        qk = qj * k_s[None, :]
+        const = tl.sum(qj * k_z[None, :], axis=1)
+    else:  # subtract the 1024 offset of the codes with the rounded operand, exactly as the dot sees it
+        qk = (qj * k_s[None, :]).to(tl.float16)
+        const = tl.sum(qj * k_z[None, :], axis=1) - 1024.0 * tl.sum(qk.to(tl.float32), axis=1)
+    return _mm(qk, tl.trans(_plane(kbyte, J, BITS, F32)), KB >= 16), const
+
+
+@triton.jit
+def _load_q_plane(q_ptr, qh, row_ok, qk_scale, J: tl.constexpr, PER: tl.constexpr, KB: tl.constexpr,
+                  D: tl.constexpr):
+    """fp32 [NP, KB]: the query rows qh at channels i*PER + J, times qk_scale."""
+    chan = tl.arange(0, KB) * PER + J
+    q = tl.load(q_ptr + qh[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
+    return q.to(tl.float32) * qk_scale
+
+
+@triton.jit
+def _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, acc, J: tl.constexpr, PER: tl.constexpr,
+                   KB: tl.constexpr, D: tl.constexpr):
+    """Write sub-plane J of acc [NP, KB] (channels i*PER + J) of workspace rows ws; m/den once (J = 0)."""
+    if J == 0:
+        tl.store(m_ws + ws, m, mask=row_ok)
+        tl.store(den_ws + ws, den, mask=row_ok)
+    chan = tl.arange(0, KB) * PER + J
+    tl.store(acc_ws + ws[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _segment_partial(q_ptr, qh, row_ok, qk_scale, kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr, C, b, bh,
+                     split, n_splits, min_pos, m_ws, den_ws, acc_ws, ws,
+                     BITS: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+                     F32: tl.constexpr):
+    """Partial state of this split's share of one quantised segment, written to workspace rows ws.
+
+    Channels are handled as 8//BITS sub-planes (channel i*PER + J = bits J*BITS.. of byte i), so each
+    packed byte tile is loaded once and used as it lies: no reshape, and the [n_rep, KB] x [KB, 64] dots
+    take their operands straight from the bytes. Up to 4 sub-planes (2-bit codes).
+    """
+    PER: tl.constexpr = 8 // BITS
     KB: tl.constexpr = D * BITS // 8
+    OFFSET: tl.constexpr = 0.0 if F32 else 1024.0
+    OP: tl.constexpr = tl.float32 if F32 else tl.float16
+    DOT: tl.constexpr = KB >= 16
+    q0 = _load_q_plane(q_ptr, qh, row_ok, qk_scale, 0, PER, KB, D)
+    if PER > 1:
+        q1 = _load_q_plane(q_ptr, qh, row_ok, qk_scale, 1, PER, KB, D)
+    if PER > 2:
+        q2 = _load_q_plane(q_ptr, qh, row_ok, qk_scale, 2, PER, KB, D)
+        q3 = _load_q_plane(q_ptr, qh, row_ok, qk_scale, 3, PER, KB, D)
+    m = tl.full([NP], float("-inf"), tl.float32)
+    den = tl.zeros([NP], tl.float32)
+    a0 = tl.zeros([NP, KB], tl.float32)
+    a1 = tl.zeros([NP, KB], tl.float32)
+    a2 = tl.zeros([NP, KB], tl.float32)
+    a3 = tl.zeros([NP, KB], tl.float32)
     fill = tl.load(fill_ptr + b)
     first, last = _block_range(fill, split, n_splits, BLOCK)
-    chan = tl.arange(0, D)
+    byte_col = tl.arange(0, KB)
     for blk in range(first, last):
         slot = blk * BLOCK + tl.arange(0, BLOCK)
         slot_ok = slot < fill
         valid = tl.load(pos_ptr + b * C + slot, mask=slot_ok, other=-1) > min_pos
-        # keys: one 64-slot block = one quantisation group -> one [D] scale/zero vector
-        g = bh * (C // BLOCK) + blk
-        k_s = tl.load(ks + g * D + chan).to(tl.float32)
-        k_z = tl.load(kz + g * D + chan).to(tl.float32)
-        codes = _load_codes(kc + bh * C * KB, slot, slot_ok, BITS, D)
-        s = tl.dot((q2 * k_s[None, :]).to(DT), tl.trans(codes.to(DT)), input_precision="ieee")
-        s += tl.sum(q2 * k_z[None, :], axis=1)[:, None]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        p, alpha, m, den = _online_update(s, m, den)
-        # values: per-token scale/zero, masked so that garbage params of empty slots never reach p
+        tile = (bh * C + slot[:, None]) * KB + byte_col[None, :]
+        kbyte = tl.load(kc + tile, mask=slot_ok[:, None], other=0)
+        vbyte = tl.load(vc + tile, mask=slot_ok[:, None], other=0)
+        # per-token value params, masked so that garbage params of empty slots never reach p
         v_s = tl.load(vs + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
         v_z = tl.load(vz + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
-        codes = _load_codes(vc + bh * C * KB, slot, slot_ok, BITS, D)
-        pv = tl.dot((p * v_s[None, :]).to(DT), codes.to(DT), input_precision="ieee")
-        acc = acc * alpha[:, None] + pv + tl.sum(p * v_z[None, :], axis=1)[:, None]
-    return m, den, acc
+        # keys: a block is one quantisation group -> one [D] scale/zero row
+        ks_row = ks + (bh * (C // BLOCK) + blk) * D
+        kz_row = kz + (bh * (C // BLOCK) + blk) * D
+        s, const = _key_scores(q0, kbyte, ks_row, kz_row, 0, BITS, KB, F32)
+        if PER > 1:
+            s1, c1 = _key_scores(q1, kbyte, ks_row, kz_row, 1, BITS, KB, F32)
+            s += s1
+            const += c1
+        if PER > 2:
+            s2, c2 = _key_scores(q2, kbyte, ks_row, kz_row, 2, BITS, KB, F32)
+            s3, c3 = _key_scores(q3, kbyte, ks_row, kz_row, 3, BITS, KB, F32)
+            s += s2 + s3
+            const += c2 + c3
+        s = tl.where(valid[None, :], s + const[:, None], float("-inf"))
+        p, alpha, m, den = _online_update(s, m, den)
+        pv = (p * v_s[None, :]).to(OP)
+        v_const = (tl.sum(p * v_z[None, :], axis=1) - OFFSET * tl.sum(pv.to(tl.float32), axis=1))[:, None]
+        a0 = a0 * alpha[:, None] + _mm(pv, _plane(vbyte, 0, BITS, F32), DOT) + v_const
+        if PER > 1:
+            a1 = a1 * alpha[:, None] + _mm(pv, _plane(vbyte, 1, BITS, F32), DOT) + v_const
+        if PER > 2:
+            a2 = a2 * alpha[:, None] + _mm(pv, _plane(vbyte, 2, BITS, F32), DOT) + v_const
+            a3 = a3 * alpha[:, None] + _mm(pv, _plane(vbyte, 3, BITS, F32), DOT) + v_const
+    _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a0, 0, PER, KB, D)
+    if PER > 1:
+        _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a1, 1, PER, KB, D)
+    if PER > 2:
+        _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a2, 2, PER, KB, D)
+        _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a3, 3, PER, KB, D)
 
 
 @triton.jit
-def _attend_tail(q, m, den, acc, kt, vt, tpos_ptr, tlen_ptr, b, bh, split, n_splits, R, min_pos, qk_scale,
-                 D: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr):
-    """Walk this split's blocks of the model-dtype tail (kt/vt [B, H, R, D], tpos int32 [B, R])."""
+def _tail_partial(q_ptr, qh, row_ok, qk_scale, kt, vt, tpos_ptr, tlen_ptr, R, b, bh, split, n_splits, min_pos,
+                  m_ws, den_ws, acc_ws, ws, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+                  DT: tl.constexpr):
+    """Partial state of this split's share of the model-dtype tail (kt/vt [B, H, R, D], tpos [B, R])."""
+    chan = tl.arange(0, D)
+    q = tl.load(q_ptr + qh[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0).to(DT)
+    m = tl.full([NP], float("-inf"), tl.float32)
+    den = tl.zeros([NP], tl.float32)
+    acc = tl.zeros([NP, D], tl.float32)
     n = tl.minimum(tl.load(tlen_ptr + b), R)
     first, last = _block_range(n, split, n_splits, BLOCK)
-    chan = tl.arange(0, D)
     for blk in range(first, last):
         slot = blk * BLOCK + tl.arange(0, BLOCK)
         slot_ok = slot < n
         valid = tl.load(tpos_ptr + b * R + slot, mask=slot_ok, other=-1) > min_pos
-        offs = bh * R * D + slot[:, None] * D + chan[None, :]
+        offs = (bh * R + slot[:, None]) * D + chan[None, :]
         k = tl.load(kt + offs, mask=slot_ok[:, None], other=0.0).to(DT)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        p, alpha, m, den = _online_update(s, m, den)
         v = tl.load(vt + offs, mask=valid[:, None], other=0.0).to(DT)  # holes may hold garbage
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        p, alpha, m, den = _online_update(tl.where(valid[None, :], s, float("-inf")), m, den)
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision="ieee")
-    return m, den, acc
+    _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, acc, 0, 1, D, D)
 
 
 @triton.jit
 def _decode_partial_kernel(
         q_ptr, qpos_ptr,
-        hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill, C_HI,
-        lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill, C_LO,
+        hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill, C_HI, S_HI,
+        lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill, C_LO, S_LO,
         kt, vt, tpos, tlen, R,
         acc_ws, m_ws, den_ws,
         H, n_rep, window, qk_scale,
         HI_BITS: tl.constexpr, LO_BITS: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
         BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, DT: tl.constexpr):
-    """Program (b, h, split): partial softmax state of query heads h*n_rep.. over its share of all sources.
+    """Program (b, h, j): partial softmax state of query heads h*n_rep .. h*n_rep + n_rep - 1 over one share
+    of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split.
 
     Writes acc_ws fp32 [B, Hq, S, D] (unnormalised), m_ws / den_ws fp32 [B, Hq, S] (base-2 max, sum).
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
-    split = tl.program_id(2)
+    j = tl.program_id(2)
     n_splits = tl.num_programs(2)
     bh = (b * H + h).to(tl.int64)
     rows = tl.arange(0, NP)
     row_ok = rows < n_rep
-    chan = tl.arange(0, D)
     qh = b * H * n_rep + h * n_rep + rows  # query-head rows of this KV head
-    q = tl.load(q_ptr + qh[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
-    q2 = q.to(tl.float32) * qk_scale
+    ws = qh.to(tl.int64) * n_splits + j
     min_pos = -1
     if HAS_WINDOW:
         min_pos = tl.maximum(tl.load(qpos_ptr + b).to(tl.int32) - window, -1)
-
-    m = tl.full([NP], float("-inf"), tl.float32)
-    den = tl.zeros([NP], tl.float32)
-    acc = tl.zeros([NP, D], tl.float32)
-    m, den, acc = _attend_segment(q2, m, den, acc, hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill, b, bh, split,
-                                  n_splits, C_HI, min_pos, HI_BITS, D, BLOCK, DT)
-    m, den, acc = _attend_segment(q2, m, den, acc, lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill, b, bh, split,
-                                  n_splits, C_LO, min_pos, LO_BITS, D, BLOCK, DT)
-    m, den, acc = _attend_tail(q.to(DT), m, den, acc, kt, vt, tpos, tlen, b, bh, split, n_splits, R,
-                               min_pos, qk_scale, D, BLOCK, DT)
-
-    ws = qh.to(tl.int64) * n_splits + split
-    tl.store(m_ws + ws, m, mask=row_ok)
-    tl.store(den_ws + ws, den, mask=row_ok)
-    tl.store(acc_ws + ws[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
+    F32: tl.constexpr = DT == tl.float32
+    if j < S_HI:
+        _segment_partial(q_ptr, qh, row_ok, qk_scale, hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill, C_HI, b, bh,
+                         j, S_HI, min_pos, m_ws, den_ws, acc_ws, ws, HI_BITS, D, NP, BLOCK, F32)
+    elif j < S_HI + S_LO:
+        _segment_partial(q_ptr, qh, row_ok, qk_scale, lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill, C_LO, b, bh,
+                         j - S_HI, S_LO, min_pos, m_ws, den_ws, acc_ws, ws, LO_BITS, D, NP, BLOCK, F32)
+    else:
+        _tail_partial(q_ptr, qh, row_ok, qk_scale, kt, vt, tpos, tlen, R, b, bh, j - S_HI - S_LO,
+                      n_splits - S_HI - S_LO, min_pos, m_ws, den_ws, acc_ws, ws, D, NP, BLOCK, DT)
 
 
 @triton.jit
@@ -251,29 +346,38 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
     acc = tl.load(acc_ws + (row * S + sp)[:, None] * D + chan[None, :], mask=sp_ok[:, None], other=0.0)
     m_all = tl.max(m, axis=0)
     w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))
-    denom = tl.sum(w * den, axis=0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    total = tl.sum(w * den, axis=0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + row * D + chan, out.to(out_ptr.dtype.element_ty))
 
 
 _DOT_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def num_splits_for(batch: int, kv_heads: int, capacity: int) -> int:
-    """Splits per (sequence, KV head): enough programs for >= 2 per SM on a 132-SM GPU, but no more
-    than ``capacity / (4 * 64)`` so that a full segment gives each split at least 4 blocks of 64 slots.
-    A function of static shapes only (``capacity`` = the larger segment capacity)."""
-    want = triton.cdiv(_TARGET_PROGRAMS, batch * kv_heads)
-    return max(1, min(want, capacity // (_MIN_BLOCKS_PER_SPLIT * GROUP)))
+def num_splits_for(batch: int, kv_heads: int, c_hi: int, c_lo: int, tail: int, hi_bits: int,
+                   lo_bits: int) -> tuple[int, int, int]:
+    """Splits (hi, lo, tail) per (sequence, KV head), from static shapes only.
+
+    Together >= 2 programs per SM on a 132-SM GPU, shared between hi and lo in proportion to their
+    capacity times bits (their bytes), each split getting at least 4 blocks of a full segment; the tail
+    (a few hundred slots at most) gets one split per 512 slots.
+    """
+    per_seq = triton.cdiv(_TARGET_PROGRAMS, batch * kv_heads)
+    cost_hi, cost_lo = c_hi * (hi_bits + 1), c_lo * (lo_bits + 1)
+    share_hi = round(per_seq * cost_hi / max(cost_hi + cost_lo, 1))
+    cap = lambda c: max(1, c // (_MIN_BLOCKS_PER_SPLIT * GROUP))
+    return (max(1, min(share_hi, cap(c_hi))), max(1, min(per_seq - share_hi, cap(c_lo))),
+            max(1, triton.cdiv(tail, 512)))
 
 
 def decode_attention_triton(q: torch.Tensor, hi: Segment, lo: Segment, k_tail: torch.Tensor,
                             v_tail: torch.Tensor, tail_pos: torch.Tensor, tail_len: torch.Tensor,
                             scale: float, n_rep: int, hi_bits: int, lo_bits: int, window: int = 0,
-                            q_pos: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                            q_pos: torch.Tensor | None = None,
+                            num_splits: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Split-K Triton decode attention; arguments as :func:`decode_attention_reference`.
 
-    num_splits: splits per (sequence, KV head); default :func:`num_splits_for` of the shapes.
+    num_splits: splits (hi, lo, tail) per (sequence, KV head); default :func:`num_splits_for`.
     Segment tensors are made contiguous (a no-op for cache buffers). Returns [B, Hq, 1, d] in q's dtype.
     """
     B, Hq, q_len, d = q.shape
@@ -284,19 +388,20 @@ def decode_attention_triton(q: torch.Tensor, hi: Segment, lo: Segment, k_tail: t
     if window > 0 and q_pos is None:
         raise ValueError("decode_attention: window > 0 needs q_pos")
     c_hi, c_lo, R = hi.pos.shape[1], lo.pos.shape[1], tail_pos.shape[1]
-    S = num_splits or num_splits_for(B, H, max(c_hi, c_lo))
+    s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, hi_bits, lo_bits)
+    S = s_hi + s_lo + s_tail
     acc_ws = torch.empty(B, Hq, S, d, device=q.device, dtype=torch.float32)
     m_ws = torch.empty(B, Hq, S, device=q.device, dtype=torch.float32)
     den_ws = torch.empty_like(m_ws)
-    seg = [t.contiguous() for t in (*hi, *lo)]
+    hi, lo = ([t.contiguous() for t in seg] for seg in (hi, lo))
     _decode_partial_kernel[(B, H, S)](
         q.contiguous(), q_pos if q_pos is not None else tail_len,
-        *seg[:8], c_hi, *seg[8:], c_lo,
+        *hi, c_hi, s_hi, *lo, c_lo, s_lo,
         k_tail.contiguous(), v_tail.contiguous(), tail_pos.contiguous(), tail_len, R,
         acc_ws, m_ws, den_ws,
         H, n_rep, window, scale * math.log2(math.e),
         HI_BITS=hi_bits, LO_BITS=lo_bits, D=d, NP=max(16, triton.next_power_of_2(n_rep)), BLOCK=GROUP,
-        HAS_WINDOW=window > 0, DT=_DOT_DTYPE[q.dtype], num_warps=8 if d == 256 else 4)
+        HAS_WINDOW=window > 0, DT=_DOT_DTYPE[q.dtype], num_warps=8 if d == 256 else 4, num_stages=1)
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
     _decode_merge_kernel[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=triton.next_power_of_2(S))
     return out

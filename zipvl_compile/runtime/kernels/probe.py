@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+# Tiles: the fastest of BLOCK_N, ROWS in {64, 128} and 4 or 8 warps on an H100 (bf16, 28/4 heads, d = 128,
+# 128 probes, n = 32k: 308 us for both passes, against 360 us at 64/64).
 _BLOCK_N = 128  # keys per tile
 _ROWS = 128  # (query head, probe row) pairs per tile; tl.dot needs >= 16
 _TARGET_PROGRAMS = 264  # pass 1: split the keys until about this many programs run (2 per H100 SM)
@@ -105,7 +107,8 @@ def _masked_scores(q, k, j, valid, pos, qk_scale, DOT_IEEE: tl.constexpr):
     else:
         s = tl.dot(q, tl.trans(k))
     visible = (j[None, :] <= pos[:, None]) & valid[None, :]
-    return tl.where(visible, s * qk_scale, float("-inf"))
+    # a launcher may pass the float scale as fp64 (Inductor does): keep the tile in fp32
+    return tl.where(visible, s * tl.cast(qk_scale, tl.float32), float("-inf"))
 
 
 @triton.jit
@@ -197,7 +200,7 @@ def probe_colsum_triton(q_probe: torch.Tensor, k: torch.Tensor, probe_pos: torch
     batch, n_q_heads, n_probe, head_dim = q_probe.shape
     n_kv, n_keys = k.shape[1], k.shape[2]
     q, kk, dot_ieee = _compute_operands(q_probe, k)
-    valid = key_valid.view(torch.int8)
+    valid = key_valid.to(torch.int8)
     pos = probe_pos.to(torch.int32)
     nrep_p2 = triton.next_power_of_2(n_rep)
     meta = dict(BLOCK_M=max(1, _ROWS // nrep_p2), NREP=nrep_p2, BLOCK_N=_BLOCK_N,

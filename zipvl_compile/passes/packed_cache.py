@@ -1,0 +1,75 @@
+"""Wire attention sites to a ZipVLCache's ops (design.md §5).
+
+Prefill: HF writes the cache before attention, but the bit assignment needs the kept set computed by the
+attention. The ``zipvl.kv_write_`` of the prompt's K/V is moved after the site's op and given its ``keep``
+(sparse sites) and the key-padding ``valid`` mask, so padding never enters the cache.
+Decode: the attention over ``zipvl.kv_dense_view`` becomes ``zipvl.decode_attention`` on the packed buffers
+(the dense view then dies), and the layer's ``zipvl.kv_recompress_`` is given the query that scores the block.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from zipvl_compile.config import ZipVLConfig
+from zipvl_compile.passes.fx_util import example
+from zipvl_compile.passes.kv_write import is_op
+from zipvl_compile.passes.site import AttentionSite
+from zipvl_compile.runtime import ops
+
+
+def wire_prefill_write(gm: fx.GraphModule, site: AttentionSite, op_node: fx.Node) -> None:
+    """Move the site's ``kv_write_`` after ``op_node`` (the attention op) with keep / valid wired in."""
+    write = site.kv_node
+    keep = None
+    if is_op(op_node, ops.sparse_attention):
+        keep = next((u for u in op_node.users if u.target is operator.getitem and u.args[1] == 1), None)
+        if keep is None:
+            with gm.graph.inserting_after(op_node):
+                keep = gm.graph.call_function(operator.getitem, (op_node, 1))
+    anchor = keep or op_node
+    valid = None
+    if site.mask is not None:
+        with gm.graph.inserting_before(anchor.next):
+            valid = _key_valid(gm, site.mask)
+    args = list(write.args)
+    args[4], args[5] = keep, valid
+    write.args = tuple(args)
+    (valid or anchor).append(write)
+
+
+def _key_valid(gm: fx.GraphModule, mask: fx.Node) -> fx.Node:
+    """bool [B, n] node: keys some query may see under ``mask`` (bool, or additive float: > dtype min / 2)."""
+    value = example(mask)
+    graph = gm.graph
+    if value.dtype != torch.bool:
+        mask = graph.call_function(torch.gt, (mask, torch.finfo(value.dtype).min / 2))
+    seen = graph.call_function(torch.any, (mask,), {"dim": -2})
+    return graph.call_function(operator.getitem, (seen, (slice(None), 0)))
+
+
+def rewrite_packed_decode(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> fx.Node:
+    """Replace the decode attention by ``decode_attention`` on the packed buffers; returns the new node."""
+    hi, lo, tail, _, hi_bits, lo_bits = site.kv_node.args
+    with gm.graph.inserting_before(site.out):
+        new = gm.graph.call_function(ops.decode_attention, (site.q, hi, lo, tail, site.scale, site.n_rep,
+                                                             hi_bits, lo_bits))
+    recompress = _recompress_of(site.kv_node, tail)
+    if recompress is not None:
+        args = list(recompress.args)
+        args[3:7] = [site.q, site.scale, site.n_rep, float(config.tau)]
+        recompress.args = tuple(args)
+    return new
+
+
+def _recompress_of(view: fx.Node, tail: list) -> fx.Node | None:
+    """The layer's ``kv_recompress_`` node: it mutates the same tail list and precedes the dense view."""
+    node = view.prev
+    while node.op != "root":
+        if is_op(node, ops.kv_recompress_) and list(node.args[2]) == list(tail):
+            return node
+        node = node.prev
+    return None

@@ -1,0 +1,200 @@
+"""ZipVLCache: a transformers ``Cache`` holding each full-attention layer's K/V packed at mixed precision.
+
+Per layer (:class:`ZipVLLayer`), static-shape buffers allocated at the prefill (the prompt length fixes the
+capacity): two quantised segments, ``hi`` (the prefill's kept set T at ``hi_bits``) and ``lo`` (the other
+tokens at ``lo_bits``), and a model-dtype ``tail`` of decode tokens not yet quantised (layout:
+:mod:`zipvl_compile.runtime.quant` and :mod:`zipvl_compile.runtime.packed`). Segment capacity is sized for the
+worst case of each (every prompt token kept, or none), plus the decode blocks, so no write can overflow.
+
+Writes go through zipvl ops, so eager and compiled models both work:
+- prefill (the layer is empty): ``zipvl.kv_write_`` quantises the prompt's K/V; ``update`` returns them
+  unchanged for the prefill attention. Uncompiled, there is no kept set, so every prompt token is stored at
+  ``hi_bits``; the zipvl backend rewires the write after ``zipvl.sparse_attention`` and feeds it ``keep``.
+- decode: ``zipvl.kv_recompress_`` quantises the tail block once it holds ``recompress_interval`` tokens
+  (scored by the current query when the backend wires it in; all kept otherwise), ``zipvl.kv_append_`` adds the
+  new token, and ``update`` returns ``zipvl.kv_dense_view`` (position order, ``max_cache_len`` long, like a
+  static cache) for HF's attention. The backend replaces that attention by ``zipvl.decode_attention`` reading
+  the packed buffers directly; the dense view then disappears from the graph.
+Sliding-window layers keep transformers' static sliding-window layer (bf16 ring buffer: window semantics
+unchanged). ``hi_bits == lo_bits == 16`` stores unquantised static buffers (exact).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer, StaticSlidingWindowLayer
+
+from zipvl_compile.runtime import ops
+from zipvl_compile.runtime.quant import GROUP
+
+SEGMENT_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fill")
+TAIL_FIELDS = ("k_tail", "v_tail", "tail_pos", "tail_len")
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class ZipVLLayer(CacheLayerMixin):
+    """One full-attention layer of a :class:`ZipVLCache` (see the module docstring)."""
+
+    # Not "compileable" in transformers' sense: generate then neither builds 4-D masks outside the model nor
+    # compiles the forward by itself. The zipvl backend compiles what it is given and sees HF's in-graph
+    # causal mask, which it turns into is_causal (sparse prefill needs it); static buffers keep one decode graph.
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, max_cache_len: int, hi_bits: int, lo_bits: int, recompress_interval: int,
+                 **kwargs: object) -> None:
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.hi_bits, self.lo_bits, self.interval = hi_bits, lo_bits, recompress_interval
+        self.hi: list[torch.Tensor] = []
+        self.lo: list[torch.Tensor] = []
+        self.tail: list[torch.Tensor] = []
+        self.length = torch.zeros((), dtype=torch.int64)
+        self.prompt_len = 0
+
+    def capacity(self, prompt_len: int) -> int:
+        """Slots of one segment: the whole prompt, plus every decode block rounded to whole groups."""
+        blocks = math.ceil(max(self.max_cache_len - prompt_len, 0) / self.interval)
+        return _round_up(prompt_len, GROUP) + blocks * _round_up(self.interval, GROUP)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, n, d = key_states.shape
+        dev, dtype = key_states.device, key_states.dtype
+        cap = self.capacity(n)
+        self.hi = _segment(batch, heads, cap, d, self.hi_bits, dev)
+        self.lo = _segment(batch, heads, cap, d, self.lo_bits, dev)
+        self.tail = [torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
+                     torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
+                     torch.full((batch, self.interval), -1, dtype=torch.int32, device=dev),
+                     torch.zeros(batch, dtype=torch.int32, device=dev)]
+        self.length = self.length.to(dev)
+        self.prompt_len = n
+        self.dtype, self.device = dtype, dev
+        self.is_initialized = True
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [*self.hi, *self.lo, *self.tail, self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, t, _ = key_states.shape
+        pos = (torch.arange(t, device=key_states.device) + self.length.to(key_states.device))
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            ops.kv_write_(self.hi, self.lo, key_states, value_states, None, None, pos.expand(batch, t),
+                          self.hi_bits, self.lo_bits)
+            self.length.add_(t)
+            return key_states, value_states
+        if t != 1:
+            raise NotImplementedError("ZipVLCache: after the prefill, tokens are appended one at a time")
+        ops.kv_recompress_(self.hi, self.lo, self.tail, None, 1.0, 1, 1.0, self.hi_bits, self.lo_bits)
+        ops.kv_append_(self.tail, key_states, value_states, pos.expand(batch))
+        self.length.add_(1)
+        return ops.kv_dense_view(self.hi, self.lo, self.tail, self.max_cache_len, self.hi_bits, self.lo_bits)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.is_initialized:
+            return query_length, 0
+        return self.max_cache_len, 0
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        return self.length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        """Forget the cached tokens; the next update is a prefill (buffers are reallocated for its length)."""
+        self.hi, self.lo, self.tail = [], [], []
+        self.length = torch.zeros((), dtype=torch.int64, device=self.length.device)
+        self.is_initialized = False
+
+    def token_counts(self) -> tuple[int, int, int]:
+        """(hi, lo, tail) tokens held (host read; for the report)."""
+        if not self.is_initialized:
+            return 0, 0, 0
+        hi = int((self.hi[6] >= 0).sum()) // max(1, self.hi[6].shape[0])
+        lo = int((self.lo[6] >= 0).sum()) // max(1, self.lo[6].shape[0])
+        return hi, lo, int(self.tail[3].max())
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer allocated."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+
+def _segment(batch: int, heads: int, cap: int, d: int, bits: int, device: torch.device) -> list[torch.Tensor]:
+    codes = d * bits // 8
+    return [torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
+            torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
+            torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
+            torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
+            torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
+            torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
+            torch.full((batch, cap), -1, dtype=torch.int32, device=device),
+            torch.zeros(batch, dtype=torch.int32, device=device)]
+
+
+class ZipVLCache(Cache):
+    """Mixed-precision packed KV cache for a decoder (``generate(..., past_key_values=ZipVLCache(model, ...))``).
+
+    model_or_config: the model (or its config); max_cache_len: prompt + generated tokens it must hold.
+    Full-attention layers become :class:`ZipVLLayer`; sliding-window layers stay transformers' static sliding
+    layers; with ``hi_bits == lo_bits == 16`` every layer is an unquantised static layer.
+    """
+
+    def __init__(self, model_or_config: object, max_cache_len: int, hi_bits: int = 4, lo_bits: int = 2,
+                 recompress_interval: int = 100) -> None:
+        from zipvl_compile.config import ZipVLConfig
+
+        ZipVLConfig(hi_bits=hi_bits, lo_bits=lo_bits, recompress_interval=recompress_interval)  # validates
+        config = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
+        self.hi_bits, self.lo_bits, self.recompress_interval = hi_bits, lo_bits, recompress_interval
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        window = getattr(config, "sliding_window", None)
+        layers = []
+        for kind in layer_types:
+            if kind == "sliding_attention" and window:
+                layers.append(StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=window))
+            elif hi_bits == 16 and lo_bits == 16:
+                layers.append(StaticLayer(max_cache_len=max_cache_len))
+            else:
+                if hi_bits == 16:
+                    raise ValueError(f"zipvl: hi_bits=16 with lo_bits={lo_bits}: the packed cache stores 16 bits "
+                                     "only as 16/16; use kv_mode='simulate' to study this mix")
+                layers.append(ZipVLLayer(max_cache_len, hi_bits, lo_bits, recompress_interval))
+        super().__init__(layers=layers)
+
+    def packed_layers(self) -> list[tuple[int, ZipVLLayer]]:
+        return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, ZipVLLayer)]
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (packed segments, params, positions, tails, static layers)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, ZipVLLayer):
+                total += layer.nbytes()
+            elif layer.is_initialized:
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        return total
+
+    def nbytes_dense(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes a ``dtype`` cache of the same tokens would hold (K and V of every cached token, every layer)."""
+        total = 0
+        size = torch.empty((), dtype=dtype).element_size()
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            if isinstance(layer, ZipVLLayer):
+                batch, heads, _, codes = layer.hi[0].shape
+                d = layer.tail[0].shape[-1]
+                tokens = int(layer.length)
+            else:
+                batch, heads, _, d = layer.keys.shape
+                tokens = min(int(layer.get_seq_length()), layer.keys.shape[2])
+            total += 2 * batch * heads * tokens * d * size
+        return total
