@@ -78,7 +78,7 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool
     gen = torch.Generator(device).manual_seed(0)
     args = make_cache(B, H, n_rep, n, d, device, gen)
     elt = args["q"].element_size()
-    splits = dec.num_splits_for(B, H, n // 2)
+    splits = sum(dec.num_splits_for(B, H, n // 2, n // 2, R, HI_BITS, LO_BITS))
     fn = lambda: dec.decode_attention_triton(**args)
     out = fn()
     err = float("nan")

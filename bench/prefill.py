@@ -56,9 +56,13 @@ def _model(config: dict, attn: str, device: str, dtype: torch.dtype) -> torch.nn
 
 
 def _time(model, ids, reps: int) -> tuple[float, float | None]:
+    # an explicit all-ones attention_mask, as generate passes: without one, HF adds a packed-sequence term to
+    # the in-graph mask (data dependent), which the backend must keep as a full n x n mask (slow path)
+    mask = torch.ones_like(ids)
+
     def run():
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
 
     run()  # warm-up (and compilation for zipvl)
     if ids.is_cuda:

@@ -113,12 +113,14 @@ def random_kept(n: int, ratio: float, device: str, seed: int) -> tuple[torch.Ten
     return idx.to(device), count.to(device)
 
 
-def probe_select_fn(t: Inputs) -> Callable[[], Any] | None:
-    """probe + select of one layer at the project's default options, or None when the modules are absent."""
+def probe_select_fn(t: Inputs) -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]] | None:
+    """(probe + select of one layer at the project's default options, its stages one by one), or None when
+    the modules are absent. Runs as zipvl.sparse_attention does (selection fused by Inductor on CUDA)."""
     try:
         from zipvl_compile.config import ZipVLConfig
         from zipvl_compile.runtime.kernels.probe import probe_colsum
         from zipvl_compile.runtime.selection import choose_probes, select_tokens
+        from zipvl_compile.runtime.sparse import _fused
     except ImportError as exc:
         print(f"probe/select not timed: {exc!r}")
         return None
@@ -126,15 +128,22 @@ def probe_select_fn(t: Inputs) -> Callable[[], Any] | None:
     q, k, _ = t.bhsd()
     batch, n_q, n, d = q.shape
     valid = torch.ones(batch, n, dtype=torch.bool, device=q.device)
+    probes = choose_probes(valid, cfg.n_probe_recent, cfg.n_probe_random, cfg.seed)
+    q_probe = q.gather(2, probes.clamp(min=0)[:, None, :, None].expand(batch, n_q, -1, d))
+    colsum, seen = probe_colsum(q_probe, k, probes, valid, t.scale, t.n_rep)
+    keep, _ = select_tokens(colsum, seen, valid, cfg.tau, cfg.min_keep)
+    stages = {
+        "choose_probes": lambda: choose_probes(valid, cfg.n_probe_recent, cfg.n_probe_random, cfg.seed),
+        "probe_colsum": lambda: probe_colsum(q_probe, k, probes, valid, t.scale, t.n_rep),
+        "select_tokens": lambda: _fused(select_tokens, q)(colsum, seen, valid, cfg.tau, cfg.min_keep),
+        "keep_to_index": lambda: _fused(keep_to_index, q)(keep),
+    }
 
     def run() -> Any:
-        probes = choose_probes(valid, cfg.n_probe_recent, cfg.n_probe_random, cfg.seed)
-        rows = probes.clamp(min=0)[:, None, :, None].expand(batch, n_q, -1, d)
-        colsum, seen = probe_colsum(q.gather(2, rows), k, probes, valid, t.scale, t.n_rep)
-        keep, _ = select_tokens(colsum, seen, valid, cfg.tau, cfg.min_keep)
-        return keep_to_index(keep)
+        for stage in stages.values():
+            stage()
 
-    return run
+    return run, stages
 
 
 def _guard(fn: Callable[[], Any], errors: dict[str, str], key: str) -> Any:
@@ -204,7 +213,9 @@ def bench_length(name: str, heads: tuple[int, int, int], n: int, ratios: tuple[f
     dense_backend = _best(dense)
     dense_ms = dense.get(dense_backend)
     probe = probe_select_fn(t)
-    probe_ms = _guard(lambda: median_ms(probe), errors, "probe_select") if probe else None
+    probe_ms = _guard(lambda: median_ms(probe[0]), errors, "probe_select") if probe else None
+    stage_ms = {name: _guard(lambda fn=fn: median_ms(fn), errors, name) for name, fn in probe[1].items()} \
+        if probe else {}
     kernels = [b for b in available_backends() if b in _VARLEN_KERNELS] or ["sdpa_padded"]
     rows = []
     for ratio in ratios:
@@ -217,10 +228,11 @@ def bench_length(name: str, heads: tuple[int, int, int], n: int, ratios: tuple[f
             dense_ms=dense_ms, dense_all_ms=dense, ideal_ms=ideal, **sparse,
             ratio=_div(sparse.get("sparse_ms"), ideal),
             ratio_graph=_div(sparse.get("sparse_graph_ms"), ideal),
-            kernel_ratio=_div(sparse.get("kernel_ms"), ideal), probe_select_ms=probe_ms,
+            kernel_ratio=_div(sparse.get("kernel_ms"), ideal), probe_select_ms=probe_ms, probe_stage_ms=stage_ms,
             probe_pct_of_dense=_div(probe_ms, dense_ms, 100.0), errors=dict(errors)))
         print(f"  {name} n={n} r={r:.2f}: dense {dense_ms} ms ({dense_backend}), sparse "
-              f"{sparse.get('sparse_ms')} ms ({sparse['sparse_backend']}), ratio {rows[-1]['ratio']}",
+              f"{sparse.get('sparse_ms')} ms ({sparse['sparse_backend']}), ratio {rows[-1]['ratio']}, "
+              f"probe stages {stage_ms}",
               flush=True)
     return rows
 

@@ -4,11 +4,14 @@
 traced graph into zipvl ops; :func:`report` tells what was rewritten, what was left alone and why.
 """
 
+from zipvl_compile.api import compile, language_model
 from zipvl_compile.backend import register as _register
 from zipvl_compile.backend import zipvl_backend
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.report import CompileReport, report, reset_report
+from zipvl_compile.runtime.cache import ZipVLCache
 
 _register()
 
-__all__ = ["CompileReport", "ZipVLConfig", "report", "reset_report", "zipvl_backend"]
+__all__ = ["CompileReport", "ZipVLCache", "ZipVLConfig", "compile", "language_model", "report", "reset_report",
+           "zipvl_backend"]

@@ -74,6 +74,23 @@ class CompileReport:
         with self._lock:
             self.sites.append(record)
 
+    def record_cache(self, cache: object) -> None:
+        """Take the KV figures of a cache after a run: bytes held, bf16 bytes, per-layer hi/lo token counts.
+
+        A :class:`ZipVLCache` reports its packed buffers (kv_mode "packed"); any other cache is recorded as
+        unquantised with the reason.
+        """
+        if not hasattr(cache, "packed_layers"):
+            self.kv_mode = "off"
+            self.kv_mode_reason = f"{type(cache).__name__} is a stock cache: K/V stay in the model's dtype"
+            return
+        self.kv_mode = "packed"
+        self.kv_mode_reason = f"ZipVLCache, {cache.hi_bits}/{cache.lo_bits} bits"
+        self.kv_bytes, self.kv_bytes_dense = cache.nbytes(), cache.nbytes_dense()
+        for index, layer in cache.packed_layers():
+            stats = self.layer(index)
+            stats.hi_tokens, stats.lo_tokens, _ = layer.token_counts()
+
     def layer(self, index: int) -> LayerStats:
         with self._lock:
             return self.layers.setdefault(index, LayerStats(index))

@@ -16,6 +16,9 @@ Two stages, each the body of an op:
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index, kept_causal_attention
@@ -71,7 +74,7 @@ def sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
     if keeps_all(tau, force_ratio):
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
     is_causal, valid = _validity(q, attn_mask, is_causal)
-    keep, ratio = select_tokens(colsum, seen, valid, tau, min_keep, force_ratio)
+    keep, ratio = _fused(select_tokens, q)(colsum, seen, valid, tau, min_keep, force_ratio)
     return _attend(q, k, v, attn_mask, is_causal, scale, n_rep, keep), keep, ratio
 
 
@@ -85,6 +88,38 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
     return sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, tau, min_keep,
                                    force_ratio)
+
+
+_FUSED: dict = {}
+
+
+def _fused(fn: Callable, like: torch.Tensor) -> Callable:
+    """``fn`` compiled by Inductor (dynamic shapes) when running eagerly on CUDA, else ``fn`` itself.
+
+    Selection is a dozen small element-wise/sort kernels: fused, probe + select drop from ~4.5 ms to well
+    under 1 ms per layer at 32k tokens (H100). Inside a graph being compiled, the caller's compiler fuses.
+    """
+    if not like.is_cuda or torch.compiler.is_compiling():
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = _first_call_checked(fn, torch.compile(fn, dynamic=True, fullgraph=True))
+    return _FUSED[fn]
+
+
+def _first_call_checked(fn: Callable, compiled: Callable) -> Callable:
+    """``compiled``, unless its first call fails to compile: then ``fn`` from then on (logged, same results)."""
+    def call(*args: object) -> object:
+        try:
+            out = compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: keep the eager function
+            logging.getLogger("zipvl_compile").warning("fusing %s failed (%s): running it eagerly",
+                                                       fn.__name__, type(err).__name__)
+            _FUSED[fn] = fn
+            return fn(*args)
+        _FUSED[fn] = compiled
+        return out
+
+    return call
 
 
 def _validity(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> tuple[bool, torch.Tensor]:
@@ -105,7 +140,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
             scale: float, n_rep: int, keep: torch.Tensor) -> torch.Tensor:
     """Attention among the kept tokens ``keep`` bool [B, n] -> [B, Hq, n, d], zero at non-kept rows."""
     if is_causal and is_key_padding(attn_mask):
-        idx, count = keep_to_index(keep)
+        idx, count = _fused(keep_to_index, q)(keep)
         return kept_causal_attention(q, k, v, idx, count, scale, n_rep)
     batch, n = keep.shape
     pair = keep[:, None, :, None] & keep[:, None, None, :]

@@ -140,42 +140,67 @@ def _mm(a, b, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _plane(byte, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr):
+def _plane(byte, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr):
     """Sub-plane J of a packed byte tile: the codes at bit shift J*BITS, i.e. channels i*(8//BITS) + J.
 
-    F32: fp32 codes. Otherwise fp16 ``1024 + code``: the code ORed into the mantissa of 1024 (exact, one
-    integer op instead of two conversions); callers subtract the 1024 through their zero-point term.
+    F32: fp32 codes. Otherwise fp16 ``1024 + code``: the code ORed into the mantissa of 1024 (exact; no
+    conversion instruction); callers subtract the 1024 through their zero-point term. ASM (GPU): the same
+    in PTX on four bytes at a time (two byte-spreading permutes, then shift + and-or per fp16 pair).
     """
-    x = byte.to(tl.int16)
-    if J > 0:
-        x = x >> (J * BITS)
-    if (J + 1) * BITS < 8:
-        x = x & ((1 << BITS) - 1)
-    if F32:
-        r = x.to(tl.float32)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if ASM:
+        r = tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1; prmt.b32 t0, $2, 0, 0x4140; prmt.b32 t1, $2, 0, 0x4342; "
+            f"shr.b32 t0, t0, {J * BITS}; shr.b32 t1, t1, {J * BITS}; "
+            f"lop3.b32 $0, t0, {MASK * 0x10001}, 0x64006400, 0xea; "
+            f"lop3.b32 $1, t1, {MASK * 0x10001}, 0x64006400, 0xea; }}",
+            "=r,=r,r", [byte], dtype=tl.float16, is_pure=False, pack=4)
     else:
-        r = (x | 0x6400).to(tl.float16, bitcast=True)
+        x = byte.to(tl.int16)
+        if J > 0:
+            x = x >> (J * BITS)
+        if (J + 1) * BITS < 8:
+            x = x & MASK
+        if F32:
+            r = x.to(tl.float32)
+        else:
+            r = (x | 0x6400).to(tl.float16, bitcast=True)
     return r
 
 
 @triton.jit
-def _key_scores(qj, kbyte, ks_row, kz_row, J: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr,
-                F32: tl.constexpr):
+def _key_scores(qj, kbyte, k_s, k_z, J: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr,
+                F32: tl.constexpr, ASM: tl.constexpr):
     """Scores of sub-plane J: (qj*k_scale)·codes [NP, BLOCK] and its per-row constant [NP] (zero point).
 
     qj [NP, KB] fp32: queries at channels i*(8//BITS) + J (times scale*log2 e); kbyte [BLOCK, KB] uint8;
     ks_row / kz_row: this group's [D] key scale / zero.
     """
-    chan = tl.arange(0, KB) * (8 // BITS) + J
-    k_s = tl.load(ks_row + chan).to(tl.float32)
-    k_z = tl.load(kz_row + chan).to(tl.float32)
+    k_s = k_s.to(tl.float32)
+    k_z = k_z.to(tl.float32)
     if F32:
         qk = qj * k_s[None, :]
         const = tl.sum(qj * k_z[None, :], axis=1)
     else:  # subtract the 1024 offset of the codes with the rounded operand, exactly as the dot sees it
         qk = (qj * k_s[None, :]).to(tl.float16)
         const = tl.sum(qj * k_z[None, :], axis=1) - 1024.0 * tl.sum(qk.to(tl.float32), axis=1)
-    return _mm(qk, tl.trans(_plane(kbyte, J, BITS, F32)), KB >= 16), const
+    return _mm(qk, tl.trans(_plane(kbyte, J, BITS, F32, ASM)), KB >= 16), const
+
+
+@triton.jit
+def _deinterleave(x, PER: tl.constexpr, KB: tl.constexpr):
+    """[KB*PER] -> its PER sub-planes x[i*PER + J] (four tensors; unused ones repeat)."""
+    if PER == 1:
+        r = (x, x, x, x)
+    elif PER == 2:
+        a, b = tl.split(tl.reshape(x, [KB, 2]))
+        r = (a, b, a, b)
+    else:
+        e, o = tl.split(tl.reshape(x, [KB, 2, 2]))  # e: J = 0, 2; o: J = 1, 3
+        a, c = tl.split(e)
+        b, d = tl.split(o)
+        r = (a, b, c, d)
+    return r
 
 
 @triton.jit
@@ -202,7 +227,7 @@ def _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, acc, J: tl.constexp
 def _segment_partial(q_ptr, qh, row_ok, qk_scale, kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr, C, b, bh,
                      split, n_splits, min_pos, m_ws, den_ws, acc_ws, ws,
                      BITS: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
-                     F32: tl.constexpr):
+                     F32: tl.constexpr, ASM: tl.constexpr):
     """Partial state of this split's share of one quantised segment, written to workspace rows ws.
 
     Channels are handled as 8//BITS sub-planes (channel i*PER + J = bits J*BITS.. of byte i), so each
@@ -240,28 +265,29 @@ def _segment_partial(q_ptr, qh, row_ok, qk_scale, kc, ks, kz, vc, vs, vz, pos_pt
         v_s = tl.load(vs + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
         v_z = tl.load(vz + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
         # keys: a block is one quantisation group -> one [D] scale/zero row
-        ks_row = ks + (bh * (C // BLOCK) + blk) * D
-        kz_row = kz + (bh * (C // BLOCK) + blk) * D
-        s, const = _key_scores(q0, kbyte, ks_row, kz_row, 0, BITS, KB, F32)
+        row = (bh * (C // BLOCK) + blk) * D + tl.arange(0, D)
+        ks0, ks1, ks2, ks3 = _deinterleave(tl.load(ks + row), PER, KB)
+        kz0, kz1, kz2, kz3 = _deinterleave(tl.load(kz + row), PER, KB)
+        s, const = _key_scores(q0, kbyte, ks0, kz0, 0, BITS, KB, F32, ASM)
         if PER > 1:
-            s1, c1 = _key_scores(q1, kbyte, ks_row, kz_row, 1, BITS, KB, F32)
+            s1, c1 = _key_scores(q1, kbyte, ks1, kz1, 1, BITS, KB, F32, ASM)
             s += s1
             const += c1
         if PER > 2:
-            s2, c2 = _key_scores(q2, kbyte, ks_row, kz_row, 2, BITS, KB, F32)
-            s3, c3 = _key_scores(q3, kbyte, ks_row, kz_row, 3, BITS, KB, F32)
+            s2, c2 = _key_scores(q2, kbyte, ks2, kz2, 2, BITS, KB, F32, ASM)
+            s3, c3 = _key_scores(q3, kbyte, ks3, kz3, 3, BITS, KB, F32, ASM)
             s += s2 + s3
             const += c2 + c3
         s = tl.where(valid[None, :], s + const[:, None], float("-inf"))
         p, alpha, m, den = _online_update(s, m, den)
         pv = (p * v_s[None, :]).to(OP)
         v_const = (tl.sum(p * v_z[None, :], axis=1) - OFFSET * tl.sum(pv.to(tl.float32), axis=1))[:, None]
-        a0 = a0 * alpha[:, None] + _mm(pv, _plane(vbyte, 0, BITS, F32), DOT) + v_const
+        a0 = a0 * alpha[:, None] + _mm(pv, _plane(vbyte, 0, BITS, F32, ASM), DOT) + v_const
         if PER > 1:
-            a1 = a1 * alpha[:, None] + _mm(pv, _plane(vbyte, 1, BITS, F32), DOT) + v_const
+            a1 = a1 * alpha[:, None] + _mm(pv, _plane(vbyte, 1, BITS, F32, ASM), DOT) + v_const
         if PER > 2:
-            a2 = a2 * alpha[:, None] + _mm(pv, _plane(vbyte, 2, BITS, F32), DOT) + v_const
-            a3 = a3 * alpha[:, None] + _mm(pv, _plane(vbyte, 3, BITS, F32), DOT) + v_const
+            a2 = a2 * alpha[:, None] + _mm(pv, _plane(vbyte, 2, BITS, F32, ASM), DOT) + v_const
+            a3 = a3 * alpha[:, None] + _mm(pv, _plane(vbyte, 3, BITS, F32, ASM), DOT) + v_const
     _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a0, 0, PER, KB, D)
     if PER > 1:
         _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a1, 1, PER, KB, D)
@@ -304,7 +330,7 @@ def _decode_partial_kernel(
         acc_ws, m_ws, den_ws,
         H, n_rep, window, qk_scale,
         HI_BITS: tl.constexpr, LO_BITS: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
-        BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, DT: tl.constexpr):
+        BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
     """Program (b, h, j): partial softmax state of query heads h*n_rep .. h*n_rep + n_rep - 1 over one share
     of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split.
 
@@ -325,10 +351,10 @@ def _decode_partial_kernel(
     F32: tl.constexpr = DT == tl.float32
     if j < S_HI:
         _segment_partial(q_ptr, qh, row_ok, qk_scale, hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill, C_HI, b, bh,
-                         j, S_HI, min_pos, m_ws, den_ws, acc_ws, ws, HI_BITS, D, NP, BLOCK, F32)
+                         j, S_HI, min_pos, m_ws, den_ws, acc_ws, ws, HI_BITS, D, NP, BLOCK, F32, ASM)
     elif j < S_HI + S_LO:
         _segment_partial(q_ptr, qh, row_ok, qk_scale, lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill, C_LO, b, bh,
-                         j - S_HI, S_LO, min_pos, m_ws, den_ws, acc_ws, ws, LO_BITS, D, NP, BLOCK, F32)
+                         j - S_HI, S_LO, min_pos, m_ws, den_ws, acc_ws, ws, LO_BITS, D, NP, BLOCK, F32, ASM)
     else:
         _tail_partial(q_ptr, qh, row_ok, qk_scale, kt, vt, tpos, tlen, R, b, bh, j - S_HI - S_LO,
                       n_splits - S_HI - S_LO, min_pos, m_ws, den_ws, acc_ws, ws, D, NP, BLOCK, DT)
@@ -401,7 +427,8 @@ def decode_attention_triton(q: torch.Tensor, hi: Segment, lo: Segment, k_tail: t
         acc_ws, m_ws, den_ws,
         H, n_rep, window, scale * math.log2(math.e),
         HI_BITS=hi_bits, LO_BITS=lo_bits, D=d, NP=max(16, triton.next_power_of_2(n_rep)), BLOCK=GROUP,
-        HAS_WINDOW=window > 0, DT=_DOT_DTYPE[q.dtype], num_warps=8 if d == 256 else 4, num_stages=1)
+        HAS_WINDOW=window > 0, DT=_DOT_DTYPE[q.dtype], ASM=q.is_cuda and q.dtype != torch.float32,
+        num_warps=8 if d == 256 else 4, num_stages=1)
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
     _decode_merge_kernel[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=triton.next_power_of_2(S))
     return out

@@ -1,0 +1,60 @@
+"""``zipvl_compile.compile``: one call that compiles a model's language model with the zipvl backend and makes
+``generate`` use a :class:`ZipVLCache` (kv_mode="packed"), without touching transformers' internals."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from zipvl_compile.config import ZipVLConfig
+from zipvl_compile.report import report
+from zipvl_compile.runtime.cache import ZipVLCache
+
+
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack to compile: a VLM's language model, or the causal LM itself."""
+    inner = getattr(model, "model", None)
+    for name in ("language_model", "text_model"):
+        if inner is not None and isinstance(getattr(inner, name, None), torch.nn.Module):
+            return getattr(inner, name)
+    return model
+
+
+def compile(model: torch.nn.Module, **options: Any) -> torch.nn.Module:  # noqa: A001 - the public name
+    """Compile ``model``'s language model with the zipvl backend; ``generate`` then uses a ZipVLCache.
+
+    options: the ``ZipVLConfig`` options (validated here: a bad one raises ``ValueError`` at once), plus
+    ``mode`` (e.g. "reduce-overhead" for CUDA graphs) and ``dynamic`` passed to ``torch.compile``.
+    Returns the same model object.
+    """
+    mode = options.pop("mode", None)
+    dynamic = options.pop("dynamic", None)
+    config = ZipVLConfig.from_options(options)
+    if mode == "reduce-overhead":
+        options["cudagraphs"] = True
+    target = language_model(model)
+    target.forward = torch.compile(target.forward, backend="zipvl", options=options, dynamic=dynamic)
+    if config.kv_mode == "packed" and hasattr(model, "generate"):
+        model.generate = _generate_with_packed_cache(model.generate, model, config)
+    return model
+
+
+def _generate_with_packed_cache(generate: Any, model: torch.nn.Module, config: ZipVLConfig) -> Any:
+    @functools.wraps(generate)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            gen = kwargs.get("generation_config") or model.generation_config
+            new = kwargs.get("max_new_tokens") or gen.max_new_tokens or 20
+            kwargs["past_key_values"] = ZipVLCache(model, max_cache_len=ids.shape[1] + new,
+                                                   hi_bits=config.hi_bits, lo_bits=config.lo_bits,
+                                                   recompress_interval=config.recompress_interval)
+        out = generate(*args, **kwargs)
+        report().record_cache(kwargs["past_key_values"])
+        return out
+
+    return wrapper
