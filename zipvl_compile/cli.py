@@ -198,7 +198,7 @@ class _Subject:
 def _load(args: argparse.Namespace, prompt: str | None, device: str, dtype: torch.dtype) -> _Subject:
     if args.tiny_vlm:
         model, inputs = build_vlm(TINY_VLMS[args.tiny_vlm])
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
         return _Subject(f"tiny random {args.tiny_vlm} VLM", model.to(device, dtype), inputs, None)
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' own GGUF progress bar
         model, tokenizer = load_decoder(args.model, dtype, device)
@@ -452,7 +452,8 @@ def _facts(subject: _Subject, device: str, dtype: torch.dtype, options: dict[str
     for i in sorted(set(rep.layers) | set(ratios)):
         stats = rep.layers.get(i)
         layers.append({"layer": i, "kept_ratio": ratios.get(i), "flop_reduction": flops.get(i),
-                       "hi_tokens": stats and stats.hi_tokens, "lo_tokens": stats and stats.lo_tokens})
+                       "hi_tokens": None if stats is None else stats.hi_tokens,
+                       "lo_tokens": None if stats is None else stats.lo_tokens})
     held, bf16 = rep.kv_bytes, rep.kv_bytes_dense
     return {
         "model": subject.name, "architecture": type(subject.model).__name__,

@@ -63,6 +63,7 @@ class CompileReport:
         self.kv_mode_reason: str | None = None
         self.kv_bytes: int | None = None
         self.kv_bytes_dense: int | None = None
+        self.cache: object | None = None  # the last ZipVLCache recorded
 
     # -- recording (passes and runtime) -------------------------------------------------------------
     def new_graph(self, n_nodes: int, options: dict) -> int:
@@ -84,6 +85,7 @@ class CompileReport:
             self.kv_mode = "off"
             self.kv_mode_reason = f"{type(cache).__name__} is a stock cache: K/V stay in the model's dtype"
             return
+        self.cache = cache
         self.kv_mode = "packed"
         self.kv_mode_reason = f"ZipVLCache, {cache.hi_bits}/{cache.lo_bits} bits"
         self.kv_bytes, self.kv_bytes_dense = cache.nbytes(), cache.nbytes_dense()

@@ -25,7 +25,7 @@ def wire_prefill_write(gm: fx.GraphModule, site: AttentionSite, op_node: fx.Node
     """Move the site's ``kv_write_`` after ``op_node`` (the attention op) with keep / valid wired in."""
     write = site.kv_node
     keep = None
-    if is_op(op_node, ops.sparse_attention):
+    if is_op(op_node, ops.sparse_attention) or is_op(op_node, ops.sparse_attention_scored):
         keep = next((u for u in op_node.users if u.target is operator.getitem and u.args[1] == 1), None)
         if keep is None:
             with gm.graph.inserting_after(op_node):

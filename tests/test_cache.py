@@ -1,0 +1,101 @@
+"""ZipVLCache: exactness at 16/16, recompression at the interval boundary, reuse without recompiles, bytes held."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build_text
+
+import zipvl_compile
+from zipvl_compile import ZipVLCache
+
+
+def _ids(n=24, batch=1, seed=0):
+    return torch.randint(3, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _reset():
+    torch._dynamo.reset()
+    zipvl_compile.reset_report()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_16_16_tau_1_tokens_identical(name):
+    _reset()
+    model = build_text(name)
+    ids = _ids(batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        zipvl_compile.compile(model, tau=1.0, hi_bits=16, lo_bits=16, inner="eager")
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, expected)
+    assert zipvl_compile.report().kv_mode == "packed"
+
+
+def test_compiled_packed_decode_matches_eager_cache():
+    """decode_attention on the packed buffers == HF attention on the cache's dequantised dense view."""
+    _reset()
+    eager, compiled = build_text("qwen2"), build_text("qwen2")
+    ids = _ids(40, batch=2, seed=1)
+    mask = torch.ones_like(ids)  # no padding: uncompiled, padding tokens enter the cache (HF masks them later)
+    zipvl_compile.compile(compiled, tau=1.0, inner="eager", recompress_interval=4)
+    caches = [ZipVLCache(m, max_cache_len=60, recompress_interval=4) for m in (eager, compiled)]
+    with torch.no_grad():
+        outs = [m.generate(input_ids=ids, attention_mask=mask, past_key_values=c, max_new_tokens=12,
+                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+                for m, c in zip((eager, compiled), caches)]
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    ops = {s.op for s in zipvl_compile.report().sites}
+    assert ops == {"zipvl.sparse_attention", "zipvl.decode_attention"}
+
+
+@pytest.mark.parametrize("steps", [99, 100, 101, 200])
+def test_recompression_at_interval_boundary(steps):
+    """The tail holds decode tokens until `interval` have accumulated; the next step quantises that block."""
+    model = build_text("llama")
+    prompt = 30
+    cache = ZipVLCache(model, max_cache_len=prompt + steps + 1, recompress_interval=100)
+    token = _ids(prompt)
+    with torch.no_grad():
+        model(input_ids=token, past_key_values=cache)
+        for _ in range(steps):
+            model(input_ids=token[:, -1:], past_key_values=cache)
+    flushes = (steps - 1) // 100
+    for _, layer in cache.packed_layers():
+        hi, lo, tail = layer.token_counts()
+        assert tail == steps - 100 * flushes
+        assert hi + lo == prompt + 100 * flushes
+        assert int(layer.length) == prompt + steps
+
+
+def test_reset_and_reuse_without_recompile():
+    _reset()
+    model = build_text("llama")
+    zipvl_compile.compile(model, tau=0.9, inner="eager", min_keep=4)
+    cache = ZipVLCache(model, max_cache_len=40)
+    with torch.no_grad():
+        for i in range(3):
+            cache.reset()
+            with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+                model.generate(input_ids=_ids(24, seed=i), past_key_values=cache, max_new_tokens=5,
+                               do_sample=False)
+    assert len({s.graph_id for s in zipvl_compile.report().sites}) == 2  # one prefill, one decode graph
+
+
+def test_kv_bytes_equal_allocated_bytes():
+    _reset()
+    model = build_text("qwen2")
+    zipvl_compile.compile(model, tau=0.8, inner="eager", min_keep=4)
+    with torch.no_grad():
+        model.generate(input_ids=_ids(200), max_new_tokens=6, do_sample=False)
+    rep = zipvl_compile.report()
+    cache_layers = rep.cache.packed_layers()
+    allocated = sum(t.untyped_storage().nbytes() for _, layer in cache_layers for t in layer.buffers())
+    assert rep.kv_bytes == allocated
+    tokens = 200 + 5
+    assert rep.kv_bytes_dense == 2 * len(cache_layers) * 2 * 2 * tokens * 16  # K+V, layers, Hkv, bf16, d
+    hi_lo = [(rep.layers[i].hi_tokens, rep.layers[i].lo_tokens) for i, _ in cache_layers]
+    assert all(hi > 0 and lo > 0 and hi + lo == 200 for hi, lo in hi_lo), hi_lo
