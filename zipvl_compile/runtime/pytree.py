@@ -1,0 +1,71 @@
+"""ZipVLCache and ZipVLLayer as pytree nodes (optree and ``torch.utils._pytree``).
+
+Children are the tensors a layer holds (segments, tail, length); the context is everything static (bits,
+interval, capacities, prompt length, whether the layer is initialised). So ``torch.export``, Dynamo guards and
+tree utilities see the cache's buffers, and a flatten/unflatten round trip rebuilds an equivalent cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch.utils._pytree as pytree
+
+from zipvl_compile.runtime.cache import ZipVLCache, ZipVLLayer
+
+_NAMESPACE = "zipvl_compile"
+_LAYER_STATIC = ("max_cache_len", "hi_bits", "lo_bits", "interval", "prompt_len", "is_initialized")
+
+
+def _flatten_layer(layer: ZipVLLayer) -> tuple[list[Any], tuple]:
+    sizes = (len(layer.hi), len(layer.lo), len(layer.tail))
+    static = tuple(getattr(layer, name) for name in _LAYER_STATIC)
+    return [*layer.hi, *layer.lo, *layer.tail, layer.length], (sizes, static)
+
+
+def _unflatten_layer(context: tuple, children: list[Any]) -> ZipVLLayer:
+    (n_hi, n_lo, n_tail), static = context
+    layer = ZipVLLayer.__new__(ZipVLLayer)
+    for name, value in zip(_LAYER_STATIC, static):
+        setattr(layer, name, value)
+    layer.keys = layer.values = None
+    children = list(children)
+    layer.hi, layer.lo = children[:n_hi], children[n_hi:n_hi + n_lo]
+    layer.tail = children[n_hi + n_lo:n_hi + n_lo + n_tail]
+    layer.length = children[-1]
+    return layer
+
+
+def _flatten_cache(cache: ZipVLCache) -> tuple[list[Any], tuple]:
+    return list(cache.layers), (cache.hi_bits, cache.lo_bits, cache.recompress_interval)
+
+
+def _unflatten_cache(context: tuple, children: list[Any]) -> ZipVLCache:
+    cache = ZipVLCache.__new__(ZipVLCache)
+    cache.hi_bits, cache.lo_bits, cache.recompress_interval = context
+    cache.layers, cache.layer_class_to_replicate, cache.offloading = list(children), None, False
+    return cache
+
+
+def _with_keys(flatten):
+    def flatten_with_keys(node: Any) -> tuple[list[tuple[Any, Any]], tuple]:
+        children, context = flatten(node)
+        return [(pytree.SequenceKey(i), child) for i, child in enumerate(children)], context
+
+    return flatten_with_keys
+
+
+def register() -> None:
+    """Register both classes with torch's pytree and optree (idempotent)."""
+    for cls, flatten, unflatten in ((ZipVLLayer, _flatten_layer, _unflatten_layer),
+                                    (ZipVLCache, _flatten_cache, _unflatten_cache)):
+        if cls not in pytree.SUPPORTED_NODES:
+            pytree.register_pytree_node(cls, flatten, lambda children, ctx, f=unflatten: f(ctx, children),
+                                        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+                                        flatten_with_keys_fn=_with_keys(flatten))
+        try:
+            optree.register_pytree_node(cls, lambda x, f=flatten: (*f(x), None),
+                                        lambda ctx, children, f=unflatten: f(ctx, children), namespace=_NAMESPACE)
+        except ValueError:  # already registered in this namespace
+            pass
