@@ -9,17 +9,9 @@ from typing import Any
 import torch
 
 from zipvl_compile.config import ZipVLConfig
+from zipvl_compile.models import language_model
 from zipvl_compile.report import report
 from zipvl_compile.runtime.cache import ZipVLCache
-
-
-def language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack to compile: a VLM's language model, or the causal LM itself."""
-    inner = getattr(model, "model", None)
-    for name in ("language_model", "text_model"):
-        if inner is not None and isinstance(getattr(inner, name, None), torch.nn.Module):
-            return getattr(inner, name)
-    return model
 
 
 def compile(model: torch.nn.Module, **options: Any) -> torch.nn.Module:  # noqa: A001 - the public name
@@ -35,10 +27,24 @@ def compile(model: torch.nn.Module, **options: Any) -> torch.nn.Module:  # noqa:
     if mode == "reduce-overhead":
         options["cudagraphs"] = True
     target = language_model(model)
-    target.forward = torch.compile(target.forward, backend="zipvl", options=options, dynamic=dynamic)
+    target.forward = _compacting(target.forward, torch.compile(target.forward, backend="zipvl", options=options,
+                                                                dynamic=dynamic))
     if config.kv_mode == "packed" and hasattr(model, "generate"):
         model.generate = _generate_with_packed_cache(model.generate, model, config)
     return model
+
+
+def _compacting(original: Any, compiled: Any) -> Any:
+    """``compiled``, followed by :meth:`ZipVLCache.compact` once a prefill has filled a ZipVLCache."""
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = compiled(*args, **kwargs)
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, ZipVLCache):
+            cache.compact()
+        return out
+
+    return forward
 
 
 def _generate_with_packed_cache(generate: Any, model: torch.nn.Module, config: ZipVLConfig) -> Any:

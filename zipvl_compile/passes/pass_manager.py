@@ -59,11 +59,29 @@ def run_passes(gm: fx.GraphModule, config: ZipVLConfig) -> list[AttentionSite]:
              sum(s.op is not None for s in sites), sum(s.op is None for s in sites), removed)
     for site in sites:
         _record(graph_id, site)
+    _record_kv_mode(sites, config)
     for node, reason in unmatched:
         path, _ = module_path(node)
         report().add_site(SiteRecord(graph_id, path, layer_index(path), "unknown", False, reason, None, "eager"))
         log.info("graph %d: softmax at %s left alone: %s", graph_id, path or node.name, reason)
     return sites
+
+
+_STOCK_CACHE_REASON = {
+    "packed": "the model runs a stock HF cache: pass a ZipVLCache or use zipvl_compile.compile for the packed cache",
+    "simulate": "kv_mode=simulate (quantise on write into a stock cache) is not implemented in this version",
+    "off": "kv_mode=off",
+}
+
+
+def _record_kv_mode(sites: list[AttentionSite], config: ZipVLConfig) -> None:
+    """Say in the report how this graph's KV cache is handled, and why."""
+    writes = {s.kv_write for s in sites if s.op is not None and s.kv_write not in (None, "none")}
+    if "zipvl" in writes:
+        report().kv_mode, report().kv_mode_reason = "packed", "ZipVLCache ops in the graph"
+    elif writes:
+        report().kv_mode = "off"
+        report().kv_mode_reason = f"{_STOCK_CACHE_REASON[config.kv_mode]} ({', '.join(sorted(writes))})"
 
 
 def _record(graph_id: int, site: AttentionSite) -> None:

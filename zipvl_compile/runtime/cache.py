@@ -56,6 +56,7 @@ class ZipVLLayer(CacheLayerMixin):
         self.tail: list[torch.Tensor] = []
         self.length = torch.zeros((), dtype=torch.int64)
         self.prompt_len = 0
+        self.compacted = True
 
     def capacity(self, prompt_len: int) -> int:
         """Slots of one segment: the whole prompt, plus every decode block rounded to whole groups."""
@@ -74,8 +75,25 @@ class ZipVLLayer(CacheLayerMixin):
                      torch.zeros(batch, dtype=torch.int32, device=dev)]
         self.length = self.length.to(dev)
         self.prompt_len = n
+        self.compacted = False
         self.dtype, self.device = dtype, dev
         self.is_initialized = True
+
+    def compact(self) -> None:
+        """Shrink each segment to the slots the prefill filled plus the decode blocks' reserve.
+
+        Run once after the prefill, outside any graph (it reads the fill counts on the host): the prefill
+        sizes both segments for the worst case (every token kept, or none); the kept set is known after it.
+        """
+        if self.compacted or not self.is_initialized:
+            return
+        reserve = self.capacity(self.prompt_len) - _round_up(self.prompt_len, GROUP)
+        for seg in (self.hi, self.lo):
+            cap = min(int(seg[7].max()) + reserve, seg[6].shape[1])
+            for i, dim in enumerate((2, 2, 2, 2, 2, 2, 1)):
+                size = cap // GROUP if i in (1, 2) else cap
+                seg[i] = seg[i].narrow(dim, 0, size).clone()
+        self.compacted = True
 
     def buffers(self) -> list[torch.Tensor]:
         return [*self.hi, *self.lo, *self.tail, self.length]
@@ -92,6 +110,8 @@ class ZipVLLayer(CacheLayerMixin):
             return key_states, value_states
         if t != 1:
             raise NotImplementedError("ZipVLCache: after the prefill, tokens are appended one at a time")
+        if not self.compacted and not torch.compiler.is_compiling():
+            self.compact()  # uncompiled use: the first decode step compacts (compiled: ZipVLCache.compact())
         ops.kv_recompress_(self.hi, self.lo, self.tail, None, 1.0, 1, 1.0, self.hi_bits, self.lo_bits)
         ops.kv_append_(self.tail, key_states, value_states, pos.expand(batch))
         self.length.add_(1)
@@ -168,6 +188,11 @@ class ZipVLCache(Cache):
                                      "only as 16/16; use kv_mode='simulate' to study this mix")
                 layers.append(ZipVLLayer(max_cache_len, hi_bits, lo_bits, recompress_interval))
         super().__init__(layers=layers)
+
+    def compact(self) -> None:
+        """Shrink every packed layer's segments after a prefill (see :meth:`ZipVLLayer.compact`)."""
+        for _, layer in self.packed_layers():
+            layer.compact()
 
     def packed_layers(self) -> list[tuple[int, ZipVLLayer]]:
         return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, ZipVLLayer)]

@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from zipvl_compile.runtime.cache import ZipVLCache, ZipVLLayer
 
 _NAMESPACE = "zipvl_compile"
-_LAYER_STATIC = ("max_cache_len", "hi_bits", "lo_bits", "interval", "prompt_len", "is_initialized")
+_LAYER_STATIC = ("max_cache_len", "hi_bits", "lo_bits", "interval", "prompt_len", "is_initialized", "compacted")
 
 
 def _flatten_layer(layer: ZipVLLayer) -> tuple[list[Any], tuple]:

