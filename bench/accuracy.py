@@ -72,6 +72,8 @@ def run(model, ids: torch.Tensor, context: int, options: dict | None) -> dict:
         logits = forward(input_ids=ids[:, :context], attention_mask=torch.ones_like(ids[:, :context]),
                          past_key_values=cache, logits_to_keep=1).logits[:, -1]
         prefill_s = time.perf_counter() - start
+        if isinstance(cache, ZipVLCache):
+            cache.compact()
         for pos in range(context, total):
             logp = torch.log_softmax(logits.float(), dim=-1)
             nll.append(-logp[0, ids[0, pos]].item())
