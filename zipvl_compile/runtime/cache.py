@@ -16,7 +16,8 @@ Writes go through zipvl ops, so eager and compiled models both work:
   static cache) for HF's attention. The backend replaces that attention by ``zipvl.decode_attention`` reading
   the packed buffers directly; the dense view then disappears from the graph.
 Sliding-window layers keep transformers' static sliding-window layer (bf16 ring buffer: window semantics
-unchanged). ``hi_bits == lo_bits == 16`` stores unquantised static buffers (exact).
+unchanged); cross-attention layers (Mllama) keep a dynamic bf16 layer (their keys come from the image, not the
+sequence). ``hi_bits == lo_bits == 16`` stores unquantised static buffers (exact).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer, StaticSlidingWindowLayer
 
 from zipvl_compile.runtime import ops
 from zipvl_compile.runtime.quant import GROUP
@@ -176,9 +177,12 @@ class ZipVLCache(Cache):
         self.hi_bits, self.lo_bits, self.recompress_interval = hi_bits, lo_bits, recompress_interval
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         window = getattr(config, "sliding_window", None)
+        cross = set(getattr(config, "cross_attention_layers", None) or ())
         layers = []
-        for kind in layer_types:
-            if kind == "sliding_attention" and window:
+        for index, kind in enumerate(layer_types):
+            if index in cross:  # keys of another sequence (Mllama's image states): kept as they are, bf16
+                layers.append(DynamicLayer())
+            elif kind == "sliding_attention" and window:
                 layers.append(StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=window))
             elif hi_bits == 16 and lo_bits == 16:
                 layers.append(StaticLayer(max_cache_len=max_cache_len))
@@ -203,7 +207,7 @@ class ZipVLCache(Cache):
         for layer in self.layers:
             if isinstance(layer, ZipVLLayer):
                 total += layer.nbytes()
-            elif layer.is_initialized:
+            elif layer.is_initialized and layer.keys is not None:
                 total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         return total
 
