@@ -12,8 +12,6 @@ import threading
 
 import torch
 
-REWRITTEN_OPS = ("zipvl.attention", "zipvl.sparse_attention", "zipvl.decode_attention")
-
 
 @dataclasses.dataclass
 class SiteRecord:

@@ -101,8 +101,7 @@ def is_impure(node: fx.Node) -> bool:
         if target in INPLACE_FUNCTIONS:
             return True
         if isinstance(target, torch._ops.OpOverloadPacket):
-            return any(target._schemas[o].is_mutable for o in target.overloads() if o in target._schemas) \
-                or _mutating_packet(target)
+            return _mutating_packet(target)
         if isinstance(target, torch._ops.OpOverload):
             return target._schema.is_mutable
         name = getattr(target, "__name__", "")
