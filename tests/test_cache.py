@@ -121,3 +121,34 @@ def test_tiny_vlms_with_packed_cache(name):
         assert all(s.rewritten or s.reason for s in rep.sites)
         if name != "mllama":  # Mllama's decode graph breaks per layer (its cross-attention cache): left alone
             assert all(s.rewritten for s in rep.sites if s.kind == "decode")
+
+
+def test_simulate_mode_matches_packed_cache():
+    """kv_mode="simulate" on a stock DynamicCache gives the packed cache's numerics (decode tokens unquantised
+    in both while fewer than recompress_interval have been generated)."""
+    ids = _ids(70, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    opts = dict(inner="eager", tau=0.8, min_keep=4, n_probe_recent=8, n_probe_random=8)
+    logits = []
+    for mode in ("simulate", "packed"):
+        _reset()
+        model = build_text("qwen2")
+        if mode == "simulate":
+            model.forward = torch.compile(model.forward, backend="zipvl", options=dict(opts, kv_mode=mode))
+            cache = None
+        else:
+            zipvl_compile.compile(model, **opts)
+            cache = ZipVLCache(model, max_cache_len=80)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert zipvl_compile.report().kv_mode == mode
+        logits.append(torch.stack(out.logits))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+    _reset()
+    dense = build_text("qwen2")
+    with torch.no_grad():
+        plain = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True)
+    assert not torch.allclose(torch.stack(plain.logits), logits[0], atol=1e-3)  # the quantisation is applied

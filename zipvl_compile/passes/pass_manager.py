@@ -69,7 +69,7 @@ def run_passes(gm: fx.GraphModule, config: ZipVLConfig) -> list[AttentionSite]:
 
 _STOCK_CACHE_REASON = {
     "packed": "the model runs a stock HF cache: pass a ZipVLCache or use zipvl_compile.compile for the packed cache",
-    "simulate": "kv_mode=simulate (quantise on write into a stock cache) is not implemented in this version",
+    "simulate": "kv_mode=simulate quantises only DynamicCache prefill writes; this cache write is left as is",
     "off": "kv_mode=off",
 }
 
@@ -79,7 +79,11 @@ def _record_kv_mode(sites: list[AttentionSite], config: ZipVLConfig) -> None:
     writes = {s.kv_write for s in sites if s.op is not None and s.kv_write not in (None, "none")}
     if "zipvl" in writes:
         report().kv_mode, report().kv_mode_reason = "packed", "ZipVLCache ops in the graph"
-    elif writes:
+    elif any(s.kv_simulated for s in sites):
+        report().kv_mode = "simulate"
+        report().kv_mode_reason = (f"{config.hi_bits}/{config.lo_bits}-bit numerics applied to the prefill's writes "
+                                   "into the stock DynamicCache (no memory saved; decode tokens stay unquantised)")
+    elif writes and report().kv_mode != "simulate":  # decode graphs keep a prefill's "simulate"
         report().kv_mode = "off"
         report().kv_mode_reason = f"{_STOCK_CACHE_REASON[config.kv_mode]} ({', '.join(sorted(writes))})"
 

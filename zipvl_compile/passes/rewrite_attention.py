@@ -15,7 +15,7 @@ import torch.fx as fx
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.find_attention import default_scale
 from zipvl_compile.passes.fx_util import example, shape
-from zipvl_compile.passes.packed_cache import rewrite_packed_decode, wire_prefill_write
+from zipvl_compile.passes.packed_cache import rewrite_packed_decode, simulate_prefill_write, wire_prefill_write
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.passes.tensor_parallel import tensor_parallel_group
 from zipvl_compile.report import report
@@ -45,6 +45,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -
         site.op = "zipvl.attention"
     if packed:
         wire_prefill_write(gm, site, new)
+    elif site.kind == "prefill" and config.kv_mode == "simulate" and site.kv_write == "dynamic_cat":
+        site.kv_simulated = simulate_prefill_write(gm, site, new, config)
 
 
 def _why_not_sparse(site: AttentionSite, config: ZipVLConfig) -> str | None:

@@ -37,6 +37,7 @@ class AttentionSite:
     # kv write
     kv_write: str | None = None
     kv_node: fx.Node | None = None  # the ZipVLCache op node (kv_write_ in prefill, kv_dense_view in decode)
+    kv_simulated: bool = False  # kv_mode="simulate" applied to this prefill's cache write
     k_new: fx.Node | None = None
     v_new: fx.Node | None = None
     # outcome

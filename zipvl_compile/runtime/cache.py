@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer, StaticSlidingWindowLayer
 
 from zipvl_compile.runtime import ops
+from zipvl_compile.runtime.packed import empty_segment
 from zipvl_compile.runtime.quant import GROUP
 
 SEGMENT_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fill")
@@ -68,8 +69,8 @@ class ZipVLLayer(CacheLayerMixin):
         batch, heads, n, d = key_states.shape
         dev, dtype = key_states.device, key_states.dtype
         cap = self.capacity(n)
-        self.hi = _segment(batch, heads, cap, d, self.hi_bits, dev)
-        self.lo = _segment(batch, heads, cap, d, self.lo_bits, dev)
+        self.hi = empty_segment(batch, heads, cap, d, self.hi_bits, dev)
+        self.lo = empty_segment(batch, heads, cap, d, self.lo_bits, dev)
         self.tail = [torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
                      torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
                      torch.full((batch, self.interval), -1, dtype=torch.int32, device=dev),
@@ -146,18 +147,6 @@ class ZipVLLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes of every tensor this layer allocated."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
-
-
-def _segment(batch: int, heads: int, cap: int, d: int, bits: int, device: torch.device) -> list[torch.Tensor]:
-    codes = d * bits // 8
-    return [torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
-            torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
-            torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
-            torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
-            torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
-            torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
-            torch.full((batch, cap), -1, dtype=torch.int32, device=device),
-            torch.zeros(batch, dtype=torch.int32, device=device)]
 
 
 class ZipVLCache(Cache):

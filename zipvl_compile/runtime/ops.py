@@ -202,3 +202,18 @@ sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention
 stats_slot=-1, force_ratio=0) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): the selection (Eqs. 6-8
 on colsum / seen of zipvl.probe_scores, summed over all heads) and kept-token attention stages of
 sparse_attention; stats_slot and force_ratio as there."""
+
+
+def _kv_simulate(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None,
+                 hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return packed.simulate(k, v, keep, valid, hi_bits, lo_bits)
+
+
+def _kv_simulate_fake(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None,
+                      hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(k), torch.empty_like(v)
+
+
+kv_simulate = define_op("kv_simulate", _kv_simulate, _kv_simulate_fake)
+"""zipvl::kv_simulate(k, v [B,H,t,d], keep?, valid?, hi_bits, lo_bits) -> (k', v'): the prefill K/V as the packed
+cache would hold them (quantised and dequantised), for kv_mode="simulate" on a stock cache."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from zipvl_compile.runtime.kernels.decode import Segment
-from zipvl_compile.runtime.quant import dequantize_keys, dequantize_values, write_segment_
+from zipvl_compile.runtime.quant import GROUP, dequantize_keys, dequantize_values, write_segment_
 from zipvl_compile.runtime.selection import select_tokens
 
 
@@ -97,3 +97,34 @@ def dense_view(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.
 def _dequantized(seg: Segment, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return (dequantize_keys(seg.k_codes, seg.k_scale, seg.k_zero, bits, dtype),
             dequantize_values(seg.v_codes, seg.v_scale, seg.v_zero, bits, dtype))
+
+
+def simulate(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None,
+             hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k/v [B, H, t, d] as the packed cache would return them after the prefill write (kv_mode="simulate"):
+    quantised and dequantised with the same segments, groups and parameters, in position order.
+    Tokens that are not valid (padding) come back as zeros."""
+    batch, heads, t, d = k.shape
+    cap = -(-t // GROUP) * GROUP
+    hi = empty_segment(batch, heads, cap, d, hi_bits, k.device)
+    lo = empty_segment(batch, heads, cap, d, lo_bits, k.device)
+    pos = torch.arange(t, device=k.device).expand(batch, t)
+    write_tokens_(hi, lo, k, v, keep, valid, pos, hi_bits, lo_bits)
+    tail = [k.new_zeros(batch, heads, 1, d), k.new_zeros(batch, heads, 1, d),
+            torch.full((batch, 1), -1, dtype=torch.int32, device=k.device),
+            torch.zeros(batch, dtype=torch.int32, device=k.device)]
+    return dense_view(hi, lo, tail, t, hi_bits, lo_bits)
+
+
+def empty_segment(batch: int, heads: int, cap: int, d: int, bits: int, device: torch.device
+                   ) -> list[torch.Tensor]:
+    """A segment's tensors (layout: runtime.quant), empty: every slot -1, fill 0."""
+    codes = d * bits // 8
+    return [torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
+            torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
+            torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
+            torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
+            torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
+            torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
+            torch.full((batch, cap), -1, dtype=torch.int32, device=device),
+            torch.zeros(batch, dtype=torch.int32, device=device)]
