@@ -43,7 +43,7 @@ def test_masks(pattern, mask):
     elif mask == "causal_padding":
         assert site.rewritten and site.mask == "causal+padding"
     elif mask == "sliding":
-        assert site.rewritten and site.mask == "causal+mask"
+        assert site.rewritten and site.mask == "causal+window"
     else:
         # no causal structure and no KV cache: an encoder-style attention, left alone
         assert not site.rewritten and site.kind == "encoder" and "encoder" in site.reason

@@ -26,7 +26,7 @@ class SiteRecord:
     op: str | None
     pattern: str  # sdpa | eager
     n_rep: int | None = None
-    mask: str | None = None  # causal | causal+padding | causal+mask | mask | none
+    mask: str | None = None  # causal | causal+padding | causal+window | causal+mask | mask | none
     kv_write: str | None = None  # dynamic_cat | static_index_copy | static_copy | zipvl | none
     dense_reason: str | None = None  # why a prefill site got the dense op instead of sparse_attention
 

@@ -6,8 +6,9 @@ transformers 5.17 builds the SDPA mask in the graph as an AND of terms, then ``e
   ``a - b == Lk - Lq`` (bottom-right alignment, proven on the symbolic shapes);
 - key padding: ``attention_mask[batch_idx, kv_idx]`` (a [B, 1, 1, Lk] bool), kept as the op's mask;
 - the constant True that starts the AND chain.
-Any other term (sliding window, bidirectional image spans, token types) keeps the whole mask as a mask
-(``causal+mask`` when a causal term is among them, ``mask`` otherwise).
+A sliding-window term ``kv_idx > q_idx - w`` keeps the whole mask (``causal+window``); any other term
+(bidirectional image spans, token types, packed sequences) keeps it too (``causal+mask`` when a causal term is
+among them, ``mask`` otherwise).
 Masks that arrive as graph inputs (static caches build them outside the graph) stay masks.
 """
 
@@ -42,7 +43,7 @@ def analyse_mask(site: AttentionSite) -> None:
     if terms is None:
         site.mask_kind = "mask"
         return
-    causal, padding, other = [], [], []
+    causal, padding, window, other = [], [], [], []
     for term in terms:
         term = _strip(term)
         if _is_true(term):
@@ -51,11 +52,13 @@ def analyse_mask(site: AttentionSite) -> None:
             causal.append(term)
         elif _is_key_padding(term):
             padding.append(term)
+        elif _is_window_term(term):
+            window.append(term)
         else:
             other.append(term)
-    if other or not causal or len(padding) > 1:
-        # the whole mask stays; a causal term among others still marks a decoder (e.g. sliding window)
-        site.mask_kind = "causal+mask" if causal else "mask"
+    if other or window or not causal or len(padding) > 1:
+        # the whole mask stays; a causal term among others still marks a decoder
+        site.mask_kind = "mask" if not causal else "causal+window" if window and not other else "causal+mask"
         return
     site.is_causal = True
     if padding:
@@ -119,6 +122,15 @@ def _is_causal_term(node: fx.Node) -> bool:
         return False
     (lq, a), (lk, b) = q_idx, kv_idx
     return _sym_equal(a - b, lk - lq)
+
+
+def _is_window_term(node: fx.Node) -> bool:
+    """``kv_idx > q_idx - w`` (sliding window of w tokens)."""
+    if not is_function(node, operator.gt) or not isinstance(node.args[1], fx.Node):
+        return False
+    kv, shifted = node.args
+    return _arange_offset(kv, axis=3) is not None and is_function(shifted, operator.sub) \
+        and _arange_offset(shifted.args[0], axis=2) is not None
 
 
 def _arange_offset(node: object, axis: int) -> tuple[object, object] | None:

@@ -57,6 +57,8 @@ def _why_not_sparse(site: AttentionSite, config: ZipVLConfig) -> str | None:
         return "logit softcap (not in the sparse kernel)"
     if q_shape[2] is not k_shape[2] and q_shape[2] != k_shape[2]:
         return "keys are longer than the prompt (a static cache buffer or a chunked prefill)"
+    if site.mask_kind == "causal+window":
+        return "sliding-window layer (attention already O(n·window); sparse prefill there costs accuracy)"
     mask = example(site.mask) if site.mask is not None else None
     if mask is not None and mask.dtype != torch.bool:
         return "additive float mask (values unknown at compile time)"

@@ -33,7 +33,7 @@ class AttentionSite:
     # repeat_kv
     n_rep: int | None = None
     # mask
-    mask_kind: str | None = None  # causal | causal+padding | causal+mask | mask | none
+    mask_kind: str | None = None  # causal | causal+padding | causal+window | causal+mask | mask | none
     # kv write
     kv_write: str | None = None
     kv_node: fx.Node | None = None  # the ZipVLCache op node (kv_write_ in prefill, kv_dense_view in decode)
