@@ -117,12 +117,22 @@ class ZipVLLayer(CacheLayerMixin):
         ops.kv_recompress_(self.hi, self.lo, self.tail, None, 1.0, 1, 1.0, self.hi_bits, self.lo_bits)
         ops.kv_append_(self.tail, key_states, value_states, pos.expand(batch))
         self.length.add_(1)
-        return ops.kv_dense_view(self.hi, self.lo, self.tail, self.max_cache_len, self.hi_bits, self.lo_bits)
+        return ops.kv_dense_view(self.hi, self.lo, self.tail, self._view_length(), self.hi_bits, self.lo_bits)
+
+    def _view_length(self, query_length: int = 0) -> int:
+        """Length of the dense view: ``max_cache_len`` in a graph (static shapes), the tokens held when eager.
+
+        Eager, a view cut at the real length means attention never sees empty slots, even when HF skips the
+        mask (it does for one query and no padding mask: with a static-length view that would attend to zeros).
+        """
+        if torch.compiler.is_compiling():
+            return self.max_cache_len
+        return int(self.length) + query_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if not self.is_initialized:
             return query_length, 0
-        return self.max_cache_len, 0
+        return self._view_length(query_length), 0
 
     def get_seq_length(self) -> torch.Tensor | int:
         return self.length if self.is_initialized else 0
