@@ -218,8 +218,7 @@ class ZipVLCache(Cache):
             if not layer.is_initialized:
                 continue
             if isinstance(layer, ZipVLLayer):
-                batch, heads, _, codes = layer.hi[0].shape
-                d = layer.tail[0].shape[-1]
+                batch, heads, _, d = layer.tail[0].shape
                 tokens = int(layer.length)
             else:
                 batch, heads, _, d = layer.keys.shape
