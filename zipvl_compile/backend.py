@@ -11,6 +11,8 @@ import torch.fx as fx
 
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.pass_manager import run_passes
+from zipvl_compile.passes.site import AttentionSite
+from zipvl_compile.report import report
 
 log = logging.getLogger("zipvl_compile")
 
@@ -25,11 +27,27 @@ def zipvl_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str |
     config = ZipVLConfig.from_options(options)
     if mode == "reduce-overhead":
         config = config.replace(cudagraphs=True)
-    run_passes(gm, config)
-    return _inner_compile(gm, list(example_inputs), config)
+    sites = run_passes(gm, config)
+    return _inner_compile(gm, list(example_inputs), config, _use_cudagraphs(sites, config))
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ZipVLConfig) -> Callable:
+def _use_cudagraphs(sites: Sequence[AttentionSite], config: ZipVLConfig) -> bool:
+    """Whether this graph runs under CUDA graphs (option ``cudagraphs`` / mode="reduce-overhead"); recorded per
+    graph in the report. Never for a prefill graph: it runs once per prompt at a new length, its kept-token
+    attention calls library kernels on data-dependent sizes, and a capture would pin its activations."""
+    if not config.cudagraphs:
+        return False
+    reason = ("no CUDA device" if not torch.cuda.is_available() else
+              f"inner compiler {config.inner!r}" if config.inner != "inductor" else
+              "prefill graph" if any(s.kind == "prefill" for s in sites) else None)
+    graph_id = len(report().graphs) - 1
+    report().graphs[graph_id]["cudagraphs"] = reason is None
+    if reason is not None:
+        log.info("graph %d: CUDA graphs off: %s", graph_id, reason)
+    return reason is None
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ZipVLConfig, cudagraphs: bool) -> Callable:
     if config.inner == "eager":
         return gm.forward
     if config.inner == "aot_eager":
@@ -38,8 +56,25 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ZipVLConfig
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {"triton.cudagraphs": True} if config.cudagraphs and torch.cuda.is_available() else {}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    if not cudagraphs:
+        return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": False})
+    used = _drop_unused_inputs(gm)
+    compiled = compile_fx(gm, [example_inputs[i] for i in used], config_patches={"triton.cudagraphs": True})
+    return lambda *args: compiled(*[args[i] for i in used])
+
+
+def _drop_unused_inputs(gm: fx.GraphModule) -> list[int]:
+    """Erase the placeholders nothing reads (after the rewrite, e.g. a decode step's padding mask and its
+    length); returns the indices of those kept. CUDA graph trees record one graph per distinct value of the
+    integer inputs: a dead, growing mask length would otherwise record a new graph at every decode step."""
+    used = []
+    for i, node in enumerate([n for n in gm.graph.nodes if n.op == "placeholder"]):
+        if node.users:
+            used.append(i)
+        else:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return used
 
 
 def register() -> None:

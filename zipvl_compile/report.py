@@ -137,6 +137,9 @@ class CompileReport:
             mean = sum(ratios.values()) / len(ratios)
             lines.append(f"  mean kept ratio {mean:.3f}, mean FLOP reduction "
                          f"{sum(flops.values()) / len(flops):.1%}")
+        captured = [str(i) for i, g in enumerate(self.graphs) if g.get("cudagraphs")]
+        if captured:
+            lines.append(f"CUDA graphs: graph(s) {', '.join(captured)}")
         if self.kv_mode is not None:
             lines.append(f"kv cache: {self.kv_mode}" + (f" ({self.kv_mode_reason})" if self.kv_mode_reason
                                                           else ""))

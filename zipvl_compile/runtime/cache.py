@@ -86,6 +86,8 @@ class ZipVLLayer(CacheLayerMixin):
 
         Run once after the prefill, outside any graph (it reads the fill counts on the host): the prefill
         sizes both segments for the worst case (every token kept, or none); the kept set is known after it.
+        The buffers are then marked as static addresses: decode graphs mutate them in place, which CUDA
+        graphs allow only for static inputs (unguarded: a new cache re-records, it does not recompile).
         """
         if self.compacted or not self.is_initialized:
             return
@@ -95,6 +97,8 @@ class ZipVLLayer(CacheLayerMixin):
             for i, dim in enumerate((2, 2, 2, 2, 2, 2, 1)):
                 size = cap // GROUP if i in (1, 2) else cap
                 seg[i] = seg[i].narrow(dim, 0, size).clone()
+        for buf in self.buffers():
+            torch._dynamo.mark_static_address(buf)
         self.compacted = True
 
     def buffers(self) -> list[torch.Tensor]:

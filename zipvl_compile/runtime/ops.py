@@ -101,7 +101,7 @@ def _no_result(*args: object) -> None:
     return None
 
 
-kv_write_ = define_op("kv_write_", _kv_write, _no_result, mutates_args=("hi", "lo"))
+kv_write_ = define_op("kv_write_", _kv_write, _no_result, mutates_args=("hi", "lo"), triton=True)
 """zipvl::kv_write_(hi (mutated), lo (mutated), k, v [B,H,t,d], keep bool [B,t]?, valid bool [B,t]?, pos [B,t],
 hi_bits, lo_bits): quantise a prefill's tokens into the packed segments (runtime.packed.write_tokens_)."""
 
@@ -110,7 +110,7 @@ def _kv_append(tail: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, pos: 
     packed.append_tail_(tail, k, v, pos)
 
 
-kv_append_ = define_op("kv_append_", _kv_append, _no_result, mutates_args=("tail",))
+kv_append_ = define_op("kv_append_", _kv_append, _no_result, mutates_args=("tail",), triton=True)
 """zipvl::kv_append_(tail (mutated), k, v [B,H,1,d], pos int [B]): one decode token into the model-dtype tail."""
 
 
@@ -120,7 +120,8 @@ def _kv_recompress(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[to
     packed.recompress_(hi, lo, tail, q, scale, n_rep, tau, hi_bits, lo_bits)
 
 
-kv_recompress_ = define_op("kv_recompress_", _kv_recompress, _no_result, mutates_args=("hi", "lo", "tail"))
+kv_recompress_ = define_op("kv_recompress_", _kv_recompress, _no_result, mutates_args=("hi", "lo", "tail"),
+                           triton=True)
 """zipvl::kv_recompress_(hi, lo, tail (all mutated), q [B,Hq,1,d]?, scale, n_rep, tau, hi_bits, lo_bits):
 quantise the tail block of rows whose tail is full, scored with q (runtime.packed.recompress_)."""
 
@@ -137,7 +138,7 @@ def _kv_dense_view_fake(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: li
     return out, torch.empty_like(out)
 
 
-kv_dense_view = define_op("kv_dense_view", _kv_dense_view, _kv_dense_view_fake)
+kv_dense_view = define_op("kv_dense_view", _kv_dense_view, _kv_dense_view_fake, triton=True)
 """zipvl::kv_dense_view(hi, lo, tail, length, hi_bits, lo_bits) -> (k, v) [B,H,length,d]: the dequantised cache
 in position order (the eager path's K/V; compiled decode graphs read the packed buffers instead)."""
 
@@ -153,7 +154,7 @@ def _decode_attention_fake(q: torch.Tensor, hi: list[torch.Tensor], lo: list[tor
     return torch.empty_like(q)
 
 
-decode_attention = define_op("decode_attention", _decode_attention, _decode_attention_fake)
+decode_attention = define_op("decode_attention", _decode_attention, _decode_attention_fake, triton=True)
 """zipvl::decode_attention(q [B,Hq,1,d], hi, lo, tail, scale, n_rep, hi_bits, lo_bits) -> [B,Hq,1,d]: attention
 of one query over every valid slot of the packed cache, dequantising in the kernel (runtime.kernels.decode)."""
 
@@ -214,6 +215,6 @@ def _kv_simulate_fake(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | Non
     return torch.empty_like(k), torch.empty_like(v)
 
 
-kv_simulate = define_op("kv_simulate", _kv_simulate, _kv_simulate_fake)
+kv_simulate = define_op("kv_simulate", _kv_simulate, _kv_simulate_fake, triton=True)
 """zipvl::kv_simulate(k, v [B,H,t,d], keep?, valid?, hi_bits, lo_bits) -> (k', v'): the prefill K/V as the packed
 cache would hold them (quantised and dequantised), for kv_mode="simulate" on a stock cache."""

@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..quant import GROUP, dequantize_keys_reference, dequantize_values_reference
 
@@ -155,9 +156,9 @@ def _plane(byte, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl
 
     F32: fp32 codes. Otherwise fp16 ``1024 + code``: the code ORed into the mantissa of 1024 (exact; no
     conversion instruction); callers subtract the 1024 through their zero-point term. ASM (GPU): the same
-    in PTX on four bytes at a time (two byte-spreading permutes, then shift + and-or per fp16 pair); it is
-    declared impure so that Triton keeps the unpack before the shared-memory layout change of the dot
-    operand (moving it after made byte-wise shared-memory reads and was slower).
+    in PTX on four bytes at a time (two byte-spreading permutes, then shift + and-or per fp16 pair). It is
+    declared pure: Inductor's mutation analysis of a ``triton_op``'s kernels rejects impure inline asm (it
+    would then treat every input, the whole cache included, as written).
     """
     MASK: tl.constexpr = (1 << BITS) - 1
     if ASM:
@@ -166,7 +167,7 @@ def _plane(byte, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl
             f"shr.b32 t0, t0, {J * BITS}; shr.b32 t1, t1, {J * BITS}; "
             f"lop3.b32 $0, t0, {MASK * 0x10001}, 0x64006400, 0xea; "
             f"lop3.b32 $1, t1, {MASK * 0x10001}, 0x64006400, 0xea; }}",
-            "=r,=r,r", [byte], dtype=tl.float16, is_pure=False, pack=4)
+            "=r,=r,r", [byte], dtype=tl.float16, is_pure=True, pack=4)
     else:
         x = byte.to(tl.int16)
         if J > 0:
@@ -221,7 +222,7 @@ def _load_q_plane(q_ptr, qh, row_ok, qk_scale, J: tl.constexpr, PER: tl.constexp
     """fp32 [NP, KB]: the query rows qh at channels i*PER + J, times qk_scale."""
     chan = tl.arange(0, KB) * PER + J
     q = tl.load(q_ptr + qh[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
-    return q.to(tl.float32) * qk_scale
+    return (q.to(tl.float32) * qk_scale).to(tl.float32)  # Inductor passes float arguments as fp64
 
 
 @triton.jit
@@ -310,9 +311,9 @@ def _segment_partial(q_ptr, qh, row_ok, qk_scale, kc, ks, kz, vc, vs, vz, pos_pt
 
 @triton.jit
 def _tail_partial(q_ptr, qh, row_ok, qk_scale, kt, vt, tpos_ptr, tlen_ptr, R, b, bh, split, n_splits, min_pos,
-                  m_ws, den_ws, acc_ws, ws, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
-                  DT: tl.constexpr):
+                  m_ws, den_ws, acc_ws, ws, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
     """Partial state of this split's share of the model-dtype tail (kt/vt [B, H, R, D], tpos [B, R])."""
+    DT = kt.dtype.element_ty
     chan = tl.arange(0, D)
     q = tl.load(q_ptr + qh[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0).to(DT)
     m = tl.full([NP], float("-inf"), tl.float32)
@@ -327,7 +328,7 @@ def _tail_partial(q_ptr, qh, row_ok, qk_scale, kt, vt, tpos_ptr, tlen_ptr, R, b,
         offs = (bh * R + slot[:, None]) * D + chan[None, :]
         k = tl.load(kt + offs, mask=slot_ok[:, None], other=0.0).to(DT)
         v = tl.load(vt + offs, mask=valid[:, None], other=0.0).to(DT)  # holes may hold garbage
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = (tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale).to(tl.float32)
         p, alpha, m, den = _online_update(tl.where(valid[None, :], s, float("-inf")), m, den)
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision="ieee")
     _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, acc, 0, 1, D, D)
@@ -342,7 +343,7 @@ def _decode_partial_kernel(
         acc_ws, m_ws, den_ws,
         H, n_rep, window, qk_scale,
         HI_BITS: tl.constexpr, LO_BITS: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
-        BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+        BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr):
     """Program (b, h, j): partial softmax state of query heads h*n_rep .. h*n_rep + n_rep - 1 over one share
     of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split.
 
@@ -360,7 +361,6 @@ def _decode_partial_kernel(
     min_pos = -1
     if HAS_WINDOW:
         min_pos = tl.maximum(tl.load(qpos_ptr + b).to(tl.int32) - window, -1)
-    F32: tl.constexpr = DT == tl.float32
     if j < S_HI:
         _segment_partial(q_ptr, qh, row_ok, qk_scale, hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill, C_HI, b, bh,
                          j, S_HI, min_pos, m_ws, den_ws, acc_ws, ws, HI_BITS, D, NP, BLOCK, F32, ASM)
@@ -369,7 +369,7 @@ def _decode_partial_kernel(
                          j - S_HI, S_LO, min_pos, m_ws, den_ws, acc_ws, ws, LO_BITS, D, NP, BLOCK, F32, ASM)
     else:
         _tail_partial(q_ptr, qh, row_ok, qk_scale, kt, vt, tpos, tlen, R, b, bh, j - S_HI - S_LO,
-                      n_splits - S_HI - S_LO, min_pos, m_ws, den_ws, acc_ws, ws, D, NP, BLOCK, DT)
+                      n_splits - S_HI - S_LO, min_pos, m_ws, den_ws, acc_ws, ws, D, NP, BLOCK)
 
 
 @triton.jit
@@ -387,9 +387,6 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
     total = tl.sum(w * den, axis=0)
     out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + row * D + chan, out.to(out_ptr.dtype.element_ty))
-
-
-_DOT_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def num_splits_for(batch: int, kv_heads: int, c_hi: int, c_lo: int, tail: int, hi_bits: int,
@@ -432,17 +429,20 @@ def decode_attention_triton(q: torch.Tensor, hi: Segment, lo: Segment, k_tail: t
     m_ws = torch.empty(B, Hq, S, device=q.device, dtype=torch.float32)
     den_ws = torch.empty_like(m_ws)
     hi, lo = ([t.contiguous() for t in seg] for seg in (hi, lo))
-    _decode_partial_kernel[(B, H, S)](
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k_tail.dtype != q.dtype:
+        raise ValueError(f"decode_attention: q and the tail must share one of fp32/fp16/bf16, got {q.dtype} "
+                         f"and {k_tail.dtype}")
+    wrap_triton(_decode_partial_kernel)[(B, H, S)](
         q.contiguous(), q_pos if q_pos is not None else tail_len,
         *hi, c_hi, s_hi, *lo, c_lo, s_lo,
         k_tail.contiguous(), v_tail.contiguous(), tail_pos.contiguous(), tail_len, R,
         acc_ws, m_ws, den_ws,
         H, n_rep, window, scale * math.log2(math.e),
         HI_BITS=hi_bits, LO_BITS=lo_bits, D=d, NP=max(16, triton.next_power_of_2(n_rep)), BLOCK=GROUP,
-        HAS_WINDOW=window > 0, DT=_DOT_DTYPE[q.dtype], ASM=q.is_cuda and q.dtype != torch.float32,
+        HAS_WINDOW=window > 0, F32=q.dtype == torch.float32, ASM=q.is_cuda and q.dtype != torch.float32,
         num_warps=8 if d == 256 else 4, num_stages=1)
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
-    _decode_merge_kernel[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=triton.next_power_of_2(S))
+    wrap_triton(_decode_merge_kernel)[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=triton.next_power_of_2(S))
     return out
 
 

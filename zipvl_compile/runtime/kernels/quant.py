@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from zipvl_compile.runtime.quant import GROUP, SCALE_FLOOR, advance_fill_, max_code, staging_index
 
@@ -252,7 +253,7 @@ def quantize_keys_triton(k: torch.Tensor, valid: torch.Tensor, bits: int
     codes = k.new_empty(batch, heads, t, d * bits // 8, dtype=torch.uint8)
     scale = k.new_empty(batch, heads, t // GROUP, d, dtype=torch.float16)
     zero = torch.empty_like(scale)
-    _quantize_keys_kernel[(batch * heads, t // GROUP)](
+    wrap_triton(_quantize_keys_kernel)[(batch * heads, t // GROUP)](
         k, valid, codes, scale, zero, heads, t, d, *k.stride(), *valid.stride(),
         BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
     return codes, scale, zero
@@ -264,7 +265,7 @@ def quantize_values_triton(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, to
     codes = v.new_empty(batch, heads, t, d * bits // 8, dtype=torch.uint8)
     scale = v.new_empty(batch, heads, t, dtype=torch.float16)
     zero = torch.empty_like(scale)
-    _quantize_values_kernel[(batch * heads, triton.cdiv(t, _ROWS))](
+    wrap_triton(_quantize_values_kernel)[(batch * heads, triton.cdiv(t, _ROWS))](
         v, codes, scale, zero, heads, t, d, *v.stride(), BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
     return codes, scale, zero
 
@@ -274,7 +275,7 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     batch, heads, t, nb = codes.shape
     d = nb * 8 // bits
     out = codes.new_empty(batch, heads, t, d, dtype=dtype)
-    _dequantize_kernel[(batch * heads, triton.cdiv(t, _ROWS))](
+    wrap_triton(_dequantize_kernel)[(batch * heads, triton.cdiv(t, _ROWS))](
         codes.contiguous(), scale.contiguous(), zero.contiguous(), out, t, d,
         KEYS=keys, BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
     return out
@@ -305,7 +306,7 @@ def write_segment_triton_(seg_codes_k: torch.Tensor, seg_scale_k: torch.Tensor, 
     capacity = seg_pos.shape[1]
     src, count = staging_index(take)
     tp = src.shape[1]
-    _write_segment_kernel[(batch * heads, tp // GROUP)](
+    wrap_triton(_write_segment_kernel)[(batch * heads, tp // GROUP)](
         k_new, v_new, src, count, src_pos, *buffers, heads, take.shape[1], capacity, d, tp,
         *k_new.stride(), *v_new.stride(), *src_pos.stride(), BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
     advance_fill_(seg_fill, count, capacity)
