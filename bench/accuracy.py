@@ -15,6 +15,7 @@ positions, mean prefill kept ratio, KV bytes held vs bf16. Runs on the CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -52,8 +53,14 @@ def load(spec: str | None):
     return load_decoder(spec, torch.float32, "cpu")
 
 
-def run(model, ids: torch.Tensor, context: int, options: dict | None) -> dict:
-    """Prefill ``ids[:, :context]`` then teacher-force the rest; returns nll [n], predictions [n], stats."""
+def run(model, ids: torch.Tensor, context: int, options: dict | None, cache: object | None = None,
+        prefill_context: contextlib.AbstractContextManager | None = None) -> dict:
+    """Prefill ``ids[:, :context]`` then teacher-force the rest; returns nll [n], predictions [n], stats.
+
+    ``cache``: a ready-made cache (default: DynamicCache, or a ZipVLCache when ``options`` packs the KV).
+    ``prefill_context``: entered around the prefill forward only (e.g. a kvpress press); it may evict prompt
+    tokens, so the decode steps then pass explicit position ids instead of an attention mask over all positions.
+    """
     from transformers import DynamicCache
 
     import zipvl_compile
@@ -65,15 +72,16 @@ def run(model, ids: torch.Tensor, context: int, options: dict | None) -> dict:
     forward = model.forward
     if options is not None:
         forward = torch.compile(model.forward, backend="zipvl", options=dict(options, inner="eager"))
-    if options is None or options.get("kv_mode") == "off":
+    if cache is None and (options is None or options.get("kv_mode") == "off"):
         cache = DynamicCache(config=model.config)
-    else:
+    elif cache is None:
         cache = ZipVLCache(model, max_cache_len=total, hi_bits=options["hi_bits"], lo_bits=options["lo_bits"])
     nll, preds = [], []
     start = time.perf_counter()
     with torch.no_grad():
-        logits = forward(input_ids=ids[:, :context], attention_mask=torch.ones_like(ids[:, :context]),
-                         past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        with prefill_context or contextlib.nullcontext():
+            logits = forward(input_ids=ids[:, :context], attention_mask=torch.ones_like(ids[:, :context]),
+                             past_key_values=cache, logits_to_keep=1).logits[:, -1]
         prefill_s = time.perf_counter() - start
         if isinstance(cache, ZipVLCache):
             cache.compact()
@@ -82,11 +90,16 @@ def run(model, ids: torch.Tensor, context: int, options: dict | None) -> dict:
             nll.append(-logp[0, ids[0, pos]].item())
             preds.append(int(logp.argmax(-1)))
             if pos + 1 < total:
-                mask = torch.ones(1, pos + 1, dtype=torch.long)
-                step = forward(input_ids=ids[:, pos:pos + 1], attention_mask=mask, past_key_values=cache)
+                if prefill_context is None:
+                    where = {"attention_mask": torch.ones(1, pos + 1, dtype=torch.long)}
+                else:
+                    where = {"position_ids": torch.tensor([[pos]])}
+                step = forward(input_ids=ids[:, pos:pos + 1], past_key_values=cache, **where)
                 logits = step.logits[:, -1]
     rep = zipvl_compile.report()
-    out = {"nll": nll, "preds": preds, "prefill_s": prefill_s, "total_s": time.perf_counter() - start}
+    end = time.perf_counter()
+    out = {"nll": nll, "preds": preds, "prefill_s": prefill_s, "total_s": end - start,
+           "decode_s": end - start - prefill_s, "cache": cache}
     if options is not None:
         rep.record_cache(cache)
         ratios = rep.kept_ratios()
@@ -111,7 +124,7 @@ def main() -> None:
         if args.only and name != "dense" and not any(key in name for key in args.only):
             continue
         results[name] = run(model, ids, args.context, options)
-        print(name, {k: v for k, v in results[name].items() if k not in ("nll", "preds")}, flush=True)
+        print(name, {k: v for k, v in results[name].items() if k not in ("nll", "preds", "cache")}, flush=True)
     dense = results["dense"]
     dense_ppl = math.exp(sum(dense["nll"]) / len(dense["nll"]))
     rows = []

@@ -26,11 +26,11 @@ Two implementations with the same signature:
   softmax, fp32) and writes them to a workspace; a second kernel merges all partials.
   fp32 inputs take an fp32-operand path (exact codes, IEEE dots) so that tests can be tight.
 
-Performance (H100, bits 4/2 at r = 0.5, ``bench/decode_attention.py``): 230-640 GB/s, i.e. 0.7-0.97x the time
-of bf16 SDPA decode on the same tokens while reading ~21% of its bytes. The kernel is instruction- and
-latency-bound (about 800 SASS instructions and 32 barriers per 64-slot block and thread, 168 registers =
-3 resident programs per SM), not bandwidth-bound; the tail path (bf16) runs at ~3 TB/s with the same
-skeleton.
+Performance (H100, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): 240-490 GB/s, i.e.
+0.54-0.88x the time of bf16 SDPA decode on the same tokens while reading ~21% of its bytes. The kernel is
+instruction- and latency-bound (about 800 SASS instructions and 32 barriers per 64-slot block and thread, 168
+registers = 3 resident programs per SM), not bandwidth-bound; the tail path (bf16) runs at ~3 TB/s with the
+same skeleton.
 
 Shapes: q ``[B, Hq, 1, d]`` with ``Hq = H * n_rep`` (query head ``h * n_rep + r`` reads KV head ``h``);
 output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 4, 8}.
