@@ -152,3 +152,55 @@ def test_simulate_mode_matches_packed_cache():
         plain = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                output_logits=True, return_dict_in_generate=True)
     assert not torch.allclose(torch.stack(plain.logits), logits[0], atol=1e-3)  # the quantisation is applied
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_prefill_compacts_each_layer_once_the_next_begins(inner):
+    """Peak memory: inside the prefill graph a layer's worst-case segments shrink when the next layer starts."""
+    import transformers as T
+
+    from zipvl_compile.models import TXT
+
+    _reset()
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**{**TXT, "num_hidden_layers": 4})).eval()
+    reference = T.LlamaForCausalLM(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    ids = _ids(300)
+    forward = torch.compile(model.forward, backend="zipvl", options={"tau": 0.9, "min_keep": 4, "inner": inner})
+    caches = [ZipVLCache(m, max_cache_len=310) for m in (model, reference)]
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        forward(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=caches[0])
+        reference(input_ids=ids, past_key_values=caches[1])  # uncompiled: every token to hi
+    assert len({s.graph_id for s in zipvl_compile.report().sites}) == 1  # one prefill graph, no break
+    layers = [layer for _, layer in caches[0].packed_layers()]
+    assert [layer.compacted for layer in layers] == [True, True, True, False]
+    reserve = layers[0].capacity(300) - 320
+    for layer in layers[:3]:
+        for seg in (layer.hi, layer.lo):
+            assert seg[6].shape[1] == int(seg[7].max()) + reserve and seg[1].shape[2] == seg[6].shape[1] // 64
+        hi, lo, _ = layer.token_counts()
+        assert 0 < hi < 300 and hi + lo == 300
+    assert layers[3].hi[6].shape[1] == layers[3].capacity(300)  # the last layer: compacted after the forward
+    caches[0].compact()
+    assert all(layer.compacted for layer in layers)
+    eager = [layer for _, layer in caches[1].packed_layers()]
+    assert all(layer.compacted for layer in eager[:3]) and eager[0].token_counts()[:2] == (300, 0)
+    assert all(e.lo[6].shape[1] == reserve for e in eager[:3])  # nothing in lo: reserve only
+
+
+def test_prefill_compaction_with_dynamic_lengths():
+    """Prompt and cache lengths vary between generates: the prefill graph turns dynamic, compaction stays in it."""
+    _reset()
+    model = build_text("llama")
+    zipvl_compile.compile(model, tau=0.9, min_keep=4, inner="eager")
+    with torch.no_grad():
+        for n, new in ((40, 3), (57, 6), (75, 4)):
+            out = model.generate(input_ids=_ids(n, seed=n), max_new_tokens=new, do_sample=False)
+            assert out.shape[1] == n + new
+            layers = [layer for _, layer in zipvl_compile.report().cache.packed_layers()]
+            assert all(layer.compacted for layer in layers)
+            hi, lo, _ = layers[0].token_counts()
+            assert hi + lo == n and lo > 0
+    prefill_graphs = {s.graph_id for s in zipvl_compile.report().sites if s.kind == "prefill"}
+    assert len(prefill_graphs) == 2  # the first lengths, then one dynamic graph: no graph break, no more compiles

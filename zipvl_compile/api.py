@@ -35,10 +35,13 @@ def compile(model: torch.nn.Module, **options: Any) -> torch.nn.Module:  # noqa:
 
 
 def _compacting(original: Any, compiled: Any) -> Any:
-    """``compiled``, followed by :meth:`ZipVLCache.compact` once a prefill has filled a ZipVLCache."""
+    """``compiled``, followed by :meth:`ZipVLCache.compact` once a prefill has filled a ZipVLCache. Dynamo captures
+    data-dependent output shapes during the call, so that a ZipVLCache compacts each layer inside the prefill
+    graph as soon as the next one starts (peak memory: two layers at worst-case size, not all of them)."""
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        out = compiled(*args, **kwargs)
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            out = compiled(*args, **kwargs)
         cache = kwargs.get("past_key_values")
         if isinstance(cache, ZipVLCache):
             cache.compact()

@@ -82,24 +82,25 @@ class ZipVLLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def compact(self) -> None:
-        """Shrink each segment to the slots the prefill filled plus the decode blocks' reserve.
+        """Shrink each segment to the slots the prefill filled plus the decode blocks' reserve (``zipvl.kv_shrink``).
 
-        Run once after the prefill, outside any graph (it reads the fill counts on the host): the prefill
-        sizes both segments for the worst case (every token kept, or none); the kept set is known after it.
-        The buffers are then marked as static addresses: decode graphs mutate them in place, which CUDA
-        graphs allow only for static inputs (unguarded: a new cache re-records, it does not recompile).
+        The prefill sizes both segments for the worst case (every token kept, or none); the kept set is known
+        after its write. :class:`ZipVLCache` compacts a layer as soon as the next layer's prefill begins (inside
+        the prefill graph when compiled), so at most two layers hold worst-case segments at a time; the last
+        layer is compacted by :meth:`ZipVLCache.compact` after the forward.
         """
         if self.compacted or not self.is_initialized:
             return
         reserve = self.capacity(self.prompt_len) - _round_up(self.prompt_len, GROUP)
-        for seg in (self.hi, self.lo):
-            cap = min(int(seg[7].max()) + reserve, seg[6].shape[1])
-            for i, dim in enumerate((2, 2, 2, 2, 2, 2, 1)):
-                size = cap // GROUP if i in (1, 2) else cap
-                seg[i] = seg[i].narrow(dim, 0, size).clone()
+        self.hi = ops.kv_shrink(self.hi, reserve)
+        self.lo = ops.kv_shrink(self.lo, reserve)
+        self.compacted = True
+
+    def mark_static(self) -> None:
+        """Mark the buffers as static addresses (outside graphs): decode graphs mutate them in place, which CUDA
+        graphs allow only for static inputs (unguarded: a new cache re-records, it does not recompile)."""
         for buf in self.buffers():
             torch._dynamo.mark_static_address(buf)
-        self.compacted = True
 
     def buffers(self) -> list[torch.Tensor]:
         return [*self.hi, *self.lo, *self.tail, self.length]
@@ -117,7 +118,7 @@ class ZipVLLayer(CacheLayerMixin):
         if t != 1:
             raise NotImplementedError("ZipVLCache: after the prefill, tokens are appended one at a time")
         if not self.compacted and not torch.compiler.is_compiling():
-            self.compact()  # uncompiled use: the first decode step compacts (compiled: ZipVLCache.compact())
+            self.compact()  # the last layer, uncompiled: the first decode step compacts it
         ops.kv_recompress_(self.hi, self.lo, self.tail, None, 1.0, 1, 1.0, self.hi_bits, self.lo_bits)
         ops.kv_append_(self.tail, key_states, value_states, pos.expand(batch))
         self.length.add_(1)
@@ -196,10 +197,28 @@ class ZipVLCache(Cache):
                 layers.append(ZipVLLayer(max_cache_len, hi_bits, lo_bits, recompress_interval))
         super().__init__(layers=layers)
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' ``Cache.update``; a packed layer's prefill first compacts the packed layer before it.
+
+        In a graph, only when Dynamo captures data-dependent output shapes (``capture_dynamic_output_shape_ops``,
+        set by :func:`zipvl_compile.compile` around its calls): otherwise the compaction would break the graph,
+        and every layer is compacted after the forward instead (:meth:`compact`).
+        """
+        layer = self.layers[layer_idx]
+        in_graph_ok = not torch.compiler.is_compiling() or torch._dynamo.config.capture_dynamic_output_shape_ops
+        if isinstance(layer, ZipVLLayer) and not layer.is_initialized and in_graph_ok:
+            done = [other for i, other in self.packed_layers() if i < layer_idx and other.is_initialized]
+            if done:
+                done[-1].compact()
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def compact(self) -> None:
-        """Shrink every packed layer's segments after a prefill (see :meth:`ZipVLLayer.compact`)."""
+        """After a prefill, outside graphs: compact every packed layer not yet compacted (see
+        :meth:`ZipVLLayer.compact`) and mark the buffers static for CUDA graphs."""
         for _, layer in self.packed_layers():
             layer.compact()
+            layer.mark_static()
 
     def packed_layers(self) -> list[tuple[int, ZipVLLayer]]:
         return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, ZipVLLayer)]

@@ -17,6 +17,7 @@ from zipvl_compile.runtime import packed, stats
 from zipvl_compile.runtime import sparse as sparse_impl
 from zipvl_compile.runtime.kernels.decode import Segment
 from zipvl_compile.runtime.kernels.decode import decode_attention as decode_attention_impl
+from zipvl_compile.runtime.quant import GROUP
 from zipvl_compile.runtime.reference import dense_attention
 
 NAMESPACE = "zipvl"
@@ -124,6 +125,27 @@ kv_recompress_ = define_op("kv_recompress_", _kv_recompress, _no_result, mutates
                            triton=True)
 """zipvl::kv_recompress_(hi, lo, tail (all mutated), q [B,Hq,1,d]?, scale, n_rep, tau, hi_bits, lo_bits):
 quantise the tail block of rows whose tail is full, scored with q (runtime.packed.recompress_)."""
+
+
+def _kv_shrink(seg: list[torch.Tensor], reserve: int) -> list[torch.Tensor]:
+    return packed.shrink(seg, reserve)
+
+
+def _kv_shrink_fake(seg: list[torch.Tensor], reserve: int) -> list[torch.Tensor]:
+    groups = torch.library.get_ctx().new_dynamic_size()
+    slots = groups * GROUP
+    out = []
+    for i, t in enumerate(seg[:7]):
+        size = groups if i in (1, 2) else slots
+        shape = list(t.shape)
+        shape[1 if i == 6 else 2] = size
+        out.append(t.new_empty(shape))
+    return out + [torch.empty_like(seg[7])]
+
+
+kv_shrink = define_op("kv_shrink", _kv_shrink, _kv_shrink_fake)
+"""zipvl::kv_shrink(seg, reserve) -> seg': a copy of a packed segment cut to its filled slots plus ``reserve``
+(runtime.packed.shrink; the size is data-dependent: one host read of ``fill``)."""
 
 
 def _kv_dense_view(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int,

@@ -73,6 +73,19 @@ def recompress_(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch
     tail_len.masked_fill_(full, 0)
 
 
+def shrink(seg: list[torch.Tensor], reserve: int) -> list[torch.Tensor]:
+    """A copy of a segment cut to the slots its rows filled (the largest ``fill``) plus ``reserve`` more, at most
+    its capacity. Reads ``fill`` on the host (one sync): the kept set of a prefill is known only on the device.
+    ``reserve`` is a multiple of GROUP, so the cut falls on a key-group boundary."""
+    capacity = seg[6].shape[1]
+    cap = min(int(seg[7].max()) + reserve, capacity)
+    out = []
+    for i, t in enumerate(seg[:7]):
+        size = cap // GROUP if i in (1, 2) else cap
+        out.append(t.narrow(1 if i == 6 else 2, 0, size).clone())
+    return out + [seg[7].clone()]
+
+
 def dense_view(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int,
                hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantised K/V ``[B, H, length, d]`` in position order (zeros where nothing is cached).
