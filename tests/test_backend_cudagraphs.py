@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from tiny_models import build_text
@@ -15,11 +17,12 @@ def test_drop_unused_inputs_keeps_the_calling_convention():
     x, _, _, y = (graph.placeholder(name) for name in ("x", "dead_mask", "dead_len", "y"))
     graph.output(graph.call_function(torch.add, (x, y)))
     gm = fx.GraphModule(torch.nn.Module(), graph)
-    used = _drop_unused_inputs(gm)
+    pruned, used = _drop_unused_inputs(gm)
     assert used == [0, 3]
-    assert [node.name for node in gm.graph.nodes if node.op == "placeholder"] == ["x", "y"]
+    assert [node.name for node in pruned.graph.nodes if node.op == "placeholder"] == ["x", "y"]
+    assert len([node for node in gm.graph.nodes if node.op == "placeholder"]) == 4  # Dynamo's graph untouched
     args = (torch.ones(2), torch.zeros(5), 5, torch.full((2,), 2.0))
-    torch.testing.assert_close(gm(*[args[i] for i in used]), torch.full((2,), 3.0))
+    torch.testing.assert_close(pruned(*[args[i] for i in used]), torch.full((2,), 3.0))
 
 
 def test_cudagraphs_decision_is_reported_per_graph():
@@ -32,3 +35,34 @@ def test_cudagraphs_decision_is_reported_per_graph():
     graphs = zipvl_compile.report().graphs
     assert len(graphs) == 2 and all(g["cudagraphs"] is False for g in graphs)  # no CUDA device / eager inner
     assert "CUDA graphs" not in str(zipvl_compile.report())
+
+
+def test_pruned_dynamo_graph_keeps_static_input_metadata():
+    """AOTAutograd finds the static inputs (the cache buffers CUDA graphs may mutate) of the pruned copy."""
+    from torch._functorch._aot_autograd.frontend_utils import _try_get_metadata_from_dynamo
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        add = next(n for n in gm.graph.nodes if n.target in (torch.add, operator.add))
+        total = add.args[1]  # dead.sum()
+        add.replace_all_uses_with(add.args[0])  # what a rewrite does: the second input's only use goes away
+        gm.graph.erase_node(add)
+        gm.graph.erase_node(total)
+        seen["original"] = _try_get_metadata_from_dynamo(gm, {}.keys(), len(example_inputs), [])[1]
+        seen["pruned"], seen["used"] = _drop_unused_inputs(gm)
+        return gm.forward
+
+    def f(cache, dead, x):
+        cache.add_(1)
+        return x * 2 + dead.sum()
+
+    torch._dynamo.reset()
+    cache, dead, x = torch.zeros(4), torch.ones(3), torch.ones(4)
+    torch._dynamo.mark_static_address(cache)
+    torch.compile(f, backend=backend)(cache, dead, x)
+    pruned, used = seen["pruned"], seen["used"]
+    placeholders = [n.name for n in pruned.graph.nodes if n.op == "placeholder"]
+    assert len(used) == len(placeholders) == 2 and "dead" not in " ".join(placeholders)
+    static = _try_get_metadata_from_dynamo(pruned, {}.keys(), len(used), [])[1]
+    assert seen["original"] == [0] and static == [0]  # the cache, still found static

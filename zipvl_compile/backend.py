@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -58,23 +59,32 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ZipVLConfig
 
     if not cudagraphs:
         return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": False})
-    used = _drop_unused_inputs(gm)
-    compiled = compile_fx(gm, [example_inputs[i] for i in used], config_patches={"triton.cudagraphs": True})
+    pruned, used = _drop_unused_inputs(gm)
+    if len(used) == len(example_inputs):
+        return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
+    compiled = compile_fx(pruned, [example_inputs[i] for i in used], config_patches={"triton.cudagraphs": True})
     return lambda *args: compiled(*[args[i] for i in used])
 
 
-def _drop_unused_inputs(gm: fx.GraphModule) -> list[int]:
-    """Erase the placeholders nothing reads (after the rewrite, e.g. a decode step's padding mask and its
-    length); returns the indices of those kept. CUDA graph trees record one graph per distinct value of the
-    integer inputs: a dead, growing mask length would otherwise record a new graph at every decode step."""
+def _drop_unused_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]:
+    """A copy of ``gm`` (same submodules, own graph) without the placeholders nothing reads (after the rewrite,
+    e.g. a decode step's padding mask and its length), and the indices of the inputs it keeps. CUDA graph trees
+    record one graph per distinct value of the integer inputs: a dead, growing mask length would otherwise
+    record a new graph at every decode step. Dynamo's own graph keeps its calling convention."""
+    graph = copy.deepcopy(gm.graph)
     used = []
-    for i, node in enumerate([n for n in gm.graph.nodes if n.op == "placeholder"]):
+    for i, (old, node) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder"))):
         if node.users:
             used.append(i)
+            if hasattr(old, "_dynamo_source"):  # what AOTAutograd reads to find static inputs (cache buffers)
+                node._dynamo_source = old._dynamo_source
         else:
-            gm.graph.erase_node(node)
-    gm.recompile()
-    return used
+            graph.erase_node(node)
+    pruned = fx.GraphModule(gm, graph)
+    pruned.meta.update(gm.meta)  # "dynamo_compile_id": marks a Dynamo graph
+    if hasattr(gm, "_param_name_to_source"):
+        pruned._param_name_to_source = gm._param_name_to_source
+    return pruned, used
 
 
 def register() -> None:
