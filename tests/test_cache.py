@@ -204,3 +204,19 @@ def test_prefill_compaction_with_dynamic_lengths():
             assert hi + lo == n and lo > 0
     prefill_graphs = {s.graph_id for s in zipvl_compile.report().sites if s.kind == "prefill"}
     assert len(prefill_graphs) == 2  # the first lengths, then one dynamic graph: no graph break, no more compiles
+
+
+@pytest.mark.slow
+def test_prefill_compaction_through_inductor():
+    """The data-dependent kv_shrink inside prefill graphs compiled by Inductor (static, then dynamic lengths)."""
+    _reset()
+    compiled, reference = build_text("llama"), build_text("llama")
+    zipvl_compile.compile(compiled, tau=0.9, min_keep=4, inner="inductor")
+    zipvl_compile.compile(reference, tau=0.9, min_keep=4, inner="eager")
+    with torch.no_grad():
+        for n in (40, 57):
+            ids = _ids(n, seed=n)
+            want = reference.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+            got = compiled.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+            assert torch.equal(got, want)
+            assert all(layer.compacted for _, layer in zipvl_compile.report().cache.packed_layers())
