@@ -27,6 +27,7 @@ import torch
 import transformers as T
 
 from bench._timing import device_name, markdown_table, write_json
+from bench.peers import cache_nbytes
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=140000,
@@ -34,15 +35,6 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096)
 ZIPVL = dict(hi_bits=4, lo_bits=2, force_ratio=0.5)
-
-
-def _cache_bytes(cache: object) -> int:
-    """Bytes of every tensor a cache holds (its layers' buffers, whatever the cache class)."""
-    from zipvl_compile import ZipVLCache
-
-    if isinstance(cache, ZipVLCache):
-        return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def _sync(device: str) -> None:
@@ -72,7 +64,7 @@ def run_hf_eager(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
         first = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
         step = lambda tok, pos: model(input_ids=tok, past_key_values=cache).logits[:, -1]
         seconds, tokens = _decode(step, first, ids.shape[1], warmup, steps, ids.device.type)
-    return dict(seconds=seconds, tokens=tokens, kv_bytes=_cache_bytes(cache))
+    return dict(seconds=seconds, tokens=tokens, kv_bytes=cache_nbytes(cache))
 
 
 def run_hf_static_compiled(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
@@ -86,7 +78,7 @@ def run_hf_static_compiled(model, ids: torch.Tensor, warmup: int, steps: int) ->
         step = lambda tok, pos: forward(input_ids=tok, past_key_values=cache,
                                         cache_position=positions[pos:pos + 1]).logits[:, -1].clone()
         seconds, tokens = _decode(step, first, n, warmup, steps, ids.device.type)
-    return dict(seconds=seconds, tokens=tokens, kv_bytes=_cache_bytes(cache))
+    return dict(seconds=seconds, tokens=tokens, kv_bytes=cache_nbytes(cache))
 
 
 def run_zipvl(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
@@ -107,7 +99,7 @@ def run_zipvl(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
     rep = zipvl_compile.report()
     rep.record_cache(cache)
     decode_ops = {s.op for s in rep.sites if s.kind == "decode"}
-    return dict(seconds=seconds, tokens=tokens, kv_bytes=_cache_bytes(cache), decode_ops=sorted(map(str, decode_ops)),
+    return dict(seconds=seconds, tokens=tokens, kv_bytes=cache_nbytes(cache), decode_ops=sorted(map(str, decode_ops)),
                 cudagraph_graphs=[i for i, g in enumerate(rep.graphs) if g.get("cudagraphs")])
 
 

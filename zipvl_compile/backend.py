@@ -60,17 +60,18 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ZipVLConfig
     if not cudagraphs:
         return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": False})
     pruned, used = _drop_unused_inputs(gm)
-    if len(used) == len(example_inputs):
-        return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
     compiled = compile_fx(pruned, [example_inputs[i] for i in used], config_patches={"triton.cudagraphs": True})
-    return lambda *args: compiled(*[args[i] for i in used])
+    return compiled if pruned is gm else lambda *args: compiled(*[args[i] for i in used])
 
 
 def _drop_unused_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]:
     """A copy of ``gm`` (same submodules, own graph) without the placeholders nothing reads (after the rewrite,
     e.g. a decode step's padding mask and its length), and the indices of the inputs it keeps. CUDA graph trees
     record one graph per distinct value of the integer inputs: a dead, growing mask length would otherwise
-    record a new graph at every decode step. Dynamo's own graph keeps its calling convention."""
+    record a new graph at every decode step. Dynamo's own graph keeps its calling convention; when every input
+    is read, ``gm`` itself is returned."""
+    if all(node.users for node in gm.graph.find_nodes(op="placeholder")):
+        return gm, list(range(len(gm.graph.find_nodes(op="placeholder"))))
     graph = copy.deepcopy(gm.graph)
     used = []
     for i, (old, node) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder"))):

@@ -98,7 +98,13 @@ class ZipVLLayer(CacheLayerMixin):
 
     def mark_static(self) -> None:
         """Mark the buffers as static addresses (outside graphs): decode graphs mutate them in place, which CUDA
-        graphs allow only for static inputs (unguarded: a new cache re-records, it does not recompile)."""
+        graphs allow only for static inputs (unguarded: a new cache re-records, it does not recompile).
+
+        Once per set of buffers: every allocation (prefill, compaction) replaces ``hi``, and all buffers are
+        marked together, so a marked ``hi[0]`` means nothing is left to mark (this runs after every forward).
+        """
+        if not self.is_initialized or hasattr(self.hi[0], "_dynamo_static_input_type"):
+            return
         for buf in self.buffers():
             torch._dynamo.mark_static_address(buf)
 
@@ -206,8 +212,8 @@ class ZipVLCache(Cache):
         and every layer is compacted after the forward instead (:meth:`compact`).
         """
         layer = self.layers[layer_idx]
-        in_graph_ok = not torch.compiler.is_compiling() or torch._dynamo.config.capture_dynamic_output_shape_ops
-        if isinstance(layer, ZipVLLayer) and not layer.is_initialized and in_graph_ok:
+        if isinstance(layer, ZipVLLayer) and not layer.is_initialized and (
+                not torch.compiler.is_compiling() or torch._dynamo.config.capture_dynamic_output_shape_ops):
             done = [other for i, other in self.packed_layers() if i < layer_idx and other.is_initialized]
             if done:
                 done[-1].compact()

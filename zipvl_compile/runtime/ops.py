@@ -132,15 +132,8 @@ def _kv_shrink(seg: list[torch.Tensor], reserve: int) -> list[torch.Tensor]:
 
 
 def _kv_shrink_fake(seg: list[torch.Tensor], reserve: int) -> list[torch.Tensor]:
-    groups = torch.library.get_ctx().new_dynamic_size()
-    slots = groups * GROUP
-    out = []
-    for i, t in enumerate(seg[:7]):
-        size = groups if i in (1, 2) else slots
-        shape = list(t.shape)
-        shape[1 if i == 6 else 2] = size
-        out.append(t.new_empty(shape))
-    return out + [torch.empty_like(seg[7])]
+    slots = torch.library.get_ctx().new_dynamic_size() * GROUP
+    return [t.new_empty(packed.cut_shape(i, t, slots)) for i, t in enumerate(seg[:7])] + [torch.empty_like(seg[7])]
 
 
 kv_shrink = define_op("kv_shrink", _kv_shrink, _kv_shrink_fake)

@@ -73,17 +73,23 @@ def recompress_(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch
     tail_len.masked_fill_(full, 0)
 
 
+_SLOT_DIM = (2, 2, 2, 2, 2, 2, 1)  # the slot axis of k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos
+
+
+def cut_shape(index: int, t: torch.Tensor, slots: int | torch.SymInt) -> list:
+    """Shape of segment tensor ``index`` (< 7; ``fill`` has no slot axis) holding ``slots`` slots: the key
+    scale/zero count groups of GROUP slots, the others slots."""
+    shape = list(t.shape)
+    shape[_SLOT_DIM[index]] = slots // GROUP if index in (1, 2) else slots
+    return shape
+
+
 def shrink(seg: list[torch.Tensor], reserve: int) -> list[torch.Tensor]:
     """A copy of a segment cut to the slots its rows filled (the largest ``fill``) plus ``reserve`` more, at most
     its capacity. Reads ``fill`` on the host (one sync): the kept set of a prefill is known only on the device.
     ``reserve`` is a multiple of GROUP, so the cut falls on a key-group boundary."""
-    capacity = seg[6].shape[1]
-    cap = min(int(seg[7].max()) + reserve, capacity)
-    out = []
-    for i, t in enumerate(seg[:7]):
-        size = cap // GROUP if i in (1, 2) else cap
-        out.append(t.narrow(1 if i == 6 else 2, 0, size).clone())
-    return out + [seg[7].clone()]
+    slots = min(int(seg[7].max()) + reserve, seg[6].shape[1])
+    return [t[tuple(map(slice, cut_shape(i, t, slots)))].clone() for i, t in enumerate(seg[:7])] + [seg[7].clone()]
 
 
 def dense_view(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int,
