@@ -26,6 +26,9 @@ class ZipVLConfig:
     n_probe_recent / n_probe_random: probe queries per layer (last rows + seeded random rows).
     min_keep: floor on the kept count per sequence and layer.
     dense_layers: decoder layer indices that keep dense prefill attention.
+    local_window: 0 = spec §5 (attention among the kept tokens only, zero output at the others); w > 0 = every
+        query attends to the kept keys plus its w most recent keys (itself included), so no token's attention
+        output is zeroed (measured: far more accurate on text, BENCHMARKS.md).
     recompress_interval: decode tokens held unquantised before their block is scored and quantised.
     kv_mode: "packed" (ZipVLCache), "simulate" (quantise on write into a stock cache) or "off".
     inner: the compiler run on the rewritten graph.
@@ -42,6 +45,7 @@ class ZipVLConfig:
     n_probe_random: int = 64
     min_keep: int = 64
     dense_layers: tuple[int, ...] = ()
+    local_window: int = 0
     recompress_interval: int = 100
     kv_mode: str = "packed"
     inner: str = "inductor"
@@ -57,7 +61,7 @@ class ZipVLConfig:
                    key, getattr(self, key), f"one of {_BITS}")
         _check(self.lo_bits <= self.hi_bits, "lo_bits", self.lo_bits,
                f"a value <= hi_bits ({self.hi_bits})")
-        for key in ("n_probe_recent", "n_probe_random", "min_keep"):
+        for key in ("n_probe_recent", "n_probe_random", "min_keep", "local_window"):
             _check(_is_int(getattr(self, key)) and getattr(self, key) >= 0, key, getattr(self, key),
                    "an integer >= 0")
         _check(self.n_probe_recent + self.n_probe_random > 0, "n_probe_recent", self.n_probe_recent,

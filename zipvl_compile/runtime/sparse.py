@@ -10,7 +10,9 @@ Two stages, each the body of an op:
   subset of heads). Under tensor parallelism each rank holds a subset of the heads: the graph all-reduces
   colsum (sum) between the stages, so every rank selects from the scores of all heads.
 - :func:`sparse_attention_scored` -> (out [B, Hq, n, d], keep bool [B, n], ratio float32 [B]): Eqs. 6-8 on
-  the scores, then attention among the kept tokens; out is zero at every non-kept position.
+  the scores, then attention among the kept tokens; out is zero at every non-kept position. With
+  ``local_window`` w > 0 instead every valid query attends to the kept keys plus its w most recent keys
+  (kernels.local_attention): non-kept tokens get an attention output too (spec §5's zero is the default).
 :func:`sparse_attention` is both stages on one device (the single-device op).
 """
 
@@ -22,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index, kept_causal_attention
+from zipvl_compile.runtime.kernels.local_attention import local_attention, local_mask
 from zipvl_compile.runtime.kernels.probe import probe_colsum
 from zipvl_compile.runtime.reference import causal_mask, dense_attention
 from zipvl_compile.runtime.selection import choose_probes, select_tokens
@@ -65,9 +68,10 @@ def probe_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | Non
 
 def sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                             is_causal: bool, scale: float, n_rep: int, colsum: torch.Tensor,
-                            seen: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0
-                            ) -> Outputs:
-    """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention among kept tokens.
+                            seen: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0,
+                            local_window: int = 0) -> Outputs:
+    """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention among kept tokens
+    (``local_window`` > 0: every query over the kept keys and its window; see the module docstring).
 
     ``force_ratio``: benchmark-only, see :func:`select_tokens`.
     """
@@ -75,19 +79,20 @@ def sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
     is_causal, valid = _validity(q, attn_mask, is_causal)
     keep, ratio = _fused(select_tokens, q)(colsum, seen, valid, tau, min_keep, force_ratio)
-    return _attend(q, k, v, attn_mask, is_causal, scale, n_rep, keep), keep, ratio
+    return _attend(q, k, v, attn_mask, is_causal, scale, n_rep, keep, valid, local_window), keep, ratio
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                      is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
-                     n_probe_random: int, min_keep: int, seed: int, force_ratio: float = 0.0) -> Outputs:
+                     n_probe_random: int, min_keep: int, seed: int, force_ratio: float = 0.0,
+                     local_window: int = 0) -> Outputs:
     """ZipVL prefill attention on one device: :func:`probe_scores` then :func:`sparse_attention_scored`
     (no probe when every token is kept)."""
     if keeps_all(tau, force_ratio):
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
     colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
     return sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, tau, min_keep,
-                                   force_ratio)
+                                   force_ratio, local_window)
 
 
 _FUSED: dict = {}
@@ -138,15 +143,21 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-            scale: float, n_rep: int, keep: torch.Tensor) -> torch.Tensor:
-    """Attention among the kept tokens ``keep`` bool [B, n] -> [B, Hq, n, d], zero at non-kept rows."""
+            scale: float, n_rep: int, keep: torch.Tensor, valid: torch.Tensor, local_window: int) -> torch.Tensor:
+    """[B, Hq, n, d]: attention among the kept tokens ``keep`` bool [B, n], zero at non-kept rows; with
+    ``local_window`` > 0 every valid query over the kept keys and its window, zero at padding rows."""
     if is_causal and is_key_padding(attn_mask):
+        if local_window > 0:
+            return local_attention(q, k, v, keep, valid, local_window, scale, n_rep)
         idx, count = _fused(keep_to_index, q)(keep)
         return kept_causal_attention(q, k, v, idx, count, scale, n_rep)
     batch, n = keep.shape
-    pair = keep[:, None, :, None] & keep[:, None, None, :]
+    if local_window > 0:
+        rows, pair = valid, local_mask(keep, valid, local_window)
+    else:
+        rows, pair = keep, keep[:, None, :, None] & keep[:, None, None, :]
     out = dense_attention(q, k, v, attn_mask.expand(batch, 1, n, n) & pair, is_causal, scale, n_rep)
-    return torch.where(keep[:, None, :, None], out, 0)
+    return torch.where(rows[:, None, :, None], out, 0)
 
 
 def _masked_probe_colsum(q_probe: torch.Tensor, k: torch.Tensor, probes: torch.Tensor,
