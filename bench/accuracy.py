@@ -32,6 +32,12 @@ CONFIGS = [
     ("zipvl tau=0.975 8/4", dict(tau=0.975, hi_bits=8, lo_bits=4)),
     ("zipvl tau=0.975, stock DynamicCache (sparse prefill only)", dict(tau=0.975, kv_mode="off")),
     ("zipvl tau=1.0 4/2 (KV quantisation only)", dict(tau=1.0, hi_bits=4, lo_bits=2)),
+    # local_window: every query also sees the kept keys plus its 64 most recent keys (no zeroed tokens)
+    ("zipvl tau=0.975 4/2 local_window=64", dict(tau=0.975, hi_bits=4, lo_bits=2, local_window=64)),
+    ("zipvl tau=0.96 4/2 local_window=64", dict(tau=0.96, hi_bits=4, lo_bits=2, local_window=64)),
+    ("zipvl tau=0.975 8/4 local_window=64", dict(tau=0.975, hi_bits=8, lo_bits=4, local_window=64)),
+    ("zipvl tau=0.975 local_window=64, stock DynamicCache (sparse prefill only)",
+     dict(tau=0.975, kv_mode="off", local_window=64)),
 ]
 
 

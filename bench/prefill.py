@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[32768, 65536])
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--rep-ms", type=float, default=2000)
+    parser.add_argument("--local-window", type=int, default=0, help="zipvl's local_window option")
     args = parser.parse_args()
     import zipvl_compile
 
@@ -90,7 +91,7 @@ def main() -> None:
     model = _model(config, "sdpa", device, dtype)
     for n in lengths:
         ids = torch.randint(0, config["vocab_size"], (1, n), device=device)
-        row: dict = {"n": n, "ratio": args.ratio}
+        row: dict = {"n": n, "ratio": args.ratio, "local_window": args.local_window}
         for attn in variants:
             model.set_attn_implementation(attn)
             row[f"hf_{attn}_ms"], row[f"hf_{attn}_peak_mb"] = _time(model, ids, args.rep_ms)
@@ -98,7 +99,8 @@ def main() -> None:
         torch._dynamo.reset()
         zipvl_compile.reset_report()
         compiled = torch.compile(model, backend="zipvl", dynamic=False,
-                                 options={"inner": "eager", "force_ratio": args.ratio, "tau": 0.975})
+                                 options={"inner": "eager", "force_ratio": args.ratio, "tau": 0.975,
+                                          "local_window": args.local_window})
         row["zipvl_ms"], row["zipvl_peak_mb"] = _time(compiled, ids, args.rep_ms)
         row["zipvl_kept_ratio"] = round(sum(zipvl_compile.report().kept_ratios().values())
                                         / max(1, len(zipvl_compile.report().kept_ratios())), 4)
@@ -107,8 +109,8 @@ def main() -> None:
             row["speedup_vs_fa4"] = row["hf_fa4_ms"] / row["zipvl_ms"]
         rows.append(row)
         print(row, flush=True)
-    columns = ["n", "ratio", "zipvl_kept_ratio", "hf_sdpa_ms", "hf_fa4_ms", "zipvl_ms", "speedup_vs_sdpa",
-               "speedup_vs_fa4", "hf_sdpa_peak_mb", "hf_fa4_peak_mb", "zipvl_peak_mb"]
+    columns = ["n", "ratio", "local_window", "zipvl_kept_ratio", "hf_sdpa_ms", "hf_fa4_ms", "zipvl_ms",
+               "speedup_vs_sdpa", "speedup_vs_fa4", "hf_sdpa_peak_mb", "hf_fa4_peak_mb", "zipvl_peak_mb"]
     print(markdown_table(rows, columns))
     write_json("prefill_e2e.json", {"date": datetime.date.today().isoformat(), "device": device_name(),
                                     "torch": torch.__version__, "rows": rows})

@@ -12,7 +12,9 @@ For each shape (Qwen2-7B: 28 query / 4 KV heads; LLaVA-Next-7B: 32 / 32; d = 128
   -> varlen causal kernel -> scatter) for every varlen backend, eager and replayed from a CUDA graph, plus
   its stages alone (pack, varlen kernel on packed buffers, unpack) and its peak extra memory;
 - probe + select (choose_probes, probe_colsum, select_tokens, keep_to_index) at the project's defaults,
-  when those modules are importable.
+  when those modules are importable;
+- the ``local_window`` prefill (every query over the same kept keys plus its ``--local-window`` most recent
+  keys, one Triton kernel): ``local_ms`` and ``local_vs_dense`` (its ideal is (r + (1 - r) * w / n) x dense).
 Reported: best dense time, sparse time, ideal = r^2 x dense, sparse / ideal (target <= 1.18 at 32k), and
 probe + select as % of dense. Prints a markdown table; writes $OUT/prefill_attention.json when $OUT is set.
 Every measurement is guarded: a backend that fails records its error and the run goes on.
@@ -36,10 +38,12 @@ from zipvl_compile.runtime.kernels.kept_attention import (
     available_backends,
     keep_to_index,
     kept_causal_attention,
+    kept_mask,
     pack_kept,
     unpack_kept,
     varlen_attention,
 )
+from zipvl_compile.runtime.kernels.local_attention import local_attention
 
 SHAPES = {"qwen2-7b": (28, 4, 128), "llava-next-7b": (32, 32, 128)}  # (Hq, Hkv, d)
 LENGTHS = (8192, 16384, 32768, 65536)
@@ -203,8 +207,20 @@ def time_sparse(t: Inputs, idx: torch.Tensor, count: torch.Tensor, kernels: list
     return res
 
 
+def time_local(t: Inputs, idx: torch.Tensor, count: torch.Tensor, window: int, errors: dict[str, str]
+               ) -> float | None:
+    """ms of the local_window prefill attention on the kept set (idx, count); None when window is 0."""
+    if window <= 0:
+        return None
+    q, k, v = t.bhsd()
+    keep = kept_mask(idx, count)
+    valid = torch.ones_like(keep)
+    return _guard(lambda: median_ms(lambda: local_attention(q, k, v, keep, valid, window, t.scale, t.n_rep)),
+                  errors, "local")
+
+
 def bench_length(name: str, heads: tuple[int, int, int], n: int, ratios: tuple[float, ...],
-                 dtype: torch.dtype, device: str, no_graph: set[str]) -> list[dict]:
+                 dtype: torch.dtype, device: str, no_graph: set[str], window: int) -> list[dict]:
     """All measurements of one (shape, n); returns one result dict per kept ratio."""
     t = Inputs.random(heads, n, dtype, device)
     errors: dict[str, str] = {}
@@ -222,6 +238,7 @@ def bench_length(name: str, heads: tuple[int, int, int], n: int, ratios: tuple[f
         idx, count = random_kept(n, ratio, device, seed=n + round(ratio * 1000))
         r = round(ratio * n) / n
         sparse = time_sparse(t, idx, count, kernels, errors, no_graph)
+        local_ms = time_local(t, idx, count, window, errors)
         ideal = r * r * dense_ms if dense_ms else None
         rows.append(dict(
             shape=name, heads=f"{heads[0]}/{heads[1]}", n=n, r=round(r, 4), dense_backend=dense_backend,
@@ -229,7 +246,8 @@ def bench_length(name: str, heads: tuple[int, int, int], n: int, ratios: tuple[f
             ratio=_div(sparse.get("sparse_ms"), ideal),
             ratio_graph=_div(sparse.get("sparse_graph_ms"), ideal),
             kernel_ratio=_div(sparse.get("kernel_ms"), ideal), probe_select_ms=probe_ms, probe_stage_ms=stage_ms,
-            probe_pct_of_dense=_div(probe_ms, dense_ms, 100.0), errors=dict(errors)))
+            probe_pct_of_dense=_div(probe_ms, dense_ms, 100.0), local_window=window, local_ms=local_ms,
+            local_vs_dense=_div(local_ms, dense_ms), errors=dict(errors)))
         print(f"  {name} n={n} r={r:.2f}: dense {dense_ms} ms ({dense_backend}), sparse "
               f"{sparse.get('sparse_ms')} ms ({sparse['sparse_backend']}), ratio {rows[-1]['ratio']}, "
               f"probe stages {stage_ms}",
@@ -239,7 +257,7 @@ def bench_length(name: str, heads: tuple[int, int, int], n: int, ratios: tuple[f
 
 COLUMNS = ["shape", "n", "r", "dense_backend", "dense_ms", "sparse_backend", "sparse_ms", "sparse_graph_ms",
            "ideal_ms", "ratio", "ratio_graph", "kernel_ratio", "pack_ms", "unpack_ms", "probe_select_ms",
-           "probe_pct_of_dense"]
+           "probe_pct_of_dense", "local_ms", "local_vs_dense"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -248,6 +266,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lengths", type=int, nargs="+", help="override the sequence lengths")
     parser.add_argument("--shapes", nargs="+", help="subset of the shape names")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument("--local-window", type=int, default=64, help="window of the local_window timing (0: off)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -262,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     no_graph: set[str] = set()
     for name, heads in shapes.items():
         for n in lengths:
-            rows += bench_length(name, heads, n, tuple(args.ratios), dtype, device, no_graph)
+            rows += bench_length(name, heads, n, tuple(args.ratios), dtype, device, no_graph, args.local_window)
             if device == "cuda":
                 torch.cuda.empty_cache()
     elapsed = time.time() - start

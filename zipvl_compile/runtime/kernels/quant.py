@@ -28,10 +28,18 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from zipvl_compile.runtime.quant import GROUP, SCALE_FLOOR, advance_fill_, max_code, staging_index
+from zipvl_compile.runtime.quant import (
+    GROUP,
+    KEY_SHRINK_STEPS,
+    SCALE_FLOOR,
+    advance_fill_,
+    max_code,
+    staging_index,
+)
 
 _ROWS = GROUP  # slots per program
 _FLOOR = tl.constexpr(SCALE_FLOOR)  # globals read inside @triton.jit must be constexpr
+_SHRINK_STEPS = tl.constexpr(KEY_SHRINK_STEPS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,14 +119,35 @@ def _load_packed(base, rows, row_ok, d, BD: tl.constexpr, BITS: tl.constexpr):
 def _quantize_key_tile(x, row_ok, ROWS: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
     """Key group x fp32 [ROWS, BD] -> (packed uint8 [ROWS, BD*BITS//8], scale, zero fp16 [BD]).
 
-    Min/max per channel over the rows with row_ok; other rows get code 0.
+    Per channel, over the rows with row_ok: the least-squared-error range among the min/max range shrunk by
+    j/32 of it at each end (j < _SHRINK_STEPS, ties to the smaller j); other rows get code 0.
     """
     LEVELS: tl.constexpr = (1 << BITS) - 1
     lo = tl.min(tl.where(row_ok[:, None], x, float("inf")), axis=0)
     hi = tl.max(tl.where(row_ok[:, None], x, float("-inf")), axis=0)
+    unit = tl.where(lo <= hi, (hi - lo) * (1.0 / 32.0), 0.0)
+    delta = tl.zeros_like(lo)
     scale, zero = _params(lo, hi, LEVELS)
+    best = tl.sum(_key_error(x, row_ok, scale, zero, LEVELS), axis=0)
+    for _ in tl.static_range(1, _SHRINK_STEPS):
+        delta = delta + unit
+        s_j, z_j = _params(lo + delta, hi - delta, LEVELS)
+        err = tl.sum(_key_error(x, row_ok, s_j, z_j, LEVELS), axis=0)
+        better = err < best
+        best = tl.where(better, err, best)
+        scale = tl.where(better, s_j, scale)
+        zero = tl.where(better, z_j, zero)
     codes = tl.where(row_ok[:, None], _codes(x, scale[None, :], zero[None, :], LEVELS), 0)
     return _pack(codes, ROWS, BD, BITS), scale, zero
+
+
+@triton.jit
+def _key_error(x, row_ok, scale, zero, LEVELS: tl.constexpr):
+    """fp64 [ROWS, BD] squared error of x under the per-channel params (0 at rows without row_ok)."""
+    y = _codes(x, scale[None, :], zero[None, :], LEVELS).to(tl.float32) * scale.to(tl.float32)[None, :] \
+        + zero.to(tl.float32)[None, :]
+    e = tl.where(row_ok[:, None], y - x, 0.0).to(tl.float64)
+    return e * e
 
 
 @triton.jit
