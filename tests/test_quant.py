@@ -47,8 +47,9 @@ def _bound(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _key_bound(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    """Largest key error: :func:`_bound` plus the clip of a range shrunk by (KEY_SHRINK_STEPS - 1) / 32 of it."""
-    return _bound(lo, hi, bits) + (Q.KEY_SHRINK_STEPS - 1) / 32 * (hi - lo)
+    """Largest key error: :func:`_bound`, at 2 bits plus the clip of a range shrunk by (KEY_SHRINK_STEPS - 1) / 32
+    of it."""
+    return _bound(lo, hi, bits) + (Q.KEY_SHRINK_STEPS - 1) / 32 * (hi - lo) * (bits == 2)
 
 
 def _minmax_dequant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
@@ -112,6 +113,27 @@ def test_round_trip_error() -> None:
     assert all(rel[8][i] < rel[4][i] < rel[2][i] for i in range(2)), rel
 
 
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_two_bit_key_range_search(use_triton: bool) -> None:
+    """2-bit key params are those of one candidate range (min/max shrunk by j/32 of it at each end, j <
+    KEY_SHRINK_STEPS, built as the module documents), and some groups do clip (j > 0)."""
+    gen = torch.Generator().manual_seed(8)
+    k = _keys(gen, (1, 2, 128, 32))
+    valid = torch.rand(1, 128, generator=gen) > 0.2
+    _, scale, zero = Q.quantize_keys(k, valid, 2, use_triton=use_triton)
+    kg, ok = k.unflatten(2, (2, G)), valid.view(1, 1, 2, G, 1)
+    lo = kg.masked_fill(~ok, float("inf")).amin(3)
+    hi = kg.masked_fill(~ok, float("-inf")).amax(3)
+    chosen, delta = torch.full(lo.shape, -1), torch.zeros_like(lo)
+    for j in range(Q.KEY_SHRINK_STEPS):
+        delta = delta + (hi - lo) / 32 if j else delta
+        low, high = lo + delta, hi - delta
+        hit = (zero == low.half()) & (scale == ((high - low) * (1 / 3)).half()) & (chosen < 0)
+        chosen[hit] = j
+    assert (chosen >= 0).all()
+    assert (chosen > 0).any()
+
+
 CASES = [((2, 2, 128, 64), False), ((1, 3, 64, 80), True)]  # (shape, strided input); d = 80 pads to 128
 
 
@@ -161,13 +183,8 @@ def test_invalid_slots_and_constant_groups(use_triton: bool) -> None:
     lo = kg.masked_fill(~ok, float("inf")).amin(3)
     hi = kg.masked_fill(~ok, float("-inf")).amax(3)
     empty = ~ok.any(3).expand_as(lo)
-    # params are those of one of the candidate ranges: min/max shrunk by j/32 of it at each end
-    match, delta = torch.zeros_like(empty), torch.zeros_like(lo)
-    for j in range(Q.KEY_SHRINK_STEPS):
-        delta = delta + (hi - lo) / 32 if j else delta
-        low, high = lo + delta, hi - delta
-        match |= (zero == low.half()) & (scale == ((high - low) * (1 / 15)).half())
-    assert match[~empty].all()
+    assert torch.equal(zero[~empty], lo[~empty].half())
+    assert torch.equal(scale[~empty], ((hi - lo)[~empty] * (1 / 15)).half())
     assert not scale[empty].any() and not zero[empty].any() and empty.sum() == 2 * 64
 
     const = k.clone()

@@ -11,15 +11,17 @@ b bits in {2, 4, 8}):
 - Parameters (asymmetric, from a range [lo, hi]): ``zero = fp16(lo)``, ``scale = fp16((hi - lo) * fp32(1 /
   (2^b - 1)))``, ``code = clamp(floor((x - zero) / max(scale, 1e-8) + 0.5), 0, 2^b - 1)`` computed in fp32
   from the fp16-rounded parameters, and ``x ~ code * scale + zero``. Values: [lo, hi] = the token's min/max.
-  Keys: per channel and group, the min/max range of the valid slots shrunk about its centre by
-  ``j * (max - min) / 32`` at each end, j in 0..``KEY_SHRINK_STEPS - 1`` (j = 0 is plain min/max), whichever
-  gives the least squared error over the group's valid slots (summed in fp64; ties to the smaller j). At 2
-  bits that clips the few outlying slots of a group to give the bulk finer steps (measured on SmolLM2: +6.4%
-  -> +1.8% continuation perplexity at tau = 0.975 4/2, BENCHMARKS.md). Invalid slots get code 0; a group
-  with no valid slot stores scale = zero = 0. A zero-range group stores scale 0 and decodes to its ``zero``
-  exactly. The arithmetic is spelled out (shrinks built from exact power-of-two products and plain adds, a
-  multiplication by the fp32 reciprocal, a correctly rounded division, floor(y + 0.5), code * scale exact in
-  fp32) so that the Triton kernels reproduce the codes bit for bit whether or not the GPU fuses a multiply-add.
+  Keys: per channel and group, the min/max of the valid slots; at 2 bits, the range among min/max shrunk
+  about its centre by ``j * (max - min) / 32`` at each end, j in 0..``KEY_SHRINK_STEPS - 1`` (j = 0 is plain
+  min/max), that gives the least squared error over the group's valid slots (summed in fp64; ties to the
+  smaller j): it clips the few outlying slots of a group to give the bulk finer steps (measured on SmolLM2:
+  +6.4% -> +1.8% continuation perplexity at tau = 0.975 4/2, BENCHMARKS.md). The search costs ~2.7x the
+  write time (H100, 32k tokens x 32 heads: 3.5 ms vs 1.3 ms per segment write), so 4 and 8 bits skip it.
+  Invalid slots get code 0; a group with no valid slot stores scale = zero = 0. A zero-range group stores
+  scale 0 and decodes to its ``zero`` exactly. The arithmetic is spelled out (shrinks built from exact
+  power-of-two products and plain adds, a multiplication by the fp32 reciprocal, a correctly rounded
+  division, floor(y + 0.5), code * scale exact in fp32) so that the Triton kernels reproduce the codes bit for
+  bit whether or not the GPU fuses a multiply-add.
   Magnitudes beyond the fp16 range are not supported (the params would overflow).
 - ``pos``: int32 ``[B, C]``, the original position of each slot, -1 = empty; ``fill``: int32 ``[B]``, slots
   ``[0, fill)`` written. Writes start at a group boundary and take whole groups (see :func:`write_segment_`).
@@ -48,7 +50,7 @@ from types import ModuleType
 import torch
 
 GROUP = 64  # key quantisation group: consecutive slots of a segment
-KEY_SHRINK_STEPS = 7  # key ranges tried per group and channel: min/max shrunk by j/32 of it at each end, j < 7
+KEY_SHRINK_STEPS = 7  # 2-bit key ranges tried per group and channel: min/max shrunk by j/32 of it at each end
 SCALE_FLOOR = 1e-8  # divisor floor for zero-range groups (below the smallest fp16 subnormal, 6e-8)
 
 
@@ -101,20 +103,26 @@ def quantize_keys_reference(k: torch.Tensor, valid: torch.Tensor, bits: int
     ok = valid.view(batch, 1, t // GROUP, GROUP, 1)
     lo = x.masked_fill(~ok, float("inf")).amin(3)
     hi = x.masked_fill(~ok, float("-inf")).amax(3)
-    scale, zero = _best_key_params(x, ok, lo, hi, bits)
+    scale, zero = _best_key_params(x, ok, lo, hi, bits) if bits == 2 else _params(lo, hi, bits)
     codes = _codes(x, scale[:, :, :, None], zero[:, :, :, None], bits).masked_fill_(~ok, 0)
     return pack_codes(codes.flatten(2, 3), bits), scale, zero
 
 
 def _best_key_params(x: torch.Tensor, ok: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float16 (scale, zero) ``[..., d]`` of the least-squared-error shrunk range (module docstring).
+    """float16 (scale, zero) ``[..., d]`` of the least-squared-error shrunk range (module docstring; 2 bits).
 
     x fp32 ``[..., G, d]``, ok bool broadcastable to it; lo / hi fp32 ``[..., d]`` the valid min/max.
     """
     def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        codes = _codes(x, scale[..., None, :], zero[..., None, :], bits).float()
-        y = codes * scale.float()[..., None, :] + zero.float()[..., None, :]
+        # codes by the reciprocal and a zero shifted by half a step: floor((x - (z - s/2)) * (1/s)), so the
+        # Triton twin computes the same bits without a per-element division and with nothing a GPU could
+        # fuse into a multiply-add (s/2 and code * s are exact); the stored codes still use the division
+        s, z = scale.float(), zero.float()
+        inv = 1.0 / s.clamp_min(SCALE_FLOOR)
+        shifted = z - s * 0.5
+        codes = torch.floor((x - shifted[..., None, :]) * inv[..., None, :]).clamp_(0, max_code(bits))
+        y = codes * s[..., None, :] + z[..., None, :]
         return (y - x).masked_fill(~ok, 0.0).double().square().sum(-2)
 
     unit = torch.where(lo <= hi, (hi - lo) * (1.0 / 32.0), 0.0)

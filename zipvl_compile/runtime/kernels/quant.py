@@ -40,6 +40,7 @@ from zipvl_compile.runtime.quant import (
 _ROWS = GROUP  # slots per program
 _FLOOR = tl.constexpr(SCALE_FLOOR)  # globals read inside @triton.jit must be constexpr
 _SHRINK_STEPS = tl.constexpr(KEY_SHRINK_STEPS)
+_KEY_WARPS = 4  # warps of the kernels that quantise keys (the range search holds fp64 [ROWS, BD] tiles)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,34 +120,39 @@ def _load_packed(base, rows, row_ok, d, BD: tl.constexpr, BITS: tl.constexpr):
 def _quantize_key_tile(x, row_ok, ROWS: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
     """Key group x fp32 [ROWS, BD] -> (packed uint8 [ROWS, BD*BITS//8], scale, zero fp16 [BD]).
 
-    Per channel, over the rows with row_ok: the least-squared-error range among the min/max range shrunk by
-    j/32 of it at each end (j < _SHRINK_STEPS, ties to the smaller j); other rows get code 0.
+    Per channel, over the rows with row_ok: min/max; at 2 bits the least-squared-error range among min/max
+    shrunk by j/32 of it at each end (j < _SHRINK_STEPS, ties to the smaller j). Other rows get code 0.
     """
     LEVELS: tl.constexpr = (1 << BITS) - 1
     lo = tl.min(tl.where(row_ok[:, None], x, float("inf")), axis=0)
     hi = tl.max(tl.where(row_ok[:, None], x, float("-inf")), axis=0)
-    unit = tl.where(lo <= hi, (hi - lo) * (1.0 / 32.0), 0.0)
-    delta = tl.zeros_like(lo)
     scale, zero = _params(lo, hi, LEVELS)
-    best = tl.sum(_key_error(x, row_ok, scale, zero, LEVELS), axis=0)
-    for _ in tl.static_range(1, _SHRINK_STEPS):
-        delta = delta + unit
-        s_j, z_j = _params(lo + delta, hi - delta, LEVELS)
-        err = tl.sum(_key_error(x, row_ok, s_j, z_j, LEVELS), axis=0)
-        better = err < best
-        best = tl.where(better, err, best)
-        scale = tl.where(better, s_j, scale)
-        zero = tl.where(better, z_j, zero)
+    if BITS == 2:
+        unit = tl.where(lo <= hi, (hi - lo) * (1.0 / 32.0), 0.0)
+        delta = tl.zeros_like(lo)
+        best = tl.sum(_key_error(x, row_ok, scale, zero, LEVELS), axis=0)
+        for _ in tl.static_range(1, _SHRINK_STEPS):
+            delta = delta + unit
+            s_j, z_j = _params(lo + delta, hi - delta, LEVELS)
+            err = tl.sum(_key_error(x, row_ok, s_j, z_j, LEVELS), axis=0)
+            better = err < best
+            best = tl.where(better, err, best)
+            scale = tl.where(better, s_j, scale)
+            zero = tl.where(better, z_j, zero)
     codes = tl.where(row_ok[:, None], _codes(x, scale[None, :], zero[None, :], LEVELS), 0)
     return _pack(codes, ROWS, BD, BITS), scale, zero
 
 
 @triton.jit
 def _key_error(x, row_ok, scale, zero, LEVELS: tl.constexpr):
-    """fp64 [ROWS, BD] squared error of x under the per-channel params (0 at rows without row_ok)."""
-    y = _codes(x, scale[None, :], zero[None, :], LEVELS).to(tl.float32) * scale.to(tl.float32)[None, :] \
-        + zero.to(tl.float32)[None, :]
-    e = tl.where(row_ok[:, None], y - x, 0.0).to(tl.float64)
+    """fp64 [ROWS, BD] squared error of x under the per-channel params (0 at rows without row_ok); codes by
+    the reciprocal (see quant._best_key_params: no per-element division, no fusable multiply-add)."""
+    s = scale.to(tl.float32)
+    z = zero.to(tl.float32)
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.maximum(s, _FLOOR))
+    shifted = z - s * 0.5
+    code = tl.minimum(tl.maximum(tl.floor((x - shifted[None, :]) * inv[None, :]), 0.0), LEVELS)
+    e = tl.where(row_ok[:, None], code * s[None, :] + z[None, :] - x, 0.0).to(tl.float64)
     return e * e
 
 
@@ -284,7 +290,8 @@ def quantize_keys_triton(k: torch.Tensor, valid: torch.Tensor, bits: int
     zero = torch.empty_like(scale)
     wrap_triton(_quantize_keys_kernel)[(batch * heads, t // GROUP)](
         k, valid, codes, scale, zero, heads, t, d, *k.stride(), *valid.stride(),
-        BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
+        BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS,
+        num_warps=_KEY_WARPS)
     return codes, scale, zero
 
 
@@ -337,5 +344,6 @@ def write_segment_triton_(seg_codes_k: torch.Tensor, seg_scale_k: torch.Tensor, 
     tp = src.shape[1]
     wrap_triton(_write_segment_kernel)[(batch * heads, tp // GROUP)](
         k_new, v_new, src, count, src_pos, *buffers, heads, take.shape[1], capacity, d, tp,
-        *k_new.stride(), *v_new.stride(), *src_pos.stride(), BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
+        *k_new.stride(), *v_new.stride(), *src_pos.stride(), BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS,
+        num_warps=_KEY_WARPS)
     advance_fill_(seg_fill, count, capacity)
