@@ -68,6 +68,7 @@ def test_bad_bits(capsys):
     (["--bits", "four/two"], ["expected HI/LO"]),
     (["--bits", "2/4"], ["lo_bits=4", "--bits 2/4"]),
     (["--tau", "0"], ["tau=0.0", "--tau"]),
+    (["--local-window", "-2"], ["local_window=-2", "--local-window -2"]),
     (["--max-new-tokens", "0"], ["--max-new-tokens"]),
     (["--no-such-flag"], ["unrecognized arguments"]),
     (["--tiny-vlm", "mllama"], ["--tiny-vlm", "invalid choice"]),

@@ -47,7 +47,7 @@ DEFAULT_PROMPT = (
 TINY_VLMS = {"llava": "llava", "qwen2-vl": "qwen2_vl", "gemma3": "gemma3"}
 # Tiny prompts are ~20 tokens: fewer probes and a lower keep floor, so the kept set can be under the prompt.
 TINY_OPTIONS = {"min_keep": 4, "n_probe_recent": 8, "n_probe_random": 8}
-_FLAGS = {"hi_bits": "bits", "lo_bits": "bits", "tau": "tau", "inner": "inner"}
+_FLAGS = {"hi_bits": "bits", "lo_bits": "bits", "tau": "tau", "inner": "inner", "local_window": "local_window"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MIB = 2.0 ** 20
 
@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention mass the kept tokens must hold, 0 < tau <= 1 (default 0.975)")
     p.add_argument("--bits", default="4/2", metavar="HI/LO",
                    help="KV bits HI/LO of kept / other tokens: 4/2 (default), 8/4, 16/16, ...")
+    p.add_argument("--local-window", type=int, default=0, metavar="W",
+                   help="0 (default): the paper's sparse prefill (tokens outside the kept set get no attention "
+                        "output); W > 0: every token attends to the kept tokens and its W most recent ones")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
                    help="tokens to generate, greedy (default 64)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
@@ -125,7 +128,8 @@ def _options(args: argparse.Namespace, device: str) -> dict[str, Any]:
     if not (sep and hi.strip().isdigit() and lo.strip().isdigit()):
         raise UsageError(f"--bits {args.bits!r}: expected HI/LO bits, e.g. 4/2")
     inner = args.inner if args.inner != "auto" else ("inductor" if device.startswith("cuda") else "eager")
-    options = {"tau": args.tau, "hi_bits": int(hi), "lo_bits": int(lo), "inner": inner}
+    options = {"tau": args.tau, "hi_bits": int(hi), "lo_bits": int(lo), "inner": inner,
+               "local_window": args.local_window}
     if args.tiny_vlm:
         options.update(TINY_OPTIONS)
     try:
@@ -133,7 +137,8 @@ def _options(args: argparse.Namespace, device: str) -> dict[str, Any]:
     except ValueError as err:
         message = str(err).removeprefix("zipvl: ")
         flag = next((f for key, f in _FLAGS.items() if f"option {key}=" in message), None)
-        raise UsageError(f"{message} (from --{flag} {getattr(args, flag)})" if flag else message) from err
+        shown = f"(from --{flag.replace('_', '-')} {getattr(args, flag)})" if flag else ""
+        raise UsageError(f"{message} {shown}".rstrip()) from err
     return options
 
 
