@@ -16,8 +16,9 @@ Shapes and dtypes shared by every function here:
 Triton path (:func:`local_attention_triton`), grid (query blocks, B * Hq), one online softmax over two
 disjoint key ranges: (1) the kept keys far from the block, j <= i - w, read through the ascending kept-position
 list ``idx`` (:func:`keep_to_index`) up to the count of kept positions below the block's last query - w + 1
-(``kept_before``, a prefix count on the device: no host sync); (2) the dense window
-[block start - w + 1, block end]. Plain-torch reference: :func:`local_attention_reference` (O(n^2) memory).
+(``kept_before``, a prefix count on the device: no host sync); whole tiles that every row of the block may see
+skip the mask; (2) the dense window [block start - w + 1, block end]. Plain-torch reference:
+:func:`local_attention_reference` (O(n^2) memory).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import triton.language as tl
 
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
 
-# Tiles, from a sweep on an H100 (bf16, d = 128, n = 32k, r = 0.3 / 0.5, 28/4 and 32/32 heads): 128 queries x
-# 32 keys, 4 warps, 3 stages was fastest (8.2 ms at 28/4 heads, r = 0.3; 64 x 64: 8.6 ms; 128 x 128, 8 warps:
-# 9.0 ms). d > 128 halves the query block (the fp32 accumulator lives in registers).
+# Tiles, from a sweep of 33 configurations on an H100 (bf16, d = 128, n = 32k, r = 0.3 / 0.5, 28/4 and 32/32
+# heads): 128 queries x 32 keys, 4 warps, 3 stages was fastest in all four cases (6.3 ms at 28/4 heads,
+# r = 0.3; 64 x 64: 6.5 ms; 128 x 64, 8 warps: 6.8 ms). d > 128 halves the query block (the fp32 accumulator
+# lives in registers).
 _BLOCK_M = 128
 _BLOCK_N = 32
 _NUM_WARPS = 4
@@ -60,13 +62,18 @@ def local_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @triton.jit
-def _online_update(q, k_ptrs, v_ptrs, allowed, m_i, l_i, acc, qk_scale, load_mask):
-    """One key tile of the online softmax (base 2). Rows with no allowed key so far keep m_i = -inf."""
+def _online_update(q, k_ptrs, v_ptrs, allowed, m_i, l_i, acc, qk_scale, load_mask, MASKED: tl.constexpr):
+    """One key tile of the online softmax (base 2). MASKED: only ``allowed`` keys count, and rows with no
+    allowed key so far keep m_i = -inf; else every key of the tile counts (``allowed`` is ignored)."""
     k = tl.load(k_ptrs, mask=load_mask, other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
-    s = tl.where(allowed, s, float("-inf"))
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     v = tl.load(v_ptrs, mask=load_mask, other=0.0)
@@ -96,17 +103,24 @@ def _local_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, before_ptr, valid_ptr,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = k_ptr + b * skb + kvh * skh + d[None, :] * skd
     v_base = v_ptr + b * svb + kvh * svh + d[None, :] * svd
-    # (1) kept keys with position <= i - window: the first n_far entries of the ascending kept list
+    # (1) kept keys with position <= i - window: the first n_far entries of the ascending kept list; the
+    # first n_all of them (position <= m0 - window) are seen by every row of the block: whole tiles of those
+    # go unmasked
     last_row = tl.minimum(m0 + BLOCK_M, n) - 1
-    far_end = tl.maximum(last_row - window + 1, 0)
-    n_far = tl.load(before_ptr + b * (n + 1) + far_end)
-    for s0 in range(0, n_far, BLOCK_N):
+    n_far = tl.load(before_ptr + b * (n + 1) + tl.maximum(last_row - window + 1, 0))
+    n_all = tl.load(before_ptr + b * (n + 1) + tl.maximum(m0 - window + 1, 0))
+    all_end = (n_all // BLOCK_N) * BLOCK_N
+    for s0 in range(0, all_end, BLOCK_N):
+        pos = tl.load(idx_ptr + b * n + s0 + tl.arange(0, BLOCK_N))
+        m_i, l_i, acc = _online_update(q, k_base + pos[:, None] * sks, v_base + pos[:, None] * svs, None,
+                                       m_i, l_i, acc, qk_scale, d_ok[None, :], MASKED=False)
+    for s0 in range(all_end, n_far, BLOCK_N):
         slots = s0 + tl.arange(0, BLOCK_N)
         slot_ok = slots < n_far
         pos = tl.load(idx_ptr + b * n + slots, mask=slot_ok, other=0)
         allowed = slot_ok[None, :] & (pos[None, :] <= rows[:, None] - window)
         m_i, l_i, acc = _online_update(q, k_base + pos[:, None] * sks, v_base + pos[:, None] * svs, allowed,
-                                       m_i, l_i, acc, qk_scale, slot_ok[:, None] & d_ok[None, :])
+                                       m_i, l_i, acc, qk_scale, slot_ok[:, None] & d_ok[None, :], MASKED=True)
     # (2) the window: every valid key j with i - window < j <= i
     start = tl.maximum(m0 - window + 1, 0)
     for j0 in range(start, last_row + 1, BLOCK_N):
@@ -116,7 +130,7 @@ def _local_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, before_ptr, valid_ptr,
         gap = rows[:, None] - cols[None, :]
         allowed = key_ok[None, :] & (gap >= 0) & (gap < window)
         m_i, l_i, acc = _online_update(q, k_base + cols[:, None] * sks, v_base + cols[:, None] * svs, allowed,
-                                       m_i, l_i, acc, qk_scale, col_ok[:, None] & d_ok[None, :])
+                                       m_i, l_i, acc, qk_scale, col_ok[:, None] & d_ok[None, :], MASKED=True)
     row_valid = tl.load(valid_ptr + b * n + rows, mask=row_ok, other=0) != 0
     out = tl.where((row_valid & (l_i > 0))[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     dst = out_ptr + b * sob + rows[:, None].to(tl.int64) * sos + h.to(tl.int64) * soh + d[None, :] * sod
