@@ -38,6 +38,10 @@ CONFIGS = [
     ("zipvl tau=0.975 8/4 local_window=64", dict(tau=0.975, hi_bits=8, lo_bits=4, local_window=64)),
     ("zipvl tau=0.975 local_window=64, stock DynamicCache (sparse prefill only)",
      dict(tau=0.975, kv_mode="off", local_window=64)),
+    # ZipCache's Eq. 7 denominator (n - j) instead of the probe-row count
+    ("zipvl tau=0.975 4/2 score_norm=n_minus_j", dict(tau=0.975, hi_bits=4, lo_bits=2, score_norm="n_minus_j")),
+    ("zipvl tau=0.975 4/2 score_norm=n_minus_j local_window=64",
+     dict(tau=0.975, hi_bits=4, lo_bits=2, score_norm="n_minus_j", local_window=64)),
 ]
 
 

@@ -13,7 +13,8 @@ from zipvl_compile import ZipVLConfig
     ("n_probe_recent", -1, ">= 0"), ("min_keep", 1.5, ">= 0"), ("recompress_interval", 0, ">= 1"),
     ("kv_mode", "fast", "packed"), ("inner", "cudagraphs", "inductor"), ("seed", "a", "integer"),
     ("dense_layers", [0, -1], "layer indices"), ("dense_layers", 3, "layer indices"),
-    ("cudagraphs", "yes", "True or False"),
+    ("cudagraphs", "yes", "True or False"), ("score_norm", "zipcache", "n_minus_j"),
+    ("local_window", -1, ">= 0"),
 ])
 def test_bad_value_names_key_value_and_allowed(key, value, allowed):
     with pytest.raises(ValueError) as err:

@@ -7,6 +7,7 @@ import torch
 
 import zipvl_compile  # noqa: F401  (registers the ops)
 from zipvl_compile.runtime.reference import causal_mask, dense_attention
+from zipvl_compile.runtime.selection import select_tokens
 
 OP = torch.ops.zipvl.sparse_attention
 
@@ -121,3 +122,22 @@ def test_force_ratio_fixes_the_kept_count():
     counts = keep.sum(-1)
     assert ((counts == 20) | (counts == 21)).all(), counts  # p = 20, plus the forced last token if not in it
     torch.testing.assert_close(ratio, counts.float() / 50)
+
+
+def test_n_minus_j_normaliser():
+    """score_norm="n_minus_j": the kept set is Eqs. 6-8 with each key's probe sum divided by the number of valid
+    positions at or after it (ZipCache), instead of the probe rows that see it; padding stays out."""
+    n, pad = 40, 7
+    q, k, v = _qkv(2, 4, 2, n, 16, seed=10)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, :pad] = False
+    mask = valid[:, None, None, :]
+    colsum, seen = torch.ops.zipvl.probe_scores(q, k, mask, True, 0.25, 2, 4, 4, 0)
+    after = torch.stack([valid[b].flip(0).cumsum(0).flip(0) for b in range(2)]).float()
+    assert torch.equal(after[0], torch.arange(n, 0, -1).float())
+    want, _ = select_tokens(colsum, after, valid, 0.8, 3)
+    _, keep, ratio = OP(q, k, v, mask, True, 0.25, 2, *_args(tau=0.8, min_keep=3), -1, 0.0, 0, "n_minus_j")
+    assert torch.equal(keep, want) and not keep[1, :pad].any()
+    _, keep_probes, _ = OP(q, k, v, mask, True, 0.25, 2, *_args(tau=0.8, min_keep=3))
+    assert torch.equal(keep_probes, select_tokens(colsum, seen, valid, 0.8, 3)[0])
+    assert not torch.equal(keep, keep_probes), "the normaliser should change the kept set on these inputs"

@@ -14,6 +14,7 @@ from typing import Any
 _BITS = (2, 4, 8, 16)
 _KV_MODES = ("packed", "simulate", "off")
 _INNER = ("inductor", "aot_eager", "eager")
+_SCORE_NORMS = ("probes", "n_minus_j")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,8 @@ class ZipVLConfig:
     local_window: 0 = spec §5 (attention among the kept tokens only, zero output at the others); w > 0 = every
         query attends to the kept keys plus its w most recent keys (itself included), so no token's attention
         output is zeroed (measured: far more accurate on text, BENCHMARKS.md).
+    score_norm: the Eq. 7 denominator of a key's probe attention: "probes" (the probe rows that see it) or
+        "n_minus_j" (ZipCache's: every query that sees it in the full causal matrix; favours recent keys).
     recompress_interval: decode tokens held unquantised before their block is scored and quantised.
     kv_mode: "packed" (ZipVLCache), "simulate" (quantise on write into a stock cache) or "off".
     inner: the compiler run on the rewritten graph.
@@ -46,6 +49,7 @@ class ZipVLConfig:
     min_keep: int = 64
     dense_layers: tuple[int, ...] = ()
     local_window: int = 0
+    score_norm: str = "probes"
     recompress_interval: int = 100
     kv_mode: str = "packed"
     inner: str = "inductor"
@@ -69,6 +73,7 @@ class ZipVLConfig:
         _check(_is_int(self.recompress_interval) and self.recompress_interval >= 1,
                "recompress_interval", self.recompress_interval, "an integer >= 1")
         _check(self.kv_mode in _KV_MODES, "kv_mode", self.kv_mode, f"one of {_KV_MODES}")
+        _check(self.score_norm in _SCORE_NORMS, "score_norm", self.score_norm, f"one of {_SCORE_NORMS}")
         _check(self.inner in _INNER, "inner", self.inner, f"one of {_INNER}")
         _check(_is_int(self.seed), "seed", self.seed, "an integer")
         _check(isinstance(self.force_ratio, (int, float)) and not isinstance(self.force_ratio, bool)

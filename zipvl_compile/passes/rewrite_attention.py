@@ -77,7 +77,7 @@ def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig
     """
     group = None if keeps_all(config.tau, config.force_ratio) else tensor_parallel_group(site.q)
     head = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep)
-    tail = (_stats_slot(site), float(config.force_ratio), config.local_window)
+    tail = (_stats_slot(site), float(config.force_ratio), config.local_window, config.score_norm)
     if group is None:
         args = (*head, float(config.tau), config.n_probe_recent, config.n_probe_random, config.min_keep,
                 config.seed, *tail)

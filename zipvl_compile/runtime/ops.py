@@ -72,27 +72,28 @@ def _sparse_outputs_fake(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
 def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                       is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
                       n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1,
-                      force_ratio: float = 0.0, local_window: int = 0
+                      force_ratio: float = 0.0, local_window: int = 0, score_norm: str = "probes"
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _sparse_outputs(sparse_impl.sparse_attention(q, k, v, attn_mask, is_causal, scale, n_rep, tau,
                                                         n_probe_recent, n_probe_random, min_keep, seed,
-                                                        force_ratio, local_window), stats_slot)
+                                                        force_ratio, local_window, score_norm), stats_slot)
 
 
 def _sparse_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                            is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
                            n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1,
-                           force_ratio: float = 0.0, local_window: int = 0
+                           force_ratio: float = 0.0, local_window: int = 0, score_norm: str = "probes"
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _sparse_outputs_fake(q, v)
 
 
 sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_attention_fake)
 """zipvl::sparse_attention(q, k, v, attn_mask?, is_causal, scale, n_rep, tau, n_probe_recent, n_probe_random,
-min_keep, seed, stats_slot=-1, force_ratio=0, local_window=0) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32
-[B]): ZipVL prefill (runtime.sparse); with a stats slot (runtime.stats) it also stores the batch's kept-ratio
-moments there; force_ratio > 0 is the benchmark-only fixed kept ratio; local_window > 0 lets every query attend
-to the kept keys plus its window (non-kept rows are then not zero)."""
+min_keep, seed, stats_slot=-1, force_ratio=0, local_window=0, score_norm="probes") -> (out [B,Hq,n,d], keep bool
+[B,n], ratio float32 [B]): ZipVL prefill (runtime.sparse); with a stats slot (runtime.stats) it also stores the
+batch's kept-ratio moments there; force_ratio > 0 is the benchmark-only fixed kept ratio; local_window > 0 lets
+every query attend to the kept keys plus its window (non-kept rows are then not zero); score_norm is the Eq. 7
+denominator ("probes" or ZipCache's "n_minus_j")."""
 
 
 def _kv_write(hi: list[torch.Tensor], lo: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
@@ -201,26 +202,27 @@ counts probe rows, the same on every rank."""
 def _sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                              is_causal: bool, scale: float, n_rep: int, colsum: torch.Tensor, seen: torch.Tensor,
                              tau: float, min_keep: int, stats_slot: int = -1, force_ratio: float = 0.0,
-                             local_window: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             local_window: int = 0, score_norm: str = "probes"
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _sparse_outputs(sparse_impl.sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep,
                                                                colsum, seen, tau, min_keep, force_ratio,
-                                                               local_window), stats_slot)
+                                                               local_window, score_norm), stats_slot)
 
 
 def _sparse_attention_scored_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   attn_mask: torch.Tensor | None, is_causal: bool, scale: float, n_rep: int,
                                   colsum: torch.Tensor, seen: torch.Tensor, tau: float, min_keep: int,
-                                  stats_slot: int = -1, force_ratio: float = 0.0, local_window: int = 0
-                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  stats_slot: int = -1, force_ratio: float = 0.0, local_window: int = 0,
+                                  score_norm: str = "probes") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _sparse_outputs_fake(q, v)
 
 
 sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored,
                                     _sparse_attention_scored_fake)
 """zipvl::sparse_attention_scored(q, k, v, attn_mask?, is_causal, scale, n_rep, colsum, seen, tau, min_keep,
-stats_slot=-1, force_ratio=0, local_window=0) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): the
-selection (Eqs. 6-8 on colsum / seen of zipvl.probe_scores, summed over all heads) and kept-token attention stages
-of sparse_attention; stats_slot, force_ratio and local_window as there."""
+stats_slot=-1, force_ratio=0, local_window=0, score_norm="probes") -> (out [B,Hq,n,d], keep bool [B,n], ratio
+float32 [B]): the selection (Eqs. 6-8 on colsum / seen of zipvl.probe_scores, summed over all heads) and
+kept-token attention stages of sparse_attention; stats_slot, force_ratio, local_window and score_norm as there."""
 
 
 def _kv_simulate(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None,

@@ -69,15 +69,19 @@ def probe_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | Non
 def sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                             is_causal: bool, scale: float, n_rep: int, colsum: torch.Tensor,
                             seen: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0,
-                            local_window: int = 0) -> Outputs:
+                            local_window: int = 0, score_norm: str = "probes") -> Outputs:
     """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention among kept tokens
     (``local_window`` > 0: every query over the kept keys and its window; see the module docstring).
 
+    ``score_norm``: the Eq. 7 denominator, "probes" (``seen``: probe rows that see the key) or "n_minus_j"
+    (ZipCache's: valid positions at or after the key, i.e. the rows of the full causal matrix that see it).
     ``force_ratio``: benchmark-only, see :func:`select_tokens`.
     """
     if keeps_all(tau, force_ratio):
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
     is_causal, valid = _validity(q, attn_mask, is_causal)
+    if score_norm == "n_minus_j":
+        seen = valid.to(torch.float32).flip(-1).cumsum(dim=-1).flip(-1)
     keep, ratio = _fused(select_tokens, q)(colsum, seen, valid, tau, min_keep, force_ratio)
     return _attend(q, k, v, attn_mask, is_causal, scale, n_rep, keep, valid, local_window), keep, ratio
 
@@ -85,14 +89,14 @@ def sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                      is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
                      n_probe_random: int, min_keep: int, seed: int, force_ratio: float = 0.0,
-                     local_window: int = 0) -> Outputs:
+                     local_window: int = 0, score_norm: str = "probes") -> Outputs:
     """ZipVL prefill attention on one device: :func:`probe_scores` then :func:`sparse_attention_scored`
     (no probe when every token is kept)."""
     if keeps_all(tau, force_ratio):
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
     colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
     return sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, tau, min_keep,
-                                   force_ratio, local_window)
+                                   force_ratio, local_window, score_norm)
 
 
 _FUSED: dict = {}
