@@ -113,7 +113,7 @@ def run(model, ids: torch.Tensor, context: int, options: dict | None, cache: obj
     if options is not None:
         rep.record_cache(cache)
         ratios = rep.kept_ratios()
-        out.update(kept_ratio=sum(ratios.values()) / max(1, len(ratios)), kv_bytes=rep.kv_bytes,
+        out.update(kept_ratio=sum(ratios.values()) / len(ratios) if ratios else None, kv_bytes=rep.kv_bytes,
                    kv_bytes_dense=rep.kv_bytes_dense,
                    rewritten=sum(s.rewritten for s in rep.sites), sites=len(rep.sites))
     return out
