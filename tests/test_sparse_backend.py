@@ -62,3 +62,20 @@ def test_reset_report_keeps_live_graph_stats():
         assert not zipvl_compile.report().kept_ratios()
         model(input_ids=ids)
     assert set(zipvl_compile.report().kept_ratios()) == {0, 1}
+
+
+def test_prefill_options_reach_the_op(monkeypatch):
+    """local_window and score_norm travel from the options to every sparse prefill call."""
+    from zipvl_compile.runtime import sparse
+
+    seen = []
+    real = sparse.sparse_attention
+
+    def spy(*args):
+        seen.append(args[-2:])  # (local_window, score_norm)
+        return real(*args)
+
+    monkeypatch.setattr(sparse, "sparse_attention", spy)
+    _run({"tau": 0.8, "min_keep": 4, "n_probe_recent": 8, "n_probe_random": 8, "local_window": 5,
+          "score_norm": "n_minus_j"})
+    assert seen and all(s == (5, "n_minus_j") for s in seen), seen
