@@ -456,8 +456,10 @@ def _facts(subject: _Subject, device: str, dtype: torch.dtype, options: dict[str
     """Every figure of the run as plain JSON values; the text output and --json are both made from this."""
     rep = zipvl_compile.report()
     ratios, flops = rep.kept_ratios(), rep.flop_reduction()
+    n_layers = subject.model.config.get_text_config().num_hidden_layers
     layers = []
-    for i in sorted(set(rep.layers) | set(ratios)):
+    # the report keeps (cleared) entries of graphs compiled earlier in the process: only this model's layers
+    for i in sorted(i for i in set(rep.layers) | set(ratios) if i < n_layers):
         stats = rep.layers.get(i)
         layers.append({"layer": i, "kept_ratio": ratios.get(i), "flop_reduction": flops.get(i),
                        "hi_tokens": None if stats is None else stats.hi_tokens,
@@ -465,7 +467,7 @@ def _facts(subject: _Subject, device: str, dtype: torch.dtype, options: dict[str
     held, bf16 = rep.kv_bytes, rep.kv_bytes_dense
     return {
         "model": subject.name, "architecture": type(subject.model).__name__,
-        "decoder_layers": subject.model.config.get_text_config().num_hidden_layers,
+        "decoder_layers": n_layers,
         "device": device, "dtype": str(dtype).removeprefix("torch."),
         "prompt_tokens": subject.inputs["input_ids"].shape[1], "options": options,
         "compiled": {"language_model": type(language_model(subject.model)).__name__,
