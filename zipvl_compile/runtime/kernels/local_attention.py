@@ -23,6 +23,8 @@ skip the mask; (2) the dense window [block start - w + 1, block end]. Plain-torc
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -38,7 +40,6 @@ _BLOCK_M = 128
 _BLOCK_N = 32
 _NUM_WARPS = 4
 _NUM_STAGES = 3
-_LOG2E = 1.4426950408889634
 
 
 def local_mask(keep: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Tensor:
@@ -148,7 +149,7 @@ def local_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     block_m = _BLOCK_M if block_d <= 128 else _BLOCK_M // 2
     grid = (triton.cdiv(n, block_m), batch * heads)
     _local_attention_kernel[grid](
-        q, k, v, idx, before, valid.to(torch.int8), out, n, heads, n_rep, window, scale * _LOG2E, head_dim,
+        q, k, v, idx, before, valid.to(torch.int8), out, n, heads, n_rep, window, scale * math.log2(math.e), head_dim,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_D=block_d, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
     return out.transpose(1, 2)

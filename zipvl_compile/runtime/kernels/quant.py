@@ -40,7 +40,6 @@ from zipvl_compile.runtime.quant import (
 _ROWS = GROUP  # slots per program
 _FLOOR = tl.constexpr(SCALE_FLOOR)  # globals read inside @triton.jit must be constexpr
 _SHRINK_STEPS = tl.constexpr(KEY_SHRINK_STEPS)
-_KEY_WARPS = 4  # warps of the kernels that quantise keys (the range search holds fp64 [ROWS, BD] tiles)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,8 +289,7 @@ def quantize_keys_triton(k: torch.Tensor, valid: torch.Tensor, bits: int
     zero = torch.empty_like(scale)
     wrap_triton(_quantize_keys_kernel)[(batch * heads, t // GROUP)](
         k, valid, codes, scale, zero, heads, t, d, *k.stride(), *valid.stride(),
-        BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS,
-        num_warps=_KEY_WARPS)
+        BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
     return codes, scale, zero
 
 
@@ -344,6 +342,5 @@ def write_segment_triton_(seg_codes_k: torch.Tensor, seg_scale_k: torch.Tensor, 
     tp = src.shape[1]
     wrap_triton(_write_segment_kernel)[(batch * heads, tp // GROUP)](
         k_new, v_new, src, count, src_pos, *buffers, heads, take.shape[1], capacity, d, tp,
-        *k_new.stride(), *v_new.stride(), *src_pos.stride(), BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS,
-        num_warps=_KEY_WARPS)
+        *k_new.stride(), *v_new.stride(), *src_pos.stride(), BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
     advance_fill_(seg_fill, count, capacity)
