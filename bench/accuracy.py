@@ -36,12 +36,16 @@ CONFIGS = [
     ("zipvl tau=0.975 4/2 local_window=64", dict(tau=0.975, hi_bits=4, lo_bits=2, local_window=64)),
     ("zipvl tau=0.96 4/2 local_window=64", dict(tau=0.96, hi_bits=4, lo_bits=2, local_window=64)),
     ("zipvl tau=0.975 8/4 local_window=64", dict(tau=0.975, hi_bits=8, lo_bits=4, local_window=64)),
-    ("zipvl tau=0.975 local_window=64, stock DynamicCache (sparse prefill only)",
-     dict(tau=0.975, kv_mode="off", local_window=64)),
+    (
+        "zipvl tau=0.975 local_window=64, stock DynamicCache (sparse prefill only)",
+        dict(tau=0.975, kv_mode="off", local_window=64),
+    ),
     # ZipCache's Eq. 7 denominator (n - j) instead of the probe-row count
     ("zipvl tau=0.975 4/2 score_norm=n_minus_j", dict(tau=0.975, hi_bits=4, lo_bits=2, score_norm="n_minus_j")),
-    ("zipvl tau=0.975 4/2 score_norm=n_minus_j local_window=64",
-     dict(tau=0.975, hi_bits=4, lo_bits=2, score_norm="n_minus_j", local_window=64)),
+    (
+        "zipvl tau=0.975 4/2 score_norm=n_minus_j local_window=64",
+        dict(tau=0.975, hi_bits=4, lo_bits=2, score_norm="n_minus_j", local_window=64),
+    ),
 ]
 
 
@@ -63,8 +67,14 @@ def load(spec: str | None):
     return load_decoder(spec, torch.float32, "cpu")
 
 
-def run(model, ids: torch.Tensor, context: int, options: dict | None, cache: object | None = None,
-        prefill_context: contextlib.AbstractContextManager | None = None) -> dict:
+def run(
+    model,
+    ids: torch.Tensor,
+    context: int,
+    options: dict | None,
+    cache: object | None = None,
+    prefill_context: contextlib.AbstractContextManager | None = None,
+) -> dict:
     """Prefill ``ids[:, :context]`` then teacher-force the rest; returns nll [n], predictions [n], stats.
 
     ``cache``: a ready-made cache (default: DynamicCache, or a ZipVLCache when ``options`` packs the KV).
@@ -90,8 +100,12 @@ def run(model, ids: torch.Tensor, context: int, options: dict | None, cache: obj
     start = time.perf_counter()
     with torch.no_grad():
         with prefill_context or contextlib.nullcontext():
-            logits = forward(input_ids=ids[:, :context], attention_mask=torch.ones_like(ids[:, :context]),
-                             past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            logits = forward(
+                input_ids=ids[:, :context],
+                attention_mask=torch.ones_like(ids[:, :context]),
+                past_key_values=cache,
+                logits_to_keep=1,
+            ).logits[:, -1]
         prefill_s = time.perf_counter() - start
         if isinstance(cache, ZipVLCache):
             cache.compact()
@@ -104,18 +118,28 @@ def run(model, ids: torch.Tensor, context: int, options: dict | None, cache: obj
                     where = {"attention_mask": torch.ones(1, pos + 1, dtype=torch.long)}
                 else:
                     where = {"position_ids": torch.tensor([[pos]])}
-                step = forward(input_ids=ids[:, pos:pos + 1], past_key_values=cache, **where)
+                step = forward(input_ids=ids[:, pos : pos + 1], past_key_values=cache, **where)
                 logits = step.logits[:, -1]
     rep = zipvl_compile.report()
     end = time.perf_counter()
-    out = {"nll": nll, "preds": preds, "prefill_s": prefill_s, "total_s": end - start,
-           "decode_s": end - start - prefill_s, "cache": cache}
+    out = {
+        "nll": nll,
+        "preds": preds,
+        "prefill_s": prefill_s,
+        "total_s": end - start,
+        "decode_s": end - start - prefill_s,
+        "cache": cache,
+    }
     if options is not None:
         rep.record_cache(cache)
         ratios = rep.kept_ratios()
-        out.update(kept_ratio=sum(ratios.values()) / len(ratios) if ratios else None, kv_bytes=rep.kv_bytes,
-                   kv_bytes_dense=rep.kv_bytes_dense,
-                   rewritten=sum(s.rewritten for s in rep.sites), sites=len(rep.sites))
+        out.update(
+            kept_ratio=sum(ratios.values()) / len(ratios) if ratios else None,
+            kv_bytes=rep.kv_bytes,
+            kv_bytes_dense=rep.kv_bytes_dense,
+            rewritten=sum(s.rewritten for s in rep.sites),
+            sites=len(rep.sites),
+        )
     return out
 
 
@@ -141,11 +165,19 @@ def main() -> None:
     for name, res in results.items():
         ppl = math.exp(sum(res["nll"]) / len(res["nll"]))
         agree = sum(a == b for a, b in zip(res["preds"], dense["preds"])) / len(dense["preds"])
-        rows.append({"config": name, "ppl": round(ppl, 4), "ppl_change": f"{(ppl / dense_ppl - 1):+.2%}",
-                     "top1_agree": f"{agree:.1%}", "kept_ratio": res.get("kept_ratio"),
-                     "kv_vs_bf16": f"{res['kv_bytes'] / res['kv_bytes_dense']:.1%}" if res.get("kv_bytes") else "-",
-                     "sites_rewritten": f"{res.get('rewritten', '-')}/{res.get('sites', '-')}",
-                     "prefill_s": round(res["prefill_s"], 2), "total_s": round(res["total_s"], 1)})
+        rows.append(
+            {
+                "config": name,
+                "ppl": round(ppl, 4),
+                "ppl_change": f"{(ppl / dense_ppl - 1):+.2%}",
+                "top1_agree": f"{agree:.1%}",
+                "kept_ratio": res.get("kept_ratio"),
+                "kv_vs_bf16": f"{res['kv_bytes'] / res['kv_bytes_dense']:.1%}" if res.get("kv_bytes") else "-",
+                "sites_rewritten": f"{res.get('rewritten', '-')}/{res.get('sites', '-')}",
+                "prefill_s": round(res["prefill_s"], 2),
+                "total_s": round(res["total_s"], 1),
+            }
+        )
     header = list(rows[0])
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:

@@ -29,11 +29,26 @@ import transformers as T
 from bench._timing import device_name, markdown_table, write_json
 from bench.peers import cache_nbytes
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=140000,
-                tie_word_embeddings=True)
-TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096)
+LLAMA_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=140000,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
 ZIPVL = dict(hi_bits=4, lo_bits=2, force_ratio=0.5)
 
 
@@ -42,8 +57,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _decode(step: Callable[[torch.Tensor, int], torch.Tensor], first: torch.Tensor, start: int, warmup: int,
-            steps: int, device: str) -> tuple[float, torch.Tensor]:
+def _decode(
+    step: Callable[[torch.Tensor, int], torch.Tensor],
+    first: torch.Tensor,
+    start: int,
+    warmup: int,
+    steps: int,
+    device: str,
+) -> tuple[float, torch.Tensor]:
     """Run ``warmup`` untimed then ``steps`` timed greedy steps; returns (seconds, tokens [B, steps])."""
     token, pos, out = first, start, []
     for i in range(warmup + steps):
@@ -73,10 +94,14 @@ def run_hf_static_compiled(model, ids: torch.Tensor, warmup: int, steps: int) ->
     forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     positions = torch.arange(n + warmup + steps + 1, device=ids.device)
     with torch.no_grad():
-        first = model(input_ids=ids, past_key_values=cache, cache_position=positions[:n],
-                      logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-        step = lambda tok, pos: forward(input_ids=tok, past_key_values=cache,
-                                        cache_position=positions[pos:pos + 1]).logits[:, -1].clone()
+        first = (
+            model(input_ids=ids, past_key_values=cache, cache_position=positions[:n], logits_to_keep=1)
+            .logits[:, -1]
+            .argmax(-1, keepdim=True)
+        )
+        step = lambda tok, pos: (
+            forward(input_ids=tok, past_key_values=cache, cache_position=positions[pos : pos + 1]).logits[:, -1].clone()
+        )
         seconds, tokens = _decode(step, first, n, warmup, steps, ids.device.type)
     return dict(seconds=seconds, tokens=tokens, kv_bytes=cache_nbytes(cache))
 
@@ -91,16 +116,24 @@ def run_zipvl(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
     graphs = dict(inner="inductor", cudagraphs=True) if ids.is_cuda else dict(inner="eager")  # reduce-overhead
     decode = torch.compile(model.forward, backend="zipvl", options=dict(ZIPVL, **graphs))
     with torch.no_grad():
-        first = prefill(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                        logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        first = (
+            prefill(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, logits_to_keep=1)
+            .logits[:, -1]
+            .argmax(-1, keepdim=True)
+        )
         cache.compact()
         step = lambda tok, pos: decode(input_ids=tok, past_key_values=cache).logits[:, -1].clone()
         seconds, tokens = _decode(step, first, n, warmup, steps, ids.device.type)
     rep = zipvl_compile.report()
     rep.record_cache(cache)
     decode_ops = {s.op for s in rep.sites if s.kind == "decode"}
-    return dict(seconds=seconds, tokens=tokens, kv_bytes=cache_nbytes(cache), decode_ops=sorted(map(str, decode_ops)),
-                cudagraph_graphs=[i for i, g in enumerate(rep.graphs) if g.get("cudagraphs")])
+    return dict(
+        seconds=seconds,
+        tokens=tokens,
+        kv_bytes=cache_nbytes(cache),
+        decode_ops=sorted(map(str, decode_ops)),
+        cudagraph_graphs=[i for i, g in enumerate(rep.graphs) if g.get("cudagraphs")],
+    )
 
 
 METHODS = {"hf_eager": run_hf_eager, "hf_static_compiled": run_hf_static_compiled, "zipvl": run_zipvl}
@@ -121,14 +154,20 @@ def main() -> None:
     contexts, batches, steps = ([200], [2], 6) if args.smoke else (args.contexts, args.batches, args.steps)
     torch.manual_seed(0)
     with torch.device(device):
-        model = T.LlamaForCausalLM._from_config(T.LlamaConfig(**(TINY if args.smoke else LLAMA_1B)),
-                                                dtype=dtype, attn_implementation="sdpa").eval()
+        model = T.LlamaForCausalLM._from_config(
+            T.LlamaConfig(**(TINY if args.smoke else LLAMA_1B)), dtype=dtype, attn_implementation="sdpa"
+        ).eval()
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for n in contexts:
         for batch in batches:
-            ids = torch.randint(3, model.config.vocab_size, (batch, n), device=device,
-                                generator=torch.Generator(device).manual_seed(n + batch))
+            ids = torch.randint(
+                3,
+                model.config.vocab_size,
+                (batch, n),
+                device=device,
+                generator=torch.Generator(device).manual_seed(n + batch),
+            )
             row = {"context": n, "batch": batch}
             for name in args.methods:
                 torch._dynamo.reset()
@@ -138,19 +177,37 @@ def main() -> None:
                 row[f"{name}_tok_s"] = batch * steps / res["seconds"]
                 row[f"{name}_kv_mb"] = res["kv_bytes"] / 2**20
                 row.update({f"{name}_{k}": v for k, v in res.items() if k not in ("seconds", "tokens", "kv_bytes")})
-                print(name, n, batch, f"{row[f'{name}_tok_s']:.1f} tok/s", f"{time.perf_counter() - began:.0f} s",
-                      flush=True)
+                print(
+                    name,
+                    n,
+                    batch,
+                    f"{row[f'{name}_tok_s']:.1f} tok/s",
+                    f"{time.perf_counter() - began:.0f} s",
+                    flush=True,
+                )
                 if device == "cuda":
                     torch.cuda.empty_cache()
             for base in ("hf_eager", "hf_static_compiled"):
                 if "zipvl_tok_s" in row and f"{base}_tok_s" in row:
                     row[f"zipvl_vs_{base}"] = row["zipvl_tok_s"] / row[f"{base}_tok_s"]
             rows.append(row)
-            write_json("decode.json", {"date": datetime.date.today().isoformat(), "device": device_name(),
-                                       "torch": torch.__version__, "params": params, "steps": steps, "rows": rows})
-    columns = ["context", "batch"] + [f"{m}_tok_s" for m in args.methods] + \
-        [c for c in ("zipvl_vs_hf_eager", "zipvl_vs_hf_static_compiled") if c in rows[0]] + \
-        [f"{m}_kv_mb" for m in args.methods]
+            write_json(
+                "decode.json",
+                {
+                    "date": datetime.date.today().isoformat(),
+                    "device": device_name(),
+                    "torch": torch.__version__,
+                    "params": params,
+                    "steps": steps,
+                    "rows": rows,
+                },
+            )
+    columns = (
+        ["context", "batch"]
+        + [f"{m}_tok_s" for m in args.methods]
+        + [c for c in ("zipvl_vs_hf_eager", "zipvl_vs_hf_static_compiled") if c in rows[0]]
+        + [f"{m}_kv_mb" for m in args.methods]
+    )
     print(markdown_table(rows, columns))
     print(f"model: {params / 1e9:.2f}B parameters, {dtype}, {device_name()}")
 

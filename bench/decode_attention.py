@@ -29,23 +29,37 @@ def make_cache(B: int, H: int, n_rep: int, n: int, d: int, device: str, gen: tor
 
     def segment(cap: int, bits: int, first_pos: int) -> Segment:
         kb = d * bits // 8
-        codes = lambda: torch.randint(0, 256, (B, H, cap, kb), device=device, dtype=torch.uint8,
-                                      generator=gen)
+        codes = lambda: torch.randint(0, 256, (B, H, cap, kb), device=device, dtype=torch.uint8, generator=gen)
         param = lambda *shape: (torch.rand(*shape, device=device, generator=gen) * 0.1).half()
         pos = torch.arange(first_pos, first_pos + cap, device=device, dtype=torch.int32).expand(B, cap)
         fill = torch.full((B,), cap, device=device, dtype=torch.int32)
-        return Segment(codes(), param(B, H, cap // 64, d), param(B, H, cap // 64, d) - 0.05, codes(),
-                       param(B, H, cap), param(B, H, cap) - 0.05, pos.contiguous(), fill)
+        return Segment(
+            codes(),
+            param(B, H, cap // 64, d),
+            param(B, H, cap // 64, d) - 0.05,
+            codes(),
+            param(B, H, cap),
+            param(B, H, cap) - 0.05,
+            pos.contiguous(),
+            fill,
+        )
 
     half = n // 2
     bf = dict(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     tail_pos = torch.arange(n, n + R, device=device, dtype=torch.int32).expand(B, R).contiguous()
-    return dict(q=torch.randn(B, H * n_rep, 1, d, generator=gen, **bf),
-                hi=segment(half, HI_BITS, 0), lo=segment(half, LO_BITS, half),
-                k_tail=torch.randn(B, H, R, d, generator=gen, **bf),
-                v_tail=torch.randn(B, H, R, d, generator=gen, **bf),
-                tail_pos=tail_pos, tail_len=torch.full((B,), TAIL_LEN, device=device, dtype=torch.int32),
-                scale=d ** -0.5, n_rep=n_rep, hi_bits=HI_BITS, lo_bits=LO_BITS)
+    return dict(
+        q=torch.randn(B, H * n_rep, 1, d, generator=gen, **bf),
+        hi=segment(half, HI_BITS, 0),
+        lo=segment(half, LO_BITS, half),
+        k_tail=torch.randn(B, H, R, d, generator=gen, **bf),
+        v_tail=torch.randn(B, H, R, d, generator=gen, **bf),
+        tail_pos=tail_pos,
+        tail_len=torch.full((B,), TAIL_LEN, device=device, dtype=torch.int32),
+        scale=d**-0.5,
+        n_rep=n_rep,
+        hi_bits=HI_BITS,
+        lo_bits=LO_BITS,
+    )
 
 
 def bytes_read(B: int, H: int, n_rep: int, n: int, d: int, elt: int) -> int:
@@ -68,8 +82,7 @@ def time_fn(fn, smoke: bool) -> tuple[float, float]:
         return (time.perf_counter() - t0) * 1e6, float("nan")
     import triton.testing as tt
 
-    return (tt.do_bench(fn, return_mode="median") * 1e3,
-            tt.do_bench_cudagraph(fn, return_mode="median") * 1e3)
+    return (tt.do_bench(fn, return_mode="median") * 1e3, tt.do_bench_cudagraph(fn, return_mode="median") * 1e3)
 
 
 def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool) -> dict:
@@ -94,22 +107,41 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool
     sdpa_bytes = 2 * B * H * (n + TAIL_LEN) * d * elt + 2 * B * H * n_rep * d * elt
     ws_bytes = 2 * B * H * n_rep * splits * (d + 2) * 4
     best = g_tr if g_tr == g_tr else t_tr
-    return dict(B=B, Hq=H * n_rep, H=H, d=d, n=n, splits=splits, bytes=nbytes, ws_bytes=ws_bytes,
-                sdpa_bytes=sdpa_bytes, triton_us=t_tr, triton_graph_us=g_tr, sdpa_us=t_sd, sdpa_graph_us=g_sd,
-                gbps=nbytes / best / 1e3, frac_peak=nbytes / best / 1e-6 / PEAK_BW,
-                speedup_graph=(g_sd / g_tr) if g_tr == g_tr else t_sd / t_tr, max_abs_err=err)
+    return dict(
+        B=B,
+        Hq=H * n_rep,
+        H=H,
+        d=d,
+        n=n,
+        splits=splits,
+        bytes=nbytes,
+        ws_bytes=ws_bytes,
+        sdpa_bytes=sdpa_bytes,
+        triton_us=t_tr,
+        triton_graph_us=g_tr,
+        sdpa_us=t_sd,
+        sdpa_graph_us=g_sd,
+        gbps=nbytes / best / 1e3,
+        frac_peak=nbytes / best / 1e-6 / PEAK_BW,
+        speedup_graph=(g_sd / g_tr) if g_tr == g_tr else t_sd / t_tr,
+        max_abs_err=err,
+    )
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| n | B | heads | splits | MB read | bytes vs bf16 | Triton µs | graph µs | GB/s | of 3 TB/s "
-            "| SDPA µs | SDPA graph µs | speedup (graph) | max err |")
+    head = (
+        "| n | B | heads | splits | MB read | bytes vs bf16 | Triton µs | graph µs | GB/s | of 3 TB/s "
+        "| SDPA µs | SDPA graph µs | speedup (graph) | max err |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['n']} | {r['B']} | {r['Hq']}/{r['H']}x{r['d']} | {r['splits']} | "
-                     f"{r['bytes'] / 1e6:.1f} | {r['bytes'] / r['sdpa_bytes']:.1%} | {r['triton_us']:.1f} | "
-                     f"{r['triton_graph_us']:.1f} | {r['gbps']:.0f} | {r['frac_peak']:.0%} | "
-                     f"{r['sdpa_us']:.1f} | {r['sdpa_graph_us']:.1f} | {r['speedup_graph']:.2f}x | "
-                     f"{r['max_abs_err']:.2e} |")
+        lines.append(
+            f"| {r['n']} | {r['B']} | {r['Hq']}/{r['H']}x{r['d']} | {r['splits']} | "
+            f"{r['bytes'] / 1e6:.1f} | {r['bytes'] / r['sdpa_bytes']:.1%} | {r['triton_us']:.1f} | "
+            f"{r['triton_graph_us']:.1f} | {r['gbps']:.0f} | {r['frac_peak']:.0%} | "
+            f"{r['sdpa_us']:.1f} | {r['sdpa_graph_us']:.1f} | {r['speedup_graph']:.2f}x | "
+            f"{r['max_abs_err']:.2e} |"
+        )
     return "\n".join(lines)
 
 
@@ -126,15 +158,16 @@ def main() -> None:
     if opts.smoke:
         grid = [(B, H, n_rep, n, 32) for n in (256, 512) for B in (1, 2) for H, n_rep in ((2, 1), (1, 3))]
     else:
-        grid = [(B, H, n_rep, n, D) for n in (8192, 32768, 131072) for B in (1, 8)
-                for H, n_rep in ((32, 1), (4, 7))]
+        grid = [(B, H, n_rep, n, D) for n in (8192, 32768, 131072) for B in (1, 8) for H, n_rep in ((32, 1), (4, 7))]
     rows = []
     for cfg in grid:
         rows.append(run_one(*cfg, device, opts.smoke))
         if cuda:
             torch.cuda.empty_cache()
-    title = f"decode attention, {torch.cuda.get_device_name() if cuda else 'CPU (interpreter)'}, " \
-            f"bits {HI_BITS}/{LO_BITS} at r = 0.5, tail {TAIL_LEN}, torch {torch.__version__}"
+    title = (
+        f"decode attention, {torch.cuda.get_device_name() if cuda else 'CPU (interpreter)'}, "
+        f"bits {HI_BITS}/{LO_BITS} at r = 0.5, tail {TAIL_LEN}, torch {torch.__version__}"
+    )
     print(f"## {title}\n\n{markdown(rows)}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "decode_attention.json"), "w") as f:

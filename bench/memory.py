@@ -20,10 +20,24 @@ import transformers as T
 
 from bench._timing import device_name, write_json
 
-LLAVA_NEXT_7B_TEXT = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=65536)
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=4096)
+LLAVA_NEXT_7B_TEXT = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=65536,
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+)
 
 
 def _generate(model, ids, new: int) -> tuple[float, float | None, object]:
@@ -32,8 +46,14 @@ def _generate(model, ids, new: int) -> tuple[float, float | None, object]:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                             min_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
     if ids.is_cuda:
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**20 if ids.is_cuda else None
@@ -53,8 +73,9 @@ def main() -> None:
     prompt, new = (300, 8) if args.smoke else (args.prompt, args.new)
     torch.manual_seed(0)
     with torch.device(device):
-        model = T.LlamaForCausalLM._from_config(T.LlamaConfig(**(TINY if args.smoke else LLAVA_NEXT_7B_TEXT)),
-                                                dtype=dtype, attn_implementation="sdpa").eval()
+        model = T.LlamaForCausalLM._from_config(
+            T.LlamaConfig(**(TINY if args.smoke else LLAVA_NEXT_7B_TEXT)), dtype=dtype, attn_implementation="sdpa"
+        ).eval()
     ids = torch.randint(3, model.config.vocab_size, (1, prompt), device=device)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     hf_s, hf_peak, hf_cache = _generate(model, ids, new)
@@ -68,15 +89,26 @@ def main() -> None:
     zipvl_compile.reset_report()
     zv_s, zv_peak, _ = _generate(model, ids, new)
     rep = zipvl_compile.report()
-    row = {"prompt": prompt, "new": new, "kept_ratio": args.ratio, "weights_mb": round(weights_mb),
-           "hf_peak_mb": hf_peak, "zipvl_peak_mb": zv_peak, "hf_kv_bf16_mb": kv_dense / 2**20,
-           "zipvl_kv_mb": rep.kv_bytes / 2**20, "zipvl_kv_vs_bf16": rep.kv_bytes / rep.kv_bytes_dense,
-           "hf_generate_s": hf_s, "zipvl_generate_s": zv_s,
-           "peak_reduction": None if hf_peak is None else 1 - zv_peak / hf_peak}
+    row = {
+        "prompt": prompt,
+        "new": new,
+        "kept_ratio": args.ratio,
+        "weights_mb": round(weights_mb),
+        "hf_peak_mb": hf_peak,
+        "zipvl_peak_mb": zv_peak,
+        "hf_kv_bf16_mb": kv_dense / 2**20,
+        "zipvl_kv_mb": rep.kv_bytes / 2**20,
+        "zipvl_kv_vs_bf16": rep.kv_bytes / rep.kv_bytes_dense,
+        "hf_generate_s": hf_s,
+        "zipvl_generate_s": zv_s,
+        "peak_reduction": None if hf_peak is None else 1 - zv_peak / hf_peak,
+    }
     print(row)
     print(rep)
-    write_json("memory.json", {"date": datetime.date.today().isoformat(), "device": device_name(),
-                               "torch": torch.__version__, "row": row})
+    write_json(
+        "memory.json",
+        {"date": datetime.date.today().isoformat(), "device": device_name(), "torch": torch.__version__, "row": row},
+    )
 
 
 if __name__ == "__main__":

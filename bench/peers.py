@@ -42,18 +42,30 @@ PRESSES = (("expected-attention", "ExpectedAttentionPress"), ("SnapKV", "SnapKVP
 def methods() -> list[tuple[str, str, dict]]:
     """(name, family, parameters) of every method compared, the dense reference first."""
     out = [("dense fp32", "dense", {})]
-    out += [(f"zipvl tau={tau} {hi}/{lo}", "zipvl", dict(tau=tau, hi_bits=hi, lo_bits=lo))
-            for tau in TAUS for hi, lo in BITS]
-    out += [(f"zipvl tau={tau} 4/2 w64", "zipvl", dict(tau=tau, hi_bits=4, lo_bits=2, local_window=64))
-            for tau in TAUS if tau < 1]
+    out += [
+        (f"zipvl tau={tau} {hi}/{lo}", "zipvl", dict(tau=tau, hi_bits=hi, lo_bits=lo))
+        for tau in TAUS
+        for hi, lo in BITS
+    ]
+    out += [
+        (f"zipvl tau={tau} 4/2 w64", "zipvl", dict(tau=tau, hi_bits=4, lo_bits=2, local_window=64))
+        for tau in TAUS
+        if tau < 1
+    ]
     for nbits in (4, 2):
         out.append((f"quanto {nbits}-bit", "quantized", dict(backend="quanto", nbits=nbits)))
-        out.append((f"quanto {nbits}-bit, K per-channel", "quantized",
-                    dict(backend="quanto", nbits=nbits, axis_key=-1)))
-    out += [(f"hqq {nbits}-bit (axis 1)", "quantized", dict(backend="hqq", nbits=nbits, axis_key=1, axis_value=1))
-            for nbits in (4, 2)]
-    out += [(f"kvpress {label} {ratio:.0%}", "kvpress", dict(press=cls, compression_ratio=ratio))
-            for label, cls in PRESSES for ratio in (0.5, 0.75)]
+        out.append(
+            (f"quanto {nbits}-bit, K per-channel", "quantized", dict(backend="quanto", nbits=nbits, axis_key=-1))
+        )
+    out += [
+        (f"hqq {nbits}-bit (axis 1)", "quantized", dict(backend="hqq", nbits=nbits, axis_key=1, axis_value=1))
+        for nbits in (4, 2)
+    ]
+    out += [
+        (f"kvpress {label} {ratio:.0%}", "kvpress", dict(press=cls, compression_ratio=ratio))
+        for label, cls in PRESSES
+        for ratio in (0.5, 0.75)
+    ]
     return out
 
 
@@ -105,8 +117,10 @@ def press_context(press: object, model: torch.nn.Module) -> Iterator[None]:
         return args, kwargs
 
     press.forward_hook = forward_hook
-    handles = [layer.self_attn.register_forward_pre_hook(supply_cache_position, with_kwargs=True)
-               for layer in model.model.layers]
+    handles = [
+        layer.self_attn.register_forward_pre_hook(supply_cache_position, with_kwargs=True)
+        for layer in model.model.layers
+    ]
     try:
         with press(model):
             yield
@@ -147,27 +161,40 @@ def row(name: str, family: str, params: dict, res: dict, dense: dict, bf16_bytes
     ppl = math.exp(sum(res["nll"]) / len(res["nll"]))
     dense_ppl = math.exp(sum(dense["nll"]) / len(dense["nll"]))
     kv_bytes = cache_nbytes(res["cache"])
-    return {"method": name, "family": family, "params": params, "ppl": round(ppl, 4),
-            "ppl_change": round(ppl / dense_ppl - 1, 5),
-            "top1_agree": round(sum(a == b for a, b in zip(res["preds"], dense["preds"])) / len(dense["preds"]), 4),
-            "kv_bytes": kv_bytes, "kv_vs_bf16": round(kv_bytes / bf16_bytes, 4),
-            "kv_vs_bf16_model": round(cache_nbytes(res["cache"], as_bf16=True) / bf16_bytes, 4),
-            "kept_ratio": res.get("kept_ratio"), "prefill_s": round(res["prefill_s"], 2),
-            "decode_tok_s": round((continuation - 1) / res["decode_s"], 2),
-            "version": version(params.get("backend", family)), "error": None}
+    return {
+        "method": name,
+        "family": family,
+        "params": params,
+        "ppl": round(ppl, 4),
+        "ppl_change": round(ppl / dense_ppl - 1, 5),
+        "top1_agree": round(sum(a == b for a, b in zip(res["preds"], dense["preds"])) / len(dense["preds"]), 4),
+        "kv_bytes": kv_bytes,
+        "kv_vs_bf16": round(kv_bytes / bf16_bytes, 4),
+        "kv_vs_bf16_model": round(cache_nbytes(res["cache"], as_bf16=True) / bf16_bytes, 4),
+        "kept_ratio": res.get("kept_ratio"),
+        "prefill_s": round(res["prefill_s"], 2),
+        "decode_tok_s": round((continuation - 1) / res["decode_s"], 2),
+        "version": version(params.get("backend", family)),
+        "error": None,
+    }
 
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table (errors in their own column)."""
-    lines = ["| method | perplexity | vs dense | top-1 agree | KV MiB held | vs bf16 | vs bf16 (bf16 model) "
-             "| prefill s | decode tok/s | error |", "|" + "---|" * 10]
+    lines = [
+        "| method | perplexity | vs dense | top-1 agree | KV MiB held | vs bf16 | vs bf16 (bf16 model) "
+        "| prefill s | decode tok/s | error |",
+        "|" + "---|" * 10,
+    ]
     for r in rows:
         if r["error"]:
             lines.append(f"| {r['method']} | - | - | - | - | - | - | - | - | {r['version']}: {r['error']} |")
             continue
-        lines.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ppl_change']:+.2%} | {r['top1_agree']:.1%} "
-                     f"| {r['kv_bytes'] / 2**20:.2f} | {r['kv_vs_bf16']:.1%} | {r['kv_vs_bf16_model']:.1%} "
-                     f"| {r['prefill_s']:.2f} | {r['decode_tok_s']:.1f} | |")
+        lines.append(
+            f"| {r['method']} | {r['ppl']:.3f} | {r['ppl_change']:+.2%} | {r['top1_agree']:.1%} "
+            f"| {r['kv_bytes'] / 2**20:.2f} | {r['kv_vs_bf16']:.1%} | {r['kv_vs_bf16_model']:.1%} "
+            f"| {r['prefill_s']:.2f} | {r['decode_tok_s']:.1f} | |"
+        )
     return "\n".join(lines)
 
 
@@ -180,8 +207,13 @@ def plot(path: str) -> None:
     import matplotlib.pyplot as plt
 
     files = sorted(RESULTS.glob("peers_*.json"))
-    markers = {"dense": ("*", "black"), "zipvl": ("o", "tab:red"), "quanto": ("s", "tab:blue"),
-               "hqq": ("D", "tab:cyan"), "kvpress": ("^", "tab:green")}
+    markers = {
+        "dense": ("*", "black"),
+        "zipvl": ("o", "tab:red"),
+        "quanto": ("s", "tab:blue"),
+        "hqq": ("D", "tab:cyan"),
+        "kvpress": ("^", "tab:green"),
+    }
     fig, axes = plt.subplots(1, len(files), figsize=(7.5 * len(files), 6), squeeze=False)
     for ax, file in zip(axes[0], files):
         data = json.loads(file.read_text())
@@ -189,8 +221,13 @@ def plot(path: str) -> None:
             kind = r["params"].get("backend", r["family"])
             marker, color = markers[kind]
             ax.scatter(100 * r["kv_vs_bf16_model"], r["ppl"], marker=marker, color=color, s=60, label=kind)
-            ax.annotate(r["method"].replace("kvpress ", "").replace("zipvl ", ""), (100 * r["kv_vs_bf16_model"],
-                        r["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(
+                r["method"].replace("kvpress ", "").replace("zipvl ", ""),
+                (100 * r["kv_vs_bf16_model"], r["ppl"]),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), loc="upper right")
@@ -233,26 +270,51 @@ def main(argv: list[str] | None = None) -> None:
                 run_method(model, ids[:, :72], 64, family, params)
             res = run_method(model, ids, args.context, family, params)
         except Exception as error:  # a peer that cannot run here is reported, not dropped
-            rows.append({"method": name, "family": family, "params": params,
-                         "version": version(params.get("backend", family)),
-                         "error": f"{type(error).__name__}: {error}"})
+            rows.append(
+                {
+                    "method": name,
+                    "family": family,
+                    "params": params,
+                    "version": version(params.get("backend", family)),
+                    "error": f"{type(error).__name__}: {error}",
+                }
+            )
             print(name, "FAILED", rows[-1]["error"], flush=True)
             continue
         if dense is None:
             dense, bf16_bytes = res, cache_nbytes(res["cache"], as_bf16=True)
         rows.append(row(name, family, params, res, dense, bf16_bytes, args.continuation))
         res["cache"] = None
-        print(name, {k: v for k, v in rows[-1].items() if k != "params"},
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            name,
+            {k: v for k, v in rows[-1].items() if k != "params"},
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     print(markdown(rows))
-    print(f"model: {label}; context {args.context}, continuation {args.continuation}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"model: {label}; context {args.context}, continuation {args.continuation}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"peers_{label}.json"
-    out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "device": "CPU",
-                               "torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
-                               "threads": torch.get_num_threads(), "model": label, "context": args.context,
-                               "continuation": args.continuation, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "date": datetime.date.today().isoformat(),
+                "device": "CPU",
+                "torch": torch.__version__,
+                "transformers": importlib.metadata.version("transformers"),
+                "threads": torch.get_num_threads(),
+                "model": label,
+                "context": args.context,
+                "continuation": args.continuation,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     if args.plot:
         plot(args.plot)
 

@@ -24,11 +24,25 @@ import transformers as T
 
 from bench._timing import device_name, markdown_table, median_ms, write_json
 
-QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096)
+QWEN2_7B = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=131072,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
 
 
 def _register_fa4() -> bool:
@@ -38,8 +52,9 @@ def _register_fa4() -> bool:
         return False
 
     def fa4_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                              softmax_scale=scaling, causal=True)
+        out = flash_attn_func(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=True
+        )
         out = out[0] if isinstance(out, tuple) else out
         return out, None
 
@@ -98,22 +113,40 @@ def main() -> None:
         model.set_attn_implementation("sdpa")
         torch._dynamo.reset()
         zipvl_compile.reset_report()
-        compiled = torch.compile(model, backend="zipvl", dynamic=False,
-                                 options={"inner": "eager", "force_ratio": args.ratio, "tau": 0.975,
-                                          "local_window": args.local_window})
+        compiled = torch.compile(
+            model,
+            backend="zipvl",
+            dynamic=False,
+            options={"inner": "eager", "force_ratio": args.ratio, "tau": 0.975, "local_window": args.local_window},
+        )
         row["zipvl_ms"], row["zipvl_peak_mb"] = _time(compiled, ids, args.rep_ms)
-        row["zipvl_kept_ratio"] = round(sum(zipvl_compile.report().kept_ratios().values())
-                                        / max(1, len(zipvl_compile.report().kept_ratios())), 4)
+        row["zipvl_kept_ratio"] = round(
+            sum(zipvl_compile.report().kept_ratios().values()) / max(1, len(zipvl_compile.report().kept_ratios())), 4
+        )
         row["speedup_vs_sdpa"] = row["hf_sdpa_ms"] / row["zipvl_ms"]
         if "hf_fa4_ms" in row:
             row["speedup_vs_fa4"] = row["hf_fa4_ms"] / row["zipvl_ms"]
         rows.append(row)
         print(row, flush=True)
-    columns = ["n", "ratio", "local_window", "zipvl_kept_ratio", "hf_sdpa_ms", "hf_fa4_ms", "zipvl_ms",
-               "speedup_vs_sdpa", "speedup_vs_fa4", "hf_sdpa_peak_mb", "hf_fa4_peak_mb", "zipvl_peak_mb"]
+    columns = [
+        "n",
+        "ratio",
+        "local_window",
+        "zipvl_kept_ratio",
+        "hf_sdpa_ms",
+        "hf_fa4_ms",
+        "zipvl_ms",
+        "speedup_vs_sdpa",
+        "speedup_vs_fa4",
+        "hf_sdpa_peak_mb",
+        "hf_fa4_peak_mb",
+        "zipvl_peak_mb",
+    ]
     print(markdown_table(rows, columns))
-    write_json("prefill_e2e.json", {"date": datetime.date.today().isoformat(), "device": device_name(),
-                                    "torch": torch.__version__, "rows": rows})
+    write_json(
+        "prefill_e2e.json",
+        {"date": datetime.date.today().isoformat(), "device": device_name(), "torch": torch.__version__, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

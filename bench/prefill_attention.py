@@ -169,8 +169,9 @@ def _div(num: float | None, den: float | None, factor: float = 1.0) -> float | N
     return None if num is None or not den else factor * num / den
 
 
-def _time_kept_backend(b: str, t: Inputs, idx: torch.Tensor, count: torch.Tensor, packed: tuple,
-                       errors: dict[str, str], no_graph: set[str]) -> tuple[float | None, ...]:
+def _time_kept_backend(
+    b: str, t: Inputs, idx: torch.Tensor, count: torch.Tensor, packed: tuple, errors: dict[str, str], no_graph: set[str]
+) -> tuple[float | None, ...]:
     """(eager ms, CUDA-graph ms, varlen-kernel-alone ms) of backend ``b``; a failed capture is not retried."""
     q, k, v = t.bhsd()
     plan, qp, kp, vp = packed
@@ -183,15 +184,17 @@ def _time_kept_backend(b: str, t: Inputs, idx: torch.Tensor, count: torch.Tensor
     return eager, graph, _guard(lambda: median_ms(kernel), errors, f"kernel/{b}")
 
 
-def time_sparse(t: Inputs, idx: torch.Tensor, count: torch.Tensor, kernels: list[str], errors: dict[str, str],
-                no_graph: set[str]) -> dict[str, Any]:
+def time_sparse(
+    t: Inputs, idx: torch.Tensor, count: torch.Tensor, kernels: list[str], errors: dict[str, str], no_graph: set[str]
+) -> dict[str, Any]:
     """Timings of kept_causal_attention per backend (eager, CUDA graph, varlen kernel alone) and of its
     pack / unpack stages, with the best backend's peak extra memory and an output sanity check."""
     q, k, v = t.bhsd()
     packed = pack_kept(q, k, v, idx, count)
     times = {b: _time_kept_backend(b, t, idx, count, packed, errors, no_graph) for b in kernels}
-    res: dict[str, Any] = {f"{key}_all_ms": {b: times[b][i] for b in kernels}
-                           for i, key in enumerate(("sparse", "sparse_graph", "kernel"))}
+    res: dict[str, Any] = {
+        f"{key}_all_ms": {b: times[b][i] for b in kernels} for i, key in enumerate(("sparse", "sparse_graph", "kernel"))
+    }
     best = res["sparse_backend"] = _best(res["sparse_all_ms"])
     res["pack_ms"] = _guard(lambda: median_ms(lambda: pack_kept(q, k, v, idx, count)), errors, "pack")
     if best is None:
@@ -207,31 +210,41 @@ def time_sparse(t: Inputs, idx: torch.Tensor, count: torch.Tensor, kernels: list
     return res
 
 
-def time_local(t: Inputs, idx: torch.Tensor, count: torch.Tensor, window: int, errors: dict[str, str]
-               ) -> float | None:
+def time_local(t: Inputs, idx: torch.Tensor, count: torch.Tensor, window: int, errors: dict[str, str]) -> float | None:
     """ms of the local_window prefill attention on the kept set (idx, count); None when window is 0."""
     if window <= 0:
         return None
     q, k, v = t.bhsd()
     keep = kept_mask(idx, count)
     valid = torch.ones_like(keep)
-    return _guard(lambda: median_ms(lambda: local_attention(q, k, v, keep, valid, window, t.scale, t.n_rep)),
-                  errors, "local")
+    return _guard(
+        lambda: median_ms(lambda: local_attention(q, k, v, keep, valid, window, t.scale, t.n_rep)), errors, "local"
+    )
 
 
-def bench_length(name: str, heads: tuple[int, int, int], n: int, ratios: tuple[float, ...],
-                 dtype: torch.dtype, device: str, no_graph: set[str], window: int) -> list[dict]:
+def bench_length(
+    name: str,
+    heads: tuple[int, int, int],
+    n: int,
+    ratios: tuple[float, ...],
+    dtype: torch.dtype,
+    device: str,
+    no_graph: set[str],
+    window: int,
+) -> list[dict]:
     """All measurements of one (shape, n); returns one result dict per kept ratio."""
     t = Inputs.random(heads, n, dtype, device)
     errors: dict[str, str] = {}
-    dense = {b: _guard(lambda fn=fn: median_ms(lambda: fn(t)), errors, f"dense/{b}")
-             for b, fn in dense_backends().items()}
+    dense = {
+        b: _guard(lambda fn=fn: median_ms(lambda: fn(t)), errors, f"dense/{b}") for b, fn in dense_backends().items()
+    }
     dense_backend = _best(dense)
     dense_ms = dense.get(dense_backend)
     probe = probe_select_fn(t)
     probe_ms = _guard(lambda: median_ms(probe[0]), errors, "probe_select") if probe else None
-    stage_ms = {name: _guard(lambda fn=fn: median_ms(fn), errors, name) for name, fn in probe[1].items()} \
-        if probe else {}
+    stage_ms = (
+        {name: _guard(lambda fn=fn: median_ms(fn), errors, name) for name, fn in probe[1].items()} if probe else {}
+    )
     kernels = [b for b in available_backends() if b in _VARLEN_KERNELS] or ["sdpa_padded"]
     rows = []
     for ratio in ratios:
@@ -240,24 +253,58 @@ def bench_length(name: str, heads: tuple[int, int, int], n: int, ratios: tuple[f
         sparse = time_sparse(t, idx, count, kernels, errors, no_graph)
         local_ms = time_local(t, idx, count, window, errors)
         ideal = r * r * dense_ms if dense_ms else None
-        rows.append(dict(
-            shape=name, heads=f"{heads[0]}/{heads[1]}", n=n, r=round(r, 4), dense_backend=dense_backend,
-            dense_ms=dense_ms, dense_all_ms=dense, ideal_ms=ideal, **sparse,
-            ratio=_div(sparse.get("sparse_ms"), ideal),
-            ratio_graph=_div(sparse.get("sparse_graph_ms"), ideal),
-            kernel_ratio=_div(sparse.get("kernel_ms"), ideal), probe_select_ms=probe_ms, probe_stage_ms=stage_ms,
-            probe_pct_of_dense=_div(probe_ms, dense_ms, 100.0), local_window=window, local_ms=local_ms,
-            local_vs_dense=_div(local_ms, dense_ms), errors=dict(errors)))
-        print(f"  {name} n={n} r={r:.2f}: dense {dense_ms} ms ({dense_backend}), sparse "
-              f"{sparse.get('sparse_ms')} ms ({sparse['sparse_backend']}), ratio {rows[-1]['ratio']}, "
-              f"probe stages {stage_ms}",
-              flush=True)
+        rows.append(
+            dict(
+                shape=name,
+                heads=f"{heads[0]}/{heads[1]}",
+                n=n,
+                r=round(r, 4),
+                dense_backend=dense_backend,
+                dense_ms=dense_ms,
+                dense_all_ms=dense,
+                ideal_ms=ideal,
+                **sparse,
+                ratio=_div(sparse.get("sparse_ms"), ideal),
+                ratio_graph=_div(sparse.get("sparse_graph_ms"), ideal),
+                kernel_ratio=_div(sparse.get("kernel_ms"), ideal),
+                probe_select_ms=probe_ms,
+                probe_stage_ms=stage_ms,
+                probe_pct_of_dense=_div(probe_ms, dense_ms, 100.0),
+                local_window=window,
+                local_ms=local_ms,
+                local_vs_dense=_div(local_ms, dense_ms),
+                errors=dict(errors),
+            )
+        )
+        print(
+            f"  {name} n={n} r={r:.2f}: dense {dense_ms} ms ({dense_backend}), sparse "
+            f"{sparse.get('sparse_ms')} ms ({sparse['sparse_backend']}), ratio {rows[-1]['ratio']}, "
+            f"probe stages {stage_ms}",
+            flush=True,
+        )
     return rows
 
 
-COLUMNS = ["shape", "n", "r", "dense_backend", "dense_ms", "sparse_backend", "sparse_ms", "sparse_graph_ms",
-           "ideal_ms", "ratio", "ratio_graph", "kernel_ratio", "pack_ms", "unpack_ms", "probe_select_ms",
-           "probe_pct_of_dense", "local_ms", "local_vs_dense"]
+COLUMNS = [
+    "shape",
+    "n",
+    "r",
+    "dense_backend",
+    "dense_ms",
+    "sparse_backend",
+    "sparse_ms",
+    "sparse_graph_ms",
+    "ideal_ms",
+    "ratio",
+    "ratio_graph",
+    "kernel_ratio",
+    "pack_ms",
+    "unpack_ms",
+    "probe_select_ms",
+    "probe_pct_of_dense",
+    "local_ms",
+    "local_vs_dense",
+]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -290,14 +337,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(markdown_table(rows, COLUMNS))
     at_target = [row["ratio"] for row in rows if row["n"] == TARGET_N and row["ratio"] is not None]
     if at_target:
-        print(f"\nsparse / (r^2 x dense) at n = {TARGET_N}: max {max(at_target):.3f} "
-              f"(target <= {TARGET_RATIO})")
-    payload = dict(bench="prefill_attention", date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                   device=device_name(), torch=torch.__version__, dtype=str(dtype), batch=1,
-                   kept_backends=list(available_backends()), smoke=args.smoke, seconds=round(elapsed, 1),
-                   notes="sdpa_cudnn runs on K/V expanded to the query head count before timing; "
-                         "ratio = sparse_ms / (r^2 x dense_ms) with the best dense backend",
-                   target=dict(n=TARGET_N, max_ratio=TARGET_RATIO), rows=rows)
+        print(f"\nsparse / (r^2 x dense) at n = {TARGET_N}: max {max(at_target):.3f} (target <= {TARGET_RATIO})")
+    payload = dict(
+        bench="prefill_attention",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        device=device_name(),
+        torch=torch.__version__,
+        dtype=str(dtype),
+        batch=1,
+        kept_backends=list(available_backends()),
+        smoke=args.smoke,
+        seconds=round(elapsed, 1),
+        notes="sdpa_cudnn runs on K/V expanded to the query head count before timing; "
+        "ratio = sparse_ms / (r^2 x dense_ms) with the best dense backend",
+        target=dict(n=TARGET_N, max_ratio=TARGET_RATIO),
+        rows=rows,
+    )
     path = write_json("prefill_attention.json", payload)
     print(f"\n{len(rows)} rows in {elapsed:.0f} s" + (f"; wrote {path}" if path else ""))
     return rows

@@ -43,9 +43,18 @@ def test_compiled_packed_decode_matches_eager_cache():
     zipvl_compile.compile(compiled, tau=1.0, inner="eager", recompress_interval=4)
     caches = [ZipVLCache(m, max_cache_len=60, recompress_interval=4) for m in (eager, compiled)]
     with torch.no_grad():
-        outs = [m.generate(input_ids=ids, attention_mask=mask, past_key_values=c, max_new_tokens=12,
-                           do_sample=False, output_logits=True, return_dict_in_generate=True)
-                for m, c in zip((eager, compiled), caches)]
+        outs = [
+            m.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=c,
+                max_new_tokens=12,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            for m, c in zip((eager, compiled), caches)
+        ]
     for a, b in zip(outs[0].logits, outs[1].logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     ops = {s.op for s in zipvl_compile.report().sites}
@@ -80,8 +89,7 @@ def test_reset_and_reuse_without_recompile():
         for i in range(3):
             cache.reset()
             with torch._dynamo.config.patch(error_on_recompile=i >= 2):
-                model.generate(input_ids=_ids(24, seed=i), past_key_values=cache, max_new_tokens=5,
-                               do_sample=False)
+                model.generate(input_ids=_ids(24, seed=i), past_key_values=cache, max_new_tokens=5, do_sample=False)
     assert len({s.graph_id for s in zipvl_compile.report().sites}) == 2  # one prefill, one decode graph
 
 
@@ -141,16 +149,29 @@ def test_simulate_mode_matches_packed_cache():
             zipvl_compile.compile(model, **opts)
             cache = ZipVLCache(model, max_cache_len=80)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6,
-                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                max_new_tokens=6,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
         assert zipvl_compile.report().kv_mode == mode
         logits.append(torch.stack(out.logits))
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
     _reset()
     dense = build_text("qwen2")
     with torch.no_grad():
-        plain = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                               output_logits=True, return_dict_in_generate=True)
+        plain = dense.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     assert not torch.allclose(torch.stack(plain.logits), logits[0], atol=1e-3)  # the quantisation is applied
 
 

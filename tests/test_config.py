@@ -7,15 +7,29 @@ import zipvl_compile
 from zipvl_compile import ZipVLConfig
 
 
-@pytest.mark.parametrize("key,value,allowed", [
-    ("tau", 0.0, "0 < tau"), ("tau", -1, "0 < tau"), ("tau", "x", "0 < tau"), ("tau", 1.5, "tau <= 1"),
-    ("hi_bits", 3, "(2, 4, 8, 16)"), ("lo_bits", 5, "(2, 4, 8, 16)"), ("lo_bits", 8, "<= hi_bits"),
-    ("n_probe_recent", -1, ">= 0"), ("min_keep", 1.5, ">= 0"), ("recompress_interval", 0, ">= 1"),
-    ("kv_mode", "fast", "packed"), ("inner", "cudagraphs", "inductor"), ("seed", "a", "integer"),
-    ("dense_layers", [0, -1], "layer indices"), ("dense_layers", 3, "layer indices"),
-    ("cudagraphs", "yes", "True or False"), ("score_norm", "zipcache", "n_minus_j"),
-    ("local_window", -1, ">= 0"),
-])
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("tau", 0.0, "0 < tau"),
+        ("tau", -1, "0 < tau"),
+        ("tau", "x", "0 < tau"),
+        ("tau", 1.5, "tau <= 1"),
+        ("hi_bits", 3, "(2, 4, 8, 16)"),
+        ("lo_bits", 5, "(2, 4, 8, 16)"),
+        ("lo_bits", 8, "<= hi_bits"),
+        ("n_probe_recent", -1, ">= 0"),
+        ("min_keep", 1.5, ">= 0"),
+        ("recompress_interval", 0, ">= 1"),
+        ("kv_mode", "fast", "packed"),
+        ("inner", "cudagraphs", "inductor"),
+        ("seed", "a", "integer"),
+        ("dense_layers", [0, -1], "layer indices"),
+        ("dense_layers", 3, "layer indices"),
+        ("cudagraphs", "yes", "True or False"),
+        ("score_norm", "zipcache", "n_minus_j"),
+        ("local_window", -1, ">= 0"),
+    ],
+)
 def test_bad_value_names_key_value_and_allowed(key, value, allowed):
     with pytest.raises(ValueError) as err:
         ZipVLConfig.from_options({key: value})

@@ -39,8 +39,9 @@ def _minmax_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
     return code, scale, zero, code * scale.float() + zero.float()
 
 
-def quantize_segment(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, fill: torch.Tensor, bits: int,
-                     gen: torch.Generator):
+def quantize_segment(
+    k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, fill: torch.Tensor, bits: int, gen: torch.Generator
+):
     """k, v fp32 [B, H, C, d]; pos int32 [B, C]; fill int32 [B] -> (Segment, k_hat, v_hat, valid [B, C]).
 
     Empty slots (pos < 0 or >= fill) get random codes, NaN value params, a stale pos beyond fill and NaN
@@ -56,8 +57,7 @@ def quantize_segment(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, fill: 
     code, k_scale, k_zero, k_hat = _minmax_quant(kg, k_lo[:, :, :, None], k_hi[:, :, :, None], bits)
     k_code, k_hat = code.flatten(2, 3), k_hat.flatten(2, 3)
     k_scale, k_zero = k_scale[:, :, :, 0], k_zero[:, :, :, 0]
-    v_code, v_scale, v_zero, v_hat = _minmax_quant(v, v.amin(-1, keepdim=True), v.amax(-1, keepdim=True),
-                                                   bits)
+    v_code, v_scale, v_zero, v_hat = _minmax_quant(v, v.amin(-1, keepdim=True), v.amax(-1, keepdim=True), bits)
     v_scale, v_zero = v_scale[..., 0], v_zero[..., 0]
 
     rand_codes = torch.randint(0, 2**bits, k_code.shape, generator=gen)
@@ -66,20 +66,40 @@ def quantize_segment(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, fill: 
     k_scale = k_scale.masked_fill(empty, NAN)
     v_scale, v_zero = v_scale.masked_fill(hole[..., 0], NAN), v_zero.masked_fill(hole[..., 0], NAN)
     pos = torch.where(torch.arange(C)[None, :] < fill[:, None], pos, 5)  # stale positions past fill
-    seg = Segment(_pack(k_code, bits), k_scale, k_zero, _pack(v_code, bits), v_scale, v_zero,
-                  pos.to(torch.int32), fill.to(torch.int32))
+    seg = Segment(
+        _pack(k_code, bits),
+        k_scale,
+        k_zero,
+        _pack(v_code, bits),
+        v_scale,
+        v_zero,
+        pos.to(torch.int32),
+        fill.to(torch.int32),
+    )
     return seg, k_hat, v_hat, valid
 
 
-def make_case(*, B=2, H=2, n_rep=2, d=32, bits=(4, 2), caps=(192, 128), R=24, fills=((192, 64), (128, 128)),
-              tail_lens=(17, 24), dtype=torch.float32, seed=0):
+def make_case(
+    *,
+    B=2,
+    H=2,
+    n_rep=2,
+    d=32,
+    bits=(4, 2),
+    caps=(192, 128),
+    R=24,
+    fills=((192, 64), (128, 128)),
+    tail_lens=(17, 24),
+    dtype=torch.float32,
+    seed=0,
+):
     """Random decode case. fills[i] = (hi fill, lo fill) of row i. Returns (args dict, dense pieces)."""
     gen = torch.Generator().manual_seed(seed)
     n_tok = sum(caps) + R
     perm = torch.stack([torch.randperm(n_tok, generator=gen) for _ in range(B)]).to(torch.int32)
     srcs, ofs = [], 0
     for cap, b_bits, fill in zip(caps, bits, zip(*fills, strict=True), strict=True):
-        pos = perm[:, ofs:ofs + cap].clone()
+        pos = perm[:, ofs : ofs + cap].clone()
         ofs += cap
         pos[torch.rand(pos.shape, generator=gen) < 0.15] = -1  # holes
         k, v = (torch.randn(B, H, cap, d, generator=gen) * 2 for _ in range(2))
@@ -94,12 +114,25 @@ def make_case(*, B=2, H=2, n_rep=2, d=32, bits=(4, 2), caps=(192, 128), R=24, fi
     v_tail[~tail_ok[:, None].expand(B, H, R)] = NAN
     tail_pos[torch.arange(R)[None, :] >= tail_len[:, None]] = 7  # stale
     q = torch.randn(B, H * n_rep, 1, d, generator=gen).to(dtype)
-    args = dict(q=q, hi=srcs[0][0], lo=srcs[1][0], k_tail=k_tail, v_tail=v_tail, tail_pos=tail_pos,
-                tail_len=tail_len, scale=d ** -0.5, n_rep=n_rep, hi_bits=bits[0], lo_bits=bits[1])
-    dense = dict(k=torch.cat([srcs[0][1], srcs[1][1], k_tail.float()], 2),
-                 v=torch.cat([srcs[0][2], srcs[1][2], v_tail.float()], 2),
-                 valid=torch.cat([srcs[0][3], srcs[1][3], tail_ok], 1),
-                 pos=torch.cat([srcs[0][0].pos, srcs[1][0].pos, tail_pos], 1))
+    args = dict(
+        q=q,
+        hi=srcs[0][0],
+        lo=srcs[1][0],
+        k_tail=k_tail,
+        v_tail=v_tail,
+        tail_pos=tail_pos,
+        tail_len=tail_len,
+        scale=d**-0.5,
+        n_rep=n_rep,
+        hi_bits=bits[0],
+        lo_bits=bits[1],
+    )
+    dense = dict(
+        k=torch.cat([srcs[0][1], srcs[1][1], k_tail.float()], 2),
+        v=torch.cat([srcs[0][2], srcs[1][2], v_tail.float()], 2),
+        valid=torch.cat([srcs[0][3], srcs[1][3], tail_ok], 1),
+        pos=torch.cat([srcs[0][0].pos, srcs[1][0].pos, tail_pos], 1),
+    )
     return args, dense
 
 
@@ -120,8 +153,12 @@ def dense_attention(q, dense, n_rep, scale, window=0, q_pos=None):
 
 
 def to_device(args, device=DEVICE):
-    return {k: (Segment(*(t.to(device) for t in v)) if isinstance(v, Segment)
-                else v.to(device) if torch.is_tensor(v) else v) for k, v in args.items()}
+    return {
+        k: (
+            Segment(*(t.to(device) for t in v)) if isinstance(v, Segment) else v.to(device) if torch.is_tensor(v) else v
+        )
+        for k, v in args.items()
+    }
 
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
@@ -153,7 +190,10 @@ CASES = {
     "empty_lo": dict(fills=((192, 0), (64, 0))),
     "only_tail": dict(fills=((0, 0), (0, 0))),
     "one_row_empty": dict(fills=((0, 0), (192, 128)), tail_lens=(0, 24)),
-    "d16": dict(d=16, n_rep=4), "d64": dict(d=64), "d128": dict(d=128, n_rep=1), "d256": dict(d=256, n_rep=1),
+    "d16": dict(d=16, n_rep=4),
+    "d64": dict(d=64),
+    "d128": dict(d=128, n_rep=1),
+    "d256": dict(d=256, n_rep=1),
     "long_tail": dict(R=150, tail_lens=(150, 80)),
 }
 
@@ -210,8 +250,18 @@ def test_bad_shapes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n_rep,d", [(1, 128), (7, 128), (4, 64), (2, 256)])
 def test_bf16_gpu(n_rep, d):
-    args, dense = make_case(dtype=torch.bfloat16, n_rep=n_rep, d=d, B=3, H=4, caps=(1024, 2048),
-                            fills=((1024, 1984), (576, 0), (0, 128)), R=100, tail_lens=(100, 3, 0), seed=d)
+    args, dense = make_case(
+        dtype=torch.bfloat16,
+        n_rep=n_rep,
+        d=d,
+        B=3,
+        H=4,
+        caps=(1024, 2048),
+        fills=((1024, 1984), (576, 0), (0, 128)),
+        R=100,
+        tail_lens=(100, 3, 0),
+        seed=d,
+    )
     q_pos = torch.tensor([3000, 3100, 3200])
     for window in (0, 700):
         exp = dense_attention(args["q"], dense, n_rep, args["scale"], window, q_pos).float()

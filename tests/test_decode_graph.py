@@ -16,8 +16,16 @@ OPTIONS = dict(tau=0.9, min_keep=4, hi_bits=4, lo_bits=2, recompress_interval=8)
 def _model() -> torch.nn.Module:
     """A 2-layer GQA Llama (4 query heads, 2 KV heads, head dim 64), bf16 on CUDA, fixed random weights."""
     torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    config = T.LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+    )
     return T.LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
 
 

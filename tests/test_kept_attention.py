@@ -56,8 +56,15 @@ def _scramble_tail(idx: torch.Tensor, count: torch.Tensor, g: torch.Generator) -
     return torch.where(torch.arange(n) < count[:, None], idx, junk)
 
 
-def _inputs(heads: tuple[int, int], n: int, d: int, dtype: torch.dtype, pattern: str, g: torch.Generator,
-            bshd_memory: bool = True) -> tuple:
+def _inputs(
+    heads: tuple[int, int],
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    pattern: str,
+    g: torch.Generator,
+    bshd_memory: bool = True,
+) -> tuple:
     """q, k, v as [B, H, n, d] (transposed views of (B, n, H, d) memory, as the decoder's q/k after RoPE are,
     or contiguous), idx with a scrambled tail, count (int32), keep, scale, n_rep."""
     n_q, n_kv = heads
@@ -104,13 +111,10 @@ def test_reference_matches_per_row_loop() -> None:
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_packed_path_matches_reference(dtype: torch.dtype, heads: tuple, pattern: str,
-                                       use_triton: bool) -> None:
+def test_packed_path_matches_reference(dtype: torch.dtype, heads: tuple, pattern: str, use_triton: bool) -> None:
     g = _gen((dtype, heads, pattern, use_triton))
-    q, k, v, idx, count, keep, scale, n_rep = _inputs(heads, 24, 16, dtype, pattern, g,
-                                                      bshd_memory=not use_triton)
-    out = kept_causal_attention(q, k, v, idx, count, scale, n_rep, backend="sdpa_padded",
-                                use_triton=use_triton)
+    q, k, v, idx, count, keep, scale, n_rep = _inputs(heads, 24, 16, dtype, pattern, g, bshd_memory=not use_triton)
+    out = kept_causal_attention(q, k, v, idx, count, scale, n_rep, backend="sdpa_padded", use_triton=use_triton)
     ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
     assert out.shape == q.shape and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous()
@@ -131,11 +135,10 @@ def test_triton_pack_unpack_match_reference(dtype: torch.dtype, bshd_memory: boo
     packed = pack_rows_triton(x, plan)
     expect = pack_rows_reference(x, plan)
     assert torch.equal(packed[:total], expect[:total])
-    assert (packed[total: total + _TAIL_ZERO_ROWS] == 0).all()
+    assert (packed[total : total + _TAIL_ZERO_ROWS] == 0).all()
     # attention output stand-in: any values in the valid rows, NaN in the padding rows (never read)
     values = torch.randn(packed.shape, generator=g).to(dtype).to(DEVICE)
-    out_packed = torch.where(torch.arange(packed.shape[0], device=DEVICE)[:, None, None] < total, values,
-                             float("nan"))
+    out_packed = torch.where(torch.arange(packed.shape[0], device=DEVICE)[:, None, None] < total, values, float("nan"))
     unpacked = unpack_rows_triton(out_packed, plan)
     assert torch.equal(unpacked, unpack_rows_reference(out_packed, plan))
     assert not unpacked.isnan().any()
@@ -148,7 +151,7 @@ def test_plan_layout() -> None:
     plan = make_plan(idx, count)
     c0, c1 = count.tolist()
     assert plan.cu_seqlens.dtype == torch.int32 and plan.cu_seqlens.tolist() == [0, c0, c0 + c1]
-    assert torch.equal(plan.pos[:c0], idx[0, :c0]) and torch.equal(plan.pos[c0: c0 + c1], idx[1, :c1])
+    assert torch.equal(plan.pos[:c0], idx[0, :c0]) and torch.equal(plan.pos[c0 : c0 + c1], idx[1, :c1])
     assert plan.batch[: c0 + c1].tolist() == [0] * c0 + [1] * c1
     inv = plan.inv.view(2, 30)
     assert torch.equal(inv >= 0, keep)
@@ -183,6 +186,7 @@ def test_traces_fullgraph_without_host_sync() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # GPU (bf16): every backend against the fp32 reference
 
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
@@ -196,8 +200,9 @@ def test_gpu_backend_matches_reference(backend: str, heads: tuple, pattern: str)
     if backend not in available_backends():
         pytest.skip(f"{backend} not available")
     n, d = 1000, 128  # not a multiple of any tile size
-    q, k, v, idx, count, keep, scale, n_rep = _inputs(heads, n, d, torch.bfloat16, pattern,
-                                                      _gen(("gpu", backend, heads, pattern)))
+    q, k, v, idx, count, keep, scale, n_rep = _inputs(
+        heads, n, d, torch.bfloat16, pattern, _gen(("gpu", backend, heads, pattern))
+    )
     out = kept_causal_attention(q, k, v, idx, count, scale, n_rep, backend=backend)
     ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
     assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
@@ -216,7 +221,7 @@ def test_gpu_default_backend_and_pack_kernels() -> None:
     for x in (q, k):
         packed = pack_rows_triton(x.transpose(1, 2), plan)
         assert torch.equal(packed[:total], pack_rows_reference(x.transpose(1, 2), plan)[:total])
-        assert (packed[total: total + _TAIL_ZERO_ROWS] == 0).all()
+        assert (packed[total : total + _TAIL_ZERO_ROWS] == 0).all()
     out = kept_causal_attention(q, k, v, idx, count, scale, n_rep)
     ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
     assert _rel_err(out, ref) < 1e-2

@@ -66,8 +66,8 @@ def test_triton_matches_reference(dtype: torch.dtype, d: int, heads: tuple, wind
     g = _gen(("triton", dtype, heads, window))
     q, k, v, keep, valid = _inputs(heads, 150, d, dtype, g, device=DEVICE)
     n_rep = heads[0] // heads[1]
-    out = local_attention_triton(q, k, v, keep, valid, window, d ** -0.5, n_rep)
-    want = local_attention_reference(q, k, v, keep, valid, window, d ** -0.5, n_rep)
+    out = local_attention_triton(q, k, v, keep, valid, window, d**-0.5, n_rep)
+    want = local_attention_reference(q, k, v, keep, valid, window, d**-0.5, n_rep)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(out, want, **tol)
     assert (out[1, :, :13] == 0).all() and (out[0] != 0).any(dim=-1).all()
@@ -122,8 +122,9 @@ def test_backend_passes_local_window_to_the_op() -> None:
     for window in (0, 4, 48):
         torch._dynamo.reset()
         zipvl_compile.reset_report()
-        options = dict(inner="eager", tau=0.6, min_keep=2, n_probe_recent=4, n_probe_random=4, kv_mode="off",
-                       local_window=window)
+        options = dict(
+            inner="eager", tau=0.6, min_keep=2, n_probe_recent=4, n_probe_random=4, kv_mode="off", local_window=window
+        )
         forward = torch.compile(model.forward, backend="zipvl", options=options)
         with torch.no_grad():
             logits[window] = forward(input_ids=ids).logits
@@ -140,6 +141,6 @@ def test_gpu_bf16_matches_reference(heads: tuple) -> None:
     g = _gen(("gpu", heads))
     q, k, v, keep, valid = _inputs(heads, 1000, 128, torch.bfloat16, g, pad=77, device="cuda")
     n_rep = heads[0] // heads[1]
-    out = local_attention_triton(q, k, v, keep, valid, 64, 128 ** -0.5, n_rep)
-    want = local_attention_reference(q, k, v, keep, valid, 64, 128 ** -0.5, n_rep)
+    out = local_attention_triton(q, k, v, keep, valid, 64, 128**-0.5, n_rep)
+    want = local_attention_reference(q, k, v, keep, valid, 64, 128**-0.5, n_rep)
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)

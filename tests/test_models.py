@@ -77,10 +77,15 @@ def test_vlm_tokens_identical(name, attn, cache):
     _vlm_case(name, attn, cache)
 
 
-@pytest.mark.parametrize("name,tower,kind", [
-    ("llava", "vision_tower", "encoder"), ("gemma3", "vision_tower", "encoder"),
-    # Qwen2-VL's vision attention runs per image chunk after a graph break, outside any traced module
-    ("qwen2_vl", "visual", "unknown")])
+@pytest.mark.parametrize(
+    "name,tower,kind",
+    [
+        ("llava", "vision_tower", "encoder"),
+        ("gemma3", "vision_tower", "encoder"),
+        # Qwen2-VL's vision attention runs per image chunk after a graph break, outside any traced module
+        ("qwen2_vl", "visual", "unknown"),
+    ],
+)
 def test_vision_tower_left_alone(name, tower, kind):
     model, inputs = build_vlm(name)
     vision = getattr(model.model, tower)

@@ -86,15 +86,24 @@ def test_training_dropout_left_alone():
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(pattern=st.sampled_from(["sdpa", "eager"]), heads_kv=st.sampled_from([1, 2, 3]),
-       n_rep=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([8, 16, 32]),
-       mask=st.sampled_from(["causal", "causal_padding", "is_causal", "sliding", "input_float", "none"]),
-       scale=st.sampled_from(["mul", "div", "default"]), softcap=st.sampled_from([0.0, 0.0, 20.0]),
-       window=st.integers(1, 6), repeat=st.sampled_from(["expand", "interleave", "gqa_flag"]),
-       dtype=st.sampled_from([torch.float32, torch.float16]), n=st.integers(2, 12), batch=st.integers(1, 2),
-       seed=st.integers(0, 2**16))
-def test_fuzz_rewritten_and_equal_or_untouched(pattern, heads_kv, n_rep, head_dim, mask, scale, softcap, window,
-                                               repeat, dtype, n, batch, seed):
+@given(
+    pattern=st.sampled_from(["sdpa", "eager"]),
+    heads_kv=st.sampled_from([1, 2, 3]),
+    n_rep=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([8, 16, 32]),
+    mask=st.sampled_from(["causal", "causal_padding", "is_causal", "sliding", "input_float", "none"]),
+    scale=st.sampled_from(["mul", "div", "default"]),
+    softcap=st.sampled_from([0.0, 0.0, 20.0]),
+    window=st.integers(1, 6),
+    repeat=st.sampled_from(["expand", "interleave", "gqa_flag"]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    n=st.integers(2, 12),
+    batch=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_rewritten_and_equal_or_untouched(
+    pattern, heads_kv, n_rep, head_dim, mask, scale, softcap, window, repeat, dtype, n, batch, seed
+):
     if pattern == "eager":
         mask = "causal" if mask == "is_causal" else mask
         scale = "mul" if scale == "default" else scale
@@ -102,7 +111,16 @@ def test_fuzz_rewritten_and_equal_or_untouched(pattern, heads_kv, n_rep, head_di
     else:
         softcap = 0.0
         scale = "mul" if scale == "div" else scale
-    v = Variant(pattern=pattern, heads=heads_kv * n_rep, n_rep=n_rep, head_dim=head_dim, mask=mask, scale=scale,
-                softcap=softcap, window=window, repeat=repeat)
+    v = Variant(
+        pattern=pattern,
+        heads=heads_kv * n_rep,
+        n_rep=n_rep,
+        head_dim=head_dim,
+        mask=mask,
+        scale=scale,
+        softcap=softcap,
+        window=window,
+        repeat=repeat,
+    )
     site = compile_and_compare(v, dtype=dtype, batch=batch, n=n, seed=seed)
     assert site.rewritten or site.reason

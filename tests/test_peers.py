@@ -27,8 +27,10 @@ def test_dense_cache_bytes_and_bf16_accounting():
     assert peers.cache_nbytes(cache, as_bf16=True) == 2 * 2 * 2 * 128 * 16 * 2
 
 
-@pytest.mark.parametrize("backend, nbits, axes", [("quanto", 4, {}), ("quanto", 2, {"axis_key": -1}),
-                                                  ("hqq", 4, {"axis_key": 1, "axis_value": 1})])
+@pytest.mark.parametrize(
+    "backend, nbits, axes",
+    [("quanto", 4, {}), ("quanto", 2, {"axis_key": -1}), ("hqq", 4, {"axis_key": 1, "axis_value": 1})],
+)
 def test_quantized_cache_counts_packed_codes_and_scales(backend, nbits, axes):
     pytest.importorskip({"quanto": "optimum.quanto", "hqq": "hqq"}[backend])
     model = build_text("llama")

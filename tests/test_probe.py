@@ -42,8 +42,7 @@ def _inputs(case: tuple, dtype: torch.dtype, seed: int) -> tuple:
     pos[0, 1] = -1
     pos[-1, 0] = n // 10  # sees only padding keys: contributes nothing
     pos[-1, m // 2] = -1
-    return (q.to(dtype).to(DEVICE), k.to(dtype).to(DEVICE), pos.to(DEVICE), key_valid.to(DEVICE),
-            d**-0.5, n_rep)
+    return (q.to(dtype).to(DEVICE), k.to(dtype).to(DEVICE), pos.to(DEVICE), key_valid.to(DEVICE), d**-0.5, n_rep)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -115,8 +114,11 @@ def test_planted_keys_dominate(use_triton: bool) -> None:
 def test_dispatcher() -> None:
     args = _inputs(CASES[3], torch.float32, seed=3)
     ref = probe_colsum_reference(*args)
-    for use_triton, expected in ((None, ref if DEVICE == "cpu" else probe_colsum_triton(*args)),
-                                 (False, ref), (True, probe_colsum_triton(*args))):
+    for use_triton, expected in (
+        (None, ref if DEVICE == "cpu" else probe_colsum_triton(*args)),
+        (False, ref),
+        (True, probe_colsum_triton(*args)),
+    ):
         out = probe_colsum(*args, use_triton=use_triton)
         assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
 

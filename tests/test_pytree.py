@@ -23,8 +23,12 @@ def _same(a: ZipVLCache, b: ZipVLCache) -> None:
     assert type(b) is ZipVLCache and len(a.layers) == len(b.layers)
     for la, lb in zip(a.layers, b.layers):
         assert all(x is y for x, y in zip(la.buffers(), lb.buffers()))
-        assert (la.hi_bits, la.lo_bits, la.prompt_len, la.is_initialized) == \
-            (lb.hi_bits, lb.lo_bits, lb.prompt_len, lb.is_initialized)
+        assert (la.hi_bits, la.lo_bits, la.prompt_len, la.is_initialized) == (
+            lb.hi_bits,
+            lb.lo_bits,
+            lb.prompt_len,
+            lb.is_initialized,
+        )
     assert int(b.get_seq_length()) == int(a.get_seq_length())
 
 

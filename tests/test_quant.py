@@ -18,8 +18,9 @@ BITS = (2, 4, 8)
 FP16_EPS = 2.0**-11  # relative rounding of a float16 parameter
 
 
-def _keys(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-          device: str = "cpu") -> torch.Tensor:
+def _keys(
+    gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> torch.Tensor:
     """Gaussian [B, H, T, d] with 3 outlier channels (x20) per head and an offset per channel."""
     x = torch.randn(shape, generator=gen) + torch.randn(shape[:2] + (1, shape[3]), generator=gen)
     for h in range(shape[1]):
@@ -27,8 +28,9 @@ def _keys(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype = tor
     return x.to(device=device, dtype=dtype)
 
 
-def _values(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-            device: str = "cpu") -> torch.Tensor:
+def _values(
+    gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> torch.Tensor:
     """Gaussian [B, H, T, d] with 5 outlier tokens (x20)."""
     x = torch.randn(shape, generator=gen)
     x[:, :, torch.randperm(shape[2], generator=gen)[:5]] *= 20.0
@@ -140,8 +142,7 @@ CASES = [((2, 2, 128, 64), False), ((1, 3, 64, 80), True)]  # (shape, strided in
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape,strided", CASES)
-def test_triton_matches_reference(shape: tuple[int, ...], strided: bool, bits: int,
-                                  dtype: torch.dtype) -> None:
+def test_triton_matches_reference(shape: tuple[int, ...], strided: bool, bits: int, dtype: torch.dtype) -> None:
     """Triton codes and params bit-identical to the reference's (no tie tolerance); dequantisation close."""
     gen = torch.Generator().manual_seed(bits + 10 * len(shape))
     k, v = _keys(gen, shape, dtype), _values(gen, shape, dtype)
@@ -149,16 +150,26 @@ def test_triton_matches_reference(shape: tuple[int, ...], strided: bool, bits: i
         k, v = _strided(k), _strided(v)
     valid = torch.rand(shape[0], shape[2], generator=gen) > 0.3
     valid[0, :G] = False  # one whole group without a valid slot
-    for ref, tri in ((Q.quantize_keys_reference(k, valid, bits), K.quantize_keys_triton(k, valid, bits)),
-                     (Q.quantize_values_reference(v, bits), K.quantize_values_triton(v, bits))):
+    for ref, tri in (
+        (Q.quantize_keys_reference(k, valid, bits), K.quantize_keys_triton(k, valid, bits)),
+        (Q.quantize_values_reference(v, bits), K.quantize_values_triton(v, bits)),
+    ):
         for a, b in zip(ref, tri, strict=True):
             assert _same_bits(a, b)
     k_q, v_q = Q.quantize_keys_reference(k, valid, bits), Q.quantize_values_reference(v, bits)
     for out_dtype in (torch.float32, torch.float16):
-        torch.testing.assert_close(K.dequantize_keys_triton(*k_q, bits, out_dtype),
-                                   Q.dequantize_keys_reference(*k_q, bits, out_dtype), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(K.dequantize_values_triton(*v_q, bits, out_dtype),
-                                   Q.dequantize_values_reference(*v_q, bits, out_dtype), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            K.dequantize_keys_triton(*k_q, bits, out_dtype),
+            Q.dequantize_keys_reference(*k_q, bits, out_dtype),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+        torch.testing.assert_close(
+            K.dequantize_values_triton(*v_q, bits, out_dtype),
+            Q.dequantize_values_reference(*v_q, bits, out_dtype),
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("use_triton", [False, True])
@@ -189,12 +200,12 @@ def test_invalid_slots_and_constant_groups(use_triton: bool) -> None:
 
     const = k.clone()
     const[:, :, :G, 5] = 0.75  # exactly representable in fp16
-    const[:, :, G:2 * G, :] = -3.5
+    const[:, :, G : 2 * G, :] = -3.5
     c_codes, c_scale, c_zero = Q.quantize_keys(const, torch.ones_like(valid), bits, use_triton=use_triton)
     assert not c_scale[:, :, 0, 5].any() and not c_scale[:, :, 1].any()
     deq = Q.dequantize_keys(c_codes, c_scale, c_zero, bits, torch.float32, use_triton=use_triton)
     assert torch.equal(deq[:, :, :G, 5], const[:, :, :G, 5])
-    assert torch.equal(deq[:, :, G:2 * G], const[:, :, G:2 * G])
+    assert torch.equal(deq[:, :, G : 2 * G], const[:, :, G : 2 * G])
     v = _values(gen, (1, 2, 64, 32))
     v[0, 1, 7] = -1.25
     v_q = Q.quantize_values(v, bits, use_triton=use_triton)
@@ -208,23 +219,33 @@ def test_invalid_slots_and_constant_groups(use_triton: bool) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _segment(gen: torch.Generator, batch: int, heads: int, capacity: int, d: int, bits: int,
-             fill: list[int], device: str = "cpu") -> list[torch.Tensor]:
+def _segment(
+    gen: torch.Generator, batch: int, heads: int, capacity: int, d: int, bits: int, fill: list[int], device: str = "cpu"
+) -> list[torch.Tensor]:
     """Poisoned segment buffers (random codes, NaN params, random pos) in write_segment_ argument order."""
     nb = d * bits // 8
-    bufs = [torch.randint(0, 256, (batch, heads, capacity, nb), generator=gen, dtype=torch.uint8),
-            torch.full((batch, heads, capacity // G, d), float("nan"), dtype=torch.float16),
-            torch.full((batch, heads, capacity // G, d), float("nan"), dtype=torch.float16),
-            torch.randint(0, 256, (batch, heads, capacity, nb), generator=gen, dtype=torch.uint8),
-            torch.full((batch, heads, capacity), float("nan"), dtype=torch.float16),
-            torch.full((batch, heads, capacity), float("nan"), dtype=torch.float16),
-            torch.randint(1000, 2000, (batch, capacity), generator=gen, dtype=torch.int32),
-            torch.tensor(fill, dtype=torch.int32)]
+    bufs = [
+        torch.randint(0, 256, (batch, heads, capacity, nb), generator=gen, dtype=torch.uint8),
+        torch.full((batch, heads, capacity // G, d), float("nan"), dtype=torch.float16),
+        torch.full((batch, heads, capacity // G, d), float("nan"), dtype=torch.float16),
+        torch.randint(0, 256, (batch, heads, capacity, nb), generator=gen, dtype=torch.uint8),
+        torch.full((batch, heads, capacity), float("nan"), dtype=torch.float16),
+        torch.full((batch, heads, capacity), float("nan"), dtype=torch.float16),
+        torch.randint(1000, 2000, (batch, capacity), generator=gen, dtype=torch.int32),
+        torch.tensor(fill, dtype=torch.int32),
+    ]
     return [b.to(device) for b in bufs]
 
 
-def _write(bufs: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, take: torch.Tensor,
-           src_pos: torch.Tensor, bits: int, use_triton: bool) -> list[torch.Tensor]:
+def _write(
+    bufs: list[torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    take: torch.Tensor,
+    src_pos: torch.Tensor,
+    bits: int,
+    use_triton: bool,
+) -> list[torch.Tensor]:
     """write_segment_ on clones of bufs; returns the new buffers."""
     out = [b.clone() for b in bufs]
     Q.write_segment_(*out, k, v, take, src_pos, bits, use_triton=use_triton)
@@ -238,8 +259,15 @@ def _outside(buf: torch.Tensor, dim: int, lo: int, hi: int) -> tuple[torch.Tenso
     return buf.narrow(dim, 0, lo), buf.narrow(dim, hi, buf.shape[dim] - hi)
 
 
-def _check_write(before: list[torch.Tensor], after: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                 take: torch.Tensor, src_pos: torch.Tensor, bits: int) -> None:
+def _check_write(
+    before: list[torch.Tensor],
+    after: list[torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    take: torch.Tensor,
+    src_pos: torch.Tensor,
+    bits: int,
+) -> None:
     """Independent check of one append: per row, the taken tokens quantised as one block at the old fill,
     pos -1 on the padding slots, fill advanced by whole groups (clamped), everything else untouched."""
     capacity = before[6].shape[1]
@@ -250,21 +278,24 @@ def _check_write(before: list[torch.Tensor], after: list[torch.Tensor], k: torch
         stop = min(start + n_slots, capacity)
         assert int(after[7][b]) == stop
         for (dim, unit), old, new in zip(SLOT_AXES, before[:7], after[:7], strict=True):
-            for x, y in zip(_outside(old[b:b + 1], dim, start // unit, stop // unit),
-                            _outside(new[b:b + 1], dim, start // unit, stop // unit), strict=True):
+            for x, y in zip(
+                _outside(old[b : b + 1], dim, start // unit, stop // unit),
+                _outside(new[b : b + 1], dim, start // unit, stop // unit),
+                strict=True,
+            ):
                 assert _same_bits(x, y)
         expect_pos = torch.full((n_slots,), -1, dtype=torch.int32, device=take.device)
         expect_pos[:n] = src_pos[b, idx].to(torch.int32)
-        assert torch.equal(after[6][b, start:stop], expect_pos[:stop - start])
+        assert torch.equal(after[6][b, start:stop], expect_pos[: stop - start])
         if n == 0:
             continue
-        k_st = torch.cat([k[b:b + 1, :, idx], k.new_zeros(1, k.shape[1], n_slots - n, k.shape[3])], dim=2)
-        v_st = torch.cat([v[b:b + 1, :, idx], v.new_zeros(1, v.shape[1], n_slots - n, v.shape[3])], dim=2)
+        k_st = torch.cat([k[b : b + 1, :, idx], k.new_zeros(1, k.shape[1], n_slots - n, k.shape[3])], dim=2)
+        v_st = torch.cat([v[b : b + 1, :, idx], v.new_zeros(1, v.shape[1], n_slots - n, v.shape[3])], dim=2)
         ok = (torch.arange(n_slots, device=take.device) < n)[None]
         expect = Q.quantize_keys_reference(k_st, ok, bits) + Q.quantize_values_reference(v_st, bits)
         for (_, unit), new, staged in zip(SLOT_AXES[:6], after[:6], expect, strict=True):
             m = (stop - start) // unit
-            assert torch.equal(new[b, :, start // unit:stop // unit], staged[0, :, :m])
+            assert torch.equal(new[b, :, start // unit : stop // unit], staged[0, :, :m])
 
 
 def _take(gen: torch.Generator, t: int, fractions: list[float]) -> torch.Tensor:
@@ -285,7 +316,7 @@ def test_write_segment(bits: int) -> None:
         k = _strided(k) if step == 2 else k
         v = _values(gen, (batch, heads, t, d), k.dtype)
         take = _take(gen, t, fractions)
-        src_pos = torch.randperm(4 * t, generator=gen)[:2 * t].view(2, t)
+        src_pos = torch.randperm(4 * t, generator=gen)[: 2 * t].view(2, t)
         src_pos = src_pos.to(torch.int64 if step else torch.int32)
         ref = _write(state, k, v, take, src_pos, bits, use_triton=False)
         tri = _write(state, k, v, take, src_pos, bits, use_triton=True)
@@ -308,14 +339,14 @@ def test_write_segment_round_trip() -> None:
     v_hat = Q.dequantize_values(bufs[3], bufs[4], bufs[5], bits, torch.float32)
     for b in range(2):
         idx = take[b].nonzero()[:, 0]
-        assert torch.equal(bufs[6][b, start[b]:start[b] + len(idx)].long(), idx)
+        assert torch.equal(bufs[6][b, start[b] : start[b] + len(idx)].long(), idx)
         for g in range(0, len(idx), G):
-            x = k[b][:, idx[g:g + G]]
+            x = k[b][:, idx[g : g + G]]
             slots = slice(start[b] + g, start[b] + g + x.shape[1])
             bound = _key_bound(x.amin(1, keepdim=True), x.amax(1, keepdim=True), bits)
             assert ((k_hat[b, :, slots] - x).abs() <= bound).all()
         x = v[b][:, idx]
-        v_err = (v_hat[b, :, start[b]:start[b] + len(idx)] - x).abs()
+        v_err = (v_hat[b, :, start[b] : start[b] + len(idx)] - x).abs()
         assert (v_err <= _bound(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), bits)).all()
 
 
@@ -323,22 +354,70 @@ def test_write_segment_round_trip() -> None:
 # Traceability
 # ----------------------------------------------------------------------------------------------------
 
-_SEG_ARGS = ("seg_codes_k", "seg_scale_k", "seg_zero_k", "seg_codes_v", "seg_scale_v", "seg_zero_v",
-             "seg_pos", "seg_fill")
+_SEG_ARGS = (
+    "seg_codes_k",
+    "seg_scale_k",
+    "seg_zero_k",
+    "seg_codes_v",
+    "seg_scale_v",
+    "seg_zero_v",
+    "seg_pos",
+    "seg_fill",
+)
 
 
 @torch.library.custom_op("zipvl_test::write_segment", mutates_args=_SEG_ARGS)
-def _write_segment_op(seg_codes_k: torch.Tensor, seg_scale_k: torch.Tensor, seg_zero_k: torch.Tensor,
-                      seg_codes_v: torch.Tensor, seg_scale_v: torch.Tensor, seg_zero_v: torch.Tensor,
-                      seg_pos: torch.Tensor, seg_fill: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                      take: torch.Tensor, src_pos: torch.Tensor, bits: int, use_triton: bool) -> None:
-    Q.write_segment_(seg_codes_k, seg_scale_k, seg_zero_k, seg_codes_v, seg_scale_v, seg_zero_v, seg_pos,
-                     seg_fill, k_new, v_new, take, src_pos, bits, use_triton=use_triton)
+def _write_segment_op(
+    seg_codes_k: torch.Tensor,
+    seg_scale_k: torch.Tensor,
+    seg_zero_k: torch.Tensor,
+    seg_codes_v: torch.Tensor,
+    seg_scale_v: torch.Tensor,
+    seg_zero_v: torch.Tensor,
+    seg_pos: torch.Tensor,
+    seg_fill: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    take: torch.Tensor,
+    src_pos: torch.Tensor,
+    bits: int,
+    use_triton: bool,
+) -> None:
+    Q.write_segment_(
+        seg_codes_k,
+        seg_scale_k,
+        seg_zero_k,
+        seg_codes_v,
+        seg_scale_v,
+        seg_zero_v,
+        seg_pos,
+        seg_fill,
+        k_new,
+        v_new,
+        take,
+        src_pos,
+        bits,
+        use_triton=use_triton,
+    )
 
 
 @_write_segment_op.register_fake
-def _(seg_codes_k, seg_scale_k, seg_zero_k, seg_codes_v, seg_scale_v, seg_zero_v, seg_pos, seg_fill, k_new,
-      v_new, take, src_pos, bits, use_triton) -> None:
+def _(
+    seg_codes_k,
+    seg_scale_k,
+    seg_zero_k,
+    seg_codes_v,
+    seg_scale_v,
+    seg_zero_v,
+    seg_pos,
+    seg_fill,
+    k_new,
+    v_new,
+    take,
+    src_pos,
+    bits,
+    use_triton,
+) -> None:
     return None
 
 
@@ -384,12 +463,14 @@ def test_bf16_gpu(bits: int) -> None:
     expect = Q.quantize_keys_reference(k, valid, bits) + Q.quantize_values_reference(v, bits)
     for a, b in zip(k_q + v_q, expect, strict=True):
         assert _same_bits(a, b)
-    for deq, deq_ref, q in ((Q.dequantize_keys, Q.dequantize_keys_reference, k_q),
-                            (Q.dequantize_values, Q.dequantize_values_reference, v_q)):
-        torch.testing.assert_close(deq(*q, bits, torch.bfloat16), deq_ref(*q, bits, torch.bfloat16),
-                                   rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(deq(*q, bits, torch.float32), deq_ref(*q, bits, torch.float32),
-                                   rtol=1e-5, atol=1e-5)
+    for deq, deq_ref, q in (
+        (Q.dequantize_keys, Q.dequantize_keys_reference, k_q),
+        (Q.dequantize_values, Q.dequantize_values_reference, v_q),
+    ):
+        torch.testing.assert_close(
+            deq(*q, bits, torch.bfloat16), deq_ref(*q, bits, torch.bfloat16), rtol=1e-2, atol=1e-2
+        )
+        torch.testing.assert_close(deq(*q, bits, torch.float32), deq_ref(*q, bits, torch.float32), rtol=1e-5, atol=1e-5)
     state = _segment(gen, 2, 4, 1024, 128, bits, fill=[0, 64], device=DEVICE)
     take = _take(gen, 512, [0.6, 0.3]).to(DEVICE)
     src_pos = torch.arange(512, device=DEVICE).expand(2, 512)

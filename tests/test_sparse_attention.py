@@ -20,8 +20,7 @@ def _qkv(batch, hq, hkv, n, d, dtype=torch.float32, seed=0):
 def _reference(q, k, v, keep, key_valid, scale, n_rep):
     """Causal attention among kept tokens, computed independently with a dense mask; zeros elsewhere."""
     n = q.shape[2]
-    mask = keep[:, None, :, None] & keep[:, None, None, :] & causal_mask(n, n, q.device) \
-        & key_valid[:, None, None, :]
+    mask = keep[:, None, :, None] & keep[:, None, None, :] & causal_mask(n, n, q.device) & key_valid[:, None, None, :]
     out = dense_attention(q, k, v, mask, False, scale, n_rep)
     return torch.where(keep[:, None, :, None], out, 0)
 
@@ -49,8 +48,9 @@ def test_planted_structure_kept_set_exact(hq, hkv, dtype):
     assert torch.equal(keep[0, 8:], expected[8:]), keep.nonzero().flatten().tolist()
     assert ratio[0].item() == pytest.approx(keep.sum().item() / n)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(out, _reference(q, k, v, keep, torch.ones(1, n, dtype=torch.bool), scale,
-                                               hq // hkv), **tol)
+    torch.testing.assert_close(
+        out, _reference(q, k, v, keep, torch.ones(1, n, dtype=torch.bool), scale, hq // hkv), **tol
+    )
 
 
 @pytest.mark.parametrize("n", [5, 12, 40])
@@ -109,8 +109,7 @@ def test_n_below_probe_count_and_seed_determinism():
 
 def test_fullgraph_traceable():
     q, k, v = _qkv(2, 4, 2, 24, 16, seed=8)
-    fn = torch.compile(lambda q, k, v: OP(q, k, v, None, True, 0.25, 2, *_args()), fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(lambda q, k, v: OP(q, k, v, None, True, 0.25, 2, *_args()), fullgraph=True, backend="aot_eager")
     eager = OP(q, k, v, None, True, 0.25, 2, *_args())
     for a, b in zip(fn(q, k, v), eager):
         torch.testing.assert_close(a, b)

@@ -76,6 +76,14 @@ def test_prefill_options_reach_the_op(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(sparse, "sparse_attention", spy)
-    _run({"tau": 0.8, "min_keep": 4, "n_probe_recent": 8, "n_probe_random": 8, "local_window": 5,
-          "score_norm": "n_minus_j"})
+    _run(
+        {
+            "tau": 0.8,
+            "min_keep": 4,
+            "n_probe_recent": 8,
+            "n_probe_random": 8,
+            "local_window": 5,
+            "score_norm": "n_minus_j",
+        }
+    )
     assert seen and all(s == (5, "n_minus_j") for s in seen), seen

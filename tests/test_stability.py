@@ -22,8 +22,10 @@ def test_static_cache_decode_never_recompiles():
     ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(0))
     caches = [T.StaticCache(config=model.config, max_cache_len=64) for _ in range(2)]
     with torch.no_grad():
-        logits = [m(input_ids=ids, past_key_values=c, use_cache=True).logits[:, -1]
-                  for m, c in zip((model, reference), caches)]
+        logits = [
+            m(input_ids=ids, past_key_values=c, use_cache=True).logits[:, -1]
+            for m, c in zip((model, reference), caches)
+        ]
         token = logits[0].argmax(-1, keepdim=True)
         for step in range(22):
             pos = torch.tensor([7 + step])

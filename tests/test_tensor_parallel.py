@@ -51,7 +51,7 @@ def test_split_op_equals_fused_and_head_shards_sum(full_mask):
     for a, b in zip(fused, split):
         assert torch.equal(a, b)
     assert 0 < split[2].min() and split[2].max() < 1
-    shards = [ops.probe_scores(q[:, 2 * r:2 * r + 2], k[:, r:r + 1], *probe, 8, 8, 0) for r in range(2)]
+    shards = [ops.probe_scores(q[:, 2 * r : 2 * r + 2], k[:, r : r + 1], *probe, 8, 8, 0) for r in range(2)]
     torch.testing.assert_close(shards[0][0] + shards[1][0], colsum, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(s[1], seen) for s in shards)
 
@@ -113,8 +113,8 @@ def _tp_worker(rank: int, tmp: str) -> None:
     try:
         mesh = dist.init_device_mesh("cpu", (WORLD,))
         model = T.LlamaForCausalLM.from_pretrained(
-            f"{tmp}/model", distributed_config=DistributedConfig(tp_plan="auto", tp_size=WORLD),
-            device_mesh=mesh).eval()
+            f"{tmp}/model", distributed_config=DistributedConfig(tp_plan="auto", tp_size=WORLD), device_mesh=mesh
+        ).eval()
         model.set_attn_implementation("sdpa")
         result = _generate(model)
         result["group"] = mesh.get_group().group_name
@@ -139,8 +139,7 @@ def test_tensor_parallel_matches_single_process(tmp_path):
         assert result["local_heads"] == 2
         assert result["ops"] == ["zipvl.sparse_attention_scored"]
         prefill, decode = result["collectives"]
-        reduce = (str(ALL_REDUCE), str(ops.probe_scores), "sum", result["group"],
-                  [str(ops.sparse_attention_scored)])
+        reduce = (str(ALL_REDUCE), str(ops.probe_scores), "sum", result["group"], [str(ops.sparse_attention_scored)])
         assert prefill.count(reduce) == 2, prefill  # one per layer, straight into the selection
         assert reduce not in decode
         assert torch.equal(result["tokens"], single["tokens"])

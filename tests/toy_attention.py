@@ -40,8 +40,9 @@ class SelfAttn(nn.Module):
             if cfg.repeat == "gqa_flag" and cfg.n_rep > 1:
                 kw["enable_gqa"] = True
             if mask is None:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=cfg.mask == "is_causal",
-                                                      dropout_p=cfg.dropout, **kw), None
+                return F.scaled_dot_product_attention(
+                    q, k, v, is_causal=cfg.mask == "is_causal", dropout_p=cfg.dropout, **kw
+                ), None
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=cfg.dropout, **kw), None
         if cfg.scale == "div":
             w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(cfg.head_dim)

@@ -16,5 +16,13 @@ from zipvl_compile.runtime.pytree import register as _register_pytree
 _register()
 _register_pytree()
 
-__all__ = ["CompileReport", "ZipVLCache", "ZipVLConfig", "compile", "language_model", "report", "reset_report",
-           "zipvl_backend"]
+__all__ = [
+    "CompileReport",
+    "ZipVLCache",
+    "ZipVLConfig",
+    "compile",
+    "language_model",
+    "report",
+    "reset_report",
+    "zipvl_backend",
+]

@@ -27,8 +27,9 @@ def compile(model: torch.nn.Module, **options: Any) -> torch.nn.Module:  # noqa:
     if mode == "reduce-overhead":
         options["cudagraphs"] = True
     target = language_model(model)
-    target.forward = _compacting(target.forward, torch.compile(target.forward, backend="zipvl", options=options,
-                                                                dynamic=dynamic))
+    target.forward = _compacting(
+        target.forward, torch.compile(target.forward, backend="zipvl", options=options, dynamic=dynamic)
+    )
     if config.kv_mode == "packed" and hasattr(model, "generate"):
         model.generate = _generate_with_packed_cache(model.generate, model, config)
     return model
@@ -38,6 +39,7 @@ def _compacting(original: Any, compiled: Any) -> Any:
     """``compiled``, followed by :meth:`ZipVLCache.compact` once a prefill has filled a ZipVLCache. Dynamo captures
     data-dependent output shapes during the call, so that a ZipVLCache compacts each layer inside the prefill
     graph as soon as the next one starts (peak memory: two layers at worst-case size, not all of them)."""
+
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
         with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
@@ -59,9 +61,13 @@ def _generate_with_packed_cache(generate: Any, model: torch.nn.Module, config: Z
                 ids = kwargs.get("inputs_embeds")
             gen = kwargs.get("generation_config") or model.generation_config
             new = kwargs.get("max_new_tokens") or gen.max_new_tokens or 20
-            kwargs["past_key_values"] = ZipVLCache(model, max_cache_len=ids.shape[1] + new,
-                                                   hi_bits=config.hi_bits, lo_bits=config.lo_bits,
-                                                   recompress_interval=config.recompress_interval)
+            kwargs["past_key_values"] = ZipVLCache(
+                model,
+                max_cache_len=ids.shape[1] + new,
+                hi_bits=config.hi_bits,
+                lo_bits=config.lo_bits,
+                recompress_interval=config.recompress_interval,
+            )
         out = generate(*args, **kwargs)
         report().record_cache(kwargs["past_key_values"])
         return out

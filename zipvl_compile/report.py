@@ -115,18 +115,29 @@ class CompileReport:
         return {i: 1.0 - m[1] for i, m in moments.items() if m is not None}
 
     def __str__(self) -> str:
-        lines = [f"zipvl compile report: {len(self.graphs)} graph(s), {len(self.sites)} attention site(s), "
-                 f"{len(self.rewritten)} rewritten"]
+        lines = [
+            f"zipvl compile report: {len(self.graphs)} graph(s), {len(self.sites)} attention site(s), "
+            f"{len(self.rewritten)} rewritten"
+        ]
         if not self.sites:
             lines.append("  no attention site found (nothing rewritten)")
         else:
-            header = ("graph", "layer", "kind", "pattern", "mask", "kv write", "rewritten", "op / reason",
-                      "module")
+            header = ("graph", "layer", "kind", "pattern", "mask", "kv write", "rewritten", "op / reason", "module")
             rows = [header]
             for s in self.sites:
-                rows.append((str(s.graph_id), "-" if s.layer is None else str(s.layer), s.kind, s.pattern,
-                             s.mask or "-", s.kv_write or "-", "yes" if s.rewritten else "no",
-                             _outcome(s), s.module_path))
+                rows.append(
+                    (
+                        str(s.graph_id),
+                        "-" if s.layer is None else str(s.layer),
+                        s.kind,
+                        s.pattern,
+                        s.mask or "-",
+                        s.kv_write or "-",
+                        "yes" if s.rewritten else "no",
+                        _outcome(s),
+                        s.module_path,
+                    )
+                )
             widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
             for r in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
@@ -135,17 +146,17 @@ class CompileReport:
             lines.append("kept ratio of the last prefill, per layer (attention-FLOP reduction):")
             lines.append("  " + ", ".join(f"L{i}: {r:.3f} ({flops[i]:.1%})" for i, r in ratios.items()))
             mean = sum(ratios.values()) / len(ratios)
-            lines.append(f"  mean kept ratio {mean:.3f}, mean FLOP reduction "
-                         f"{sum(flops.values()) / len(flops):.1%}")
+            lines.append(f"  mean kept ratio {mean:.3f}, mean FLOP reduction {sum(flops.values()) / len(flops):.1%}")
         captured = [str(i) for i, g in enumerate(self.graphs) if g.get("cudagraphs")]
         if captured:
             lines.append(f"CUDA graphs: graph(s) {', '.join(captured)}")
         if self.kv_mode is not None:
-            lines.append(f"kv cache: {self.kv_mode}" + (f" ({self.kv_mode_reason})" if self.kv_mode_reason
-                                                          else ""))
+            lines.append(f"kv cache: {self.kv_mode}" + (f" ({self.kv_mode_reason})" if self.kv_mode_reason else ""))
         if self.kv_bytes is not None and self.kv_bytes_dense:
-            lines.append(f"kv bytes: {self.kv_bytes:,} held vs {self.kv_bytes_dense:,} bf16 "
-                         f"({self.kv_bytes / self.kv_bytes_dense:.1%})")
+            lines.append(
+                f"kv bytes: {self.kv_bytes:,} held vs {self.kv_bytes_dense:,} bf16 "
+                f"({self.kv_bytes / self.kv_bytes_dense:.1%})"
+            )
         return "\n".join(lines)
 
 

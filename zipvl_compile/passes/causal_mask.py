@@ -96,8 +96,9 @@ def _strip(node: object) -> object:
 
 
 def _and_terms(node: object) -> list | None:
-    if isinstance(node, fx.Node) and (is_function(node, operator.and_, torch.logical_and)
-                                      or is_method(node, "__and__", "logical_and")):
+    if isinstance(node, fx.Node) and (
+        is_function(node, operator.and_, torch.logical_and) or is_method(node, "__and__", "logical_and")
+    ):
         out = []
         for a in node.args[:2]:
             sub = _and_terms(_strip(a))
@@ -129,8 +130,11 @@ def _is_window_term(node: fx.Node) -> bool:
     if not is_function(node, operator.gt) or not isinstance(node.args[1], fx.Node):
         return False
     kv, shifted = node.args
-    return _arange_offset(kv, axis=3) is not None and is_function(shifted, operator.sub) \
+    return (
+        _arange_offset(kv, axis=3) is not None
+        and is_function(shifted, operator.sub)
         and _arange_offset(shifted.args[0], axis=2) is not None
+    )
 
 
 def _arange_offset(node: object, axis: int) -> tuple[object, object] | None:

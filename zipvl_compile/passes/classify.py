@@ -22,8 +22,10 @@ def classify_site(site: AttentionSite) -> None:
     path, cls = module_path(site.out)
     site.module_path, site.layer = path, layer_index(path)
     if not path:
-        site.reject("no module path (attention outside a traced module, e.g. after a graph break): "
-                    "decoder and encoder cannot be told apart")
+        site.reject(
+            "no module path (attention outside a traced module, e.g. after a graph break): "
+            "decoder and encoder cannot be told apart"
+        )
         return
     classes = " ".join(module_classes(site.out))
     if _CROSS.search(path) or _CROSS.search(classes):
@@ -46,8 +48,7 @@ def classify_site(site: AttentionSite) -> None:
 
 def mark_non_causal(site: AttentionSite) -> None:
     """After the mask and KV-write passes: a site with neither causality nor a KV cache is an encoder."""
-    if site.skip is None and site.kv_write == "none" and site.mask_kind in ("mask", "none") \
-            and not site.is_causal:
+    if site.skip is None and site.kv_write == "none" and site.mask_kind in ("mask", "none") and not site.is_causal:
         site.kind = "encoder"
         site.reject("no causal mask and no KV cache: encoder-style attention")
 

@@ -41,9 +41,17 @@ def find_attention_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[
 
 def _sdpa_site(node: fx.Node) -> AttentionSite:
     q, k, v = node.args[:3]
-    site = AttentionSite(out=node, pattern="sdpa", q=q, k=k, v=v, mask=arg(node, 3, "attn_mask"),
-                         is_causal=bool(arg(node, 5, "is_causal", False)), scale=node.kwargs.get("scale"),
-                         nodes=[node])
+    site = AttentionSite(
+        out=node,
+        pattern="sdpa",
+        q=q,
+        k=k,
+        v=v,
+        mask=arg(node, 3, "attn_mask"),
+        is_causal=bool(arg(node, 5, "is_causal", False)),
+        scale=node.kwargs.get("scale"),
+        nodes=[node],
+    )
     if len(node.args) > 6:
         site.scale = node.args[6]
     if node.kwargs.get("enable_gqa"):
@@ -97,8 +105,9 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | str | None:
     for inner in nodes:
         if inner is not out and any(u not in nodes for u in inner.users):
             return "an intermediate of the attention is used outside it"
-    return AttentionSite(out=out, pattern="eager", q=q, k=k, v=v, mask=mask, is_causal=False, scale=scale,
-                         softcap=softcap, nodes=nodes)
+    return AttentionSite(
+        out=out, pattern="eager", q=q, k=k, v=v, mask=mask, is_causal=False, scale=scale, softcap=softcap, nodes=nodes
+    )
 
 
 def _logits(cur: fx.Node) -> tuple[fx.Node, fx.Node, float, float, list[fx.Node]] | str:

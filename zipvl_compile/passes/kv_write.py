@@ -79,5 +79,11 @@ def _cat_dim(node: fx.Node) -> int | None:
 
 def _is_seq_slice(index: object) -> bool:
     full = slice(None, None, None)
-    return isinstance(index, tuple) and len(index) == 4 and index[0] == full and index[1] == full \
-        and isinstance(index[2], slice) and index[3] == full
+    return (
+        isinstance(index, tuple)
+        and len(index) == 4
+        and index[0] == full
+        and index[1] == full
+        and isinstance(index[2], slice)
+        and index[3] == full
+    )

@@ -63,8 +63,9 @@ def rewrite_packed_decode(gm: fx.GraphModule, site: AttentionSite, config: ZipVL
     """Replace the decode attention by ``decode_attention`` on the packed buffers; returns the new node."""
     hi, lo, tail, _, hi_bits, lo_bits = site.kv_node.args
     with gm.graph.inserting_before(site.out):
-        new = gm.graph.call_function(ops.decode_attention, (site.q, hi, lo, tail, site.scale, site.n_rep,
-                                                             hi_bits, lo_bits))
+        new = gm.graph.call_function(
+            ops.decode_attention, (site.q, hi, lo, tail, site.scale, site.n_rep, hi_bits, lo_bits)
+        )
     recompress = _recompress_of(site.kv_node, tail)
     if recompress is not None:
         args = list(recompress.args)
@@ -99,8 +100,9 @@ def simulate_prefill_write(gm: fx.GraphModule, site: AttentionSite, op_node: fx.
         valid = _key_valid(gm, site.mask) if site.mask is not None else None
         sim = gm.graph.call_function(ops.kv_simulate, (k_new, v_new, keep, valid, config.hi_bits, config.lo_bits))
         for index, old in enumerate(cats):
-            new_cat = gm.graph.call_function(torch.cat, ([old.args[0][0], gm.graph.call_function(
-                operator.getitem, (sim, index))],), {"dim": -2})
+            new_cat = gm.graph.call_function(
+                torch.cat, ([old.args[0][0], gm.graph.call_function(operator.getitem, (sim, index))],), {"dim": -2}
+            )
             old.replace_all_uses_with(new_cat, delete_user_cb=lambda user: user.op == "output")
     op_node.args = (op_node.args[0], k_new, v_new, *op_node.args[3:])
     return True

@@ -36,27 +36,40 @@ SITE_PASSES: list[tuple[str, Callable[[AttentionSite], None]]] = [
 
 def run_passes(gm: fx.GraphModule, config: ZipVLConfig) -> list[AttentionSite]:
     """Rewrite every decoder self-attention site of ``gm`` in place; returns all sites seen."""
-    graph_id = report().new_graph(len(gm.graph.nodes), {"tau": config.tau, "hi_bits": config.hi_bits,
-                                                         "lo_bits": config.lo_bits, "kv_mode": config.kv_mode})
+    graph_id = report().new_graph(
+        len(gm.graph.nodes),
+        {"tau": config.tau, "hi_bits": config.hi_bits, "lo_bits": config.lo_bits, "kv_mode": config.kv_mode},
+    )
     sites, unmatched = find_attention_sites(gm)
-    log.info("graph %d: find_attention matched %d site(s) (%d sdpa, %d eager), %d softmax left alone",
-             graph_id, len(sites), sum(s.pattern == "sdpa" for s in sites),
-             sum(s.pattern == "eager" for s in sites), len(unmatched))
+    log.info(
+        "graph %d: find_attention matched %d site(s) (%d sdpa, %d eager), %d softmax left alone",
+        graph_id,
+        len(sites),
+        sum(s.pattern == "sdpa" for s in sites),
+        sum(s.pattern == "eager" for s in sites),
+        len(unmatched),
+    )
     for name, site_pass in SITE_PASSES:
         before = sum(s.skip is None for s in sites)
         for site in sites:
             if site.skip is None:
                 site_pass(site)
-        log.debug("graph %d: %s kept %d of %d candidate site(s)", graph_id, name,
-                  sum(s.skip is None for s in sites), before)
+        log.debug(
+            "graph %d: %s kept %d of %d candidate site(s)", graph_id, name, sum(s.skip is None for s in sites), before
+        )
     for site in sites:
         if site.skip is None:
             rewrite_site(gm, site, config)
     removed = safe_dce(gm)
     gm.graph.lint()
     gm.recompile()
-    log.info("graph %d: rewrote %d site(s), left %d, removed %d dead node(s)", graph_id,
-             sum(s.op is not None for s in sites), sum(s.op is None for s in sites), removed)
+    log.info(
+        "graph %d: rewrote %d site(s), left %d, removed %d dead node(s)",
+        graph_id,
+        sum(s.op is not None for s in sites),
+        sum(s.op is None for s in sites),
+        removed,
+    )
     for site in sites:
         _record(graph_id, site)
     _record_kv_mode(sites, config)
@@ -81,8 +94,10 @@ def _record_kv_mode(sites: list[AttentionSite], config: ZipVLConfig) -> None:
         report().kv_mode, report().kv_mode_reason = "packed", "ZipVLCache ops in the graph"
     elif any(s.kv_simulated for s in sites):
         report().kv_mode = "simulate"
-        report().kv_mode_reason = (f"{config.hi_bits}/{config.lo_bits}-bit numerics applied to the prefill's writes "
-                                   "into the stock DynamicCache (no memory saved; decode tokens stay unquantised)")
+        report().kv_mode_reason = (
+            f"{config.hi_bits}/{config.lo_bits}-bit numerics applied to the prefill's writes "
+            "into the stock DynamicCache (no memory saved; decode tokens stay unquantised)"
+        )
     elif writes and report().kv_mode != "simulate":  # decode graphs keep a prefill's "simulate"
         report().kv_mode = "off"
         report().kv_mode_reason = f"{_STOCK_CACHE_REASON[config.kv_mode]} ({', '.join(sorted(writes))})"
@@ -90,11 +105,33 @@ def _record_kv_mode(sites: list[AttentionSite], config: ZipVLConfig) -> None:
 
 def _record(graph_id: int, site: AttentionSite) -> None:
     rewritten = site.op is not None
-    report().add_site(SiteRecord(graph_id, site.module_path, site.layer, site.kind, rewritten,
-                                 None if rewritten else site.skip, site.op, site.pattern, site.n_rep,
-                                 site.mask_kind, site.kv_write, site.dense_reason))
+    report().add_site(
+        SiteRecord(
+            graph_id,
+            site.module_path,
+            site.layer,
+            site.kind,
+            rewritten,
+            None if rewritten else site.skip,
+            site.op,
+            site.pattern,
+            site.n_rep,
+            site.mask_kind,
+            site.kv_write,
+            site.dense_reason,
+        )
+    )
     if rewritten:
-        log.info("graph %d: layer %s %s site %s -> %s (n_rep %s, mask %s, kv %s)", graph_id, site.layer,
-                 site.kind, site.module_path, site.op, site.n_rep, site.mask_kind, site.kv_write)
+        log.info(
+            "graph %d: layer %s %s site %s -> %s (n_rep %s, mask %s, kv %s)",
+            graph_id,
+            site.layer,
+            site.kind,
+            site.module_path,
+            site.op,
+            site.n_rep,
+            site.mask_kind,
+            site.kv_write,
+        )
     else:
         log.info("graph %d: %s site %s left as it was: %s", graph_id, site.kind, site.module_path, site.skip)

@@ -79,16 +79,34 @@ def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig
     head = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep)
     tail = (_stats_slot(site), float(config.force_ratio), config.local_window, config.score_norm)
     if group is None:
-        args = (*head, float(config.tau), config.n_probe_recent, config.n_probe_random, config.min_keep,
-                config.seed, *tail)
+        args = (
+            *head,
+            float(config.tau),
+            config.n_probe_recent,
+            config.n_probe_random,
+            config.min_keep,
+            config.seed,
+            *tail,
+        )
         new = _replace(gm, site, ops.sparse_attention, args, output_index=0)
         site.op = "zipvl.sparse_attention"
         return new
     graph = gm.graph
     with graph.inserting_before(site.out):
-        scores = graph.call_function(ops.probe_scores, (site.q, site.k, site.mask, site.is_causal, site.scale,
-                                                        site.n_rep, config.n_probe_recent, config.n_probe_random,
-                                                        config.seed))
+        scores = graph.call_function(
+            ops.probe_scores,
+            (
+                site.q,
+                site.k,
+                site.mask,
+                site.is_causal,
+                site.scale,
+                site.n_rep,
+                config.n_probe_recent,
+                config.n_probe_random,
+                config.seed,
+            ),
+        )
         scores.meta["nn_module_stack"] = site.out.meta.get("nn_module_stack")
         colsum, seen = (graph.call_function(operator.getitem, (scores, i)) for i in (0, 1))
         reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (colsum, "sum", group))
@@ -108,8 +126,9 @@ def _stats_slot(site: AttentionSite) -> int:
     return layer.slot
 
 
-def _replace(gm: fx.GraphModule, site: AttentionSite, target: object, args: tuple,
-             output_index: int | None = None) -> fx.Node:
+def _replace(
+    gm: fx.GraphModule, site: AttentionSite, target: object, args: tuple, output_index: int | None = None
+) -> fx.Node:
     """Insert ``target(*args)`` before ``site.out`` and route every use of the old output to it."""
     with gm.graph.inserting_before(site.out):
         new = gm.graph.call_function(target, args)
@@ -121,6 +140,9 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, target: object, args: tupl
 
 def _route_uses(site: AttentionSite, out: fx.Node) -> None:
     """Every use of the site's old output now reads ``out`` (the old pattern becomes dead code)."""
-    out.meta = {k: v for k, v in site.out.meta.items() if k in ("nn_module_stack", "stack_trace",
-                                                                 "source_fn_stack", "example_value")}
+    out.meta = {
+        k: v
+        for k, v in site.out.meta.items()
+        if k in ("nn_module_stack", "stack_trace", "source_fn_stack", "example_value")
+    }
     site.out.replace_all_uses_with(out)

@@ -62,8 +62,7 @@ def _shard_verdicts(q: fx.Node) -> Iterator[tuple[DeviceMesh, bool]]:
         value = example(node)
         if _is_dtensor(value):
             feature_dim = value.ndim - 2 if is_weight else value.ndim - 1
-            sharded = any(getattr(p, "dim", None) in (feature_dim, feature_dim - value.ndim)
-                          for p in value.placements)
+            sharded = any(getattr(p, "dim", None) in (feature_dim, feature_dim - value.ndim) for p in value.placements)
             if sharded or node.op not in ("placeholder", "get_attr"):  # a replicated parameter says nothing
                 yield value.device_mesh, sharded
         elif is_function(node, *_LINEAR):

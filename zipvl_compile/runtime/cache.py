@@ -48,8 +48,9 @@ class ZipVLLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, max_cache_len: int, hi_bits: int, lo_bits: int, recompress_interval: int,
-                 **kwargs: object) -> None:
+    def __init__(
+        self, max_cache_len: int, hi_bits: int, lo_bits: int, recompress_interval: int, **kwargs: object
+    ) -> None:
         super().__init__()
         self.max_cache_len = max_cache_len
         self.hi_bits, self.lo_bits, self.interval = hi_bits, lo_bits, recompress_interval
@@ -71,10 +72,12 @@ class ZipVLLayer(CacheLayerMixin):
         cap = self.capacity(n)
         self.hi = empty_segment(batch, heads, cap, d, self.hi_bits, dev)
         self.lo = empty_segment(batch, heads, cap, d, self.lo_bits, dev)
-        self.tail = [torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
-                     torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
-                     torch.full((batch, self.interval), -1, dtype=torch.int32, device=dev),
-                     torch.zeros(batch, dtype=torch.int32, device=dev)]
+        self.tail = [
+            torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
+            torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
+            torch.full((batch, self.interval), -1, dtype=torch.int32, device=dev),
+            torch.zeros(batch, dtype=torch.int32, device=dev),
+        ]
         self.length = self.length.to(dev)
         self.prompt_len = n
         self.compacted = False
@@ -111,14 +114,16 @@ class ZipVLLayer(CacheLayerMixin):
     def buffers(self) -> list[torch.Tensor]:
         return [*self.hi, *self.lo, *self.tail, self.length]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, _, t, _ = key_states.shape
-        pos = (torch.arange(t, device=key_states.device) + self.length.to(key_states.device))
+        pos = torch.arange(t, device=key_states.device) + self.length.to(key_states.device)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            ops.kv_write_(self.hi, self.lo, key_states, value_states, None, None, pos.expand(batch, t),
-                          self.hi_bits, self.lo_bits)
+            ops.kv_write_(
+                self.hi, self.lo, key_states, value_states, None, None, pos.expand(batch, t), self.hi_bits, self.lo_bits
+            )
             self.length.add_(t)
             return key_states, value_states
         if t != 1:
@@ -178,8 +183,14 @@ class ZipVLCache(Cache):
     layers; with ``hi_bits == lo_bits == 16`` every layer is an unquantised static layer.
     """
 
-    def __init__(self, model_or_config: object, max_cache_len: int, hi_bits: int = 4, lo_bits: int = 2,
-                 recompress_interval: int = 100) -> None:
+    def __init__(
+        self,
+        model_or_config: object,
+        max_cache_len: int,
+        hi_bits: int = 4,
+        lo_bits: int = 2,
+        recompress_interval: int = 100,
+    ) -> None:
         from zipvl_compile.config import ZipVLConfig
 
         ZipVLConfig(hi_bits=hi_bits, lo_bits=lo_bits, recompress_interval=recompress_interval)  # validates
@@ -198,13 +209,16 @@ class ZipVLCache(Cache):
                 layers.append(StaticLayer(max_cache_len=max_cache_len))
             else:
                 if hi_bits == 16:
-                    raise ValueError(f"zipvl: hi_bits=16 with lo_bits={lo_bits}: the packed cache stores 16 bits "
-                                     "only as 16/16; use kv_mode='simulate' to study this mix")
+                    raise ValueError(
+                        f"zipvl: hi_bits=16 with lo_bits={lo_bits}: the packed cache stores 16 bits "
+                        "only as 16/16; use kv_mode='simulate' to study this mix"
+                    )
                 layers.append(ZipVLLayer(max_cache_len, hi_bits, lo_bits, recompress_interval))
         super().__init__(layers=layers)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' ``Cache.update``; a packed layer's prefill first compacts the packed layer before it.
 
         In a graph, only when Dynamo captures data-dependent output shapes (``capture_dynamic_output_shape_ops``,
@@ -212,8 +226,11 @@ class ZipVLCache(Cache):
         and every layer is compacted after the forward instead (:meth:`compact`).
         """
         layer = self.layers[layer_idx]
-        if isinstance(layer, ZipVLLayer) and not layer.is_initialized and (
-                not torch.compiler.is_compiling() or torch._dynamo.config.capture_dynamic_output_shape_ops):
+        if (
+            isinstance(layer, ZipVLLayer)
+            and not layer.is_initialized
+            and (not torch.compiler.is_compiling() or torch._dynamo.config.capture_dynamic_output_shape_ops)
+        ):
             done = [other for i, other in self.packed_layers() if i < layer_idx and other.is_initialized]
             if done:
                 done[-1].compact()

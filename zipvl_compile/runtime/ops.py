@@ -23,8 +23,9 @@ from zipvl_compile.runtime.reference import dense_attention
 NAMESPACE = "zipvl"
 
 
-def define_op(name: str, impl: Callable, fake: Callable, mutates_args: Sequence[str] = (),
-              triton: bool = False) -> torch._ops.OpOverload:
+def define_op(
+    name: str, impl: Callable, fake: Callable, mutates_args: Sequence[str] = (), triton: bool = False
+) -> torch._ops.OpOverload:
     """Register ``zipvl::name`` from a Python function with type hints; returns its ``.default`` overload."""
     qualname = f"{NAMESPACE}::{name}"
     if triton and torch.cuda.is_available():
@@ -35,13 +36,29 @@ def define_op(name: str, impl: Callable, fake: Callable, mutates_args: Sequence[
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-               is_causal: bool, scale: float, n_rep: int, softcap: float = 0.0) -> torch.Tensor:
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    softcap: float = 0.0,
+) -> torch.Tensor:
     return dense_attention(q, k, v, attn_mask, is_causal, scale, n_rep, softcap).contiguous()
 
 
-def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                    is_causal: bool, scale: float, n_rep: int, softcap: float = 0.0) -> torch.Tensor:
+def _attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    softcap: float = 0.0,
+) -> torch.Tensor:
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
@@ -55,8 +72,9 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _sparse_outputs(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], stats_slot: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sparse_outputs(
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], stats_slot: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, keep, ratio) of a sparse prefill as the ops return them; the ratio is stored in ``stats_slot``."""
     out, keep, ratio = outputs
     stats.record_ratio(stats_slot, ratio)
@@ -69,21 +87,64 @@ def _sparse_outputs_fake(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
     return out, q.new_empty(batch, n, dtype=torch.bool), q.new_empty(batch, dtype=torch.float32)
 
 
-def _sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                      is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
-                      n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1,
-                      force_ratio: float = 0.0, local_window: int = 0, score_norm: str = "probes"
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_outputs(sparse_impl.sparse_attention(q, k, v, attn_mask, is_causal, scale, n_rep, tau,
-                                                        n_probe_recent, n_probe_random, min_keep, seed,
-                                                        force_ratio, local_window, score_norm), stats_slot)
+def _sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    tau: float,
+    n_probe_recent: int,
+    n_probe_random: int,
+    min_keep: int,
+    seed: int,
+    stats_slot: int = -1,
+    force_ratio: float = 0.0,
+    local_window: int = 0,
+    score_norm: str = "probes",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sparse_outputs(
+        sparse_impl.sparse_attention(
+            q,
+            k,
+            v,
+            attn_mask,
+            is_causal,
+            scale,
+            n_rep,
+            tau,
+            n_probe_recent,
+            n_probe_random,
+            min_keep,
+            seed,
+            force_ratio,
+            local_window,
+            score_norm,
+        ),
+        stats_slot,
+    )
 
 
-def _sparse_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                           is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
-                           n_probe_random: int, min_keep: int, seed: int, stats_slot: int = -1,
-                           force_ratio: float = 0.0, local_window: int = 0, score_norm: str = "probes"
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sparse_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    tau: float,
+    n_probe_recent: int,
+    n_probe_random: int,
+    min_keep: int,
+    seed: int,
+    stats_slot: int = -1,
+    force_ratio: float = 0.0,
+    local_window: int = 0,
+    score_norm: str = "probes",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _sparse_outputs_fake(q, v)
 
 
@@ -96,9 +157,17 @@ every query attend to the kept keys plus its window (non-kept rows are then not 
 denominator ("probes" or ZipCache's "n_minus_j")."""
 
 
-def _kv_write(hi: list[torch.Tensor], lo: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-              keep: torch.Tensor | None, valid: torch.Tensor | None, pos: torch.Tensor, hi_bits: int,
-              lo_bits: int) -> None:
+def _kv_write(
+    hi: list[torch.Tensor],
+    lo: list[torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    pos: torch.Tensor,
+    hi_bits: int,
+    lo_bits: int,
+) -> None:
     packed.write_tokens_(hi, lo, k, v, keep, valid, pos, hi_bits, lo_bits)
 
 
@@ -119,14 +188,21 @@ kv_append_ = define_op("kv_append_", _kv_append, _no_result, mutates_args=("tail
 """zipvl::kv_append_(tail (mutated), k, v [B,H,1,d], pos int [B]): one decode token into the model-dtype tail."""
 
 
-def _kv_recompress(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor],
-                   q: torch.Tensor | None, scale: float, n_rep: int, tau: float, hi_bits: int,
-                   lo_bits: int) -> None:
+def _kv_recompress(
+    hi: list[torch.Tensor],
+    lo: list[torch.Tensor],
+    tail: list[torch.Tensor],
+    q: torch.Tensor | None,
+    scale: float,
+    n_rep: int,
+    tau: float,
+    hi_bits: int,
+    lo_bits: int,
+) -> None:
     packed.recompress_(hi, lo, tail, q, scale, n_rep, tau, hi_bits, lo_bits)
 
 
-kv_recompress_ = define_op("kv_recompress_", _kv_recompress, _no_result, mutates_args=("hi", "lo", "tail"),
-                           triton=True)
+kv_recompress_ = define_op("kv_recompress_", _kv_recompress, _no_result, mutates_args=("hi", "lo", "tail"), triton=True)
 """zipvl::kv_recompress_(hi, lo, tail (all mutated), q [B,Hq,1,d]?, scale, n_rep, tau, hi_bits, lo_bits):
 quantise the tail block of rows whose tail is full, scored with q (runtime.packed.recompress_)."""
 
@@ -145,13 +221,15 @@ kv_shrink = define_op("kv_shrink", _kv_shrink, _kv_shrink_fake)
 (runtime.packed.shrink; the size is data-dependent: one host read of ``fill``)."""
 
 
-def _kv_dense_view(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int,
-                   hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kv_dense_view(
+    hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int, hi_bits: int, lo_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.dense_view(hi, lo, tail, length, hi_bits, lo_bits)
 
 
-def _kv_dense_view_fake(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int,
-                        hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kv_dense_view_fake(
+    hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int, hi_bits: int, lo_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     k_tail = tail[0]
     out = k_tail.new_empty(k_tail.shape[0], k_tail.shape[1], length, k_tail.shape[3])
     return out, torch.empty_like(out)
@@ -162,14 +240,29 @@ kv_dense_view = define_op("kv_dense_view", _kv_dense_view, _kv_dense_view_fake, 
 in position order (the eager path's K/V; compiled decode graphs read the packed buffers instead)."""
 
 
-def _decode_attention(q: torch.Tensor, hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor],
-                      scale: float, n_rep: int, hi_bits: int, lo_bits: int) -> torch.Tensor:
+def _decode_attention(
+    q: torch.Tensor,
+    hi: list[torch.Tensor],
+    lo: list[torch.Tensor],
+    tail: list[torch.Tensor],
+    scale: float,
+    n_rep: int,
+    hi_bits: int,
+    lo_bits: int,
+) -> torch.Tensor:
     return decode_attention_impl(q, Segment(*hi), Segment(*lo), *tail, scale, n_rep, hi_bits, lo_bits)
 
 
-def _decode_attention_fake(q: torch.Tensor, hi: list[torch.Tensor], lo: list[torch.Tensor],
-                           tail: list[torch.Tensor], scale: float, n_rep: int, hi_bits: int,
-                           lo_bits: int) -> torch.Tensor:
+def _decode_attention_fake(
+    q: torch.Tensor,
+    hi: list[torch.Tensor],
+    lo: list[torch.Tensor],
+    tail: list[torch.Tensor],
+    scale: float,
+    n_rep: int,
+    hi_bits: int,
+    lo_bits: int,
+) -> torch.Tensor:
     return torch.empty_like(q)
 
 
@@ -178,16 +271,31 @@ decode_attention = define_op("decode_attention", _decode_attention, _decode_atte
 of one query over every valid slot of the packed cache, dequantising in the kernel (runtime.kernels.decode)."""
 
 
-def _probe_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-                  scale: float, n_rep: int, n_probe_recent: int, n_probe_random: int, seed: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    return sparse_impl.probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random,
-                                    seed)
+def _probe_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    n_probe_recent: int,
+    n_probe_random: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return sparse_impl.probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
 
 
-def _probe_scores_fake(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-                       scale: float, n_rep: int, n_probe_recent: int, n_probe_random: int, seed: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def _probe_scores_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    n_probe_recent: int,
+    n_probe_random: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (q.shape[0], k.shape[2])
     return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
 
@@ -199,39 +307,80 @@ tensor parallelism the graph all-reduces colsum (sum over ranks) before zipvl.sp
 counts probe rows, the same on every rank."""
 
 
-def _sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                             is_causal: bool, scale: float, n_rep: int, colsum: torch.Tensor, seen: torch.Tensor,
-                             tau: float, min_keep: int, stats_slot: int = -1, force_ratio: float = 0.0,
-                             local_window: int = 0, score_norm: str = "probes"
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_outputs(sparse_impl.sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep,
-                                                               colsum, seen, tau, min_keep, force_ratio,
-                                                               local_window, score_norm), stats_slot)
+def _sparse_attention_scored(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    colsum: torch.Tensor,
+    seen: torch.Tensor,
+    tau: float,
+    min_keep: int,
+    stats_slot: int = -1,
+    force_ratio: float = 0.0,
+    local_window: int = 0,
+    score_norm: str = "probes",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sparse_outputs(
+        sparse_impl.sparse_attention_scored(
+            q,
+            k,
+            v,
+            attn_mask,
+            is_causal,
+            scale,
+            n_rep,
+            colsum,
+            seen,
+            tau,
+            min_keep,
+            force_ratio,
+            local_window,
+            score_norm,
+        ),
+        stats_slot,
+    )
 
 
-def _sparse_attention_scored_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  attn_mask: torch.Tensor | None, is_causal: bool, scale: float, n_rep: int,
-                                  colsum: torch.Tensor, seen: torch.Tensor, tau: float, min_keep: int,
-                                  stats_slot: int = -1, force_ratio: float = 0.0, local_window: int = 0,
-                                  score_norm: str = "probes") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sparse_attention_scored_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    colsum: torch.Tensor,
+    seen: torch.Tensor,
+    tau: float,
+    min_keep: int,
+    stats_slot: int = -1,
+    force_ratio: float = 0.0,
+    local_window: int = 0,
+    score_norm: str = "probes",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _sparse_outputs_fake(q, v)
 
 
-sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored,
-                                    _sparse_attention_scored_fake)
+sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored, _sparse_attention_scored_fake)
 """zipvl::sparse_attention_scored(q, k, v, attn_mask?, is_causal, scale, n_rep, colsum, seen, tau, min_keep,
 stats_slot=-1, force_ratio=0, local_window=0, score_norm="probes") -> (out [B,Hq,n,d], keep bool [B,n], ratio
 float32 [B]): the selection (Eqs. 6-8 on colsum / seen of zipvl.probe_scores, summed over all heads) and
 kept-token attention stages of sparse_attention; stats_slot, force_ratio, local_window and score_norm as there."""
 
 
-def _kv_simulate(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None,
-                 hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kv_simulate(
+    k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None, hi_bits: int, lo_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.simulate(k, v, keep, valid, hi_bits, lo_bits)
 
 
-def _kv_simulate_fake(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None,
-                      hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kv_simulate_fake(
+    k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None, hi_bits: int, lo_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(k), torch.empty_like(v)
 
 

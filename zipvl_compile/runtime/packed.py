@@ -19,9 +19,17 @@ from zipvl_compile.runtime.quant import GROUP, dequantize_keys, dequantize_value
 from zipvl_compile.runtime.selection import select_tokens
 
 
-def write_tokens_(hi: list[torch.Tensor], lo: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                  keep: torch.Tensor | None, valid: torch.Tensor | None, pos: torch.Tensor, hi_bits: int,
-                  lo_bits: int) -> None:
+def write_tokens_(
+    hi: list[torch.Tensor],
+    lo: list[torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    pos: torch.Tensor,
+    hi_bits: int,
+    lo_bits: int,
+) -> None:
     """Quantise tokens k/v [B, H, t, d] into the segments: kept -> ``hi``, other valid -> ``lo``.
 
     keep, valid: bool [B, t] or None (None keep: every valid token is kept; None valid: all valid).
@@ -46,9 +54,17 @@ def append_tail_(tail: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, pos
     tail_len.add_(1)
 
 
-def recompress_(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor],
-                q: torch.Tensor | None, scale: float, n_rep: int, tau: float, hi_bits: int,
-                lo_bits: int) -> None:
+def recompress_(
+    hi: list[torch.Tensor],
+    lo: list[torch.Tensor],
+    tail: list[torch.Tensor],
+    q: torch.Tensor | None,
+    scale: float,
+    n_rep: int,
+    tau: float,
+    hi_bits: int,
+    lo_bits: int,
+) -> None:
     """Quantise a full tail block (rows with ``tail_len == R``) and empty it; other rows are untouched.
 
     The block is scored with the query ``q`` [B, Hq, 1, d] (Eqs. 6-8 on the block: one query, so every
@@ -92,8 +108,9 @@ def shrink(seg: list[torch.Tensor], reserve: int) -> list[torch.Tensor]:
     return [t[tuple(map(slice, cut_shape(i, t, slots)))].clone() for i, t in enumerate(seg[:7])] + [seg[7].clone()]
 
 
-def dense_view(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int,
-               hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_view(
+    hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int, hi_bits: int, lo_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantised K/V ``[B, H, length, d]`` in position order (zeros where nothing is cached).
 
     The eager path's view of the cache: HF's attention and masks then work as with a static cache. A
@@ -103,9 +120,11 @@ def dense_view(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.
     batch, heads, _, d = k_tail.shape
     k_out = k_tail.new_zeros(batch, heads, length + 1, d)
     v_out = torch.zeros_like(k_out)
-    sources = [(*_dequantized(Segment(*hi), hi_bits, k_tail.dtype), hi[6], hi[7]),
-               (*_dequantized(Segment(*lo), lo_bits, k_tail.dtype), lo[6], lo[7]),
-               (k_tail, v_tail, tail_pos, tail_len)]
+    sources = [
+        (*_dequantized(Segment(*hi), hi_bits, k_tail.dtype), hi[6], hi[7]),
+        (*_dequantized(Segment(*lo), lo_bits, k_tail.dtype), lo[6], lo[7]),
+        (k_tail, v_tail, tail_pos, tail_len),
+    ]
     for k, v, pos, count in sources:
         slot = torch.arange(pos.shape[1], device=pos.device)
         ok = (pos >= 0) & (slot[None, :] < count[:, None]) & (pos < length)
@@ -116,12 +135,15 @@ def dense_view(hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.
 
 
 def _dequantized(seg: Segment, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return (dequantize_keys(seg.k_codes, seg.k_scale, seg.k_zero, bits, dtype),
-            dequantize_values(seg.v_codes, seg.v_scale, seg.v_zero, bits, dtype))
+    return (
+        dequantize_keys(seg.k_codes, seg.k_scale, seg.k_zero, bits, dtype),
+        dequantize_values(seg.v_codes, seg.v_scale, seg.v_zero, bits, dtype),
+    )
 
 
-def simulate(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None,
-             hi_bits: int, lo_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def simulate(
+    k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None, hi_bits: int, lo_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k/v [B, H, t, d] as the packed cache would return them after the prefill write (kv_mode="simulate"):
     quantised and dequantised with the same segments, groups and parameters, in position order.
     Tokens that are not valid (padding) come back as zeros."""
@@ -131,21 +153,25 @@ def simulate(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid:
     lo = empty_segment(batch, heads, cap, d, lo_bits, k.device)
     pos = torch.arange(t, device=k.device).expand(batch, t)
     write_tokens_(hi, lo, k, v, keep, valid, pos, hi_bits, lo_bits)
-    tail = [k.new_zeros(batch, heads, 1, d), k.new_zeros(batch, heads, 1, d),
-            torch.full((batch, 1), -1, dtype=torch.int32, device=k.device),
-            torch.zeros(batch, dtype=torch.int32, device=k.device)]
+    tail = [
+        k.new_zeros(batch, heads, 1, d),
+        k.new_zeros(batch, heads, 1, d),
+        torch.full((batch, 1), -1, dtype=torch.int32, device=k.device),
+        torch.zeros(batch, dtype=torch.int32, device=k.device),
+    ]
     return dense_view(hi, lo, tail, t, hi_bits, lo_bits)
 
 
-def empty_segment(batch: int, heads: int, cap: int, d: int, bits: int, device: torch.device
-                   ) -> list[torch.Tensor]:
+def empty_segment(batch: int, heads: int, cap: int, d: int, bits: int, device: torch.device) -> list[torch.Tensor]:
     """A segment's tensors (layout: runtime.quant), empty: every slot -1, fill 0."""
     codes = d * bits // 8
-    return [torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
-            torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
-            torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
-            torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
-            torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
-            torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
-            torch.full((batch, cap), -1, dtype=torch.int32, device=device),
-            torch.zeros(batch, dtype=torch.int32, device=device)]
+    return [
+        torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
+        torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
+        torch.zeros(batch, heads, cap // GROUP, d, dtype=torch.float16, device=device),
+        torch.zeros(batch, heads, cap, codes, dtype=torch.uint8, device=device),
+        torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
+        torch.zeros(batch, heads, cap, dtype=torch.float16, device=device),
+        torch.full((batch, cap), -1, dtype=torch.int32, device=device),
+        torch.zeros(batch, dtype=torch.int32, device=device),
+    ]

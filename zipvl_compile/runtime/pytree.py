@@ -31,8 +31,8 @@ def _unflatten_layer(context: tuple, children: list[Any]) -> ZipVLLayer:
         setattr(layer, name, value)
     layer.keys = layer.values = None
     children = list(children)
-    layer.hi, layer.lo = children[:n_hi], children[n_hi:n_hi + n_lo]
-    layer.tail = children[n_hi + n_lo:n_hi + n_lo + n_tail]
+    layer.hi, layer.lo = children[:n_hi], children[n_hi : n_hi + n_lo]
+    layer.tail = children[n_hi + n_lo : n_hi + n_lo + n_tail]
     layer.length = children[-1]
     return layer
 
@@ -58,14 +58,24 @@ def _with_keys(flatten):
 
 def register() -> None:
     """Register both classes with torch's pytree and optree (idempotent)."""
-    for cls, flatten, unflatten in ((ZipVLLayer, _flatten_layer, _unflatten_layer),
-                                    (ZipVLCache, _flatten_cache, _unflatten_cache)):
+    for cls, flatten, unflatten in (
+        (ZipVLLayer, _flatten_layer, _unflatten_layer),
+        (ZipVLCache, _flatten_cache, _unflatten_cache),
+    ):
         if cls not in pytree.SUPPORTED_NODES:
-            pytree.register_pytree_node(cls, flatten, lambda children, ctx, f=unflatten: f(ctx, children),
-                                        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
-                                        flatten_with_keys_fn=_with_keys(flatten))
+            pytree.register_pytree_node(
+                cls,
+                flatten,
+                lambda children, ctx, f=unflatten: f(ctx, children),
+                serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+                flatten_with_keys_fn=_with_keys(flatten),
+            )
         try:
-            optree.register_pytree_node(cls, lambda x, f=flatten: (*f(x), None),
-                                        lambda ctx, children, f=unflatten: f(ctx, children), namespace=_NAMESPACE)
+            optree.register_pytree_node(
+                cls,
+                lambda x, f=flatten: (*f(x), None),
+                lambda ctx, children, f=unflatten: f(ctx, children),
+                namespace=_NAMESPACE,
+            )
         except ValueError:  # already registered in this namespace
             pass

@@ -89,8 +89,9 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
     return torch.floor(y + 0.5).clamp_(0, max_code(bits)).to(torch.uint8)
 
 
-def quantize_keys_reference(k: torch.Tensor, valid: torch.Tensor, bits: int
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_keys_reference(
+    k: torch.Tensor, valid: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k float ``[B, H, T, d]`` (T a multiple of GROUP), valid bool ``[B, T]`` (shared by heads) ->
     (codes uint8 ``[B, H, T, d*bits//8]``, scale, zero float16 ``[B, H, T//GROUP, d]``).
 
@@ -108,12 +109,14 @@ def quantize_keys_reference(k: torch.Tensor, valid: torch.Tensor, bits: int
     return pack_codes(codes.flatten(2, 3), bits), scale, zero
 
 
-def _best_key_params(x: torch.Tensor, ok: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_key_params(
+    x: torch.Tensor, ok: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """float16 (scale, zero) ``[..., d]`` of the least-squared-error shrunk range (module docstring; 2 bits).
 
     x fp32 ``[..., G, d]``, ok bool broadcastable to it; lo / hi fp32 ``[..., d]`` the valid min/max.
     """
+
     def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         # codes by the reciprocal and a zero shifted by half a step: floor((x - (z - s/2)) * (1/s)), so the
         # Triton twin computes the same bits without a per-element division and with nothing a GPU could
@@ -148,15 +151,17 @@ def quantize_values_reference(v: torch.Tensor, bits: int) -> tuple[torch.Tensor,
     return pack_codes(_codes(x, scale[..., None], zero[..., None], bits), bits), scale, zero
 
 
-def dequantize_keys_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                              dtype: torch.dtype) -> torch.Tensor:
+def dequantize_keys_reference(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Inverse of :func:`quantize_keys_reference`: ``[B, H, T, d]`` in ``dtype`` (computed in fp32)."""
     x = unpack_codes(codes, bits).float().unflatten(2, (scale.shape[2], GROUP))
     return (x * scale.float()[:, :, :, None] + zero.float()[:, :, :, None]).flatten(2, 3).to(dtype)
 
 
-def dequantize_values_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                                dtype: torch.dtype) -> torch.Tensor:
+def dequantize_values_reference(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Inverse of :func:`quantize_values_reference`: ``[B, H, T, d]`` in ``dtype`` (computed in fp32)."""
     x = unpack_codes(codes, bits).float()
     return (x * scale.float()[..., None] + zero.float()[..., None]).to(dtype)
@@ -192,8 +197,7 @@ def advance_fill_(seg_fill: torch.Tensor, count: torch.Tensor, capacity: int) ->
     seg_fill.copy_(torch.clamp(seg_fill + written_slots(count), max=capacity))
 
 
-def _place_(buf: torch.Tensor, staged: torch.Tensor, start: torch.Tensor, length: torch.Tensor,
-            dim: int) -> None:
+def _place_(buf: torch.Tensor, staged: torch.Tensor, start: torch.Tensor, length: torch.Tensor, dim: int) -> None:
     """buf[b, ..., start[b] + s, ...] = staged[b, ..., s, ...] for 0 <= s < length[b] and start[b] + s within
     buf (along ``dim``); every other entry of buf is kept. Fixed shapes: a masked blend over all of buf."""
     shape = [buf.shape[0]] + [1] * (buf.dim() - 1)
@@ -204,11 +208,21 @@ def _place_(buf: torch.Tensor, staged: torch.Tensor, start: torch.Tensor, length
     buf.copy_(torch.where(hit, staged.gather(dim, index), buf))
 
 
-def write_segment_reference_(seg_codes_k: torch.Tensor, seg_scale_k: torch.Tensor, seg_zero_k: torch.Tensor,
-                             seg_codes_v: torch.Tensor, seg_scale_v: torch.Tensor, seg_zero_v: torch.Tensor,
-                             seg_pos: torch.Tensor, seg_fill: torch.Tensor, k_new: torch.Tensor,
-                             v_new: torch.Tensor, take: torch.Tensor, src_pos: torch.Tensor,
-                             bits: int) -> None:
+def write_segment_reference_(
+    seg_codes_k: torch.Tensor,
+    seg_scale_k: torch.Tensor,
+    seg_zero_k: torch.Tensor,
+    seg_codes_v: torch.Tensor,
+    seg_scale_v: torch.Tensor,
+    seg_zero_v: torch.Tensor,
+    seg_pos: torch.Tensor,
+    seg_fill: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    take: torch.Tensor,
+    src_pos: torch.Tensor,
+    bits: int,
+) -> None:
     """Append the taken tokens of k_new / v_new to a segment, in place.
 
     seg_*: the segment's tensors (layout above; capacity C = seg_pos.shape[1]); seg_fill int32 ``[B]``,
@@ -235,8 +249,7 @@ def write_segment_reference_(seg_codes_k: torch.Tensor, seg_scale_k: torch.Tenso
     k_codes, k_scale, k_zero = quantize_keys_reference(k_st, ok, bits)
     v_codes, v_scale, v_zero = quantize_values_reference(v_st, bits)
     n_write = written_slots(count)
-    for buf, staged in ((seg_codes_k, k_codes), (seg_codes_v, v_codes), (seg_scale_v, v_scale),
-                        (seg_zero_v, v_zero)):
+    for buf, staged in ((seg_codes_k, k_codes), (seg_codes_v, v_codes), (seg_scale_v, v_scale), (seg_zero_v, v_zero)):
         _place_(buf, staged, seg_fill, n_write, dim=2)
     for buf, staged in ((seg_scale_k, k_scale), (seg_zero_k, k_zero)):
         _place_(buf, staged, seg_fill // GROUP, n_write // GROUP, dim=2)
@@ -261,43 +274,80 @@ def _triton_module(x: torch.Tensor, use_triton: bool | None) -> ModuleType | Non
     return kernels
 
 
-def quantize_keys(k: torch.Tensor, valid: torch.Tensor, bits: int, use_triton: bool | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_keys(
+    k: torch.Tensor, valid: torch.Tensor, bits: int, use_triton: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`quantize_keys_reference`."""
     kernels = _triton_module(k, use_triton)
     return (kernels.quantize_keys_triton if kernels else quantize_keys_reference)(k, valid, bits)
 
 
-def quantize_values(v: torch.Tensor, bits: int, use_triton: bool | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_values(
+    v: torch.Tensor, bits: int, use_triton: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`quantize_values_reference`."""
     kernels = _triton_module(v, use_triton)
     return (kernels.quantize_values_triton if kernels else quantize_values_reference)(v, bits)
 
 
-def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                    dtype: torch.dtype, use_triton: bool | None = None) -> torch.Tensor:
+def dequantize_keys(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
     """See :func:`dequantize_keys_reference`."""
     kernels = _triton_module(codes, use_triton)
-    return (kernels.dequantize_keys_triton if kernels else dequantize_keys_reference)(
-        codes, scale, zero, bits, dtype)
+    return (kernels.dequantize_keys_triton if kernels else dequantize_keys_reference)(codes, scale, zero, bits, dtype)
 
 
-def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                      dtype: torch.dtype, use_triton: bool | None = None) -> torch.Tensor:
+def dequantize_values(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
     """See :func:`dequantize_values_reference`."""
     kernels = _triton_module(codes, use_triton)
     return (kernels.dequantize_values_triton if kernels else dequantize_values_reference)(
-        codes, scale, zero, bits, dtype)
+        codes, scale, zero, bits, dtype
+    )
 
 
-def write_segment_(seg_codes_k: torch.Tensor, seg_scale_k: torch.Tensor, seg_zero_k: torch.Tensor,
-                   seg_codes_v: torch.Tensor, seg_scale_v: torch.Tensor, seg_zero_v: torch.Tensor,
-                   seg_pos: torch.Tensor, seg_fill: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                   take: torch.Tensor, src_pos: torch.Tensor, bits: int,
-                   use_triton: bool | None = None) -> None:
+def write_segment_(
+    seg_codes_k: torch.Tensor,
+    seg_scale_k: torch.Tensor,
+    seg_zero_k: torch.Tensor,
+    seg_codes_v: torch.Tensor,
+    seg_scale_v: torch.Tensor,
+    seg_zero_v: torch.Tensor,
+    seg_pos: torch.Tensor,
+    seg_fill: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    take: torch.Tensor,
+    src_pos: torch.Tensor,
+    bits: int,
+    use_triton: bool | None = None,
+) -> None:
     """See :func:`write_segment_reference_`."""
     kernels = _triton_module(k_new, use_triton)
     (kernels.write_segment_triton_ if kernels else write_segment_reference_)(
-        seg_codes_k, seg_scale_k, seg_zero_k, seg_codes_v, seg_scale_v, seg_zero_v, seg_pos, seg_fill,
-        k_new, v_new, take, src_pos, bits)
+        seg_codes_k,
+        seg_scale_k,
+        seg_zero_k,
+        seg_codes_v,
+        seg_scale_v,
+        seg_zero_v,
+        seg_pos,
+        seg_fill,
+        k_new,
+        v_new,
+        take,
+        src_pos,
+        bits,
+    )

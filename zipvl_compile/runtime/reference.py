@@ -18,8 +18,9 @@ def causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor:
     return torch.arange(lk, device=device)[None, :] <= q_pos
 
 
-def combined_mask(attn_mask: torch.Tensor | None, is_causal: bool, lq: int, lk: int,
-                  dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+def combined_mask(
+    attn_mask: torch.Tensor | None, is_causal: bool, lq: int, lk: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
     """One mask in SDPA form (bool or additive float) equal to ``attn_mask`` AND the causal mask."""
     if not is_causal:
         return attn_mask
@@ -31,8 +32,16 @@ def combined_mask(attn_mask: torch.Tensor | None, is_causal: bool, lq: int, lk: 
     return attn_mask.to(dtype).masked_fill(~causal, float("-inf"))
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                    is_causal: bool, scale: float, n_rep: int, softcap: float = 0.0) -> torch.Tensor:
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    softcap: float = 0.0,
+) -> torch.Tensor:
     """Dense attention in the zipvl convention -> [B, Hq, Lq, d] in q's dtype.
 
     Without softcap this is SDPA (GQA through ``enable_gqa``); with ``softcap > 0`` the logits are

@@ -58,8 +58,9 @@ def choose_probes(valid: torch.Tensor, n_recent: int, n_random: int, seed: int) 
     return out.scatter(-1, slot, torch.where(probe, positions, -1))[:, :m]
 
 
-def select_tokens(colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, tau: float,
-                  min_keep: int, force_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def select_tokens(
+    colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept set of one layer -> (keep bool [B, n], ratio float32 [B] = kept / valid count).
 
     colsum, seen: float32 [B, n] from ``probe_colsum`` (Eq. 5 column sums, Eq. 7 denominators);

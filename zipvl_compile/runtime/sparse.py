@@ -32,8 +32,9 @@ from zipvl_compile.runtime.selection import choose_probes, select_tokens
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def token_validity(attn_mask: torch.Tensor | None, is_causal: bool, batch: int, n: int,
-                   device: torch.device) -> torch.Tensor:
+def token_validity(
+    attn_mask: torch.Tensor | None, is_causal: bool, batch: int, n: int, device: torch.device
+) -> torch.Tensor:
     """bool [B, n]: tokens that are not padding (some query may see them)."""
     if attn_mask is None:
         return torch.ones(batch, n, dtype=torch.bool, device=device)
@@ -53,9 +54,17 @@ def keeps_all(tau: float, force_ratio: float) -> bool:
     return tau >= 1.0 and force_ratio <= 0
 
 
-def probe_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-                 scale: float, n_rep: int, n_probe_recent: int, n_probe_random: int, seed: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    n_probe_recent: int,
+    n_probe_random: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(colsum, seen) float32 [B, n] of the probe rows over the heads of q (see the module docstring)."""
     is_causal, valid = _validity(q, attn_mask, is_causal)
     probes = choose_probes(valid, n_probe_recent, n_probe_random, seed)
@@ -66,10 +75,22 @@ def probe_scores(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | Non
     return _masked_probe_colsum(q_probe, k, probes, attn_mask, is_causal, scale, n_rep)
 
 
-def sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                            is_causal: bool, scale: float, n_rep: int, colsum: torch.Tensor,
-                            seen: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0,
-                            local_window: int = 0, score_norm: str = "probes") -> Outputs:
+def sparse_attention_scored(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    colsum: torch.Tensor,
+    seen: torch.Tensor,
+    tau: float,
+    min_keep: int,
+    force_ratio: float = 0.0,
+    local_window: int = 0,
+    score_norm: str = "probes",
+) -> Outputs:
     """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention among kept tokens
     (``local_window`` > 0: every query over the kept keys and its window; see the module docstring).
 
@@ -86,17 +107,31 @@ def sparse_attention_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
     return _attend(q, k, v, attn_mask, is_causal, scale, n_rep, keep, valid, local_window), keep, ratio
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                     is_causal: bool, scale: float, n_rep: int, tau: float, n_probe_recent: int,
-                     n_probe_random: int, min_keep: int, seed: int, force_ratio: float = 0.0,
-                     local_window: int = 0, score_norm: str = "probes") -> Outputs:
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    tau: float,
+    n_probe_recent: int,
+    n_probe_random: int,
+    min_keep: int,
+    seed: int,
+    force_ratio: float = 0.0,
+    local_window: int = 0,
+    score_norm: str = "probes",
+) -> Outputs:
     """ZipVL prefill attention on one device: :func:`probe_scores` then :func:`sparse_attention_scored`
     (no probe when every token is kept)."""
     if keeps_all(tau, force_ratio):
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
     colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
-    return sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, tau, min_keep,
-                                   force_ratio, local_window, score_norm)
+    return sparse_attention_scored(
+        q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, tau, min_keep, force_ratio, local_window, score_norm
+    )
 
 
 _FUSED: dict = {}
@@ -118,12 +153,14 @@ def _fused(fn: Callable, like: torch.Tensor) -> Callable:
 
 def _first_call_checked(fn: Callable, compiled: Callable) -> Callable:
     """``compiled``, unless its first call fails to compile: then ``fn`` from then on (logged, same results)."""
+
     def call(*args: object) -> object:
         try:
             out = compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: keep the eager function
-            logging.getLogger("zipvl_compile").warning("fusing %s failed (%s): running it eagerly",
-                                                       fn.__name__, type(err).__name__)
+            logging.getLogger("zipvl_compile").warning(
+                "fusing %s failed (%s): running it eagerly", fn.__name__, type(err).__name__
+            )
             _FUSED[fn] = fn
             return fn(*args)
         _FUSED[fn] = compiled
@@ -138,16 +175,33 @@ def _validity(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) 
     return is_causal, token_validity(attn_mask, is_causal, q.shape[0], q.shape[2], q.device)
 
 
-def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-           scale: float, n_rep: int) -> Outputs:
+def _dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+) -> Outputs:
     """Every valid token kept: exact dense attention, zero at padding rows, ratio 1."""
     is_causal, valid = _validity(q, attn_mask, is_causal)
     out = dense_attention(q, k, v, attn_mask, is_causal, scale, n_rep)
     return torch.where(valid[:, None, :, None], out, 0), valid, torch.ones(q.shape[0], device=q.device)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-            scale: float, n_rep: int, keep: torch.Tensor, valid: torch.Tensor, local_window: int) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    local_window: int,
+) -> torch.Tensor:
     """[B, Hq, n, d]: attention among the kept tokens ``keep`` bool [B, n], zero at non-kept rows; with
     ``local_window`` > 0 every valid query over the kept keys and its window, zero at padding rows."""
     if is_causal and is_key_padding(attn_mask):
@@ -164,9 +218,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     return torch.where(rows[:, None, :, None], out, 0)
 
 
-def _masked_probe_colsum(q_probe: torch.Tensor, k: torch.Tensor, probes: torch.Tensor,
-                         attn_mask: torch.Tensor, is_causal: bool, scale: float, n_rep: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_probe_colsum(
+    q_probe: torch.Tensor,
+    k: torch.Tensor,
+    probes: torch.Tensor,
+    attn_mask: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+    n_rep: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 5 column sums and Eq. 7 denominators for an arbitrary mask: (colsum, seen) float32 [B, n].
 
     The m x n probe block only (m = number of probes); rows of unused probe slots (-1) count nothing.

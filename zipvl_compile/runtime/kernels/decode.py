@@ -79,8 +79,10 @@ class Segment(NamedTuple):
 
 def _dequant_segment(seg: Segment, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Segment -> fp32 keys and values [B, H, C, d] (every slot, valid or not)."""
-    return (dequantize_keys_reference(seg.k_codes, seg.k_scale, seg.k_zero, bits, torch.float32),
-            dequantize_values_reference(seg.v_codes, seg.v_scale, seg.v_zero, bits, torch.float32))
+    return (
+        dequantize_keys_reference(seg.k_codes, seg.k_scale, seg.k_zero, bits, torch.float32),
+        dequantize_values_reference(seg.v_codes, seg.v_scale, seg.v_zero, bits, torch.float32),
+    )
 
 
 def _slot_valid(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -89,10 +91,21 @@ def _slot_valid(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     return (pos >= 0) & (slot[None, :] < length[:, None])
 
 
-def decode_attention_reference(q: torch.Tensor, hi: Segment, lo: Segment, k_tail: torch.Tensor,
-                               v_tail: torch.Tensor, tail_pos: torch.Tensor, tail_len: torch.Tensor,
-                               scale: float, n_rep: int, hi_bits: int, lo_bits: int, window: int = 0,
-                               q_pos: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention_reference(
+    q: torch.Tensor,
+    hi: Segment,
+    lo: Segment,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    tail_pos: torch.Tensor,
+    tail_len: torch.Tensor,
+    scale: float,
+    n_rep: int,
+    hi_bits: int,
+    lo_bits: int,
+    window: int = 0,
+    q_pos: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Plain-PyTorch decode attention over hi + lo + tail; see the module docstring for the arguments.
 
     Returns [B, Hq, 1, d] in q's dtype; a row with no valid key returns zeros.
@@ -102,8 +115,9 @@ def decode_attention_reference(q: torch.Tensor, hi: Segment, lo: Segment, k_tail
     k = torch.cat([k_hi, k_lo, k_tail.float()], dim=2).repeat_interleave(n_rep, dim=1)
     v = torch.cat([v_hi, v_lo, v_tail.float()], dim=2).repeat_interleave(n_rep, dim=1)
     pos = torch.cat([hi.pos, lo.pos, tail_pos], dim=1)
-    valid = torch.cat([_slot_valid(hi.pos, hi.fill), _slot_valid(lo.pos, lo.fill),
-                       _slot_valid(tail_pos, tail_len)], dim=1)
+    valid = torch.cat(
+        [_slot_valid(hi.pos, hi.fill), _slot_valid(lo.pos, lo.fill), _slot_valid(tail_pos, tail_len)], dim=1
+    )
     if window > 0:
         valid = valid & (pos > (q_pos.to(pos.dtype) - window)[:, None])
     # empty slots may hold any bytes (NaN included): zero them so that 0-probability * NaN cannot leak
@@ -167,7 +181,12 @@ def _plane(byte, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl
             f"shr.b32 t0, t0, {J * BITS}; shr.b32 t1, t1, {J * BITS}; "
             f"lop3.b32 $0, t0, {MASK * 0x10001}, 0x64006400, 0xea; "
             f"lop3.b32 $1, t1, {MASK * 0x10001}, 0x64006400, 0xea; }}",
-            "=r,=r,r", [byte], dtype=tl.float16, is_pure=True, pack=4)
+            "=r,=r,r",
+            [byte],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=4,
+        )
     else:
         x = byte.to(tl.int16)
         if J > 0:
@@ -182,8 +201,9 @@ def _plane(byte, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl
 
 
 @triton.jit
-def _key_scores(qj, kbyte, k_s, k_z, J: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr,
-                F32: tl.constexpr, ASM: tl.constexpr):
+def _key_scores(
+    qj, kbyte, k_s, k_z, J: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr
+):
     """Scores of sub-plane J: (qj*k_scale)·codes [NP, BLOCK] and its per-row constant [NP] (zero point).
 
     qj [NP, KB] fp32: queries at channels i*(8//BITS) + J (times scale*log2 e); kbyte [BLOCK, KB] uint8;
@@ -217,8 +237,7 @@ def _deinterleave(x, PER: tl.constexpr, KB: tl.constexpr):
 
 
 @triton.jit
-def _load_q_plane(q_ptr, qh, row_ok, qk_scale, J: tl.constexpr, PER: tl.constexpr, KB: tl.constexpr,
-                  D: tl.constexpr):
+def _load_q_plane(q_ptr, qh, row_ok, qk_scale, J: tl.constexpr, PER: tl.constexpr, KB: tl.constexpr, D: tl.constexpr):
     """fp32 [NP, KB]: the query rows qh at channels i*PER + J, times qk_scale."""
     chan = tl.arange(0, KB) * PER + J
     q = tl.load(q_ptr + qh[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
@@ -226,8 +245,9 @@ def _load_q_plane(q_ptr, qh, row_ok, qk_scale, J: tl.constexpr, PER: tl.constexp
 
 
 @triton.jit
-def _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, acc, J: tl.constexpr, PER: tl.constexpr,
-                   KB: tl.constexpr, D: tl.constexpr):
+def _store_partial(
+    m_ws, den_ws, acc_ws, ws, row_ok, m, den, acc, J: tl.constexpr, PER: tl.constexpr, KB: tl.constexpr, D: tl.constexpr
+):
     """Write sub-plane J of acc [NP, KB] (channels i*PER + J) of workspace rows ws; m/den once (J = 0)."""
     if J == 0:
         tl.store(m_ws + ws, m, mask=row_ok)
@@ -237,10 +257,36 @@ def _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, acc, J: tl.constexp
 
 
 @triton.jit
-def _segment_partial(q_ptr, qh, row_ok, qk_scale, kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr, C, b, bh,
-                     split, n_splits, min_pos, m_ws, den_ws, acc_ws, ws,
-                     BITS: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
-                     F32: tl.constexpr, ASM: tl.constexpr):
+def _segment_partial(
+    q_ptr,
+    qh,
+    row_ok,
+    qk_scale,
+    kc,
+    ks,
+    kz,
+    vc,
+    vs,
+    vz,
+    pos_ptr,
+    fill_ptr,
+    C,
+    b,
+    bh,
+    split,
+    n_splits,
+    min_pos,
+    m_ws,
+    den_ws,
+    acc_ws,
+    ws,
+    BITS: tl.constexpr,
+    D: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    F32: tl.constexpr,
+    ASM: tl.constexpr,
+):
     """Partial state of this split's share of one quantised segment, written to workspace rows ws.
 
     Channels are handled as 8//BITS sub-planes (channel i*PER + J = bits J*BITS.. of byte i), so each
@@ -310,8 +356,29 @@ def _segment_partial(q_ptr, qh, row_ok, qk_scale, kc, ks, kz, vc, vs, vz, pos_pt
 
 
 @triton.jit
-def _tail_partial(q_ptr, qh, row_ok, qk_scale, kt, vt, tpos_ptr, tlen_ptr, R, b, bh, split, n_splits, min_pos,
-                  m_ws, den_ws, acc_ws, ws, D: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+def _tail_partial(
+    q_ptr,
+    qh,
+    row_ok,
+    qk_scale,
+    kt,
+    vt,
+    tpos_ptr,
+    tlen_ptr,
+    R,
+    b,
+    bh,
+    split,
+    n_splits,
+    min_pos,
+    m_ws,
+    den_ws,
+    acc_ws,
+    ws,
+    D: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Partial state of this split's share of the model-dtype tail (kt/vt [B, H, R, D], tpos [B, R])."""
     DT = kt.dtype.element_ty
     chan = tl.arange(0, D)
@@ -336,14 +403,49 @@ def _tail_partial(q_ptr, qh, row_ok, qk_scale, kt, vt, tpos_ptr, tlen_ptr, R, b,
 
 @triton.jit
 def _decode_partial_kernel(
-        q_ptr, qpos_ptr,
-        hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill, C_HI, S_HI,
-        lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill, C_LO, S_LO,
-        kt, vt, tpos, tlen, R,
-        acc_ws, m_ws, den_ws,
-        H, n_rep, window, qk_scale,
-        HI_BITS: tl.constexpr, LO_BITS: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
-        BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr):
+    q_ptr,
+    qpos_ptr,
+    hkc,
+    hks,
+    hkz,
+    hvc,
+    hvs,
+    hvz,
+    hpos,
+    hfill,
+    C_HI,
+    S_HI,
+    lkc,
+    lks,
+    lkz,
+    lvc,
+    lvs,
+    lvz,
+    lpos,
+    lfill,
+    C_LO,
+    S_LO,
+    kt,
+    vt,
+    tpos,
+    tlen,
+    R,
+    acc_ws,
+    m_ws,
+    den_ws,
+    H,
+    n_rep,
+    window,
+    qk_scale,
+    HI_BITS: tl.constexpr,
+    LO_BITS: tl.constexpr,
+    D: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    F32: tl.constexpr,
+    ASM: tl.constexpr,
+):
     """Program (b, h, j): partial softmax state of query heads h*n_rep .. h*n_rep + n_rep - 1 over one share
     of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split.
 
@@ -362,14 +464,91 @@ def _decode_partial_kernel(
     if HAS_WINDOW:
         min_pos = tl.maximum(tl.load(qpos_ptr + b).to(tl.int32) - window, -1)
     if j < S_HI:
-        _segment_partial(q_ptr, qh, row_ok, qk_scale, hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill, C_HI, b, bh,
-                         j, S_HI, min_pos, m_ws, den_ws, acc_ws, ws, HI_BITS, D, NP, BLOCK, F32, ASM)
+        _segment_partial(
+            q_ptr,
+            qh,
+            row_ok,
+            qk_scale,
+            hkc,
+            hks,
+            hkz,
+            hvc,
+            hvs,
+            hvz,
+            hpos,
+            hfill,
+            C_HI,
+            b,
+            bh,
+            j,
+            S_HI,
+            min_pos,
+            m_ws,
+            den_ws,
+            acc_ws,
+            ws,
+            HI_BITS,
+            D,
+            NP,
+            BLOCK,
+            F32,
+            ASM,
+        )
     elif j < S_HI + S_LO:
-        _segment_partial(q_ptr, qh, row_ok, qk_scale, lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill, C_LO, b, bh,
-                         j - S_HI, S_LO, min_pos, m_ws, den_ws, acc_ws, ws, LO_BITS, D, NP, BLOCK, F32, ASM)
+        _segment_partial(
+            q_ptr,
+            qh,
+            row_ok,
+            qk_scale,
+            lkc,
+            lks,
+            lkz,
+            lvc,
+            lvs,
+            lvz,
+            lpos,
+            lfill,
+            C_LO,
+            b,
+            bh,
+            j - S_HI,
+            S_LO,
+            min_pos,
+            m_ws,
+            den_ws,
+            acc_ws,
+            ws,
+            LO_BITS,
+            D,
+            NP,
+            BLOCK,
+            F32,
+            ASM,
+        )
     else:
-        _tail_partial(q_ptr, qh, row_ok, qk_scale, kt, vt, tpos, tlen, R, b, bh, j - S_HI - S_LO,
-                      n_splits - S_HI - S_LO, min_pos, m_ws, den_ws, acc_ws, ws, D, NP, BLOCK)
+        _tail_partial(
+            q_ptr,
+            qh,
+            row_ok,
+            qk_scale,
+            kt,
+            vt,
+            tpos,
+            tlen,
+            R,
+            b,
+            bh,
+            j - S_HI - S_LO,
+            n_splits - S_HI - S_LO,
+            min_pos,
+            m_ws,
+            den_ws,
+            acc_ws,
+            ws,
+            D,
+            NP,
+            BLOCK,
+        )
 
 
 @triton.jit
@@ -389,8 +568,9 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
     tl.store(out_ptr + row * D + chan, out.to(out_ptr.dtype.element_ty))
 
 
-def num_splits_for(batch: int, kv_heads: int, c_hi: int, c_lo: int, tail: int, hi_bits: int,
-                   lo_bits: int) -> tuple[int, int, int]:
+def num_splits_for(
+    batch: int, kv_heads: int, c_hi: int, c_lo: int, tail: int, hi_bits: int, lo_bits: int
+) -> tuple[int, int, int]:
     """Splits (hi, lo, tail) per (sequence, KV head), from static shapes only.
 
     Together >= 4 programs per SM on a 132-SM GPU (2 per SM measured slower on the H100), shared between
@@ -401,15 +581,29 @@ def num_splits_for(batch: int, kv_heads: int, c_hi: int, c_lo: int, tail: int, h
     cost_hi, cost_lo = c_hi * (hi_bits + 1), c_lo * (lo_bits + 1)
     share_hi = round(per_seq * cost_hi / max(cost_hi + cost_lo, 1))
     cap = lambda c: max(1, c // (_MIN_BLOCKS_PER_SPLIT * GROUP))
-    return (max(1, min(share_hi, cap(c_hi))), max(1, min(per_seq - share_hi, cap(c_lo))),
-            max(1, triton.cdiv(tail, 512)))
+    return (
+        max(1, min(share_hi, cap(c_hi))),
+        max(1, min(per_seq - share_hi, cap(c_lo))),
+        max(1, triton.cdiv(tail, 512)),
+    )
 
 
-def decode_attention_triton(q: torch.Tensor, hi: Segment, lo: Segment, k_tail: torch.Tensor,
-                            v_tail: torch.Tensor, tail_pos: torch.Tensor, tail_len: torch.Tensor,
-                            scale: float, n_rep: int, hi_bits: int, lo_bits: int, window: int = 0,
-                            q_pos: torch.Tensor | None = None,
-                            num_splits: tuple[int, int, int] | None = None) -> torch.Tensor:
+def decode_attention_triton(
+    q: torch.Tensor,
+    hi: Segment,
+    lo: Segment,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    tail_pos: torch.Tensor,
+    tail_len: torch.Tensor,
+    scale: float,
+    n_rep: int,
+    hi_bits: int,
+    lo_bits: int,
+    window: int = 0,
+    q_pos: torch.Tensor | None = None,
+    num_splits: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
     """Split-K Triton decode attention; arguments as :func:`decode_attention_reference`.
 
     num_splits: splits (hi, lo, tail) per (sequence, KV head); default :func:`num_splits_for`.
@@ -418,8 +612,10 @@ def decode_attention_triton(q: torch.Tensor, hi: Segment, lo: Segment, k_tail: t
     B, Hq, q_len, d = q.shape
     H = hi.k_codes.shape[1]
     if q_len != 1 or Hq != H * n_rep or d not in (16, 32, 64, 128, 256):
-        raise ValueError(f"decode_attention: q {tuple(q.shape)} needs q_len 1, Hq = H*n_rep = {H}*{n_rep} "
-                         "and d in {16, 32, 64, 128, 256}")
+        raise ValueError(
+            f"decode_attention: q {tuple(q.shape)} needs q_len 1, Hq = H*n_rep = {H}*{n_rep} "
+            "and d in {16, 32, 64, 128, 256}"
+        )
     if window > 0 and q_pos is None:
         raise ValueError("decode_attention: window > 0 needs q_pos")
     c_hi, c_lo, R = hi.pos.shape[1], lo.pos.shape[1], tail_pos.shape[1]
@@ -430,26 +626,62 @@ def decode_attention_triton(q: torch.Tensor, hi: Segment, lo: Segment, k_tail: t
     den_ws = torch.empty_like(m_ws)
     hi, lo = ([t.contiguous() for t in seg] for seg in (hi, lo))
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k_tail.dtype != q.dtype:
-        raise ValueError(f"decode_attention: q and the tail must share one of fp32/fp16/bf16, got {q.dtype} "
-                         f"and {k_tail.dtype}")
+        raise ValueError(
+            f"decode_attention: q and the tail must share one of fp32/fp16/bf16, got {q.dtype} and {k_tail.dtype}"
+        )
     wrap_triton(_decode_partial_kernel)[(B, H, S)](
-        q.contiguous(), q_pos if q_pos is not None else tail_len,
-        *hi, c_hi, s_hi, *lo, c_lo, s_lo,
-        k_tail.contiguous(), v_tail.contiguous(), tail_pos.contiguous(), tail_len, R,
-        acc_ws, m_ws, den_ws,
-        H, n_rep, window, scale * math.log2(math.e),
-        HI_BITS=hi_bits, LO_BITS=lo_bits, D=d, NP=max(16, triton.next_power_of_2(n_rep)), BLOCK=GROUP,
-        HAS_WINDOW=window > 0, F32=q.dtype == torch.float32, ASM=q.is_cuda and q.dtype != torch.float32,
-        num_warps=8 if d == 256 else 4, num_stages=1)
+        q.contiguous(),
+        q_pos if q_pos is not None else tail_len,
+        *hi,
+        c_hi,
+        s_hi,
+        *lo,
+        c_lo,
+        s_lo,
+        k_tail.contiguous(),
+        v_tail.contiguous(),
+        tail_pos.contiguous(),
+        tail_len,
+        R,
+        acc_ws,
+        m_ws,
+        den_ws,
+        H,
+        n_rep,
+        window,
+        scale * math.log2(math.e),
+        HI_BITS=hi_bits,
+        LO_BITS=lo_bits,
+        D=d,
+        NP=max(16, triton.next_power_of_2(n_rep)),
+        BLOCK=GROUP,
+        HAS_WINDOW=window > 0,
+        F32=q.dtype == torch.float32,
+        ASM=q.is_cuda and q.dtype != torch.float32,
+        num_warps=8 if d == 256 else 4,
+        num_stages=1,
+    )
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
     wrap_triton(_decode_merge_kernel)[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=triton.next_power_of_2(S))
     return out
 
 
-def decode_attention(q: torch.Tensor, hi: Segment, lo: Segment, k_tail: torch.Tensor, v_tail: torch.Tensor,
-                     tail_pos: torch.Tensor, tail_len: torch.Tensor, scale: float, n_rep: int, hi_bits: int,
-                     lo_bits: int, window: int = 0, q_pos: torch.Tensor | None = None,
-                     use_triton: bool | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    hi: Segment,
+    lo: Segment,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    tail_pos: torch.Tensor,
+    tail_len: torch.Tensor,
+    scale: float,
+    n_rep: int,
+    hi_bits: int,
+    lo_bits: int,
+    window: int = 0,
+    q_pos: torch.Tensor | None = None,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
     """Decode attention over the packed cache: Triton on CUDA (or when ``use_triton``), else the reference.
 
     q [B, H*n_rep, 1, d]; hi/lo: :class:`Segment`; k_tail/v_tail [B, H, R, d] model dtype; tail_pos int32

@@ -95,8 +95,9 @@ def kept_mask(idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(idx, dtype=torch.int32).scatter_add_(-1, idx, listed) > 0
 
 
-def kept_causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                                    count: torch.Tensor, scale: float, n_rep: int) -> torch.Tensor:
+def kept_causal_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: float, n_rep: int
+) -> torch.Tensor:
     """Plain torch, O(n^2) memory (CPU / tests): SDPA in fp32 with the mask keep_i & keep_j & (j <= i).
 
     Returns a contiguous [B, Hq, n, d] tensor in q's dtype, zeros at non-kept rows.
@@ -129,9 +130,26 @@ def make_plan(idx: torch.Tensor, count: torch.Tensor) -> KeptPlan:
 
 
 @triton.jit
-def _pack_rows_kernel(x_ptr, batch_ptr, pos_ptr, cu_ptr, out_ptr, n_rows, n_batch, head_dim,
-                      stride_xb, stride_xs, stride_xh, stride_xd, stride_or, stride_oh, stride_od,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ZERO_ROWS: tl.constexpr):
+def _pack_rows_kernel(
+    x_ptr,
+    batch_ptr,
+    pos_ptr,
+    cu_ptr,
+    out_ptr,
+    n_rows,
+    n_batch,
+    head_dim,
+    stride_xb,
+    stride_xs,
+    stride_xh,
+    stride_xd,
+    stride_or,
+    stride_oh,
+    stride_od,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ZERO_ROWS: tl.constexpr,
+):
     """out[r, h] = x[batch[r], pos[r], h] for r < total; zeros for total <= r < total + ZERO_ROWS.
 
     Grid (row blocks, heads). Rows past that are neither read nor written.
@@ -152,9 +170,21 @@ def _pack_rows_kernel(x_ptr, batch_ptr, pos_ptr, cu_ptr, out_ptr, n_rows, n_batc
 
 
 @triton.jit
-def _unpack_rows_kernel(packed_ptr, inv_ptr, out_ptr, n_rows, head_dim,
-                        stride_pr, stride_ph, stride_pd, stride_or, stride_oh, stride_od,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _unpack_rows_kernel(
+    packed_ptr,
+    inv_ptr,
+    out_ptr,
+    n_rows,
+    head_dim,
+    stride_pr,
+    stride_ph,
+    stride_pd,
+    stride_or,
+    stride_oh,
+    stride_od,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[r, h] = packed[inv[r], h] where inv[r] >= 0, else 0.
 
     Grid (row blocks, heads); reads the kept rows only, writes every row once.
@@ -182,9 +212,21 @@ def pack_rows_triton(x_bshd: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
     batch, n, heads, head_dim = x_bshd.shape
     out = x_bshd.new_empty(batch * n, heads, head_dim)
     grid = (triton.cdiv(batch * n, _BLOCK_ROWS), heads)
-    _pack_rows_kernel[grid](x_bshd, plan.batch, plan.pos, plan.cu_seqlens, out, batch * n, batch, head_dim,
-                            *x_bshd.stride(), *out.stride(), BLOCK_R=_BLOCK_ROWS,
-                            BLOCK_D=triton.next_power_of_2(head_dim), ZERO_ROWS=_TAIL_ZERO_ROWS)
+    _pack_rows_kernel[grid](
+        x_bshd,
+        plan.batch,
+        plan.pos,
+        plan.cu_seqlens,
+        out,
+        batch * n,
+        batch,
+        head_dim,
+        *x_bshd.stride(),
+        *out.stride(),
+        BLOCK_R=_BLOCK_ROWS,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        ZERO_ROWS=_TAIL_ZERO_ROWS,
+    )
     return out
 
 
@@ -199,8 +241,17 @@ def unpack_rows_triton(packed: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
     heads, head_dim = packed.shape[1:]
     out = packed.new_empty(n_rows, heads, head_dim)
     grid = (triton.cdiv(n_rows, _BLOCK_ROWS), heads)
-    _unpack_rows_kernel[grid](packed, plan.inv, out, n_rows, head_dim, *packed.stride(), *out.stride(),
-                              BLOCK_R=_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(head_dim))
+    _unpack_rows_kernel[grid](
+        packed,
+        plan.inv,
+        out,
+        n_rows,
+        head_dim,
+        *packed.stride(),
+        *out.stride(),
+        BLOCK_R=_BLOCK_ROWS,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )
     return out
 
 
@@ -208,8 +259,14 @@ def _triton_wanted(x: torch.Tensor, use_triton: bool | None) -> bool:
     return x.is_cuda if use_triton is None else use_triton
 
 
-def pack_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
-              use_triton: bool | None = None) -> tuple[KeptPlan, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_kept(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    use_triton: bool | None = None,
+) -> tuple[KeptPlan, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(plan, q_packed [B*n, Hq, d], k_packed [B*n, Hkv, d], v_packed [B*n, Hkv, d]) from [B, H, n, d] inputs.
 
     ``use_triton``: the Triton gather (None: on CUDA); True on CPU tensors needs TRITON_INTERPRET=1.
@@ -262,8 +319,17 @@ def _torch_varlen() -> tuple[Callable, frozenset[str]] | None:
 
 def _run_fa4(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int) -> torch.Tensor:
     cu = plan.cu_seqlens
-    out, _lse = _fa4_varlen()(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen,
-                              max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True)
+    out, _lse = _fa4_varlen()(
+        qp,
+        kp,
+        vp,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        softmax_scale=scale,
+        causal=True,
+    )
     return out
 
 
@@ -294,8 +360,7 @@ def _run_sdpa_padded(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, 
     return out.transpose(1, 2)[plan.batch, plan.slot]
 
 
-_VARLEN = {"fa4": _run_fa4, "fa2": _run_fa2, "torch_varlen": _run_torch_varlen,
-           "sdpa_padded": _run_sdpa_padded}
+_VARLEN = {"fa4": _run_fa4, "fa2": _run_fa2, "torch_varlen": _run_torch_varlen, "sdpa_padded": _run_sdpa_padded}
 
 
 @functools.cache
@@ -319,24 +384,42 @@ def available_backends() -> tuple[str, ...]:
 
 
 def default_backend(q: torch.Tensor) -> str:
-    """"reference" off CUDA; on CUDA the fastest varlen kernel for fp16/bf16, else "sdpa_padded"."""
+    """ "reference" off CUDA; on CUDA the fastest varlen kernel for fp16/bf16, else "sdpa_padded"."""
     if not q.is_cuda:
         return "reference"
     return available_backends()[0] if q.dtype in _VARLEN_DTYPES else "sdpa_padded"
 
 
-def varlen_attention(q_packed: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, plan: KeptPlan,
-                     max_seqlen: int, scale: float, n_rep: int, backend: str) -> torch.Tensor:
+def varlen_attention(
+    q_packed: torch.Tensor,
+    k_packed: torch.Tensor,
+    v_packed: torch.Tensor,
+    plan: KeptPlan,
+    max_seqlen: int,
+    scale: float,
+    n_rep: int,
+    backend: str,
+) -> torch.Tensor:
     """Causal attention within each packed sequence -> [B*n, Hq, d]; rows past cu_seqlens[-1] are garbage."""
     if backend not in _VARLEN or backend not in available_backends():
-        raise ValueError(f"kept attention backend {backend!r} is not available here; "
-                         f"varlen backends available: {[b for b in available_backends() if b in _VARLEN]}")
+        raise ValueError(
+            f"kept attention backend {backend!r} is not available here; "
+            f"varlen backends available: {[b for b in available_backends() if b in _VARLEN]}"
+        )
     return _VARLEN[backend](q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep)
 
 
-def kept_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                          count: torch.Tensor, scale: float, n_rep: int, backend: str | None = None,
-                          use_triton: bool | None = None) -> torch.Tensor:
+def kept_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    scale: float,
+    n_rep: int,
+    backend: str | None = None,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
     """Causal attention among the kept tokens (module docstring: shapes, output layout, pipeline).
 
     backend: one of :func:`available_backends` (None: :func:`default_backend`). use_triton: the Triton

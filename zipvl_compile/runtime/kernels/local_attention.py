@@ -52,8 +52,16 @@ def local_mask(keep: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Te
     return (near | far) & valid[:, None, None, :]
 
 
-def local_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                              valid: torch.Tensor, window: int, scale: float, n_rep: int) -> torch.Tensor:
+def local_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    window: int,
+    scale: float,
+    n_rep: int,
+) -> torch.Tensor:
     """Plain torch (fp32 SDPA with :func:`local_mask`); zeros at padding rows. Memory (B, n, Hq, d)."""
     k, v = (x.float().repeat_interleave(n_rep, dim=1) for x in (k, v))
     mask = local_mask(keep, valid, window)
@@ -83,10 +91,40 @@ def _online_update(q, k_ptrs, v_ptrs, allowed, m_i, l_i, acc, qk_scale, load_mas
 
 
 @triton.jit
-def _local_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, before_ptr, valid_ptr, out_ptr, n, n_heads, n_rep,
-                            window, qk_scale, head_dim,
-                            sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, sos, soh, sod,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _local_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    before_ptr,
+    valid_ptr,
+    out_ptr,
+    n,
+    n_heads,
+    n_rep,
+    window,
+    qk_scale,
+    head_dim,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    svb,
+    svh,
+    svs,
+    svd,
+    sob,
+    sos,
+    soh,
+    sod,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[b, i, h] = softmax attention of query (b, h, i) over its allowed keys (module docstring)."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -97,8 +135,11 @@ def _local_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, before_ptr, valid_ptr,
     row_ok = rows < n
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
-    q = tl.load(q_ptr + b * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqs + d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqs + d[None, :] * sqd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -113,15 +154,35 @@ def _local_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, before_ptr, valid_ptr,
     all_end = (n_all // BLOCK_N) * BLOCK_N
     for s0 in range(0, all_end, BLOCK_N):
         pos = tl.load(idx_ptr + b * n + s0 + tl.arange(0, BLOCK_N))
-        m_i, l_i, acc = _online_update(q, k_base + pos[:, None] * sks, v_base + pos[:, None] * svs, None,
-                                       m_i, l_i, acc, qk_scale, d_ok[None, :], MASKED=False)
+        m_i, l_i, acc = _online_update(
+            q,
+            k_base + pos[:, None] * sks,
+            v_base + pos[:, None] * svs,
+            None,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            d_ok[None, :],
+            MASKED=False,
+        )
     for s0 in range(all_end, n_far, BLOCK_N):
         slots = s0 + tl.arange(0, BLOCK_N)
         slot_ok = slots < n_far
         pos = tl.load(idx_ptr + b * n + slots, mask=slot_ok, other=0)
         allowed = slot_ok[None, :] & (pos[None, :] <= rows[:, None] - window)
-        m_i, l_i, acc = _online_update(q, k_base + pos[:, None] * sks, v_base + pos[:, None] * svs, allowed,
-                                       m_i, l_i, acc, qk_scale, slot_ok[:, None] & d_ok[None, :], MASKED=True)
+        m_i, l_i, acc = _online_update(
+            q,
+            k_base + pos[:, None] * sks,
+            v_base + pos[:, None] * svs,
+            allowed,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            slot_ok[:, None] & d_ok[None, :],
+            MASKED=True,
+        )
     # (2) the window: every valid key j with i - window < j <= i
     start = tl.maximum(m0 - window + 1, 0)
     for j0 in range(start, last_row + 1, BLOCK_N):
@@ -130,16 +191,34 @@ def _local_attention_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, before_ptr, valid_ptr,
         key_ok = tl.load(valid_ptr + b * n + cols, mask=col_ok, other=0) != 0
         gap = rows[:, None] - cols[None, :]
         allowed = key_ok[None, :] & (gap >= 0) & (gap < window)
-        m_i, l_i, acc = _online_update(q, k_base + cols[:, None] * sks, v_base + cols[:, None] * svs, allowed,
-                                       m_i, l_i, acc, qk_scale, col_ok[:, None] & d_ok[None, :], MASKED=True)
+        m_i, l_i, acc = _online_update(
+            q,
+            k_base + cols[:, None] * sks,
+            v_base + cols[:, None] * svs,
+            allowed,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            col_ok[:, None] & d_ok[None, :],
+            MASKED=True,
+        )
     row_valid = tl.load(valid_ptr + b * n + rows, mask=row_ok, other=0) != 0
     out = tl.where((row_valid & (l_i > 0))[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     dst = out_ptr + b * sob + rows[:, None].to(tl.int64) * sos + h.to(tl.int64) * soh + d[None, :] * sod
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def local_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                           valid: torch.Tensor, window: int, scale: float, n_rep: int) -> torch.Tensor:
+def local_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    window: int,
+    scale: float,
+    n_rep: int,
+) -> torch.Tensor:
     """Triton :func:`local_attention_reference` (same shapes; fp32 accumulation). No host sync."""
     batch, heads, n, head_dim = q.shape
     idx, _ = keep_to_index(keep)
@@ -149,14 +228,43 @@ def local_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     block_m = _BLOCK_M if block_d <= 128 else _BLOCK_M // 2
     grid = (triton.cdiv(n, block_m), batch * heads)
     _local_attention_kernel[grid](
-        q, k, v, idx, before, valid.to(torch.int8), out, n, heads, n_rep, window, scale * math.log2(math.e), head_dim,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_D=block_d, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+        q,
+        k,
+        v,
+        idx,
+        before,
+        valid.to(torch.int8),
+        out,
+        n,
+        heads,
+        n_rep,
+        window,
+        scale * math.log2(math.e),
+        head_dim,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        BLOCK_M=block_m,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_D=block_d,
+        num_warps=_NUM_WARPS,
+        num_stages=_NUM_STAGES,
+    )
     return out.transpose(1, 2)
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor,
-                    window: int, scale: float, n_rep: int, use_triton: bool | None = None) -> torch.Tensor:
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    window: int,
+    scale: float,
+    n_rep: int,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
     """Attention over the kept keys plus the local window (module docstring).
 
     use_triton: the Triton kernel (None: on CUDA; True on CPU needs TRITON_INTERPRET=1).

@@ -50,9 +50,9 @@ def probe_seen(probe_pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor
     return (probe_pos.shape[-1] - below).to(torch.float32) * key_valid
 
 
-def probe_colsum_reference(q_probe: torch.Tensor, k: torch.Tensor, probe_pos: torch.Tensor,
-                           key_valid: torch.Tensor, scale: float, n_rep: int
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_colsum_reference(
+    q_probe: torch.Tensor, k: torch.Tensor, probe_pos: torch.Tensor, key_valid: torch.Tensor, scale: float, n_rep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch reference (materialises [B, Hq, m, n] fp32 scores): see the module docstring."""
     n = k.shape[2]
     keys = k.float().repeat_interleave(n_rep, dim=1)
@@ -65,9 +65,25 @@ def probe_colsum_reference(q_probe: torch.Tensor, k: torch.Tensor, probe_pos: to
 
 
 @triton.jit
-def _load_rows(q_ptr, pos_ptr, b, kvh, row0, n_probe, n_rep, stride_qb, stride_qh, stride_qm, stride_qd,
-               stride_pb, stride_pm,
-               BLOCK_M: tl.constexpr, NREP: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _load_rows(
+    q_ptr,
+    pos_ptr,
+    b,
+    kvh,
+    row0,
+    n_probe,
+    n_rep,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_pb,
+    stride_pm,
+    BLOCK_M: tl.constexpr,
+    NREP: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """Row r of the tile = (query head kvh * n_rep + r // BLOCK_M, probe row row0 + r % BLOCK_M).
 
     Returns (q [NREP*BLOCK_M, BLOCK_D], pos [NREP*BLOCK_M] (-1 for rows outside), head, probe row, row ok).
@@ -78,22 +94,47 @@ def _load_rows(q_ptr, pos_ptr, b, kvh, row0, n_probe, n_rep, stride_qb, stride_q
     row_ok = (head_local < n_rep) & (i < n_probe)
     head = kvh * n_rep + head_local
     dd = tl.arange(0, BLOCK_D)
-    q_ptrs = (q_ptr + b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
-              + i[:, None] * stride_qm + dd[None, :] * stride_qd)
+    q_ptrs = (
+        q_ptr
+        + b.to(tl.int64) * stride_qb
+        + head[:, None].to(tl.int64) * stride_qh
+        + i[:, None] * stride_qm
+        + dd[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (dd[None, :] < HEAD_DIM), other=0.0)
     pos = tl.load(pos_ptr + b * stride_pb + i * stride_pm, mask=row_ok, other=-1)
     return q, pos, head, i, row_ok
 
 
 @triton.jit
-def _load_keys(k_ptr, valid_ptr, b, kvh, j0, n_keys, stride_kb, stride_kh, stride_kn, stride_kd,
-               stride_vb, stride_vn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _load_keys(
+    k_ptr,
+    valid_ptr,
+    b,
+    kvh,
+    j0,
+    n_keys,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """Key tile at j0: (k [BLOCK_N, BLOCK_D], key index j [BLOCK_N], valid [BLOCK_N] (False past n))."""
     j = j0 + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     in_range = j < n_keys
-    k_ptrs = (k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + j[:, None] * stride_kn
-              + dd[None, :] * stride_kd)
+    k_ptrs = (
+        k_ptr
+        + b.to(tl.int64) * stride_kb
+        + kvh.to(tl.int64) * stride_kh
+        + j[:, None] * stride_kn
+        + dd[None, :] * stride_kd
+    )
     k = tl.load(k_ptrs, mask=in_range[:, None] & (dd[None, :] < HEAD_DIM), other=0.0)
     valid = tl.load(valid_ptr + b * stride_vb + j * stride_vn, mask=in_range, other=0) != 0
     return k, j, valid
@@ -112,12 +153,39 @@ def _masked_scores(q, k, j, valid, pos, qk_scale, DOT_IEEE: tl.constexpr):
 
 
 @triton.jit
-def _probe_lse_kernel(q_ptr, k_ptr, pos_ptr, valid_ptr, max_ptr, sum_ptr,
-                      n_keys, n_probe, n_kv, n_rep, qk_scale, tiles_per_split, n_splits,
-                      stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                      stride_pb, stride_pm, stride_vb, stride_vn,
-                      BLOCK_M: tl.constexpr, NREP: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_IEEE: tl.constexpr):
+def _probe_lse_kernel(
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    valid_ptr,
+    max_ptr,
+    sum_ptr,
+    n_keys,
+    n_probe,
+    n_kv,
+    n_rep,
+    qk_scale,
+    tiles_per_split,
+    n_splits,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_pb,
+    stride_pm,
+    stride_vb,
+    stride_vn,
+    BLOCK_M: tl.constexpr,
+    NREP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+):
     """Pass 1: running max and exp2-sum per (query head, probe row) over one key split.
 
     Writes max/sum [B, Hq, m, n_splits] float32 (max = _NEG, sum = 0 where the split sees no key).
@@ -126,16 +194,47 @@ def _probe_lse_kernel(q_ptr, k_ptr, pos_ptr, valid_ptr, max_ptr, sum_ptr,
     b = pid_bh // n_kv
     kvh = pid_bh % n_kv
     split = tl.program_id(2)
-    q, pos, head, i, row_ok = _load_rows(q_ptr, pos_ptr, b, kvh, tl.program_id(1) * BLOCK_M, n_probe, n_rep,
-                                         stride_qb, stride_qh, stride_qm, stride_qd, stride_pb, stride_pm,
-                                         BLOCK_M, NREP, BLOCK_D, HEAD_DIM)
+    q, pos, head, i, row_ok = _load_rows(
+        q_ptr,
+        pos_ptr,
+        b,
+        kvh,
+        tl.program_id(1) * BLOCK_M,
+        n_probe,
+        n_rep,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_pb,
+        stride_pm,
+        BLOCK_M,
+        NREP,
+        BLOCK_D,
+        HEAD_DIM,
+    )
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(tl.minimum(start + tiles_per_split * BLOCK_N, n_keys), tl.max(pos) + 1)
     m_i = tl.full([NREP * BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([NREP * BLOCK_M], tl.float32)
     for j0 in range(start, end, BLOCK_N):
-        k, j, valid = _load_keys(k_ptr, valid_ptr, b, kvh, j0, n_keys, stride_kb, stride_kh, stride_kn,
-                                 stride_kd, stride_vb, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
+        k, j, valid = _load_keys(
+            k_ptr,
+            valid_ptr,
+            b,
+            kvh,
+            j0,
+            n_keys,
+            stride_kb,
+            stride_kh,
+            stride_kn,
+            stride_kd,
+            stride_vb,
+            stride_vn,
+            BLOCK_N,
+            BLOCK_D,
+            HEAD_DIM,
+        )
         s = _masked_scores(q, k, j, valid, pos, qk_scale, DOT_IEEE)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -146,12 +245,37 @@ def _probe_lse_kernel(q_ptr, k_ptr, pos_ptr, valid_ptr, max_ptr, sum_ptr,
 
 
 @triton.jit
-def _probe_colsum_kernel(q_ptr, k_ptr, pos_ptr, valid_ptr, lse_ptr, out_ptr,
-                         n_keys, n_probe, n_kv, n_rep, qk_scale,
-                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
-                         stride_kd, stride_pb, stride_pm, stride_vb, stride_vn,
-                         BLOCK_M: tl.constexpr, NREP: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_IEEE: tl.constexpr):
+def _probe_colsum_kernel(
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    valid_ptr,
+    lse_ptr,
+    out_ptr,
+    n_keys,
+    n_probe,
+    n_kv,
+    n_rep,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_pb,
+    stride_pm,
+    stride_vb,
+    stride_vn,
+    BLOCK_M: tl.constexpr,
+    NREP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+):
     """Pass 2: out[b, kvh, j] = sum over probe rows and the n_rep heads of kvh of exp2(s - lse).
 
     lse is [B, Hq, m] float32 (base 2, +inf for rows that see nothing); out is [B, Hkv, n] float32.
@@ -160,16 +284,46 @@ def _probe_colsum_kernel(q_ptr, k_ptr, pos_ptr, valid_ptr, lse_ptr, out_ptr,
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv
     kvh = pid_bh % n_kv
-    k, j, valid = _load_keys(k_ptr, valid_ptr, b, kvh, j0, n_keys, stride_kb, stride_kh, stride_kn, stride_kd,
-                             stride_vb, stride_vn, BLOCK_N, BLOCK_D, HEAD_DIM)
+    k, j, valid = _load_keys(
+        k_ptr,
+        valid_ptr,
+        b,
+        kvh,
+        j0,
+        n_keys,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vn,
+        BLOCK_N,
+        BLOCK_D,
+        HEAD_DIM,
+    )
     acc = tl.zeros([BLOCK_N], tl.float32)
     for row0 in range(0, n_probe, BLOCK_M):
-        q, pos, head, i, row_ok = _load_rows(q_ptr, pos_ptr, b, kvh, row0, n_probe, n_rep, stride_qb,
-                                             stride_qh, stride_qm, stride_qd, stride_pb, stride_pm,
-                                             BLOCK_M, NREP, BLOCK_D, HEAD_DIM)
+        q, pos, head, i, row_ok = _load_rows(
+            q_ptr,
+            pos_ptr,
+            b,
+            kvh,
+            row0,
+            n_probe,
+            n_rep,
+            stride_qb,
+            stride_qh,
+            stride_qm,
+            stride_qd,
+            stride_pb,
+            stride_pm,
+            BLOCK_M,
+            NREP,
+            BLOCK_D,
+            HEAD_DIM,
+        )
         if j0 <= tl.max(pos):
-            lse = tl.load(lse_ptr + (b * n_kv * n_rep + head) * n_probe + i, mask=row_ok,
-                          other=float("inf"))
+            lse = tl.load(lse_ptr + (b * n_kv * n_rep + head) * n_probe + i, mask=row_ok, other=float("inf"))
             s = _masked_scores(q, k, j, valid, pos, qk_scale, DOT_IEEE)
             acc += tl.sum(tl.exp2(s - lse[:, None]), axis=0)
     tl.store(out_ptr + pid_bh * n_keys + j, acc, mask=j < n_keys)
@@ -193,9 +347,9 @@ def _compute_operands(q_probe: torch.Tensor, k: torch.Tensor) -> tuple[torch.Ten
     return q_probe.float(), k.float(), True
 
 
-def probe_colsum_triton(q_probe: torch.Tensor, k: torch.Tensor, probe_pos: torch.Tensor,
-                        key_valid: torch.Tensor, scale: float, n_rep: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_colsum_triton(
+    q_probe: torch.Tensor, k: torch.Tensor, probe_pos: torch.Tensor, key_valid: torch.Tensor, scale: float, n_rep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of :func:`probe_colsum_reference` (same arguments and results)."""
     batch, n_q_heads, n_probe, head_dim = q_probe.shape
     n_kv, n_keys = k.shape[1], k.shape[2]
@@ -203,35 +357,81 @@ def probe_colsum_triton(q_probe: torch.Tensor, k: torch.Tensor, probe_pos: torch
     valid = key_valid.to(torch.int8)
     pos = probe_pos.to(torch.int32)
     nrep_p2 = triton.next_power_of_2(n_rep)
-    meta = dict(BLOCK_M=max(1, _ROWS // nrep_p2), NREP=nrep_p2, BLOCK_N=_BLOCK_N,
-                BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim, DOT_IEEE=dot_ieee,
-                num_warps=_NUM_WARPS)
+    meta = dict(
+        BLOCK_M=max(1, _ROWS // nrep_p2),
+        NREP=nrep_p2,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM=head_dim,
+        DOT_IEEE=dot_ieee,
+        num_warps=_NUM_WARPS,
+    )
     qk_scale = float(scale) * math.log2(math.e)
     strides = (*q.stride(), *kk.stride(), *pos.stride(), *valid.stride())
     row_blocks = triton.cdiv(n_probe, meta["BLOCK_M"])
     n_tiles = triton.cdiv(n_keys, _BLOCK_N)
-    n_splits = max(1, min(triton.cdiv(n_tiles, _MIN_TILES_PER_SPLIT),
-                          triton.cdiv(_TARGET_PROGRAMS, batch * n_kv * row_blocks)))
+    n_splits = max(
+        1, min(triton.cdiv(n_tiles, _MIN_TILES_PER_SPLIT), triton.cdiv(_TARGET_PROGRAMS, batch * n_kv * row_blocks))
+    )
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
 
     part_max = torch.empty(batch, n_q_heads, n_probe, n_splits, device=q.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
-    _launch(_probe_lse_kernel, (batch * n_kv, row_blocks, n_splits), q, kk, pos, valid, part_max, part_sum,
-            n_keys, n_probe, n_kv, n_rep, qk_scale, tiles_per_split, n_splits, *strides, **meta)
+    _launch(
+        _probe_lse_kernel,
+        (batch * n_kv, row_blocks, n_splits),
+        q,
+        kk,
+        pos,
+        valid,
+        part_max,
+        part_sum,
+        n_keys,
+        n_probe,
+        n_kv,
+        n_rep,
+        qk_scale,
+        tiles_per_split,
+        n_splits,
+        *strides,
+        **meta,
+    )
     row_max = part_max.amax(dim=-1)
     row_sum = (part_sum * torch.exp2(part_max - row_max[..., None])).sum(dim=-1)
     lse = torch.where(row_sum > 0, row_max + torch.log2(row_sum), float("inf"))
 
     partial = torch.empty(batch, n_kv, n_keys, device=q.device, dtype=torch.float32)
-    _launch(_probe_colsum_kernel, (n_tiles, batch * n_kv), q, kk, pos, valid, lse, partial,
-            n_keys, n_probe, n_kv, n_rep, qk_scale, *strides, **meta)
+    _launch(
+        _probe_colsum_kernel,
+        (n_tiles, batch * n_kv),
+        q,
+        kk,
+        pos,
+        valid,
+        lse,
+        partial,
+        n_keys,
+        n_probe,
+        n_kv,
+        n_rep,
+        qk_scale,
+        *strides,
+        **meta,
+    )
     return partial.sum(dim=1), probe_seen(probe_pos, key_valid)
 
 
-def probe_colsum(q_probe: torch.Tensor, k: torch.Tensor, probe_pos: torch.Tensor, key_valid: torch.Tensor,
-                 scale: float, n_rep: int, *, use_triton: bool | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_colsum(
+    q_probe: torch.Tensor,
+    k: torch.Tensor,
+    probe_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+    scale: float,
+    n_rep: int,
+    *,
+    use_triton: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(colsum, seen) float32 [B, n]: Triton when ``use_triton`` (None: when on CUDA), else the reference.
 
     ``use_triton=True`` on CPU tensors needs TRITON_INTERPRET=1 set before this module was imported.

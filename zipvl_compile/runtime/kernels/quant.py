@@ -91,8 +91,7 @@ def _unpack(packed, ROWS: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
         codes = packed.to(tl.int32)
     else:
         shifts = tl.arange(0, PER) * BITS
-        codes = tl.reshape((packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1),
-                           [ROWS, BD])
+        codes = tl.reshape((packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), [ROWS, BD])
     return codes.to(tl.float32)
 
 
@@ -111,8 +110,7 @@ def _load_packed(base, rows, row_ok, d, BD: tl.constexpr, BITS: tl.constexpr):
     NB: tl.constexpr = BD * BITS // 8
     byte = tl.arange(0, NB)
     nb = d * BITS // 8
-    return tl.load(base + rows[:, None] * nb + byte[None, :], mask=row_ok[:, None] & (byte < nb)[None, :],
-                   other=0)
+    return tl.load(base + rows[:, None] * nb + byte[None, :], mask=row_ok[:, None] & (byte < nb)[None, :], other=0)
 
 
 @triton.jit
@@ -172,9 +170,25 @@ def _quantize_value_tile(x, d, ROWS: tl.constexpr, BD: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
-def _quantize_keys_kernel(k_ptr, valid_ptr, codes_ptr, scale_ptr, zero_ptr, H, T, d,
-                          stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vt,
-                          BD: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr):
+def _quantize_keys_kernel(
+    k_ptr,
+    valid_ptr,
+    codes_ptr,
+    scale_ptr,
+    zero_ptr,
+    H,
+    T,
+    d,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vt,
+    BD: tl.constexpr,
+    BITS: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     bh = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
     b = bh // H
@@ -191,9 +205,22 @@ def _quantize_keys_kernel(k_ptr, valid_ptr, codes_ptr, scale_ptr, zero_ptr, H, T
 
 
 @triton.jit
-def _quantize_values_kernel(v_ptr, codes_ptr, scale_ptr, zero_ptr, H, T, d,
-                            stride_b, stride_h, stride_t, stride_d,
-                            BD: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr):
+def _quantize_values_kernel(
+    v_ptr,
+    codes_ptr,
+    scale_ptr,
+    zero_ptr,
+    H,
+    T,
+    d,
+    stride_b,
+    stride_h,
+    stride_t,
+    stride_d,
+    BD: tl.constexpr,
+    BITS: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     bh = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
@@ -206,15 +233,24 @@ def _quantize_values_kernel(v_ptr, codes_ptr, scale_ptr, zero_ptr, H, T, d,
 
 
 @triton.jit
-def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, d,
-                       KEYS: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr):
+def _dequantize_kernel(
+    codes_ptr,
+    scale_ptr,
+    zero_ptr,
+    out_ptr,
+    T,
+    d,
+    KEYS: tl.constexpr,
+    BD: tl.constexpr,
+    BITS: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     """KEYS: params [B*H, T // ROWS, d] (one group per program); else params [B*H, T] (per token)."""
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     rows = blk * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
-    codes = _unpack(_load_packed(codes_ptr + bh * T * (d * BITS // 8), rows, row_ok, d, BD, BITS), ROWS, BD,
-                    BITS)
+    codes = _unpack(_load_packed(codes_ptr + bh * T * (d * BITS // 8), rows, row_ok, d, BD, BITS), ROWS, BD, BITS)
     chan = tl.arange(0, BD)
     chan_ok = chan < d
     if KEYS:
@@ -225,17 +261,47 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T, d,
         scale = tl.load(scale_ptr + bh * T + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         zero = tl.load(zero_ptr + bh * T + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     x = codes * scale + zero
-    tl.store(out_ptr + (bh * T + rows[:, None]) * d + chan[None, :], x.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & chan_ok[None, :])
+    tl.store(
+        out_ptr + (bh * T + rows[:, None]) * d + chan[None, :],
+        x.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & chan_ok[None, :],
+    )
 
 
 @triton.jit
-def _write_segment_kernel(k_ptr, v_ptr, src_ptr, count_ptr, src_pos_ptr,
-                          kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, pos_ptr, fill_ptr,
-                          H, t, C, d, tp,
-                          stride_kb, stride_kh, stride_kt, stride_kd,
-                          stride_vb, stride_vh, stride_vt, stride_vd, stride_pb, stride_pt,
-                          BD: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr):
+def _write_segment_kernel(
+    k_ptr,
+    v_ptr,
+    src_ptr,
+    count_ptr,
+    src_pos_ptr,
+    kc_ptr,
+    ks_ptr,
+    kz_ptr,
+    vc_ptr,
+    vs_ptr,
+    vz_ptr,
+    pos_ptr,
+    fill_ptr,
+    H,
+    t,
+    C,
+    d,
+    tp,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_pb,
+    stride_pt,
+    BD: tl.constexpr,
+    BITS: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     bh = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
     b = bh // H
@@ -278,8 +344,9 @@ def _block_d(d: int, bits: int) -> int:
     return triton.next_power_of_2(d)
 
 
-def quantize_keys_triton(k: torch.Tensor, valid: torch.Tensor, bits: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_keys_triton(
+    k: torch.Tensor, valid: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`~zipvl_compile.runtime.quant.quantize_keys_reference`."""
     batch, heads, t, d = k.shape
     if t % GROUP:
@@ -288,8 +355,20 @@ def quantize_keys_triton(k: torch.Tensor, valid: torch.Tensor, bits: int
     scale = k.new_empty(batch, heads, t // GROUP, d, dtype=torch.float16)
     zero = torch.empty_like(scale)
     wrap_triton(_quantize_keys_kernel)[(batch * heads, t // GROUP)](
-        k, valid, codes, scale, zero, heads, t, d, *k.stride(), *valid.stride(),
-        BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
+        k,
+        valid,
+        codes,
+        scale,
+        zero,
+        heads,
+        t,
+        d,
+        *k.stride(),
+        *valid.stride(),
+        BD=_block_d(d, bits),
+        BITS=bits,
+        ROWS=_ROWS,
+    )
     return codes, scale, zero
 
 
@@ -300,37 +379,61 @@ def quantize_values_triton(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, to
     scale = v.new_empty(batch, heads, t, dtype=torch.float16)
     zero = torch.empty_like(scale)
     wrap_triton(_quantize_values_kernel)[(batch * heads, triton.cdiv(t, _ROWS))](
-        v, codes, scale, zero, heads, t, d, *v.stride(), BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
+        v, codes, scale, zero, heads, t, d, *v.stride(), BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS
+    )
     return codes, scale, zero
 
 
-def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype,
-                keys: bool) -> torch.Tensor:
+def _dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype, keys: bool
+) -> torch.Tensor:
     batch, heads, t, nb = codes.shape
     d = nb * 8 // bits
     out = codes.new_empty(batch, heads, t, d, dtype=dtype)
     wrap_triton(_dequantize_kernel)[(batch * heads, triton.cdiv(t, _ROWS))](
-        codes.contiguous(), scale.contiguous(), zero.contiguous(), out, t, d,
-        KEYS=keys, BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
+        codes.contiguous(),
+        scale.contiguous(),
+        zero.contiguous(),
+        out,
+        t,
+        d,
+        KEYS=keys,
+        BD=_block_d(d, bits),
+        BITS=bits,
+        ROWS=_ROWS,
+    )
     return out
 
 
-def dequantize_keys_triton(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                           dtype: torch.dtype) -> torch.Tensor:
+def dequantize_keys_triton(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Triton twin of :func:`~zipvl_compile.runtime.quant.dequantize_keys_reference`."""
     return _dequantize(codes, scale, zero, bits, dtype, keys=True)
 
 
-def dequantize_values_triton(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                             dtype: torch.dtype) -> torch.Tensor:
+def dequantize_values_triton(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Triton twin of :func:`~zipvl_compile.runtime.quant.dequantize_values_reference`."""
     return _dequantize(codes, scale, zero, bits, dtype, keys=False)
 
 
-def write_segment_triton_(seg_codes_k: torch.Tensor, seg_scale_k: torch.Tensor, seg_zero_k: torch.Tensor,
-                          seg_codes_v: torch.Tensor, seg_scale_v: torch.Tensor, seg_zero_v: torch.Tensor,
-                          seg_pos: torch.Tensor, seg_fill: torch.Tensor, k_new: torch.Tensor,
-                          v_new: torch.Tensor, take: torch.Tensor, src_pos: torch.Tensor, bits: int) -> None:
+def write_segment_triton_(
+    seg_codes_k: torch.Tensor,
+    seg_scale_k: torch.Tensor,
+    seg_zero_k: torch.Tensor,
+    seg_codes_v: torch.Tensor,
+    seg_scale_v: torch.Tensor,
+    seg_zero_v: torch.Tensor,
+    seg_pos: torch.Tensor,
+    seg_fill: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    take: torch.Tensor,
+    src_pos: torch.Tensor,
+    bits: int,
+) -> None:
     """Triton twin of :func:`~zipvl_compile.runtime.quant.write_segment_reference_` (segment buffers must be
     contiguous)."""
     buffers = (seg_codes_k, seg_scale_k, seg_zero_k, seg_codes_v, seg_scale_v, seg_zero_v, seg_pos, seg_fill)
@@ -341,6 +444,22 @@ def write_segment_triton_(seg_codes_k: torch.Tensor, seg_scale_k: torch.Tensor, 
     src, count = staging_index(take)
     tp = src.shape[1]
     wrap_triton(_write_segment_kernel)[(batch * heads, tp // GROUP)](
-        k_new, v_new, src, count, src_pos, *buffers, heads, take.shape[1], capacity, d, tp,
-        *k_new.stride(), *v_new.stride(), *src_pos.stride(), BD=_block_d(d, bits), BITS=bits, ROWS=_ROWS)
+        k_new,
+        v_new,
+        src,
+        count,
+        src_pos,
+        *buffers,
+        heads,
+        take.shape[1],
+        capacity,
+        d,
+        tp,
+        *k_new.stride(),
+        *v_new.stride(),
+        *src_pos.stride(),
+        BD=_block_d(d, bits),
+        BITS=bits,
+        ROWS=_ROWS,
+    )
     advance_fill_(seg_fill, count, capacity)
