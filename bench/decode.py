@@ -132,7 +132,7 @@ def run_zipvl(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
         tokens=tokens,
         kv_bytes=cache_nbytes(cache),
         decode_ops=sorted(map(str, decode_ops)),
-        cudagraph_graphs=[i for i, g in enumerate(rep.graphs) if g.get("cudagraphs")],
+        cudagraph_graphs=[g.graph_id for g in rep.graphs if g.cudagraphs],
     )
 
 

@@ -25,7 +25,7 @@ D, HI_BITS, LO_BITS, R, TAIL_LEN = 128, 4, 2, 100, 50
 
 def make_cache(B: int, H: int, n_rep: int, n: int, d: int, device: str, gen: torch.Generator):
     """Random packed cache: n/2 tokens in hi, n/2 in lo (segments exactly full), TAIL_LEN tail tokens."""
-    from zipvl_compile.runtime.kernels.decode import Segment
+    from zipvl_compile.runtime.layout import Segment, Tail
 
     def segment(cap: int, bits: int, first_pos: int) -> Segment:
         kb = d * bits // 8
@@ -51,10 +51,12 @@ def make_cache(B: int, H: int, n_rep: int, n: int, d: int, device: str, gen: tor
         q=torch.randn(B, H * n_rep, 1, d, generator=gen, **bf),
         hi=segment(half, HI_BITS, 0),
         lo=segment(half, LO_BITS, half),
-        k_tail=torch.randn(B, H, R, d, generator=gen, **bf),
-        v_tail=torch.randn(B, H, R, d, generator=gen, **bf),
-        tail_pos=tail_pos,
-        tail_len=torch.full((B,), TAIL_LEN, device=device, dtype=torch.int32),
+        tail=Tail(
+            k=torch.randn(B, H, R, d, generator=gen, **bf),
+            v=torch.randn(B, H, R, d, generator=gen, **bf),
+            pos=tail_pos,
+            length=torch.full((B,), TAIL_LEN, device=device, dtype=torch.int32),
+        ),
         scale=d**-0.5,
         n_rep=n_rep,
         hi_bits=HI_BITS,
@@ -91,7 +93,9 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool
     gen = torch.Generator(device).manual_seed(0)
     args = make_cache(B, H, n_rep, n, d, device, gen)
     elt = args["q"].element_size()
-    splits = sum(dec.num_splits_for(B, H, n // 2, n // 2, R, HI_BITS, LO_BITS))
+    from zipvl_compile.runtime.kernels.device import sm_count
+
+    splits = sum(dec.num_splits_for(B, H, n // 2, n // 2, R, HI_BITS, LO_BITS, sm_count(torch.device(device))))
     fn = lambda: dec.decode_attention_triton(**args)
     out = fn()
     err = float("nan")

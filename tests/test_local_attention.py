@@ -78,9 +78,9 @@ def test_op_window_keeps_selection_and_fills_every_valid_row() -> None:
     """Same kept set and ratio as the spec's form; non-kept valid rows get an output, padding rows stay zero."""
     q, k, v, _, valid = _inputs((4, 2), 60, 16, torch.float32, _gen("op"))
     mask = valid[:, None, None, :]
-    args = (mask, True, 0.25, 2, 0.8, 4, 4, 0, 0)
-    zero_out, keep, ratio = OP(q, k, v, *args)
-    out, keep_w, ratio_w = OP(q, k, v, *args, -1, 0.0, 8)
+    args = dict(is_causal=True, scale=0.25, n_rep=2, tau=0.8, n_probe_recent=4, n_probe_random=4, min_keep=0)
+    zero_out, keep, ratio = OP(q, k, v, mask, **args)
+    out, keep_w, ratio_w = OP(q, k, v, mask, **args, local_window=8)
     assert torch.equal(keep, keep_w) and torch.equal(ratio, ratio_w)
     assert not keep[valid].all(), "the test needs non-kept tokens"
     want = local_attention_reference(q, k, v, keep, valid, 8, 0.25, 2)
@@ -93,7 +93,8 @@ def test_op_window_keeps_selection_and_fills_every_valid_row() -> None:
 def test_window_covering_the_prompt_is_dense_attention() -> None:
     """local_window >= n: every earlier key is in every window, whatever tau keeps."""
     q, k, v, _, _ = _inputs((4, 1), 33, 16, torch.float32, _gen("dense"))
-    out, keep, _ = OP(q, k, v, None, True, 0.25, 4, 0.5, 4, 4, 0, 0, -1, 0.0, 33)
+    options = dict(tau=0.5, n_probe_recent=4, n_probe_random=4, min_keep=0, local_window=33)
+    out, keep, _ = OP(q, k, v, None, is_causal=True, scale=0.25, n_rep=4, **options)
     assert not keep.all()
     torch.testing.assert_close(out, dense_attention(q, k, v, None, True, 0.25, 4), atol=1e-5, rtol=1e-5)
 
@@ -102,8 +103,9 @@ def test_full_mask_form_matches_key_padding_form() -> None:
     q, k, v, _, valid = _inputs((2, 2), 26, 8, torch.float32, _gen("full"), pad=5)
     i = torch.arange(26)
     full = (i[None, :] <= i[:, None])[None, None] & valid[:, None, None, :]
-    a = OP(q, k, v, valid[:, None, None, :], True, 0.3, 1, 0.85, 4, 4, 0, 0, -1, 0.0, 6)
-    b = OP(q, k, v, full, False, 0.3, 1, 0.85, 4, 4, 0, 0, -1, 0.0, 6)
+    options = dict(scale=0.3, n_rep=1, tau=0.85, n_probe_recent=4, n_probe_random=4, min_keep=0, local_window=6)
+    a = OP(q, k, v, valid[:, None, None, :], is_causal=True, **options)
+    b = OP(q, k, v, full, is_causal=False, **options)
     assert torch.equal(a[1], b[1])
     torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
 

@@ -10,10 +10,13 @@ import pytest
 import torch
 from conftest import DEVICE
 
+from zipvl_compile.runtime import layout as L
 from zipvl_compile.runtime import quant as Q
 from zipvl_compile.runtime.kernels import quant as K
+from zipvl_compile.runtime.kernels import quant_reference as R
+from zipvl_compile.runtime.layout import Segment
 
-G = Q.GROUP
+G = L.GROUP
 BITS = (2, 4, 8)
 FP16_EPS = 2.0**-11  # relative rounding of a float16 parameter
 
@@ -51,14 +54,14 @@ def _bound(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
 def _key_bound(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """Largest key error: :func:`_bound`, at 2 bits plus the clip of a range shrunk by (KEY_SHRINK_STEPS - 1) / 32
     of it."""
-    return _bound(lo, hi, bits) + (Q.KEY_SHRINK_STEPS - 1) / 32 * (hi - lo) * (bits == 2)
+    return _bound(lo, hi, bits) + (R.KEY_SHRINK_STEPS - 1) / 32 * (hi - lo) * (bits == 2)
 
 
 def _minmax_dequant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """x quantised with plain min/max params (fp16-rounded as the cache stores them) and dequantised."""
     scale = ((hi - lo) / (2**bits - 1)).half().float()
     zero = lo.half().float()
-    codes = torch.floor((x - zero) / scale.clamp_min(Q.SCALE_FLOOR) + 0.5).clamp(0, 2**bits - 1)
+    codes = torch.floor((x - zero) / scale.clamp_min(R.SCALE_FLOOR) + 0.5).clamp(0, 2**bits - 1)
     return codes * scale + zero
 
 
@@ -71,17 +74,17 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_pack_round_trip(bits: int) -> None:
     gen = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2**bits, (3, 5, 128), generator=gen, dtype=torch.uint8)
-    packed = Q.pack_codes(codes, bits)
+    packed = L.pack_codes(codes, bits)
     assert packed.shape == (3, 5, 128 * bits // 8) and packed.dtype == torch.uint8
-    assert torch.equal(Q.unpack_codes(packed, bits), codes)
+    assert torch.equal(L.unpack_codes(packed, bits), codes)
 
 
 def test_pack_bit_order() -> None:
     """Channel c in byte c // (8//b) at shift (c % (8//b)) * b, little end first."""
     codes = torch.tensor([1, 2, 3, 0, 3, 3, 0, 1], dtype=torch.uint8)
-    assert Q.pack_codes(codes, 2).tolist() == [1 | 2 << 2 | 3 << 4, 3 | 3 << 2 | 1 << 6]
-    assert Q.pack_codes(torch.tensor([5, 12], dtype=torch.uint8), 4).tolist() == [5 | 12 << 4]
-    assert Q.pack_codes(torch.tensor([200, 7], dtype=torch.uint8), 8).tolist() == [200, 7]
+    assert L.pack_codes(codes, 2).tolist() == [1 | 2 << 2 | 3 << 4, 3 | 3 << 2 | 1 << 6]
+    assert L.pack_codes(torch.tensor([5, 12], dtype=torch.uint8), 4).tolist() == [5 | 12 << 4]
+    assert L.pack_codes(torch.tensor([200, 7], dtype=torch.uint8), 8).tolist() == [200, 7]
 
 
 def test_round_trip_error() -> None:
@@ -127,7 +130,7 @@ def test_two_bit_key_range_search(use_triton: bool) -> None:
     lo = kg.masked_fill(~ok, float("inf")).amin(3)
     hi = kg.masked_fill(~ok, float("-inf")).amax(3)
     chosen, delta = torch.full(lo.shape, -1), torch.zeros_like(lo)
-    for j in range(Q.KEY_SHRINK_STEPS):
+    for j in range(R.KEY_SHRINK_STEPS):
         delta = delta + (hi - lo) / 32 if j else delta
         low, high = lo + delta, hi - delta
         hit = (zero == low.half()) & (scale == ((high - low) * (1 / 3)).half()) & (chosen < 0)
@@ -151,22 +154,22 @@ def test_triton_matches_reference(shape: tuple[int, ...], strided: bool, bits: i
     valid = torch.rand(shape[0], shape[2], generator=gen) > 0.3
     valid[0, :G] = False  # one whole group without a valid slot
     for ref, tri in (
-        (Q.quantize_keys_reference(k, valid, bits), K.quantize_keys_triton(k, valid, bits)),
-        (Q.quantize_values_reference(v, bits), K.quantize_values_triton(v, bits)),
+        (R.quantize_keys_reference(k, valid, bits), K.quantize_keys_triton(k, valid, bits)),
+        (R.quantize_values_reference(v, bits), K.quantize_values_triton(v, bits)),
     ):
         for a, b in zip(ref, tri, strict=True):
             assert _same_bits(a, b)
-    k_q, v_q = Q.quantize_keys_reference(k, valid, bits), Q.quantize_values_reference(v, bits)
+    k_q, v_q = R.quantize_keys_reference(k, valid, bits), R.quantize_values_reference(v, bits)
     for out_dtype in (torch.float32, torch.float16):
         torch.testing.assert_close(
             K.dequantize_keys_triton(*k_q, bits, out_dtype),
-            Q.dequantize_keys_reference(*k_q, bits, out_dtype),
+            R.dequantize_keys_reference(*k_q, bits, out_dtype),
             rtol=1e-6,
             atol=1e-6,
         )
         torch.testing.assert_close(
             K.dequantize_values_triton(*v_q, bits, out_dtype),
-            Q.dequantize_values_reference(*v_q, bits, out_dtype),
+            R.dequantize_values_reference(*v_q, bits, out_dtype),
             rtol=1e-6,
             atol=1e-6,
         )
@@ -187,8 +190,8 @@ def test_invalid_slots_and_constant_groups(use_triton: bool) -> None:
     p_codes, p_scale, p_zero = Q.quantize_keys(poisoned, valid, bits, use_triton=use_triton)
     assert torch.equal(scale, p_scale) and torch.equal(zero, p_zero)
     slot_ok = valid[:, None].expand(2, 2, 192)
-    assert torch.equal(Q.unpack_codes(codes, bits)[slot_ok], Q.unpack_codes(p_codes, bits)[slot_ok])
-    assert not Q.unpack_codes(p_codes, bits)[~slot_ok].any()
+    assert torch.equal(L.unpack_codes(codes, bits)[slot_ok], L.unpack_codes(p_codes, bits)[slot_ok])
+    assert not L.unpack_codes(p_codes, bits)[~slot_ok].any()
     ok = valid.view(2, 1, 3, G, 1)
     kg = k.unflatten(2, (3, G))
     lo = kg.masked_fill(~ok, float("inf")).amin(3)
@@ -248,7 +251,7 @@ def _write(
 ) -> list[torch.Tensor]:
     """write_segment_ on clones of bufs; returns the new buffers."""
     out = [b.clone() for b in bufs]
-    Q.write_segment_(*out, k, v, take, src_pos, bits, use_triton=use_triton)
+    Q.write_segment_(Segment(*out), k, v, take, src_pos, bits, use_triton=use_triton)
     return out
 
 
@@ -292,7 +295,7 @@ def _check_write(
         k_st = torch.cat([k[b : b + 1, :, idx], k.new_zeros(1, k.shape[1], n_slots - n, k.shape[3])], dim=2)
         v_st = torch.cat([v[b : b + 1, :, idx], v.new_zeros(1, v.shape[1], n_slots - n, v.shape[3])], dim=2)
         ok = (torch.arange(n_slots, device=take.device) < n)[None]
-        expect = Q.quantize_keys_reference(k_st, ok, bits) + Q.quantize_values_reference(v_st, bits)
+        expect = R.quantize_keys_reference(k_st, ok, bits) + R.quantize_values_reference(v_st, bits)
         for (_, unit), new, staged in zip(SLOT_AXES[:6], after[:6], expect, strict=True):
             m = (stop - start) // unit
             assert torch.equal(new[b, :, start // unit : stop // unit], staged[0, :, :m])
@@ -334,7 +337,7 @@ def test_write_segment_round_trip() -> None:
     bufs = _segment(gen, 2, 2, 256, 32, bits, fill=start)
     k, v = _keys(gen, (2, 2, t, 32)), _values(gen, (2, 2, t, 32))
     take = _take(gen, t, [0.8, 0.6])
-    Q.write_segment_(*bufs, k, v, take, torch.arange(t).expand(2, t), bits)
+    Q.write_segment_(Segment(*bufs), k, v, take, torch.arange(t).expand(2, t), bits)
     k_hat = Q.dequantize_keys(bufs[0], bufs[1], bufs[2], bits, torch.float32)
     v_hat = Q.dequantize_values(bufs[3], bufs[4], bufs[5], bits, torch.float32)
     for b in range(2):
@@ -384,14 +387,7 @@ def _write_segment_op(
     use_triton: bool,
 ) -> None:
     Q.write_segment_(
-        seg_codes_k,
-        seg_scale_k,
-        seg_zero_k,
-        seg_codes_v,
-        seg_scale_v,
-        seg_zero_v,
-        seg_pos,
-        seg_fill,
+        Segment(seg_codes_k, seg_scale_k, seg_zero_k, seg_codes_v, seg_scale_v, seg_zero_v, seg_pos, seg_fill),
         k_new,
         v_new,
         take,
@@ -460,12 +456,12 @@ def test_bf16_gpu(bits: int) -> None:
     v = _values(gen, shape, torch.bfloat16, DEVICE)
     valid = (torch.rand(2, 512, generator=gen) > 0.2).to(DEVICE)
     k_q, v_q = Q.quantize_keys(k, valid, bits), Q.quantize_values(v, bits)
-    expect = Q.quantize_keys_reference(k, valid, bits) + Q.quantize_values_reference(v, bits)
+    expect = R.quantize_keys_reference(k, valid, bits) + R.quantize_values_reference(v, bits)
     for a, b in zip(k_q + v_q, expect, strict=True):
         assert _same_bits(a, b)
     for deq, deq_ref, q in (
-        (Q.dequantize_keys, Q.dequantize_keys_reference, k_q),
-        (Q.dequantize_values, Q.dequantize_values_reference, v_q),
+        (Q.dequantize_keys, R.dequantize_keys_reference, k_q),
+        (Q.dequantize_values, R.dequantize_values_reference, v_q),
     ):
         torch.testing.assert_close(
             deq(*q, bits, torch.bfloat16), deq_ref(*q, bits, torch.bfloat16), rtol=1e-2, atol=1e-2

@@ -25,8 +25,9 @@ def _reference(q, k, v, keep, key_valid, scale, n_rep):
     return torch.where(keep[:, None, :, None], out, 0)
 
 
-def _args(tau=0.9, recent=4, random=4, min_keep=0, seed=0):
-    return (tau, recent, random, min_keep, seed)
+def _args(tau=0.9, recent=4, random=4, min_keep=0, seed=0, **more):
+    """The op's options by keyword (its geometry is passed as attn_mask / is_causal / scale / n_rep)."""
+    return dict(tau=tau, n_probe_recent=recent, n_probe_random=random, min_keep=min_keep, seed=seed, **more)
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (6, 1)])
@@ -40,7 +41,9 @@ def test_planted_structure_kept_set_exact(hq, hkv, dtype):
     q = (0.05 * q + direction.to(dtype)).to(dtype)
     k = 0.05 * k
     k[:, :, sinks] = (4.0 * direction).to(dtype)
-    out, keep, ratio = OP(q, k, v, None, True, scale, hq // hkv, *_args(tau=0.95, recent=8, random=8))
+    out, keep, ratio = OP(
+        q, k, v, None, is_causal=True, scale=scale, n_rep=hq // hkv, **_args(tau=0.95, recent=8, random=8)
+    )
     expected = torch.zeros(n, dtype=torch.bool)
     expected[sinks] = True
     expected[-1] = True
@@ -56,7 +59,7 @@ def test_planted_structure_kept_set_exact(hq, hkv, dtype):
 @pytest.mark.parametrize("n", [5, 12, 40])
 def test_tau_one_equals_dense(n):
     q, k, v = _qkv(2, 4, 2, n, 16)
-    out, keep, ratio = OP(q, k, v, None, True, 0.25, 2, *_args(tau=1.0))
+    out, keep, ratio = OP(q, k, v, None, is_causal=True, scale=0.25, n_rep=2, **_args(tau=1.0))
     torch.testing.assert_close(out, dense_attention(q, k, v, None, True, 0.25, 2), atol=0, rtol=0)
     assert keep.all() and torch.equal(ratio, torch.ones(2))
 
@@ -66,7 +69,9 @@ def test_batch_left_padding_key_mask():
     q, k, v = _qkv(2, 4, 2, n, 16, seed=3)
     padding = torch.ones(2, n, dtype=torch.bool)
     padding[1, :pad] = False
-    out, keep, ratio = OP(q, k, v, padding[:, None, None, :], True, 0.25, 2, *_args(tau=0.8, min_keep=3))
+    out, keep, ratio = OP(
+        q, k, v, padding[:, None, None, :], is_causal=True, scale=0.25, n_rep=2, **_args(tau=0.8, min_keep=3)
+    )
     assert not keep[1, :pad].any(), "a padding token was kept"
     assert keep[:, -1].all(), "the last valid token must be kept"
     assert (keep.sum(-1) >= 3).all()
@@ -82,8 +87,8 @@ def test_full_mask_matches_key_padding_form():
     padding = torch.ones(2, n, dtype=torch.bool)
     padding[0, :5] = False
     full = causal_mask(n, n, q.device)[None, None] & padding[:, None, None, :]
-    a = OP(q, k, v, padding[:, None, None, :], True, 0.3, 1, *_args(tau=0.85))
-    b = OP(q, k, v, full, False, 0.3, 1, *_args(tau=0.85))
+    a = OP(q, k, v, padding[:, None, None, :], is_causal=True, scale=0.3, n_rep=1, **_args(tau=0.85))
+    b = OP(q, k, v, full, is_causal=False, scale=0.3, n_rep=1, **_args(tau=0.85))
     assert torch.equal(a[1], b[1])
     torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
 
@@ -93,7 +98,7 @@ def test_sliding_window_mask_honoured():
     q, k, v = _qkv(1, 2, 2, n, 8, seed=6)
     i = torch.arange(n)
     mask = ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window))[None, None]
-    out, keep, _ = OP(q, k, v, mask, False, 0.3, 1, *_args(tau=0.7))
+    out, keep, _ = OP(q, k, v, mask, is_causal=False, scale=0.3, n_rep=1, **_args(tau=0.7))
     pair = keep[:, None, :, None] & keep[:, None, None, :]
     want = torch.where(keep[:, None, :, None], dense_attention(q, k, v, mask & pair, False, 0.3, 1), 0)
     torch.testing.assert_close(out, want.nan_to_num(0.0), atol=1e-5, rtol=1e-5)
@@ -101,23 +106,29 @@ def test_sliding_window_mask_honoured():
 
 def test_n_below_probe_count_and_seed_determinism():
     q, k, v = _qkv(1, 2, 1, 6, 8, seed=7)
-    first = OP(q, k, v, None, True, 0.3, 2, *_args(tau=0.5, recent=64, random=64, seed=1))
-    again = OP(q, k, v, None, True, 0.3, 2, *_args(tau=0.5, recent=64, random=64, seed=1))
+    first = OP(q, k, v, None, is_causal=True, scale=0.3, n_rep=2, **_args(tau=0.5, recent=64, random=64, seed=1))
+    again = OP(q, k, v, None, is_causal=True, scale=0.3, n_rep=2, **_args(tau=0.5, recent=64, random=64, seed=1))
     assert torch.equal(first[1], again[1]) and torch.equal(first[0], again[0])
     assert first[1][0, -1]
 
 
 def test_fullgraph_traceable():
     q, k, v = _qkv(2, 4, 2, 24, 16, seed=8)
-    fn = torch.compile(lambda q, k, v: OP(q, k, v, None, True, 0.25, 2, *_args()), fullgraph=True, backend="aot_eager")
-    eager = OP(q, k, v, None, True, 0.25, 2, *_args())
+    fn = torch.compile(
+        lambda q, k, v: OP(q, k, v, None, is_causal=True, scale=0.25, n_rep=2, **_args()),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    eager = OP(q, k, v, None, is_causal=True, scale=0.25, n_rep=2, **_args())
     for a, b in zip(fn(q, k, v), eager):
         torch.testing.assert_close(a, b)
 
 
 def test_force_ratio_fixes_the_kept_count():
     q, k, v = _qkv(2, 4, 2, 50, 16, seed=9)
-    _, keep, ratio = OP(q, k, v, None, True, 0.25, 2, *_args(tau=0.5, min_keep=0), -1, 0.4)
+    _, keep, ratio = OP(
+        q, k, v, None, is_causal=True, scale=0.25, n_rep=2, **_args(tau=0.5, min_keep=0, force_ratio=0.4)
+    )
     counts = keep.sum(-1)
     assert ((counts == 20) | (counts == 21)).all(), counts  # p = 20, plus the forced last token if not in it
     torch.testing.assert_close(ratio, counts.float() / 50)
@@ -131,12 +142,16 @@ def test_n_minus_j_normaliser():
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[1, :pad] = False
     mask = valid[:, None, None, :]
-    colsum, seen = torch.ops.zipvl.probe_scores(q, k, mask, True, 0.25, 2, 4, 4, 0)
+    colsum, seen = torch.ops.zipvl.probe_scores(
+        q, k, mask, is_causal=True, scale=0.25, n_rep=2, n_probe_recent=4, n_probe_random=4, seed=0
+    )
     after = torch.stack([valid[b].flip(0).cumsum(0).flip(0) for b in range(2)]).float()
     assert torch.equal(after[0], torch.arange(n, 0, -1).float())
     want, _ = select_tokens(colsum, after, valid, 0.8, 3)
-    _, keep, ratio = OP(q, k, v, mask, True, 0.25, 2, *_args(tau=0.8, min_keep=3), -1, 0.0, 0, "n_minus_j")
+    _, keep, ratio = OP(
+        q, k, v, mask, is_causal=True, scale=0.25, n_rep=2, **_args(tau=0.8, min_keep=3, score_norm="n_minus_j")
+    )
     assert torch.equal(keep, want) and not keep[1, :pad].any()
-    _, keep_probes, _ = OP(q, k, v, mask, True, 0.25, 2, *_args(tau=0.8, min_keep=3))
+    _, keep_probes, _ = OP(q, k, v, mask, is_causal=True, scale=0.25, n_rep=2, **_args(tau=0.8, min_keep=3))
     assert torch.equal(keep_probes, select_tokens(colsum, seen, valid, 0.8, 3)[0])
     assert not torch.equal(keep, keep_probes), "the normaliser should change the kept set on these inputs"

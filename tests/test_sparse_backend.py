@@ -72,7 +72,8 @@ def test_prefill_options_reach_the_op(monkeypatch):
     real = sparse.sparse_attention
 
     def spy(*args):
-        seen.append(args[-2:])  # (local_window, score_norm)
+        *_, selection, local_window = args
+        seen.append((local_window, selection.score_norm))
         return real(*args)
 
     monkeypatch.setattr(sparse, "sparse_attention", spy)

@@ -44,14 +44,15 @@ def test_split_op_equals_fused_and_head_shards_sum(full_mask):
     mask = _padding_mask(n)
     if full_mask:  # an arbitrary [B, 1, n, n] mask: the masked (non fast-path) probe and attention
         mask = mask & (torch.rand(2, 1, n, n, generator=torch.Generator().manual_seed(1)) > 0.2)
-    probe = (mask, True, 0.25, 2)
-    colsum, seen = ops.probe_scores(q, k, *probe, 8, 8, 0)
-    fused = ops.sparse_attention(q, k, v, *probe, 0.8, 8, 8, 4, 0)
-    split = ops.sparse_attention_scored(q, k, v, *probe, colsum, seen, 0.8, 4)
+    geometry = dict(attn_mask=mask, is_causal=True, scale=0.25, n_rep=2)
+    probe = dict(n_probe_recent=8, n_probe_random=8, seed=0)
+    colsum, seen = ops.probe_scores(q, k, **geometry, **probe)
+    fused = ops.sparse_attention(q, k, v, **geometry, **probe, tau=0.8, min_keep=4)
+    split = ops.sparse_attention_scored(q, k, v, colsum, seen, **geometry, tau=0.8, min_keep=4)
     for a, b in zip(fused, split):
         assert torch.equal(a, b)
     assert 0 < split[2].min() and split[2].max() < 1
-    shards = [ops.probe_scores(q[:, 2 * r : 2 * r + 2], k[:, r : r + 1], *probe, 8, 8, 0) for r in range(2)]
+    shards = [ops.probe_scores(q[:, 2 * r : 2 * r + 2], k[:, r : r + 1], **geometry, **probe) for r in range(2)]
     torch.testing.assert_close(shards[0][0] + shards[1][0], colsum, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(s[1], seen) for s in shards)
 

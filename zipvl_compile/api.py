@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from zipvl_compile.backend import zipvl_backend
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.models import language_model
 from zipvl_compile.report import report
@@ -21,15 +22,11 @@ def compile(model: torch.nn.Module, **options: Any) -> torch.nn.Module:  # noqa:
     ``mode`` (e.g. "reduce-overhead" for CUDA graphs) and ``dynamic`` passed to ``torch.compile``.
     Returns the same model object.
     """
-    mode = options.pop("mode", None)
     dynamic = options.pop("dynamic", None)
-    config = ZipVLConfig.from_options(options)
-    if mode == "reduce-overhead":
-        options["cudagraphs"] = True
+    config = ZipVLConfig.from_options(options, options.pop("mode", None))
     target = language_model(model)
-    target.forward = _compacting(
-        target.forward, torch.compile(target.forward, backend="zipvl", options=options, dynamic=dynamic)
-    )
+    backend = functools.partial(zipvl_backend, config=config)
+    target.forward = _compacting(target.forward, torch.compile(target.forward, backend=backend, dynamic=dynamic))
     if config.kv_mode == "packed" and hasattr(model, "generate"):
         model.generate = _generate_with_packed_cache(model.generate, model, config)
     return model
@@ -61,13 +58,7 @@ def _generate_with_packed_cache(generate: Any, model: torch.nn.Module, config: Z
                 ids = kwargs.get("inputs_embeds")
             gen = kwargs.get("generation_config") or model.generation_config
             new = kwargs.get("max_new_tokens") or gen.max_new_tokens or 20
-            kwargs["past_key_values"] = ZipVLCache(
-                model,
-                max_cache_len=ids.shape[1] + new,
-                hi_bits=config.hi_bits,
-                lo_bits=config.lo_bits,
-                recompress_interval=config.recompress_interval,
-            )
+            kwargs["past_key_values"] = ZipVLCache(model, max_cache_len=ids.shape[1] + new, **config.cache_kwargs())
         out = generate(*args, **kwargs)
         report().record_cache(kwargs["past_key_values"])
         return out

@@ -13,27 +13,30 @@ import torch.fx as fx
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.pass_manager import run_passes
 from zipvl_compile.passes.site import AttentionSite
-from zipvl_compile.report import report
+from zipvl_compile.report import GraphRecord, report
 
 log = logging.getLogger("zipvl_compile")
 
-_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
 
 def zipvl_backend(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None, options: Mapping[str, Any] | None = None
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    config: ZipVLConfig | None = None,
 ) -> Callable:
-    """Dynamo backend entry point (``torch.compile(..., backend="zipvl", options={...})``)."""
-    if mode not in _MODES:
-        raise ValueError(f"zipvl: invalid mode {mode!r}; allowed: {_MODES}")
-    config = ZipVLConfig.from_options(options)
-    if mode == "reduce-overhead":
-        config = config.replace(cudagraphs=True)
-    sites = run_passes(gm, config)
-    return _inner_compile(gm, list(example_inputs), config, _use_cudagraphs(sites, config))
+    """Dynamo backend entry point (``torch.compile(..., backend="zipvl", options={...})``).
+
+    ``config``: options already validated (``zipvl_compile.compile`` binds it); otherwise ``options`` and
+    ``mode`` are validated here.
+    """
+    config = config or ZipVLConfig.from_options(options, mode)
+    record = report().new_graph(len(gm.graph.nodes), config.summary())
+    sites = run_passes(gm, config, record)
+    return _inner_compile(gm, list(example_inputs), config, _use_cudagraphs(sites, config, record))
 
 
-def _use_cudagraphs(sites: Sequence[AttentionSite], config: ZipVLConfig) -> bool:
+def _use_cudagraphs(sites: Sequence[AttentionSite], config: ZipVLConfig, record: GraphRecord) -> bool:
     """Whether this graph runs under CUDA graphs (option ``cudagraphs`` / mode="reduce-overhead"); recorded per
     graph in the report. Never for a prefill graph: it runs once per prompt at a new length, its kept-token
     attention calls library kernels on data-dependent sizes, and a capture would pin its activations."""
@@ -48,10 +51,9 @@ def _use_cudagraphs(sites: Sequence[AttentionSite], config: ZipVLConfig) -> bool
         if any(s.kind == "prefill" for s in sites)
         else None
     )
-    graph_id = len(report().graphs) - 1
-    report().graphs[graph_id]["cudagraphs"] = reason is None
+    record.cudagraphs = reason is None
     if reason is not None:
-        log.info("graph %d: CUDA graphs off: %s", graph_id, reason)
+        log.info("graph %d: CUDA graphs off: %s", record.graph_id, reason)
     return reason is None
 
 
@@ -96,7 +98,8 @@ def _drop_unused_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]:
 
 
 def register() -> None:
-    """Register ``zipvl`` with Dynamo unless the entry point already did (design.md §8.4)."""
+    """Register ``zipvl`` with Dynamo unless the entry point already did (registering twice fails:
+    docs/architecture.md, traps)."""
     from torch._dynamo.backends.registry import _BACKENDS, register_backend
 
     if "zipvl" not in _BACKENDS:

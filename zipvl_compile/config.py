@@ -11,10 +11,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-_BITS = (2, 4, 8, 16)
+from zipvl_compile.runtime.cache import check_cache_options
+
 _KV_MODES = ("packed", "simulate", "off")
 _INNER = ("inductor", "aot_eager", "eager")
 _SCORE_NORMS = ("probes", "n_minus_j")
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,14 +66,7 @@ class ZipVLConfig:
             self.tau,
             "a number with 0 < tau <= 1 (tau = 1 keeps every token)",
         )
-        for key in ("hi_bits", "lo_bits"):
-            _check(
-                getattr(self, key) in _BITS and not isinstance(getattr(self, key), bool),
-                key,
-                getattr(self, key),
-                f"one of {_BITS}",
-            )
-        _check(self.lo_bits <= self.hi_bits, "lo_bits", self.lo_bits, f"a value <= hi_bits ({self.hi_bits})")
+        check_cache_options(self.hi_bits, self.lo_bits, self.recompress_interval, packed=self.kv_mode == "packed")
         for key in ("n_probe_recent", "n_probe_random", "min_keep", "local_window"):
             _check(_is_int(getattr(self, key)) and getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
         _check(
@@ -79,12 +74,6 @@ class ZipVLConfig:
             "n_probe_recent",
             self.n_probe_recent,
             "n_probe_recent + n_probe_random >= 1",
-        )
-        _check(
-            _is_int(self.recompress_interval) and self.recompress_interval >= 1,
-            "recompress_interval",
-            self.recompress_interval,
-            "an integer >= 1",
         )
         _check(self.kv_mode in _KV_MODES, "kv_mode", self.kv_mode, f"one of {_KV_MODES}")
         _check(self.score_norm in _SCORE_NORMS, "score_norm", self.score_norm, f"one of {_SCORE_NORMS}")
@@ -108,16 +97,44 @@ class ZipVLConfig:
 
     @property
     def keeps_all(self) -> bool:
-        """True when tau >= 1: prefill keeps every valid token (dense, exact)."""
-        return self.tau >= 1.0
+        """Prefill keeps every valid token whatever the scores (tau >= 1, no forced ratio): dense and exact,
+        and decode blocks are recompressed without scoring (every token at hi_bits)."""
+        return self.tau >= 1.0 and self.force_ratio <= 0
+
+    def probe_kwargs(self) -> dict[str, Any]:
+        """The probe options of ``zipvl.sparse_attention`` / ``zipvl.probe_scores``, by keyword."""
+        return {"n_probe_recent": self.n_probe_recent, "n_probe_random": self.n_probe_random, "seed": self.seed}
+
+    def selection_kwargs(self) -> dict[str, Any]:
+        """The kept-set and prefill-semantics options of ``zipvl.sparse_attention(_scored)``, by keyword."""
+        return {
+            "tau": float(self.tau),
+            "min_keep": self.min_keep,
+            "force_ratio": float(self.force_ratio),
+            "local_window": self.local_window,
+            "score_norm": self.score_norm,
+        }
+
+    def cache_kwargs(self) -> dict[str, Any]:
+        """The :class:`~zipvl_compile.runtime.cache.ZipVLCache` arguments these options ask for."""
+        return {"hi_bits": self.hi_bits, "lo_bits": self.lo_bits, "recompress_interval": self.recompress_interval}
+
+    def summary(self) -> dict[str, Any]:
+        """The options the compile report shows per graph."""
+        return {"tau": self.tau, "hi_bits": self.hi_bits, "lo_bits": self.lo_bits, "kv_mode": self.kv_mode}
 
     def replace(self, **changes: Any) -> ZipVLConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None) -> ZipVLConfig:
-        """Build from a user options dict; unknown keys raise ``ValueError`` naming them."""
+    def from_options(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> ZipVLConfig:
+        """Build from a user options dict and ``torch.compile``'s ``mode``; unknown keys raise ``ValueError``
+        naming them. ``mode="reduce-overhead"`` means ``cudagraphs=True``."""
+        if mode not in MODES:
+            raise ValueError(f"zipvl: invalid mode {mode!r}; allowed: {MODES}")
         options = dict(options or {})
+        if mode == "reduce-overhead":
+            options["cudagraphs"] = True
         known = {f.name for f in dataclasses.fields(cls)}
         for key in options:
             if key not in known:

@@ -1,8 +1,9 @@
 """CompileReport: every attention site the backend saw, what it did with it and why, and runtime stats.
 
-The passes append one :class:`SiteRecord` per attention site. Prefill sites rewritten into
-``zipvl.sparse_attention`` also get a runtime stats slot (a small device tensor) that the op fills with the
-kept ratio of each run; it is read (one device->host copy) only when the report is rendered or queried.
+The backend opens one :class:`GraphRecord` per Dynamo graph and hands it to the passes, which add one
+:class:`SiteRecord` per attention site and say how the graph's KV cache is handled. Prefill sites rewritten into
+``zipvl.sparse_attention`` get a runtime stats slot per layer (a small device tensor that the op fills with the
+kept ratio of each run); it is read (one device->host copy) only when the report is rendered or queried.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import dataclasses
 import threading
 
 import torch
+
+from zipvl_compile.runtime import stats
 
 
 @dataclasses.dataclass
@@ -49,14 +52,44 @@ class LayerStats:
         return None if mean < 0 else (mean, mean_sq)
 
 
+@dataclasses.dataclass
+class GraphRecord:
+    """One compiled graph: its options, its sites, and what ran it (written by the backend and its passes)."""
+
+    graph_id: int
+    nodes: int
+    options: dict
+    report: CompileReport = dataclasses.field(repr=False, compare=False)
+    sites: list[SiteRecord] = dataclasses.field(default_factory=list)
+    cudagraphs: bool | None = None  # None: not asked for
+
+    def add_site(self, record: SiteRecord) -> None:
+        self.sites.append(record)
+        self.report.add_site(record)
+
+    def ratio_slot(self, layer: int, device: torch.device) -> int:
+        """The runtime stats slot of decoder ``layer`` on ``device`` (shared by the graphs of one report)."""
+        stats_of = self.report.layer(layer)
+        if stats_of.slot is None or stats_of.stats.device != device:
+            stats_of.slot, stats_of.stats = stats.new_slot(device)
+        return stats_of.slot
+
+    def set_kv_mode(self, mode: str, reason: str) -> None:
+        """How this graph's KV cache is handled; the report shows the last graph's (a decode graph keeps the
+        "simulate" of its prefill: decode writes are never quantised in that mode)."""
+        if mode == "off" and self.report.kv_mode == "simulate":
+            return
+        self.report.kv_mode, self.report.kv_mode_reason = mode, reason
+
+
 class CompileReport:
     """What the zipvl backend matched, rewrote and left alone, per graph and per attention site."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: dict[int, LayerStats] | None = None) -> None:
         self._lock = threading.Lock()
         self.sites: list[SiteRecord] = []
-        self.graphs: list[dict] = []
-        self.layers: dict[int, LayerStats] = {}
+        self.graphs: list[GraphRecord] = []
+        self.layers: dict[int, LayerStats] = layers or {}
         self.kv_mode: str | None = None
         self.kv_mode_reason: str | None = None
         self.kv_bytes: int | None = None
@@ -64,10 +97,11 @@ class CompileReport:
         self.cache: object | None = None  # the last ZipVLCache recorded
 
     # -- recording (passes and runtime) -------------------------------------------------------------
-    def new_graph(self, n_nodes: int, options: dict) -> int:
+    def new_graph(self, n_nodes: int, options: dict) -> GraphRecord:
         with self._lock:
-            self.graphs.append({"nodes": n_nodes, "options": options})
-            return len(self.graphs) - 1
+            record = GraphRecord(len(self.graphs), n_nodes, options, self)
+            self.graphs.append(record)
+            return record
 
     def add_site(self, record: SiteRecord) -> None:
         with self._lock:
@@ -147,7 +181,7 @@ class CompileReport:
             lines.append("  " + ", ".join(f"L{i}: {r:.3f} ({flops[i]:.1%})" for i, r in ratios.items()))
             mean = sum(ratios.values()) / len(ratios)
             lines.append(f"  mean kept ratio {mean:.3f}, mean FLOP reduction {sum(flops.values()) / len(flops):.1%}")
-        captured = [str(i) for i, g in enumerate(self.graphs) if g.get("cudagraphs")]
+        captured = [str(g.graph_id) for g in self.graphs if g.cudagraphs]
         if captured:
             lines.append(f"CUDA graphs: graph(s) {', '.join(captured)}")
         if self.kv_mode is not None:
@@ -174,15 +208,17 @@ def report() -> CompileReport:
     return _REPORT
 
 
-def reset_report() -> None:
-    """Clear the process-wide compile report.
+def reset_report() -> CompileReport:
+    """Start a new process-wide compile report and return it.
 
-    Graphs compiled earlier keep running and keep their ratio buffers: those are cleared (set to -1)
-    rather than dropped, so the next prefill of an already compiled graph shows up again.
+    Graphs compiled earlier keep running and keep writing their layers' ratio slots: the new report takes over
+    those slots, cleared (set to -1), so the next prefill of an already compiled graph shows up in it.
     """
-    layers = _REPORT.layers
-    _REPORT.__init__()
-    for stats in layers.values():
-        if stats.stats is not None:
-            stats.stats.fill_(-1.0)
-            _REPORT.layers[stats.layer] = LayerStats(stats.layer, stats.slot, stats.stats)
+    global _REPORT
+    carried = {}
+    for index, old in _REPORT.layers.items():
+        if old.stats is not None:
+            old.stats.fill_(-1.0)
+            carried[index] = LayerStats(index, old.slot, old.stats)
+    _REPORT = CompileReport(carried)
+    return _REPORT

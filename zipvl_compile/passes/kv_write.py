@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from zipvl_compile.passes.fx_util import is_function, is_getitem, is_method
+from zipvl_compile.passes.op_args import op_arg
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.runtime import ops
 
@@ -40,7 +41,7 @@ def find_kv_write(site: AttentionSite) -> None:
 
 
 def is_op(node: object, op: torch._ops.OpOverload) -> bool:
-    """``node`` calls ``op`` (Dynamo records custom ops as the packet or the overload: design.md §8.2)."""
+    """``node`` calls ``op`` (Dynamo records custom ops as the packet or the overload: docs/architecture.md, traps)."""
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (op, op._overloadpacket)
 
 
@@ -49,7 +50,7 @@ def _zipvl_node(node: fx.Node) -> fx.Node | None:
     if is_getitem(node) and is_op(node.args[0], ops.kv_dense_view):
         return node.args[0]
     for user in node.users:
-        if is_op(user, ops.kv_write_) and node in user.args[2:4]:
+        if is_op(user, ops.kv_write_) and node in (op_arg(user, "k"), op_arg(user, "v")):
             return user
     return None
 

@@ -1,4 +1,4 @@
-"""Wire attention sites to a ZipVLCache's ops (design.md §5).
+"""Wire attention sites to a ZipVLCache's ops (docs/architecture.md, the packed cache section).
 
 Prefill: HF writes the cache before attention, but the bit assignment needs the kept set computed by the
 attention. The ``zipvl.kv_write_`` of the prompt's K/V is moved after the site's op and given its ``keep``
@@ -6,7 +6,8 @@ attention. The ``zipvl.kv_write_`` of the prompt's K/V is moved after the site's
 kv_mode="simulate" (a stock DynamicCache): the prefill's attention keeps full-precision K/V while the cache is
 written ``zipvl.kv_simulate``'s quantised-and-dequantised copy (same numerics as the packed cache, no saving).
 Decode: the attention over ``zipvl.kv_dense_view`` becomes ``zipvl.decode_attention`` on the packed buffers
-(the dense view then dies), and the layer's ``zipvl.kv_recompress_`` is given the query that scores the block.
+(the dense view then dies), and the layer's ``zipvl.kv_recompress_`` is given the query that scores the block
+(unless the options keep every token).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.fx as fx
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.fx_util import example, is_function
 from zipvl_compile.passes.kv_write import is_op
+from zipvl_compile.passes.op_args import op_arg, set_op_args
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.runtime import ops
 
@@ -32,9 +34,7 @@ def wire_prefill_write(gm: fx.GraphModule, site: AttentionSite, op_node: fx.Node
     if site.mask is not None:
         with gm.graph.inserting_before(anchor.next):
             valid = _key_valid(gm, site.mask)
-    args = list(write.args)
-    args[4], args[5] = keep, valid
-    write.args = tuple(args)
+    set_op_args(write, keep=keep, valid=valid)
     (valid or anchor).append(write)
 
 
@@ -61,16 +61,15 @@ def _key_valid(gm: fx.GraphModule, mask: fx.Node) -> fx.Node:
 
 def rewrite_packed_decode(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> fx.Node:
     """Replace the decode attention by ``decode_attention`` on the packed buffers; returns the new node."""
-    hi, lo, tail, _, hi_bits, lo_bits = site.kv_node.args
+    view = site.kv_node
+    buffers = {name: op_arg(view, name) for name in ("hi", "lo", "tail", "hi_bits", "lo_bits")}
     with gm.graph.inserting_before(site.out):
         new = gm.graph.call_function(
-            ops.decode_attention, (site.q, hi, lo, tail, site.scale, site.n_rep, hi_bits, lo_bits)
+            ops.decode_attention, (), {"q": site.q, **buffers, "scale": site.scale, "n_rep": site.n_rep}
         )
-    recompress = _recompress_of(site.kv_node, tail)
-    if recompress is not None:
-        args = list(recompress.args)
-        args[3:7] = [site.q, site.scale, site.n_rep, float(config.tau)]
-        recompress.args = tuple(args)
+    recompress = _recompress_of(view, buffers["tail"])
+    if recompress is not None and not config.keeps_all:
+        set_op_args(recompress, q=site.q, scale=site.scale, n_rep=site.n_rep, tau=float(config.tau))
     return new
 
 
@@ -78,7 +77,7 @@ def _recompress_of(view: fx.Node, tail: list) -> fx.Node | None:
     """The layer's ``kv_recompress_`` node: it mutates the same tail list and precedes the dense view."""
     node = view.prev
     while node.op != "root":
-        if is_op(node, ops.kv_recompress_) and list(node.args[2]) == list(tail):
+        if is_op(node, ops.kv_recompress_) and list(op_arg(node, "tail")) == list(tail):
             return node
         node = node.prev
     return None
@@ -96,15 +95,16 @@ def simulate_prefill_write(gm: fx.GraphModule, site: AttentionSite, op_node: fx.
     k_new, v_new = (c.args[0][1] for c in cats)
     keep = _keep_of(gm, op_node)
     anchor = keep or op_node
-    with gm.graph.inserting_before(anchor.next):
+    graph = gm.graph
+    with graph.inserting_before(anchor.next):
         valid = _key_valid(gm, site.mask) if site.mask is not None else None
-        sim = gm.graph.call_function(ops.kv_simulate, (k_new, v_new, keep, valid, config.hi_bits, config.lo_bits))
+        bits = {"hi_bits": config.hi_bits, "lo_bits": config.lo_bits}
+        sim = graph.call_function(ops.kv_simulate, (), {"k": k_new, "v": v_new, "keep": keep, "valid": valid, **bits})
         for index, old in enumerate(cats):
-            new_cat = gm.graph.call_function(
-                torch.cat, ([old.args[0][0], gm.graph.call_function(operator.getitem, (sim, index))],), {"dim": -2}
-            )
+            quantised = graph.call_function(operator.getitem, (sim, index))
+            new_cat = graph.call_function(torch.cat, ([old.args[0][0], quantised],), {"dim": -2})
             old.replace_all_uses_with(new_cat, delete_user_cb=lambda user: user.op == "output")
-    op_node.args = (op_node.args[0], k_new, v_new, *op_node.args[3:])
+    set_op_args(op_node, k=k_new, v=v_new)
     return True
 
 

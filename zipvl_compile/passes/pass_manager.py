@@ -21,7 +21,7 @@ from zipvl_compile.passes.kv_write import find_kv_write
 from zipvl_compile.passes.repeat_kv import peel_repeat_kv
 from zipvl_compile.passes.rewrite_attention import rewrite_site
 from zipvl_compile.passes.site import AttentionSite
-from zipvl_compile.report import SiteRecord, report
+from zipvl_compile.report import GraphRecord, SiteRecord
 
 log = logging.getLogger("zipvl_compile")
 
@@ -34,12 +34,10 @@ SITE_PASSES: list[tuple[str, Callable[[AttentionSite], None]]] = [
 ]
 
 
-def run_passes(gm: fx.GraphModule, config: ZipVLConfig) -> list[AttentionSite]:
-    """Rewrite every decoder self-attention site of ``gm`` in place; returns all sites seen."""
-    graph_id = report().new_graph(
-        len(gm.graph.nodes),
-        {"tau": config.tau, "hi_bits": config.hi_bits, "lo_bits": config.lo_bits, "kv_mode": config.kv_mode},
-    )
+def run_passes(gm: fx.GraphModule, config: ZipVLConfig, record: GraphRecord) -> list[AttentionSite]:
+    """Rewrite every decoder self-attention site of ``gm`` in place, recording each in ``record``; returns all
+    sites seen."""
+    graph_id = record.graph_id
     sites, unmatched = find_attention_sites(gm)
     log.info(
         "graph %d: find_attention matched %d site(s) (%d sdpa, %d eager), %d softmax left alone",
@@ -59,7 +57,7 @@ def run_passes(gm: fx.GraphModule, config: ZipVLConfig) -> list[AttentionSite]:
         )
     for site in sites:
         if site.skip is None:
-            rewrite_site(gm, site, config)
+            rewrite_site(gm, site, config, record)
     removed = safe_dce(gm)
     gm.graph.lint()
     gm.recompile()
@@ -71,11 +69,22 @@ def run_passes(gm: fx.GraphModule, config: ZipVLConfig) -> list[AttentionSite]:
         removed,
     )
     for site in sites:
-        _record(graph_id, site)
-    _record_kv_mode(sites, config)
+        _record(record, site)
+    _record_kv_mode(record, sites, config)
     for node, reason in unmatched:
         path, _ = module_path(node)
-        report().add_site(SiteRecord(graph_id, path, layer_index(path), "unknown", False, reason, None, "eager"))
+        record.add_site(
+            SiteRecord(
+                graph_id=graph_id,
+                module_path=path,
+                layer=layer_index(path),
+                kind="unknown",
+                rewritten=False,
+                reason=reason,
+                op=None,
+                pattern="eager",
+            )
+        )
         log.info("graph %d: softmax at %s left alone: %s", graph_id, path or node.name, reason)
     return sites
 
@@ -87,38 +96,38 @@ _STOCK_CACHE_REASON = {
 }
 
 
-def _record_kv_mode(sites: list[AttentionSite], config: ZipVLConfig) -> None:
+def _record_kv_mode(record: GraphRecord, sites: list[AttentionSite], config: ZipVLConfig) -> None:
     """Say in the report how this graph's KV cache is handled, and why."""
     writes = {s.kv_write for s in sites if s.op is not None and s.kv_write not in (None, "none")}
     if "zipvl" in writes:
-        report().kv_mode, report().kv_mode_reason = "packed", "ZipVLCache ops in the graph"
+        record.set_kv_mode("packed", "ZipVLCache ops in the graph")
     elif any(s.kv_simulated for s in sites):
-        report().kv_mode = "simulate"
-        report().kv_mode_reason = (
+        reason = (
             f"{config.hi_bits}/{config.lo_bits}-bit numerics applied to the prefill's writes "
             "into the stock DynamicCache (no memory saved; decode tokens stay unquantised)"
         )
-    elif writes and report().kv_mode != "simulate":  # decode graphs keep a prefill's "simulate"
-        report().kv_mode = "off"
-        report().kv_mode_reason = f"{_STOCK_CACHE_REASON[config.kv_mode]} ({', '.join(sorted(writes))})"
+        record.set_kv_mode("simulate", reason)
+    elif writes:
+        record.set_kv_mode("off", f"{_STOCK_CACHE_REASON[config.kv_mode]} ({', '.join(sorted(writes))})")
 
 
-def _record(graph_id: int, site: AttentionSite) -> None:
+def _record(record: GraphRecord, site: AttentionSite) -> None:
+    graph_id = record.graph_id
     rewritten = site.op is not None
-    report().add_site(
+    record.add_site(
         SiteRecord(
-            graph_id,
-            site.module_path,
-            site.layer,
-            site.kind,
-            rewritten,
-            None if rewritten else site.skip,
-            site.op,
-            site.pattern,
-            site.n_rep,
-            site.mask_kind,
-            site.kv_write,
-            site.dense_reason,
+            graph_id=graph_id,
+            module_path=site.module_path,
+            layer=site.layer,
+            kind=site.kind,
+            rewritten=rewritten,
+            reason=None if rewritten else site.skip,
+            op=site.op,
+            pattern=site.pattern,
+            n_rep=site.n_rep,
+            mask=site.mask_kind,
+            kv_write=site.kv_write,
+            dense_reason=site.dense_reason,
         )
     )
     if rewritten:

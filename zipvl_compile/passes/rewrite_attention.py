@@ -1,8 +1,9 @@
 """Rewrite a decoder self-attention site into a zipvl op, all at once or not at all.
 
-Prefill sites become ``zipvl.sparse_attention`` (its kept ratio recorded for the report through
-``zipvl.record_ratio_``) unless the site cannot take it, in which case they get the dense
-``zipvl.attention`` and the reason is recorded; decode sites get ``zipvl.attention``.
+Prefill sites become ``zipvl.sparse_attention`` (its kept ratio recorded in the layer's stats slot of the
+graph's report record) unless the site cannot take it or the options keep every token, in which case they get
+the dense ``zipvl.attention`` and the reason is recorded; decode sites get ``zipvl.attention``, or
+``zipvl.decode_attention`` over a ZipVLCache.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from zipvl_compile.passes.fx_util import example, shape
 from zipvl_compile.passes.packed_cache import rewrite_packed_decode, simulate_prefill_write, wire_prefill_write
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.passes.tensor_parallel import tensor_parallel_group
-from zipvl_compile.report import report
-from zipvl_compile.runtime import ops, stats
-from zipvl_compile.runtime.sparse import keeps_all
+from zipvl_compile.report import GraphRecord
+from zipvl_compile.runtime import ops
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> None:
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig, record: GraphRecord) -> None:
     """Rewrite ``site`` in place (``site.op`` set), or reject it with a reason (graph untouched)."""
     scale = site.scale if site.scale is not None else default_scale(site.q)
     if scale is None:
@@ -38,10 +38,10 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -
         site.op = "zipvl.decode_attention"
         return
     if site.kind == "prefill" and site.dense_reason is None:
-        new = _rewrite_sparse(gm, site, config)
+        new = _rewrite_sparse(gm, site, config, record)
     else:
-        args = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep, float(site.softcap))
-        new = _replace(gm, site, ops.attention, args)
+        kwargs = {**_geometry(site), "softcap": float(site.softcap)}
+        new = _replace(gm, site, ops.attention, kwargs)
         site.op = "zipvl.attention"
     if packed:
         wire_prefill_write(gm, site, new)
@@ -49,10 +49,25 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -
         site.kv_simulated = simulate_prefill_write(gm, site, new, config)
 
 
+def _geometry(site: AttentionSite) -> dict[str, object]:
+    """The arguments every attention op takes from the site itself, by name."""
+    return {
+        "q": site.q,
+        "k": site.k,
+        "v": site.v,
+        "attn_mask": site.mask,
+        "is_causal": site.is_causal,
+        "scale": site.scale,
+        "n_rep": site.n_rep,
+    }
+
+
 def _why_not_sparse(site: AttentionSite, config: ZipVLConfig) -> str | None:
     q_shape, k_shape = shape(site.q), shape(site.k)
     if site.layer in config.dense_layers:
         return "layer listed in dense_layers"
+    if config.keeps_all:
+        return "tau = 1 keeps every token (exact)"
     if site.softcap:
         return "logit softcap (not in the sparse kernel)"
     if q_shape[2] is not k_shape[2] and q_shape[2] != k_shape[2]:
@@ -67,71 +82,42 @@ def _why_not_sparse(site: AttentionSite, config: ZipVLConfig) -> str | None:
     return None
 
 
-def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig) -> fx.Node:
+def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig, record: GraphRecord) -> fx.Node:
     """Insert the sparse prefill; returns the op node whose outputs are (out, keep, ratio).
 
-    When the site's query heads are sharded over a tensor-parallel group (passes.tensor_parallel) and the kept
-    set depends on the scores, the op is split so the kept set is computed from all heads on every rank:
-    ``zipvl.probe_scores`` -> ``_c10d_functional.all_reduce(colsum, "sum", group)`` -> ``wait_tensor`` ->
-    ``zipvl.sparse_attention_scored`` (seen counts probe rows, the same on every rank: not reduced).
+    When the site's query heads are sharded over a tensor-parallel group (passes.tensor_parallel), the op is
+    split so the kept set is computed from all heads on every rank: ``zipvl.probe_scores`` ->
+    ``_c10d_functional.all_reduce(colsum, "sum", group)`` -> ``wait_tensor`` -> ``zipvl.sparse_attention_scored``
+    (seen counts probe rows, the same on every rank: not reduced).
     """
-    group = None if keeps_all(config.tau, config.force_ratio) else tensor_parallel_group(site.q)
-    head = (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.n_rep)
-    tail = (_stats_slot(site), float(config.force_ratio), config.local_window, config.score_norm)
+    geometry = _geometry(site)
+    selection = {**config.selection_kwargs(), "stats_slot": record.ratio_slot(site.layer, example(site.q).device)}
+    group = tensor_parallel_group(site.q)
     if group is None:
-        args = (
-            *head,
-            float(config.tau),
-            config.n_probe_recent,
-            config.n_probe_random,
-            config.min_keep,
-            config.seed,
-            *tail,
-        )
-        new = _replace(gm, site, ops.sparse_attention, args, output_index=0)
+        kwargs = {**geometry, **config.probe_kwargs(), **selection}
+        new = _replace(gm, site, ops.sparse_attention, kwargs, output_index=0)
         site.op = "zipvl.sparse_attention"
         return new
     graph = gm.graph
+    probe = {name: geometry[name] for name in ("q", "k", "attn_mask", "is_causal", "scale", "n_rep")}
     with graph.inserting_before(site.out):
-        scores = graph.call_function(
-            ops.probe_scores,
-            (
-                site.q,
-                site.k,
-                site.mask,
-                site.is_causal,
-                site.scale,
-                site.n_rep,
-                config.n_probe_recent,
-                config.n_probe_random,
-                config.seed,
-            ),
-        )
+        scores = graph.call_function(ops.probe_scores, (), {**probe, **config.probe_kwargs()})
         scores.meta["nn_module_stack"] = site.out.meta.get("nn_module_stack")
         colsum, seen = (graph.call_function(operator.getitem, (scores, i)) for i in (0, 1))
         reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (colsum, "sum", group))
         colsum = graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduced,))
-    args = (*head, colsum, seen, float(config.tau), config.min_keep, *tail)
-    new = _replace(gm, site, ops.sparse_attention_scored, args, output_index=0)
+    kwargs = {**geometry, "colsum": colsum, "seen": seen, **selection}
+    new = _replace(gm, site, ops.sparse_attention_scored, kwargs, output_index=0)
     site.op = "zipvl.sparse_attention_scored"
     return new
 
 
-def _stats_slot(site: AttentionSite) -> int:
-    """The runtime stats slot of this layer (kept-ratio moments of each prefill), shared with the report."""
-    layer = report().layer(site.layer)
-    device = example(site.q).device
-    if layer.slot is None or layer.stats.device != device:
-        layer.slot, layer.stats = stats.new_slot(device)
-    return layer.slot
-
-
 def _replace(
-    gm: fx.GraphModule, site: AttentionSite, target: object, args: tuple, output_index: int | None = None
+    gm: fx.GraphModule, site: AttentionSite, target: object, kwargs: dict, output_index: int | None = None
 ) -> fx.Node:
-    """Insert ``target(*args)`` before ``site.out`` and route every use of the old output to it."""
+    """Insert ``target(**kwargs)`` before ``site.out`` and route every use of the old output to it."""
     with gm.graph.inserting_before(site.out):
-        new = gm.graph.call_function(target, args)
+        new = gm.graph.call_function(target, (), kwargs)
         out = new if output_index is None else gm.graph.call_function(operator.getitem, (new, output_index))
     _route_uses(site, out)
     new.meta.setdefault("nn_module_stack", site.out.meta.get("nn_module_stack"))

@@ -28,15 +28,37 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer, StaticSlidingWindowLayer
 
 from zipvl_compile.runtime import ops
-from zipvl_compile.runtime.packed import empty_segment
-from zipvl_compile.runtime.quant import GROUP
+from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail, nbytes, round_up
 
-SEGMENT_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fill")
-TAIL_FIELDS = ("k_tail", "v_tail", "tail_pos", "tail_len")
+STORED_BITS = (*QUANT_BITS, 16)  # 16 = unquantised (model dtype), only as hi_bits = lo_bits = 16
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+def check_cache_options(hi_bits: int, lo_bits: int, recompress_interval: int, packed: bool = True) -> None:
+    """Raise ``ValueError`` naming the option when these KV options are invalid, or (``packed``) when a packed
+    cache cannot store the combination."""
+    for name, bits in (("hi_bits", hi_bits), ("lo_bits", lo_bits)):
+        if bits not in STORED_BITS or isinstance(bits, bool):
+            raise ValueError(f"zipvl: invalid option {name}={bits!r}; allowed: one of {STORED_BITS}")
+    if lo_bits > hi_bits:
+        raise ValueError(f"zipvl: invalid option lo_bits={lo_bits!r}; allowed: a value <= hi_bits ({hi_bits})")
+    if packed and hi_bits == 16 and lo_bits != 16:
+        raise ValueError(
+            f"zipvl: invalid option hi_bits=16 with lo_bits={lo_bits}; the packed cache stores 16 bits only as "
+            "hi_bits = lo_bits = 16 (use kv_mode='simulate' to study this mix)"
+        )
+    if not isinstance(recompress_interval, int) or isinstance(recompress_interval, bool) or recompress_interval < 1:
+        raise ValueError(f"zipvl: invalid option recompress_interval={recompress_interval!r}; allowed: an integer >= 1")
+
+
+def layer_kinds(config: object) -> tuple[list[str], int | None]:
+    """(kind of each decoder layer, sliding window or None) of a text config: its ``layer_types`` when it has
+    them, else every layer sliding when it declares a ``sliding_window`` (Mistral and Phi3 style configs leave
+    ``layer_types`` None), else every layer full attention."""
+    window = getattr(config, "sliding_window", None) or None
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        layer_types = ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
+    return list(layer_types), window
 
 
 class ZipVLLayer(CacheLayerMixin):
@@ -54,9 +76,9 @@ class ZipVLLayer(CacheLayerMixin):
         super().__init__()
         self.max_cache_len = max_cache_len
         self.hi_bits, self.lo_bits, self.interval = hi_bits, lo_bits, recompress_interval
-        self.hi: list[torch.Tensor] = []
-        self.lo: list[torch.Tensor] = []
-        self.tail: list[torch.Tensor] = []
+        self.hi: Segment | None = None
+        self.lo: Segment | None = None
+        self.tail: Tail | None = None
         self.length = torch.zeros((), dtype=torch.int64)
         self.prompt_len = 0
         self.compacted = True
@@ -64,20 +86,15 @@ class ZipVLLayer(CacheLayerMixin):
     def capacity(self, prompt_len: int) -> int:
         """Slots of one segment: the whole prompt, plus every decode block rounded to whole groups."""
         blocks = math.ceil(max(self.max_cache_len - prompt_len, 0) / self.interval)
-        return _round_up(prompt_len, GROUP) + blocks * _round_up(self.interval, GROUP)
+        return round_up(prompt_len, GROUP) + blocks * round_up(self.interval, GROUP)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, n, d = key_states.shape
         dev, dtype = key_states.device, key_states.dtype
         cap = self.capacity(n)
-        self.hi = empty_segment(batch, heads, cap, d, self.hi_bits, dev)
-        self.lo = empty_segment(batch, heads, cap, d, self.lo_bits, dev)
-        self.tail = [
-            torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
-            torch.zeros(batch, heads, self.interval, d, dtype=dtype, device=dev),
-            torch.full((batch, self.interval), -1, dtype=torch.int32, device=dev),
-            torch.zeros(batch, dtype=torch.int32, device=dev),
-        ]
+        self.hi = Segment.empty(batch, heads, cap, d, self.hi_bits, dev)
+        self.lo = Segment.empty(batch, heads, cap, d, self.lo_bits, dev)
+        self.tail = Tail.empty(batch, heads, self.interval, d, dtype, dev)
         self.length = self.length.to(dev)
         self.prompt_len = n
         self.compacted = False
@@ -94,9 +111,9 @@ class ZipVLLayer(CacheLayerMixin):
         """
         if self.compacted or not self.is_initialized:
             return
-        reserve = self.capacity(self.prompt_len) - _round_up(self.prompt_len, GROUP)
-        self.hi = ops.kv_shrink(self.hi, reserve)
-        self.lo = ops.kv_shrink(self.lo, reserve)
+        reserve = self.capacity(self.prompt_len) - round_up(self.prompt_len, GROUP)
+        self.hi = Segment(*ops.kv_shrink(list(self.hi), reserve=reserve))
+        self.lo = Segment(*ops.kv_shrink(list(self.lo), reserve=reserve))
         self.compacted = True
 
     def mark_static(self) -> None:
@@ -106,7 +123,7 @@ class ZipVLLayer(CacheLayerMixin):
         Once per set of buffers: every allocation (prefill, compaction) replaces ``hi``, and all buffers are
         marked together, so a marked ``hi[0]`` means nothing is left to mark (this runs after every forward).
         """
-        if not self.is_initialized or hasattr(self.hi[0], "_dynamo_static_input_type"):
+        if not self.is_initialized or hasattr(self.hi.k_codes, "_dynamo_static_input_type"):
             return
         for buf in self.buffers():
             torch._dynamo.mark_static_address(buf)
@@ -122,7 +139,13 @@ class ZipVLLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             ops.kv_write_(
-                self.hi, self.lo, key_states, value_states, None, None, pos.expand(batch, t), self.hi_bits, self.lo_bits
+                hi=list(self.hi),
+                lo=list(self.lo),
+                k=key_states,
+                v=value_states,
+                pos=pos.expand(batch, t),
+                hi_bits=self.hi_bits,
+                lo_bits=self.lo_bits,
             )
             self.length.add_(t)
             return key_states, value_states
@@ -130,10 +153,13 @@ class ZipVLLayer(CacheLayerMixin):
             raise NotImplementedError("ZipVLCache: after the prefill, tokens are appended one at a time")
         if not self.compacted and not torch.compiler.is_compiling():
             self.compact()  # the last layer, uncompiled: the first decode step compacts it
-        ops.kv_recompress_(self.hi, self.lo, self.tail, None, 1.0, 1, 1.0, self.hi_bits, self.lo_bits)
-        ops.kv_append_(self.tail, key_states, value_states, pos.expand(batch))
+        bits = {"hi_bits": self.hi_bits, "lo_bits": self.lo_bits}
+        ops.kv_recompress_(hi=list(self.hi), lo=list(self.lo), tail=list(self.tail), **bits)
+        ops.kv_append_(tail=list(self.tail), k=key_states, v=value_states, pos=pos.expand(batch))
         self.length.add_(1)
-        return ops.kv_dense_view(self.hi, self.lo, self.tail, self._view_length(), self.hi_bits, self.lo_bits)
+        return ops.kv_dense_view(
+            hi=list(self.hi), lo=list(self.lo), tail=list(self.tail), length=self._view_length(), **bits
+        )
 
     def _view_length(self, query_length: int = 0) -> int:
         """Length of the dense view: ``max_cache_len`` in a graph (static shapes), the tokens held when eager.
@@ -158,7 +184,7 @@ class ZipVLLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         """Forget the cached tokens; the next update is a prefill (buffers are reallocated for its length)."""
-        self.hi, self.lo, self.tail = [], [], []
+        self.hi = self.lo = self.tail = None
         self.length = torch.zeros((), dtype=torch.int64, device=self.length.device)
         self.is_initialized = False
 
@@ -166,13 +192,12 @@ class ZipVLLayer(CacheLayerMixin):
         """(hi, lo, tail) tokens held (host read; for the report)."""
         if not self.is_initialized:
             return 0, 0, 0
-        hi = int((self.hi[6] >= 0).sum()) // max(1, self.hi[6].shape[0])
-        lo = int((self.lo[6] >= 0).sum()) // max(1, self.lo[6].shape[0])
-        return hi, lo, int(self.tail[3].max())
+        per_row = lambda seg: int((seg.pos >= 0).sum()) // max(1, seg.pos.shape[0])
+        return per_row(self.hi), per_row(self.lo), int(self.tail.length.max())
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer allocated."""
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        return nbytes(self.buffers())
 
 
 class ZipVLCache(Cache):
@@ -191,13 +216,10 @@ class ZipVLCache(Cache):
         lo_bits: int = 2,
         recompress_interval: int = 100,
     ) -> None:
-        from zipvl_compile.config import ZipVLConfig
-
-        ZipVLConfig(hi_bits=hi_bits, lo_bits=lo_bits, recompress_interval=recompress_interval)  # validates
+        check_cache_options(hi_bits, lo_bits, recompress_interval)
         config = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
         self.hi_bits, self.lo_bits, self.recompress_interval = hi_bits, lo_bits, recompress_interval
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-        window = getattr(config, "sliding_window", None)
+        layer_types, window = layer_kinds(config)
         cross = set(getattr(config, "cross_attention_layers", None) or ())
         layers = []
         for index, kind in enumerate(layer_types):
@@ -208,11 +230,6 @@ class ZipVLCache(Cache):
             elif hi_bits == 16 and lo_bits == 16:
                 layers.append(StaticLayer(max_cache_len=max_cache_len))
             else:
-                if hi_bits == 16:
-                    raise ValueError(
-                        f"zipvl: hi_bits=16 with lo_bits={lo_bits}: the packed cache stores 16 bits "
-                        "only as 16/16; use kv_mode='simulate' to study this mix"
-                    )
                 layers.append(ZipVLLayer(max_cache_len, hi_bits, lo_bits, recompress_interval))
         super().__init__(layers=layers)
 
@@ -264,7 +281,7 @@ class ZipVLCache(Cache):
             if not layer.is_initialized:
                 continue
             if isinstance(layer, ZipVLLayer):
-                batch, heads, _, d = layer.tail[0].shape
+                batch, heads, _, d = layer.tail.k.shape
                 tokens = int(layer.length)
             else:
                 batch, heads, _, d = layer.keys.shape

@@ -1,9 +1,13 @@
 """The zipvl op set, registered once through ``torch.library`` (namespace ``zipvl``).
 
-Each op has one schema and one plain-torch reference. Ops whose CUDA body calls a library kernel
-(SDPA, FlashAttention) are ``custom_op`` everywhere; ops made only of our own Triton kernels are defined
-with :func:`define_op` ``(triton=True)``, which registers a ``triton_op`` on CUDA machines (so Inductor inlines
-the kernels) and a ``custom_op`` with a fake elsewhere (the Triton interpreter cannot be traced through
+Each op's schema is written once, as the signature of its body below: tensors first (positional or keyword;
+optional ones default to None), options keyword-only with defaults. Callers and the FX passes address every
+argument by name. Layout structures cross an op boundary as tensor lists (``list(segment)``) and are rebuilt
+by name inside (:mod:`zipvl_compile.runtime.layout`). Fakes state the output contract only.
+
+Ops whose CUDA body calls a library kernel (SDPA, FlashAttention) are ``custom_op`` everywhere; ops made only of
+our own Triton kernels are defined with ``triton=True``, which registers a ``triton_op`` on CUDA machines (so
+Inductor inlines the kernels) and a ``custom_op`` elsewhere (the Triton interpreter cannot be traced through
 ``triton_op``). Importing this module registers the ops; it is idempotent per process.
 """
 
@@ -15,9 +19,8 @@ import torch
 
 from zipvl_compile.runtime import packed, stats
 from zipvl_compile.runtime import sparse as sparse_impl
-from zipvl_compile.runtime.kernels.decode import Segment
 from zipvl_compile.runtime.kernels.decode import decode_attention as decode_attention_impl
-from zipvl_compile.runtime.quant import GROUP
+from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 from zipvl_compile.runtime.reference import dense_attention
 
 NAMESPACE = "zipvl"
@@ -26,7 +29,7 @@ NAMESPACE = "zipvl"
 def define_op(
     name: str, impl: Callable, fake: Callable, mutates_args: Sequence[str] = (), triton: bool = False
 ) -> torch._ops.OpOverload:
-    """Register ``zipvl::name`` from a Python function with type hints; returns its ``.default`` overload."""
+    """Register ``zipvl::name`` from ``impl`` (its type hints are the schema); returns the ``.default`` overload."""
     qualname = f"{NAMESPACE}::{name}"
     if triton and torch.cuda.is_available():
         op = torch.library.triton_op(qualname, mutates_args=tuple(mutates_args))(impl)
@@ -36,34 +39,33 @@ def define_op(
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
+def _no_result(*args: object, **kwargs: object) -> None:
+    return None
+
+
+# -- attention ----------------------------------------------------------------------------------------------
+
+
 def _attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float = 1.0,
+    n_rep: int = 1,
     softcap: float = 0.0,
 ) -> torch.Tensor:
     return dense_attention(q, k, v, attn_mask, is_causal, scale, n_rep, softcap).contiguous()
 
 
-def _attention_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    softcap: float = 0.0,
-) -> torch.Tensor:
+def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
 attention = define_op("attention", _attention, _attention_fake)
-"""zipvl::attention(q [B,Hq,Lq,d], k/v [B,Hkv,Lk,d], attn_mask?, is_causal, scale, n_rep, softcap=0)
+"""zipvl::attention(q [B,Hq,Lq,d], k/v [B,Hkv,Lk,d], attn_mask?, *, is_causal, scale, n_rep, softcap=0)
 -> [B,Hq,Lq,d]: dense attention, exact (see runtime.reference for the mask convention)."""
 
 
@@ -72,16 +74,14 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _sparse_outputs(
-    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], stats_slot: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sparse_outputs(outputs: sparse_impl.Outputs, stats_slot: int) -> sparse_impl.Outputs:
     """(out, keep, ratio) of a sparse prefill as the ops return them; the ratio is stored in ``stats_slot``."""
     out, keep, ratio = outputs
     stats.record_ratio(stats_slot, ratio)
     return _bshd(out), keep, ratio
 
 
-def _sparse_outputs_fake(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sparse_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object):
     batch, heads, n, _ = q.shape
     out = q.new_empty(batch, n, heads, v.shape[-1]).transpose(1, 2)
     return out, q.new_empty(batch, n, dtype=torch.bool), q.new_empty(batch, dtype=torch.float32)
@@ -91,70 +91,94 @@ def _sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    tau: float,
-    n_probe_recent: int,
-    n_probe_random: int,
-    min_keep: int,
-    seed: int,
-    stats_slot: int = -1,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    is_causal: bool = True,
+    scale: float = 1.0,
+    n_rep: int = 1,
+    tau: float = 0.975,
+    n_probe_recent: int = 64,
+    n_probe_random: int = 64,
+    min_keep: int = 64,
+    seed: int = 0,
     force_ratio: float = 0.0,
     local_window: int = 0,
     score_norm: str = "probes",
+    stats_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_outputs(
-        sparse_impl.sparse_attention(
-            q,
-            k,
-            v,
-            attn_mask,
-            is_causal,
-            scale,
-            n_rep,
-            tau,
-            n_probe_recent,
-            n_probe_random,
-            min_keep,
-            seed,
-            force_ratio,
-            local_window,
-            score_norm,
-        ),
-        stats_slot,
-    )
+    probes = sparse_impl.Probes(n_probe_recent, n_probe_random, seed)
+    selection = sparse_impl.Selection(tau, min_keep, force_ratio, score_norm)
+    outputs = sparse_impl.sparse_attention(q, k, v, attn_mask, is_causal, scale, n_rep, probes, selection, local_window)
+    return _sparse_outputs(outputs, stats_slot)
 
 
-def _sparse_attention_fake(
+sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_fake)
+"""zipvl::sparse_attention(q, k, v, attn_mask?, *, is_causal, scale, n_rep, tau, n_probe_recent, n_probe_random,
+min_keep, seed, force_ratio, local_window, score_norm, stats_slot) -> (out [B,Hq,n,d], keep bool [B,n], ratio
+float32 [B]): ZipVL prefill (runtime.sparse); with a stats slot (runtime.stats) it also stores the batch's
+kept-ratio moments there."""
+
+
+def _probe_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    is_causal: bool = True,
+    scale: float = 1.0,
+    n_rep: int = 1,
+    n_probe_recent: int = 64,
+    n_probe_random: int = 64,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    probes = sparse_impl.Probes(n_probe_recent, n_probe_random, seed)
+    return sparse_impl.probe_scores(q, k, attn_mask, is_causal, scale, n_rep, probes)
+
+
+def _probe_scores_fake(q: torch.Tensor, k: torch.Tensor, *args: object, **kwargs: object):
+    shape = (q.shape[0], k.shape[2])
+    return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
+
+
+probe_scores = define_op("probe_scores", _probe_scores, _probe_scores_fake)
+"""zipvl::probe_scores(q, k, attn_mask?, *, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
+-> (colsum, seen) float32 [B,n]: the probe stage of sparse_attention over the heads of q (runtime.sparse). Under
+tensor parallelism the graph all-reduces colsum (sum over ranks) before zipvl.sparse_attention_scored; seen
+counts probe rows, the same on every rank."""
+
+
+def _sparse_attention_scored(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    tau: float,
-    n_probe_recent: int,
-    n_probe_random: int,
-    min_keep: int,
-    seed: int,
-    stats_slot: int = -1,
+    colsum: torch.Tensor,
+    seen: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    is_causal: bool = True,
+    scale: float = 1.0,
+    n_rep: int = 1,
+    tau: float = 0.975,
+    min_keep: int = 64,
     force_ratio: float = 0.0,
     local_window: int = 0,
     score_norm: str = "probes",
+    stats_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_outputs_fake(q, v)
+    selection = sparse_impl.Selection(tau, min_keep, force_ratio, score_norm)
+    outputs = sparse_impl.sparse_attention_scored(
+        q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, selection, local_window
+    )
+    return _sparse_outputs(outputs, stats_slot)
 
 
-sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_attention_fake)
-"""zipvl::sparse_attention(q, k, v, attn_mask?, is_causal, scale, n_rep, tau, n_probe_recent, n_probe_random,
-min_keep, seed, stats_slot=-1, force_ratio=0, local_window=0, score_norm="probes") -> (out [B,Hq,n,d], keep bool
-[B,n], ratio float32 [B]): ZipVL prefill (runtime.sparse); with a stats slot (runtime.stats) it also stores the
-batch's kept-ratio moments there; force_ratio > 0 is the benchmark-only fixed kept ratio; local_window > 0 lets
-every query attend to the kept keys plus its window (non-kept rows are then not zero); score_norm is the Eq. 7
-denominator ("probes" or ZipCache's "n_minus_j")."""
+sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored, _sparse_fake)
+"""zipvl::sparse_attention_scored(q, k, v, colsum, seen, attn_mask?, *, is_causal, scale, n_rep, tau, min_keep,
+force_ratio, local_window, score_norm, stats_slot) -> (out, keep, ratio) as sparse_attention: the selection
+(Eqs. 6-8 on colsum / seen of zipvl.probe_scores, summed over all heads) and kept-token attention stages."""
+
+
+# -- packed KV cache ----------------------------------------------------------------------------------------
 
 
 def _kv_write(
@@ -162,26 +186,24 @@ def _kv_write(
     lo: list[torch.Tensor],
     k: torch.Tensor,
     v: torch.Tensor,
-    keep: torch.Tensor | None,
-    valid: torch.Tensor | None,
     pos: torch.Tensor,
-    hi_bits: int,
-    lo_bits: int,
+    keep: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    *,
+    hi_bits: int = 4,
+    lo_bits: int = 2,
 ) -> None:
-    packed.write_tokens_(hi, lo, k, v, keep, valid, pos, hi_bits, lo_bits)
-
-
-def _no_result(*args: object) -> None:
-    return None
+    packed.write_tokens_(Segment(*hi), Segment(*lo), k, v, pos, keep, valid, hi_bits, lo_bits)
 
 
 kv_write_ = define_op("kv_write_", _kv_write, _no_result, mutates_args=("hi", "lo"), triton=True)
-"""zipvl::kv_write_(hi (mutated), lo (mutated), k, v [B,H,t,d], keep bool [B,t]?, valid bool [B,t]?, pos [B,t],
-hi_bits, lo_bits): quantise a prefill's tokens into the packed segments (runtime.packed.write_tokens_)."""
+"""zipvl::kv_write_(hi (mutated), lo (mutated), k, v [B,H,t,d], pos int [B,t], keep bool [B,t]?, valid bool
+[B,t]?, *, hi_bits, lo_bits): quantise a prefill's tokens into the packed segments (runtime.packed.write_tokens_;
+keep None = every valid token kept)."""
 
 
 def _kv_append(tail: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-    packed.append_tail_(tail, k, v, pos)
+    packed.append_tail_(Tail(*tail), k, v, pos)
 
 
 kv_append_ = define_op("kv_append_", _kv_append, _no_result, mutates_args=("tail",), triton=True)
@@ -192,52 +214,59 @@ def _kv_recompress(
     hi: list[torch.Tensor],
     lo: list[torch.Tensor],
     tail: list[torch.Tensor],
-    q: torch.Tensor | None,
-    scale: float,
-    n_rep: int,
-    tau: float,
-    hi_bits: int,
-    lo_bits: int,
+    q: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    n_rep: int = 1,
+    tau: float = 1.0,
+    hi_bits: int = 4,
+    lo_bits: int = 2,
 ) -> None:
-    packed.recompress_(hi, lo, tail, q, scale, n_rep, tau, hi_bits, lo_bits)
+    packed.recompress_(Segment(*hi), Segment(*lo), Tail(*tail), q, scale, n_rep, tau, hi_bits, lo_bits)
 
 
 kv_recompress_ = define_op("kv_recompress_", _kv_recompress, _no_result, mutates_args=("hi", "lo", "tail"), triton=True)
-"""zipvl::kv_recompress_(hi, lo, tail (all mutated), q [B,Hq,1,d]?, scale, n_rep, tau, hi_bits, lo_bits):
-quantise the tail block of rows whose tail is full, scored with q (runtime.packed.recompress_)."""
+"""zipvl::kv_recompress_(hi, lo, tail (all mutated), q [B,Hq,1,d]?, *, scale, n_rep, tau, hi_bits, lo_bits):
+quantise the tail block of rows whose tail is full, scored with q (None: every token kept;
+runtime.packed.recompress_)."""
 
 
-def _kv_shrink(seg: list[torch.Tensor], reserve: int) -> list[torch.Tensor]:
-    return packed.shrink(seg, reserve)
+def _kv_shrink(seg: list[torch.Tensor], *, reserve: int = 0) -> list[torch.Tensor]:
+    return list(packed.shrink(Segment(*seg), reserve))
 
 
-def _kv_shrink_fake(seg: list[torch.Tensor], reserve: int) -> list[torch.Tensor]:
-    slots = torch.library.get_ctx().new_dynamic_size() * GROUP
-    return [t.new_empty(packed.cut_shape(i, t, slots)) for i, t in enumerate(seg[:7])] + [torch.empty_like(seg[7])]
+def _kv_shrink_fake(seg: list[torch.Tensor], *, reserve: int = 0) -> list[torch.Tensor]:
+    segment = Segment(*seg)
+    shapes = segment.cut_shapes(torch.library.get_ctx().new_dynamic_size() * GROUP)
+    return [t.new_empty(shape) for t, shape in zip(segment, shapes, strict=True)]
 
 
 kv_shrink = define_op("kv_shrink", _kv_shrink, _kv_shrink_fake)
-"""zipvl::kv_shrink(seg, reserve) -> seg': a copy of a packed segment cut to its filled slots plus ``reserve``
+"""zipvl::kv_shrink(seg, *, reserve) -> seg': a copy of a packed segment cut to its filled slots plus ``reserve``
 (runtime.packed.shrink; the size is data-dependent: one host read of ``fill``)."""
 
 
 def _kv_dense_view(
-    hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int, hi_bits: int, lo_bits: int
+    hi: list[torch.Tensor],
+    lo: list[torch.Tensor],
+    tail: list[torch.Tensor],
+    *,
+    length: int = 0,
+    hi_bits: int = 4,
+    lo_bits: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return packed.dense_view(hi, lo, tail, length, hi_bits, lo_bits)
+    return packed.dense_view(Segment(*hi), Segment(*lo), Tail(*tail), length, hi_bits, lo_bits)
 
 
-def _kv_dense_view_fake(
-    hi: list[torch.Tensor], lo: list[torch.Tensor], tail: list[torch.Tensor], length: int, hi_bits: int, lo_bits: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    k_tail = tail[0]
+def _kv_dense_view_fake(hi: list, lo: list, tail: list[torch.Tensor], *, length: int = 0, **kwargs: object):
+    k_tail = Tail(*tail).k
     out = k_tail.new_empty(k_tail.shape[0], k_tail.shape[1], length, k_tail.shape[3])
     return out, torch.empty_like(out)
 
 
 kv_dense_view = define_op("kv_dense_view", _kv_dense_view, _kv_dense_view_fake, triton=True)
-"""zipvl::kv_dense_view(hi, lo, tail, length, hi_bits, lo_bits) -> (k, v) [B,H,length,d]: the dequantised cache
-in position order (the eager path's K/V; compiled decode graphs read the packed buffers instead)."""
+"""zipvl::kv_dense_view(hi, lo, tail, *, length, hi_bits, lo_bits) -> (k, v) [B,H,length,d]: the dequantised
+cache in position order (the eager path's K/V; compiled decode graphs read the packed buffers instead)."""
 
 
 def _decode_attention(
@@ -245,145 +274,40 @@ def _decode_attention(
     hi: list[torch.Tensor],
     lo: list[torch.Tensor],
     tail: list[torch.Tensor],
-    scale: float,
-    n_rep: int,
-    hi_bits: int,
-    lo_bits: int,
+    *,
+    scale: float = 1.0,
+    n_rep: int = 1,
+    hi_bits: int = 4,
+    lo_bits: int = 2,
 ) -> torch.Tensor:
-    return decode_attention_impl(q, Segment(*hi), Segment(*lo), *tail, scale, n_rep, hi_bits, lo_bits)
+    return decode_attention_impl(q, Segment(*hi), Segment(*lo), Tail(*tail), scale, n_rep, hi_bits, lo_bits)
 
 
-def _decode_attention_fake(
-    q: torch.Tensor,
-    hi: list[torch.Tensor],
-    lo: list[torch.Tensor],
-    tail: list[torch.Tensor],
-    scale: float,
-    n_rep: int,
-    hi_bits: int,
-    lo_bits: int,
-) -> torch.Tensor:
+def _decode_attention_fake(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     return torch.empty_like(q)
 
 
 decode_attention = define_op("decode_attention", _decode_attention, _decode_attention_fake, triton=True)
-"""zipvl::decode_attention(q [B,Hq,1,d], hi, lo, tail, scale, n_rep, hi_bits, lo_bits) -> [B,Hq,1,d]: attention
+"""zipvl::decode_attention(q [B,Hq,1,d], hi, lo, tail, *, scale, n_rep, hi_bits, lo_bits) -> [B,Hq,1,d]: attention
 of one query over every valid slot of the packed cache, dequantising in the kernel (runtime.kernels.decode)."""
 
 
-def _probe_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    n_probe_recent: int,
-    n_probe_random: int,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return sparse_impl.probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
-
-
-def _probe_scores_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    n_probe_recent: int,
-    n_probe_random: int,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (q.shape[0], k.shape[2])
-    return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
-
-
-probe_scores = define_op("probe_scores", _probe_scores, _probe_scores_fake)
-"""zipvl::probe_scores(q, k, attn_mask?, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
--> (colsum, seen) float32 [B,n]: the probe stage of sparse_attention over the heads of q (runtime.sparse). Under
-tensor parallelism the graph all-reduces colsum (sum over ranks) before zipvl.sparse_attention_scored; seen
-counts probe rows, the same on every rank."""
-
-
-def _sparse_attention_scored(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    colsum: torch.Tensor,
-    seen: torch.Tensor,
-    tau: float,
-    min_keep: int,
-    stats_slot: int = -1,
-    force_ratio: float = 0.0,
-    local_window: int = 0,
-    score_norm: str = "probes",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_outputs(
-        sparse_impl.sparse_attention_scored(
-            q,
-            k,
-            v,
-            attn_mask,
-            is_causal,
-            scale,
-            n_rep,
-            colsum,
-            seen,
-            tau,
-            min_keep,
-            force_ratio,
-            local_window,
-            score_norm,
-        ),
-        stats_slot,
-    )
-
-
-def _sparse_attention_scored_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    colsum: torch.Tensor,
-    seen: torch.Tensor,
-    tau: float,
-    min_keep: int,
-    stats_slot: int = -1,
-    force_ratio: float = 0.0,
-    local_window: int = 0,
-    score_norm: str = "probes",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sparse_outputs_fake(q, v)
-
-
-sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored, _sparse_attention_scored_fake)
-"""zipvl::sparse_attention_scored(q, k, v, attn_mask?, is_causal, scale, n_rep, colsum, seen, tau, min_keep,
-stats_slot=-1, force_ratio=0, local_window=0, score_norm="probes") -> (out [B,Hq,n,d], keep bool [B,n], ratio
-float32 [B]): the selection (Eqs. 6-8 on colsum / seen of zipvl.probe_scores, summed over all heads) and
-kept-token attention stages of sparse_attention; stats_slot, force_ratio, local_window and score_norm as there."""
-
-
 def _kv_simulate(
-    k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None, hi_bits: int, lo_bits: int
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    *,
+    hi_bits: int = 4,
+    lo_bits: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.simulate(k, v, keep, valid, hi_bits, lo_bits)
 
 
-def _kv_simulate_fake(
-    k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, valid: torch.Tensor | None, hi_bits: int, lo_bits: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _kv_simulate_fake(k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object):
     return torch.empty_like(k), torch.empty_like(v)
 
 
 kv_simulate = define_op("kv_simulate", _kv_simulate, _kv_simulate_fake, triton=True)
-"""zipvl::kv_simulate(k, v [B,H,t,d], keep?, valid?, hi_bits, lo_bits) -> (k', v'): the prefill K/V as the packed
-cache would hold them (quantised and dequantised), for kv_mode="simulate" on a stock cache."""
+"""zipvl::kv_simulate(k, v [B,H,t,d], keep?, valid?, *, hi_bits, lo_bits) -> (k', v'): the prefill K/V as the
+packed cache would hold them (quantised and dequantised), for kv_mode="simulate" on a stock cache."""

@@ -1,6 +1,7 @@
 """ZipVLCache and ZipVLLayer as pytree nodes (optree and ``torch.utils._pytree``).
 
-Children are the tensors a layer holds (segments, tail, length); the context is everything static (bits,
+Children are what a layer holds (its two Segments, its Tail, its length: layout.py's NamedTuples, themselves
+pytree nodes); the context is everything static (bits,
 interval, capacities, prompt length, whether the layer is initialised). So ``torch.export``, Dynamo guards and
 tree utilities see the cache's buffers, and a flatten/unflatten round trip rebuilds an equivalent cache.
 """
@@ -19,21 +20,16 @@ _LAYER_STATIC = ("max_cache_len", "hi_bits", "lo_bits", "interval", "prompt_len"
 
 
 def _flatten_layer(layer: ZipVLLayer) -> tuple[list[Any], tuple]:
-    sizes = (len(layer.hi), len(layer.lo), len(layer.tail))
     static = tuple(getattr(layer, name) for name in _LAYER_STATIC)
-    return [*layer.hi, *layer.lo, *layer.tail, layer.length], (sizes, static)
+    return [layer.hi, layer.lo, layer.tail, layer.length], static  # Segment / Tail are pytree nodes themselves
 
 
-def _unflatten_layer(context: tuple, children: list[Any]) -> ZipVLLayer:
-    (n_hi, n_lo, n_tail), static = context
+def _unflatten_layer(static: tuple, children: list[Any]) -> ZipVLLayer:
     layer = ZipVLLayer.__new__(ZipVLLayer)
-    for name, value in zip(_LAYER_STATIC, static):
+    for name, value in zip(_LAYER_STATIC, static, strict=True):
         setattr(layer, name, value)
     layer.keys = layer.values = None
-    children = list(children)
-    layer.hi, layer.lo = children[:n_hi], children[n_hi : n_hi + n_lo]
-    layer.tail = children[n_hi + n_lo : n_hi + n_lo + n_tail]
-    layer.length = children[-1]
+    layer.hi, layer.lo, layer.tail, layer.length = children
     return layer
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -49,9 +50,32 @@ def is_key_padding(attn_mask: torch.Tensor | None) -> bool:
     return attn_mask is None or attn_mask.shape[-2] == 1
 
 
-def keeps_all(tau: float, force_ratio: float) -> bool:
-    """True when the kept set is every valid token whatever the scores (tau >= 1, no forced ratio)."""
-    return tau >= 1.0 and force_ratio <= 0
+class Probes(NamedTuple):
+    """Which rows probe the keys (:func:`~zipvl_compile.runtime.selection.choose_probes`): the last ``recent``
+    valid rows plus ``random`` seeded random ones."""
+
+    recent: int
+    random: int
+    seed: int
+
+
+class Selection(NamedTuple):
+    """How the kept set is chosen from the probe scores (:func:`~zipvl_compile.runtime.selection.select_tokens`).
+
+    tau: Eq. 6 mass fraction; min_keep: floor on the kept count; force_ratio: benchmark-only fixed ratio (0 =
+    off); score_norm: the Eq. 7 denominator, "probes" (probe rows that see the key) or "n_minus_j" (ZipCache's:
+    every valid position at or after the key).
+    """
+
+    tau: float
+    min_keep: int
+    force_ratio: float
+    score_norm: str
+
+    @property
+    def keeps_all(self) -> bool:
+        """Every valid token is kept whatever the scores (tau >= 1 and no forced ratio): dense and exact."""
+        return self.tau >= 1.0 and self.force_ratio <= 0
 
 
 def probe_scores(
@@ -61,18 +85,15 @@ def probe_scores(
     is_causal: bool,
     scale: float,
     n_rep: int,
-    n_probe_recent: int,
-    n_probe_random: int,
-    seed: int,
+    probes: Probes,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(colsum, seen) float32 [B, n] of the probe rows over the heads of q (see the module docstring)."""
     is_causal, valid = _validity(q, attn_mask, is_causal)
-    probes = choose_probes(valid, n_probe_recent, n_probe_random, seed)
-    rows = probes.clamp(min=0)
-    q_probe = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    rows = choose_probes(valid, probes.recent, probes.random, probes.seed)
+    q_probe = q.gather(2, rows.clamp(min=0)[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
     if is_causal and is_key_padding(attn_mask):
-        return probe_colsum(q_probe, k, probes, valid, scale, n_rep)
-    return _masked_probe_colsum(q_probe, k, probes, attn_mask, is_causal, scale, n_rep)
+        return probe_colsum(q_probe, k, rows, valid, scale, n_rep)
+    return _masked_probe_colsum(q_probe, k, rows, attn_mask, is_causal, scale, n_rep)
 
 
 def sparse_attention_scored(
@@ -85,25 +106,19 @@ def sparse_attention_scored(
     n_rep: int,
     colsum: torch.Tensor,
     seen: torch.Tensor,
-    tau: float,
-    min_keep: int,
-    force_ratio: float = 0.0,
+    selection: Selection,
     local_window: int = 0,
-    score_norm: str = "probes",
 ) -> Outputs:
     """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention among kept tokens
-    (``local_window`` > 0: every query over the kept keys and its window; see the module docstring).
-
-    ``score_norm``: the Eq. 7 denominator, "probes" (``seen``: probe rows that see the key) or "n_minus_j"
-    (ZipCache's: valid positions at or after the key, i.e. the rows of the full causal matrix that see it).
-    ``force_ratio``: benchmark-only, see :func:`select_tokens`.
-    """
-    if keeps_all(tau, force_ratio):
+    (``local_window`` > 0: every query over the kept keys and its window; see the module docstring)."""
+    if selection.keeps_all:
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
     is_causal, valid = _validity(q, attn_mask, is_causal)
-    if score_norm == "n_minus_j":
+    if selection.score_norm == "n_minus_j":
         seen = valid.to(torch.float32).flip(-1).cumsum(dim=-1).flip(-1)
-    keep, ratio = _fused(select_tokens, q)(colsum, seen, valid, tau, min_keep, force_ratio)
+    keep, ratio = _fused(select_tokens, q)(
+        colsum, seen, valid, selection.tau, selection.min_keep, selection.force_ratio
+    )
     return _attend(q, k, v, attn_mask, is_causal, scale, n_rep, keep, valid, local_window), keep, ratio
 
 
@@ -115,23 +130,16 @@ def sparse_attention(
     is_causal: bool,
     scale: float,
     n_rep: int,
-    tau: float,
-    n_probe_recent: int,
-    n_probe_random: int,
-    min_keep: int,
-    seed: int,
-    force_ratio: float = 0.0,
+    probes: Probes,
+    selection: Selection,
     local_window: int = 0,
-    score_norm: str = "probes",
 ) -> Outputs:
     """ZipVL prefill attention on one device: :func:`probe_scores` then :func:`sparse_attention_scored`
     (no probe when every token is kept)."""
-    if keeps_all(tau, force_ratio):
+    if selection.keeps_all:
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
-    colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
-    return sparse_attention_scored(
-        q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, tau, min_keep, force_ratio, local_window, score_norm
-    )
+    colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, probes)
+    return sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, selection, local_window)
 
 
 _FUSED: dict = {}

@@ -3,8 +3,7 @@
 The cache of a layer holds two quantised segments, ``hi`` and ``lo`` (see :class:`Segment`), and a
 model-dtype tail of recent tokens. Decode attention is a sum over cached keys, so the three sources are
 attended as one set of keys: ``out = softmax(q · K^T * scale) V`` over every valid slot, where a slot is
-valid iff its position is >= 0 and it lies below the segment's ``fill`` (or the tail's ``tail_len``), and,
-for sliding-window layers (``window > 0``), its position is > ``q_pos - window``.
+valid iff its position is >= 0 and it lies below the segment's ``fill`` (or the tail's ``length``).
 
 Two implementations with the same signature:
 
@@ -12,12 +11,12 @@ Two implementations with the same signature:
 - :func:`decode_attention_triton`: split-K (flash-decoding) Triton kernels. Grid ``(B, H, S_hi + S_lo +
   S_tail)``: each program walks one share of the 64-slot blocks of ONE source (hi, lo or the tail; a runtime
   branch on the program id, so one launch runs all three concurrently). Shares are computed in-kernel from
-  ``fill`` / ``tail_len`` (balanced whatever the fill, no host sync); the split counts come from static
-  shapes (:func:`num_splits_for`). Per block a program loads the packed key and value bytes once and serves
-  all ``n_rep`` query heads of its KV head with ``tl.dot`` (``n_rep`` padded to 16 rows, always: tensor
-  cores make the padded rows free, whereas CUDA-core multiply-sums would be compute-bound at GQA
-  ``n_rep = 7``). Channels are handled as ``8 // bits`` sub-planes (bits ``J*bits..`` of every byte =
-  channels ``i*(8//bits) + J``), so byte tiles are used as they lie (no interleave/reshape) and queries and
+  ``fill`` / the tail's ``length`` (balanced whatever the fill, no host sync); the split counts come from
+  static shapes and the device's SM count (:func:`num_splits_for`). Per block a program loads the packed key
+  and value bytes once and serves all ``n_rep`` query heads of its KV head with ``tl.dot`` (``n_rep`` padded
+  to 16 rows, always: tensor cores make the padded rows free, whereas CUDA-core multiply-sums would be
+  compute-bound at GQA ``n_rep = 7``). Channels are handled as ``8 // bits`` sub-planes (bits ``J*bits..`` of every
+  byte = channels ``i*(8//bits) + J``), so byte tiles are used as they lie (no interleave/reshape) and queries and
   outputs are permuted instead. Dequantisation is folded into the small operands, not the ``[64, d]``
   tiles (a block is one key group, so its key scale/zero are one ``[d]`` row):
   ``q·k = (q*k_scale)·code + q·k_zero`` and ``p·v = (p*v_scale)·code + (p·v_zero) 1``; codes become fp16
@@ -39,37 +38,18 @@ output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..quant import GROUP, dequantize_keys_reference, dequantize_values_reference
+from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
+from zipvl_compile.runtime.kernels.quant_reference import dequantize_keys_reference, dequantize_values_reference
+from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 
-_TARGET_PROGRAMS = 4 * 132  # 4 programs per SM on a 132-SM GPU (3 are resident at 168 registers)
+_PROGRAMS_PER_SM = 4  # split-K target (3 programs are resident per SM at 168 registers; 2 measured slower on H100)
 _MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
-
-
-class Segment(NamedTuple):
-    """One quantised segment of a layer's cache (``b`` = the segment's bits, ``C`` = slot capacity).
-
-    k_codes, v_codes: uint8 [B, H, C, d*b//8], channel c in byte c // (8//b) at shift (c % (8//b)) * b.
-    k_scale, k_zero: float16 [B, H, C//64, d] (per channel over 64-slot groups; x = code*scale + zero).
-    v_scale, v_zero: float16 [B, H, C] (per token over the head dim).
-    pos: int32 [B, C], original position of each slot, -1 = empty.
-    fill: int32 [B], slots [0, fill) have been written.
-    """
-
-    k_codes: torch.Tensor
-    k_scale: torch.Tensor
-    k_zero: torch.Tensor
-    v_codes: torch.Tensor
-    v_scale: torch.Tensor
-    v_zero: torch.Tensor
-    pos: torch.Tensor
-    fill: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,19 +72,7 @@ def _slot_valid(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_reference(
-    q: torch.Tensor,
-    hi: Segment,
-    lo: Segment,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_pos: torch.Tensor,
-    tail_len: torch.Tensor,
-    scale: float,
-    n_rep: int,
-    hi_bits: int,
-    lo_bits: int,
-    window: int = 0,
-    q_pos: torch.Tensor | None = None,
+    q: torch.Tensor, hi: Segment, lo: Segment, tail: Tail, scale: float, n_rep: int, hi_bits: int, lo_bits: int
 ) -> torch.Tensor:
     """Plain-PyTorch decode attention over hi + lo + tail; see the module docstring for the arguments.
 
@@ -112,14 +80,11 @@ def decode_attention_reference(
     """
     k_hi, v_hi = _dequant_segment(hi, hi_bits)
     k_lo, v_lo = _dequant_segment(lo, lo_bits)
-    k = torch.cat([k_hi, k_lo, k_tail.float()], dim=2).repeat_interleave(n_rep, dim=1)
-    v = torch.cat([v_hi, v_lo, v_tail.float()], dim=2).repeat_interleave(n_rep, dim=1)
-    pos = torch.cat([hi.pos, lo.pos, tail_pos], dim=1)
+    k = torch.cat([k_hi, k_lo, tail.k.float()], dim=2).repeat_interleave(n_rep, dim=1)
+    v = torch.cat([v_hi, v_lo, tail.v.float()], dim=2).repeat_interleave(n_rep, dim=1)
     valid = torch.cat(
-        [_slot_valid(hi.pos, hi.fill), _slot_valid(lo.pos, lo.fill), _slot_valid(tail_pos, tail_len)], dim=1
+        [_slot_valid(hi.pos, hi.fill), _slot_valid(lo.pos, lo.fill), _slot_valid(tail.pos, tail.length)], dim=1
     )
-    if window > 0:
-        valid = valid & (pos > (q_pos.to(pos.dtype) - window)[:, None])
     # empty slots may hold any bytes (NaN included): zero them so that 0-probability * NaN cannot leak
     k = k.masked_fill(~valid[:, None, :, None], 0.0)
     v = v.masked_fill(~valid[:, None, :, None], 0.0)
@@ -275,7 +240,6 @@ def _segment_partial(
     bh,
     split,
     n_splits,
-    min_pos,
     m_ws,
     den_ws,
     acc_ws,
@@ -316,7 +280,7 @@ def _segment_partial(
     for blk in range(first, last):
         slot = blk * BLOCK + tl.arange(0, BLOCK)
         slot_ok = slot < fill
-        valid = tl.load(pos_ptr + b * C + slot, mask=slot_ok, other=-1) > min_pos
+        valid = tl.load(pos_ptr + b * C + slot, mask=slot_ok, other=-1) >= 0
         tile = (bh * C + slot[:, None]) * KB + byte_col[None, :]
         kbyte = tl.load(kc + tile, mask=slot_ok[:, None], other=0)
         vbyte = tl.load(vc + tile, mask=slot_ok[:, None], other=0)
@@ -370,7 +334,6 @@ def _tail_partial(
     bh,
     split,
     n_splits,
-    min_pos,
     m_ws,
     den_ws,
     acc_ws,
@@ -391,7 +354,7 @@ def _tail_partial(
     for blk in range(first, last):
         slot = blk * BLOCK + tl.arange(0, BLOCK)
         slot_ok = slot < n
-        valid = tl.load(tpos_ptr + b * R + slot, mask=slot_ok, other=-1) > min_pos
+        valid = tl.load(tpos_ptr + b * R + slot, mask=slot_ok, other=-1) >= 0
         offs = (bh * R + slot[:, None]) * D + chan[None, :]
         k = tl.load(kt + offs, mask=slot_ok[:, None], other=0.0).to(DT)
         v = tl.load(vt + offs, mask=valid[:, None], other=0.0).to(DT)  # holes may hold garbage
@@ -404,7 +367,6 @@ def _tail_partial(
 @triton.jit
 def _decode_partial_kernel(
     q_ptr,
-    qpos_ptr,
     hkc,
     hks,
     hkz,
@@ -435,14 +397,12 @@ def _decode_partial_kernel(
     den_ws,
     H,
     n_rep,
-    window,
     qk_scale,
     HI_BITS: tl.constexpr,
     LO_BITS: tl.constexpr,
     D: tl.constexpr,
     NP: tl.constexpr,
     BLOCK: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
     F32: tl.constexpr,
     ASM: tl.constexpr,
 ):
@@ -460,9 +420,6 @@ def _decode_partial_kernel(
     row_ok = rows < n_rep
     qh = b * H * n_rep + h * n_rep + rows  # query-head rows of this KV head
     ws = qh.to(tl.int64) * n_splits + j
-    min_pos = -1
-    if HAS_WINDOW:
-        min_pos = tl.maximum(tl.load(qpos_ptr + b).to(tl.int32) - window, -1)
     if j < S_HI:
         _segment_partial(
             q_ptr,
@@ -482,7 +439,6 @@ def _decode_partial_kernel(
             bh,
             j,
             S_HI,
-            min_pos,
             m_ws,
             den_ws,
             acc_ws,
@@ -513,7 +469,6 @@ def _decode_partial_kernel(
             bh,
             j - S_HI,
             S_LO,
-            min_pos,
             m_ws,
             den_ws,
             acc_ws,
@@ -540,7 +495,6 @@ def _decode_partial_kernel(
             bh,
             j - S_HI - S_LO,
             n_splits - S_HI - S_LO,
-            min_pos,
             m_ws,
             den_ws,
             acc_ws,
@@ -569,15 +523,15 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
 
 
 def num_splits_for(
-    batch: int, kv_heads: int, c_hi: int, c_lo: int, tail: int, hi_bits: int, lo_bits: int
+    batch: int, kv_heads: int, c_hi: int, c_lo: int, tail: int, hi_bits: int, lo_bits: int, sms: int
 ) -> tuple[int, int, int]:
-    """Splits (hi, lo, tail) per (sequence, KV head), from static shapes only.
+    """Splits (hi, lo, tail) per (sequence, KV head), from static shapes and the device's SM count ``sms``.
 
-    Together >= 4 programs per SM on a 132-SM GPU (2 per SM measured slower on the H100), shared between
-    hi and lo in proportion to their capacity times bits (their bytes), each split getting at least 4
-    blocks of a full segment; the tail (a few hundred slots at most) gets one split per 512 slots.
+    Together >= ``_PROGRAMS_PER_SM`` programs per SM, shared between hi and lo in proportion to their capacity
+    times bits (their bytes), each split getting at least ``_MIN_BLOCKS_PER_SPLIT`` blocks of a full segment;
+    the tail (a few hundred slots at most) gets one split per 512 slots.
     """
-    per_seq = triton.cdiv(_TARGET_PROGRAMS, batch * kv_heads)
+    per_seq = triton.cdiv(_PROGRAMS_PER_SM * sms, batch * kv_heads)
     cost_hi, cost_lo = c_hi * (hi_bits + 1), c_lo * (lo_bits + 1)
     share_hi = round(per_seq * cost_hi / max(cost_hi + cost_lo, 1))
     cap = lambda c: max(1, c // (_MIN_BLOCKS_PER_SPLIT * GROUP))
@@ -592,16 +546,11 @@ def decode_attention_triton(
     q: torch.Tensor,
     hi: Segment,
     lo: Segment,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_pos: torch.Tensor,
-    tail_len: torch.Tensor,
+    tail: Tail,
     scale: float,
     n_rep: int,
     hi_bits: int,
     lo_bits: int,
-    window: int = 0,
-    q_pos: torch.Tensor | None = None,
     num_splits: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Split-K Triton decode attention; arguments as :func:`decode_attention_reference`.
@@ -616,46 +565,42 @@ def decode_attention_triton(
             f"decode_attention: q {tuple(q.shape)} needs q_len 1, Hq = H*n_rep = {H}*{n_rep} "
             "and d in {16, 32, 64, 128, 256}"
         )
-    if window > 0 and q_pos is None:
-        raise ValueError("decode_attention: window > 0 needs q_pos")
-    c_hi, c_lo, R = hi.pos.shape[1], lo.pos.shape[1], tail_pos.shape[1]
-    s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, hi_bits, lo_bits)
+    c_hi, c_lo, R = hi.capacity, lo.capacity, tail.slots
+    sms = sm_count(q.device)
+    s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, hi_bits, lo_bits, sms)
     S = s_hi + s_lo + s_tail
     acc_ws = torch.empty(B, Hq, S, d, device=q.device, dtype=torch.float32)
     m_ws = torch.empty(B, Hq, S, device=q.device, dtype=torch.float32)
     den_ws = torch.empty_like(m_ws)
     hi, lo = ([t.contiguous() for t in seg] for seg in (hi, lo))
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k_tail.dtype != q.dtype:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or tail.k.dtype != q.dtype:
         raise ValueError(
-            f"decode_attention: q and the tail must share one of fp32/fp16/bf16, got {q.dtype} and {k_tail.dtype}"
+            f"decode_attention: q and the tail must share one of fp32/fp16/bf16, got {q.dtype} and {tail.k.dtype}"
         )
     wrap_triton(_decode_partial_kernel)[(B, H, S)](
         q.contiguous(),
-        q_pos if q_pos is not None else tail_len,
         *hi,
         c_hi,
         s_hi,
         *lo,
         c_lo,
         s_lo,
-        k_tail.contiguous(),
-        v_tail.contiguous(),
-        tail_pos.contiguous(),
-        tail_len,
+        tail.k.contiguous(),
+        tail.v.contiguous(),
+        tail.pos.contiguous(),
+        tail.length,
         R,
         acc_ws,
         m_ws,
         den_ws,
         H,
         n_rep,
-        window,
         scale * math.log2(math.e),
         HI_BITS=hi_bits,
         LO_BITS=lo_bits,
         D=d,
         NP=max(16, triton.next_power_of_2(n_rep)),
         BLOCK=GROUP,
-        HAS_WINDOW=window > 0,
         F32=q.dtype == torch.float32,
         ASM=q.is_cuda and q.dtype != torch.float32,
         num_warps=8 if d == 256 else 4,
@@ -670,24 +615,17 @@ def decode_attention(
     q: torch.Tensor,
     hi: Segment,
     lo: Segment,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_pos: torch.Tensor,
-    tail_len: torch.Tensor,
+    tail: Tail,
     scale: float,
     n_rep: int,
     hi_bits: int,
     lo_bits: int,
-    window: int = 0,
-    q_pos: torch.Tensor | None = None,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed cache: Triton on CUDA (or when ``use_triton``), else the reference.
 
-    q [B, H*n_rep, 1, d]; hi/lo: :class:`Segment`; k_tail/v_tail [B, H, R, d] model dtype; tail_pos int32
-    [B, R]; tail_len int32 [B]; q_pos int [B] (needed when window > 0). Returns [B, H*n_rep, 1, d].
+    q [B, H*n_rep, 1, d]; hi/lo: :class:`~zipvl_compile.runtime.layout.Segment` at hi_bits/lo_bits; tail:
+    :class:`~zipvl_compile.runtime.layout.Tail` (q's dtype). Returns [B, H*n_rep, 1, d] in q's dtype.
     """
-    if use_triton is None:
-        use_triton = q.is_cuda
-    impl = decode_attention_triton if use_triton else decode_attention_reference
-    return impl(q, hi, lo, k_tail, v_tail, tail_pos, tail_len, scale, n_rep, hi_bits, lo_bits, window, q_pos)
+    impl = decode_attention_triton if wants_triton(q, use_triton) else decode_attention_reference
+    return impl(q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)

@@ -1,8 +1,8 @@
-"""Triton twins of :mod:`zipvl_compile.runtime.quant` (same signatures, ``_triton`` suffix).
+"""Triton twins of :mod:`zipvl_compile.runtime.kernels.quant_reference` (same signatures, ``_triton`` suffix).
 
-The layout, the parameter arithmetic and the bytes-per-token table are documented in
-:mod:`zipvl_compile.runtime.quant`; the kernels reproduce the references' codes and params bit for bit (same
-fp32 operations: multiplication by the fp32 reciprocal of 2^b - 1, ``div_rn`` for the code division,
+The layout is :mod:`zipvl_compile.runtime.layout`, the parameter arithmetic
+:mod:`zipvl_compile.runtime.kernels.quant_reference`; the kernels reproduce the references' codes and params bit
+for bit (same fp32 operations: multiplication by the fp32 reciprocal of 2^b - 1, ``div_rn`` for the code division,
 ``floor(y + 0.5)``). Dequantisation may differ from the reference by one fp32 rounding (the GPU may fuse
 ``code * scale + zero`` into an FMA).
 
@@ -13,7 +13,7 @@ masked; packing needs ``d * bits % 8 == 0``), one program per (batch row x head,
 - ``_quantize_values_kernel`` / ``_dequantize_*_kernel``: 64 tokens per program.
 - ``_write_segment_kernel``: fused gather + quantise (keys and values) + pack + scatter of one 64-slot staging
   group of the taken tokens into the segment (grid ``(B * H, ceil(t / 64))``). The staging order (which
-  token is the s-th taken one) comes from :func:`~zipvl_compile.runtime.quant.staging_index` on the
+  token is the s-th taken one) comes from :func:`~zipvl_compile.runtime.layout.staging_index` on the
   device; programs whose group holds no taken token store nothing; stores beyond the capacity are masked
   (dropped). The programs of head 0 also write ``pos``; torch advances ``fill`` afterwards.
 
@@ -28,14 +28,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from zipvl_compile.runtime.quant import (
-    GROUP,
-    KEY_SHRINK_STEPS,
-    SCALE_FLOOR,
-    advance_fill_,
-    max_code,
-    staging_index,
-)
+from zipvl_compile.runtime.kernels.quant_reference import KEY_SHRINK_STEPS, SCALE_FLOOR
+from zipvl_compile.runtime.layout import GROUP, Segment, advance_fill_, max_code, staging_index
 
 _ROWS = GROUP  # slots per program
 _FLOOR = tl.constexpr(SCALE_FLOOR)  # globals read inside @triton.jit must be constexpr
@@ -347,7 +341,7 @@ def _block_d(d: int, bits: int) -> int:
 def quantize_keys_triton(
     k: torch.Tensor, valid: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`~zipvl_compile.runtime.quant.quantize_keys_reference`."""
+    """Triton twin of :func:`~zipvl_compile.runtime.kernels.quant_reference.quantize_keys_reference`."""
     batch, heads, t, d = k.shape
     if t % GROUP:
         raise ValueError(f"key length {t} is not a multiple of {GROUP}")
@@ -373,7 +367,7 @@ def quantize_keys_triton(
 
 
 def quantize_values_triton(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`~zipvl_compile.runtime.quant.quantize_values_reference`."""
+    """Triton twin of :func:`~zipvl_compile.runtime.kernels.quant_reference.quantize_values_reference`."""
     batch, heads, t, d = v.shape
     codes = v.new_empty(batch, heads, t, d * bits // 8, dtype=torch.uint8)
     scale = v.new_empty(batch, heads, t, dtype=torch.float16)
@@ -408,39 +402,26 @@ def _dequantize(
 def dequantize_keys_triton(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Triton twin of :func:`~zipvl_compile.runtime.quant.dequantize_keys_reference`."""
+    """Triton twin of :func:`~zipvl_compile.runtime.kernels.quant_reference.dequantize_keys_reference`."""
     return _dequantize(codes, scale, zero, bits, dtype, keys=True)
 
 
 def dequantize_values_triton(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Triton twin of :func:`~zipvl_compile.runtime.quant.dequantize_values_reference`."""
+    """Triton twin of :func:`~zipvl_compile.runtime.kernels.quant_reference.dequantize_values_reference`."""
     return _dequantize(codes, scale, zero, bits, dtype, keys=False)
 
 
 def write_segment_triton_(
-    seg_codes_k: torch.Tensor,
-    seg_scale_k: torch.Tensor,
-    seg_zero_k: torch.Tensor,
-    seg_codes_v: torch.Tensor,
-    seg_scale_v: torch.Tensor,
-    seg_zero_v: torch.Tensor,
-    seg_pos: torch.Tensor,
-    seg_fill: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    take: torch.Tensor,
-    src_pos: torch.Tensor,
-    bits: int,
+    seg: Segment, k_new: torch.Tensor, v_new: torch.Tensor, take: torch.Tensor, src_pos: torch.Tensor, bits: int
 ) -> None:
-    """Triton twin of :func:`~zipvl_compile.runtime.quant.write_segment_reference_` (segment buffers must be
-    contiguous)."""
-    buffers = (seg_codes_k, seg_scale_k, seg_zero_k, seg_codes_v, seg_scale_v, seg_zero_v, seg_pos, seg_fill)
-    if not all(buf.is_contiguous() for buf in buffers):
+    """Triton twin of :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_` (the
+    segment's tensors must be contiguous)."""
+    if not all(buf.is_contiguous() for buf in seg):
         raise ValueError("segment buffers must be contiguous")
     batch, heads, _, d = k_new.shape
-    capacity = seg_pos.shape[1]
+    capacity = seg.capacity
     src, count = staging_index(take)
     tp = src.shape[1]
     wrap_triton(_write_segment_kernel)[(batch * heads, tp // GROUP)](
@@ -449,7 +430,7 @@ def write_segment_triton_(
         src,
         count,
         src_pos,
-        *buffers,
+        *seg,
         heads,
         take.shape[1],
         capacity,
@@ -462,4 +443,4 @@ def write_segment_triton_(
         BITS=bits,
         ROWS=_ROWS,
     )
-    advance_fill_(seg_fill, count, capacity)
+    advance_fill_(seg.fill, count, capacity)
