@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from zipvl_compile.config import ZipVLConfig
-from zipvl_compile.models import language_model
+from zipvl_compile.model_parts import language_model
 from zipvl_compile.report import report
 from zipvl_compile.runtime.cache import ZipVLCache
 
