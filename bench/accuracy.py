@@ -62,7 +62,7 @@ def corpus_ids(tokenizer, n_tokens: int) -> torch.Tensor:
 
 def load(spec: str | None):
     """(model, tokenizer) in fp32 on the CPU: the embedded SmolLM2 (None), a .gguf file or a HF directory."""
-    from zipvl_compile.models import load_decoder
+    from zipvl_compile.demo.load import load_decoder
 
     return load_decoder(spec, torch.float32, "cpu")
 

@@ -6,10 +6,10 @@ import operator
 
 import torch
 import torch.fx as fx
-from tiny_models import build_text
 
 import zipvl_compile
 from zipvl_compile.backend import _drop_unused_inputs
+from zipvl_compile.testing import build_text
 
 
 def test_drop_unused_inputs_keeps_the_calling_convention():

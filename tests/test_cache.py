@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VLMS, build_text, build_vlm
 
 import zipvl_compile
 from zipvl_compile import ZipVLCache
+from zipvl_compile.testing import VLMS, build_text, build_vlm
 
 
 def _ids(n=24, batch=1, seed=0):
@@ -181,7 +181,7 @@ def test_prefill_compacts_each_layer_once_the_next_begins(inner):
     """Peak memory: inside the prefill graph a layer's worst-case segments shrink when the next layer starts."""
     import transformers as T
 
-    from zipvl_compile.models import TXT
+    from zipvl_compile.testing import TXT
 
     _reset()
     torch.manual_seed(0)

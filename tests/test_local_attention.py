@@ -7,12 +7,12 @@ import zlib
 import pytest
 import torch
 from conftest import DEVICE
-from tiny_models import build_text
 
 import zipvl_compile
 from zipvl_compile import ZipVLConfig
 from zipvl_compile.runtime.kernels.local_attention import local_attention_reference, local_attention_triton
 from zipvl_compile.runtime.reference import dense_attention
+from zipvl_compile.testing import build_text
 
 OP = torch.ops.zipvl.sparse_attention
 HEADS = [(4, 4), (4, 2), (3, 1)]  # MHA, GQA, MQA

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TEXT_MODELS, VLMS, build_text, build_vlm, language_model
 
 import zipvl_compile
+from zipvl_compile import language_model
+from zipvl_compile.testing import TEXT_MODELS, VLMS, build_text, build_vlm
 
 GEN = dict(max_new_tokens=6, do_sample=False)
 EXACT = {"tau": 1.0, "hi_bits": 16, "lo_bits": 16, "inner": "eager"}

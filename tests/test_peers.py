@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build_text
 from transformers import DynamicCache, QuantizedCache
 
 from bench import peers
+from zipvl_compile.testing import build_text
 
 
 def _ids(n: int = 128) -> torch.Tensor:

