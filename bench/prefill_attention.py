@@ -2,6 +2,7 @@
 
     python -m bench.prefill_attention            # GPU, one invocation (a few minutes on an H100), bf16
     python -m bench.prefill_attention --smoke    # CPU check of the same code at tiny sizes, fp32
+    TRITON_INTERPRET=1 python -m bench.prefill_attention --smoke   # ... with the Triton stages interpreted
 
 For each shape (Qwen2-7B: 28 query / 4 KV heads; LLaVA-Next-7B: 32 / 32; d = 128) and length n, B = 1:
 - dense causal attention with every dense backend present: FlashAttention-4
@@ -14,7 +15,12 @@ For each shape (Qwen2-7B: 28 query / 4 KV heads; LLaVA-Next-7B: 32 / 32; d = 128
 - probe + select (choose_probes, probe_colsum, select_tokens, keep_to_index) at the project's defaults,
   when those modules are importable;
 - the ``local_window`` prefill (every query over the same kept keys plus its ``--local-window`` most recent
-  keys, one Triton kernel): ``local_ms`` and ``local_vs_dense`` (its ideal is (r + (1 - r) * w / n) x dense).
+  keys, one Triton kernel): ``local_ms`` and ``local_vs_dense`` (its ideal is (r + (1 - r) * w / n) x dense);
+- the ``sinks`` prefill (kept queries over the kept keys, every query over its ``--sink-window`` most recent
+  keys and the first ``--sinks`` tokens): ``sink_attention`` for every varlen backend of its kept part, its
+  stages alone (``sinks_kept_ms``: pack + varlen kernel with lse; ``sinks_merge_ms``: the window + sinks +
+  merge Triton kernel) and ``sinks_ratio`` = sinks_ms / (r^2 x dense).
+``--modes`` picks among paper (kept_causal_attention), local and sinks; dense is always timed.
 Reported: best dense time, sparse time, ideal = r^2 x dense, sparse / ideal (target <= 1.18 at 32k), and
 probe + select as % of dense. Prints a markdown table; writes $OUT/prefill_attention.json when $OUT is set.
 Every measurement is guarded: a backend that fails records its error and the run goes on.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,12 +45,14 @@ from zipvl_compile.runtime.kernels.kept_attention import (
     available_backends,
     keep_to_index,
     kept_causal_attention,
+    kept_causal_attention_lse,
     kept_mask,
     pack_kept,
     unpack_kept,
     varlen_attention,
 )
 from zipvl_compile.runtime.kernels.local_attention import local_attention
+from zipvl_compile.runtime.kernels.sink_attention import sink_attention, sink_merge_triton
 
 SHAPES = {"qwen2-7b": (28, 4, 128), "llava-next-7b": (32, 32, 128)}  # (Hq, Hkv, d)
 LENGTHS = (8192, 16384, 32768, 65536)
@@ -52,6 +61,7 @@ SMOKE_SHAPES = {"tiny-gqa": (4, 2, 16), "tiny-mha": (2, 2, 16)}
 SMOKE_LENGTHS = (64, 256)
 TARGET_N, TARGET_RATIO = 32768, 1.18
 _VARLEN_KERNELS = ("fa4", "fa2", "torch_varlen")
+MODES = ("paper", "local", "sinks")
 
 
 @dataclasses.dataclass
@@ -222,6 +232,44 @@ def time_local(t: Inputs, idx: torch.Tensor, count: torch.Tensor, window: int, e
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class SinkOptions:
+    """The sinks-mode settings: local window and number of sink tokens."""
+
+    window: int
+    sinks: int
+
+
+def time_sinks(
+    t: Inputs, idx: torch.Tensor, count: torch.Tensor, opts: SinkOptions, kernels: list[str], errors: dict[str, str]
+) -> dict[str, Any]:
+    """Timings of sink_attention per kept-part backend (eager), the best one from a CUDA graph, and its two
+    stages alone. Its Triton stages run on CUDA, or on CPU under TRITON_INTERPRET=1 (else the reference)."""
+    q, k, v = t.bhsd()
+    keep = kept_mask(idx, count)
+    valid = torch.ones_like(keep)
+    fast = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    args = (q, k, v, keep, valid, opts.window, opts.sinks, t.scale, t.n_rep)
+    calls = {b: (lambda b=b: sink_attention(*args, backend=b, use_triton=fast)) for b in kernels}
+    res: dict[str, Any] = {
+        "sinks_all_ms": {b: _guard(lambda fn=fn: median_ms(fn), errors, f"sinks/{b}") for b, fn in calls.items()}
+    }
+    best = res["sinks_backend"] = _best(res["sinks_all_ms"])
+    if best is None:
+        return res
+    res["sinks_ms"] = res["sinks_all_ms"][best]
+    res["sinks_graph_ms"] = _guard(lambda: cuda_graph_ms(calls[best]), errors, "sinks_graph")
+    res["sinks_output_finite"] = bool(calls[best]().isfinite().all())
+    if not fast:
+        return res
+    kept_part = lambda: kept_causal_attention_lse(q, k, v, idx, count, t.scale, t.n_rep, backend=best)
+    res["sinks_kept_ms"] = _guard(lambda: median_ms(kept_part), errors, "sinks_kept")
+    part = kept_part()
+    merge = lambda: sink_merge_triton(*args, part)
+    res["sinks_merge_ms"] = _guard(lambda: median_ms(merge), errors, "sinks_merge")
+    return res
+
+
 def bench_length(
     name: str,
     heads: tuple[int, int, int],
@@ -231,8 +279,10 @@ def bench_length(
     device: str,
     no_graph: set[str],
     window: int,
+    modes: tuple[str, ...],
+    sink_opts: SinkOptions,
 ) -> list[dict]:
-    """All measurements of one (shape, n); returns one result dict per kept ratio."""
+    """All measurements of one (shape, n) in the given modes; returns one result dict per kept ratio."""
     t = Inputs.random(heads, n, dtype, device)
     errors: dict[str, str] = {}
     dense = {
@@ -250,8 +300,9 @@ def bench_length(
     for ratio in ratios:
         idx, count = random_kept(n, ratio, device, seed=n + round(ratio * 1000))
         r = round(ratio * n) / n
-        sparse = time_sparse(t, idx, count, kernels, errors, no_graph)
-        local_ms = time_local(t, idx, count, window, errors)
+        sparse = time_sparse(t, idx, count, kernels, errors, no_graph) if "paper" in modes else {}
+        local_ms = time_local(t, idx, count, window, errors) if "local" in modes else None
+        sinks = time_sinks(t, idx, count, sink_opts, kernels, errors) if "sinks" in modes else {}
         ideal = r * r * dense_ms if dense_ms else None
         rows.append(
             dict(
@@ -273,13 +324,18 @@ def bench_length(
                 local_window=window,
                 local_ms=local_ms,
                 local_vs_dense=_div(local_ms, dense_ms),
+                sink_window=sink_opts.window,
+                sinks=sink_opts.sinks,
+                **sinks,
+                sinks_ratio=_div(sinks.get("sinks_ms"), ideal),
+                sinks_vs_dense=_div(sinks.get("sinks_ms"), dense_ms),
                 errors=dict(errors),
             )
         )
         print(
             f"  {name} n={n} r={r:.2f}: dense {dense_ms} ms ({dense_backend}), sparse "
-            f"{sparse.get('sparse_ms')} ms ({sparse['sparse_backend']}), ratio {rows[-1]['ratio']}, "
-            f"probe stages {stage_ms}",
+            f"{sparse.get('sparse_ms')} ms ({sparse.get('sparse_backend')}), ratio {rows[-1]['ratio']}, "
+            f"sinks {sinks.get('sinks_ms')} ms (ratio {rows[-1]['sinks_ratio']}), probe stages {stage_ms}",
             flush=True,
         )
     return rows
@@ -304,6 +360,12 @@ COLUMNS = [
     "probe_pct_of_dense",
     "local_ms",
     "local_vs_dense",
+    "sinks_backend",
+    "sinks_ms",
+    "sinks_graph_ms",
+    "sinks_kept_ms",
+    "sinks_merge_ms",
+    "sinks_ratio",
 ]
 
 
@@ -314,7 +376,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--shapes", nargs="+", help="subset of the shape names")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--local-window", type=int, default=64, help="window of the local_window timing (0: off)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--sink-window", type=int, default=64, help="local window of the sinks mode (>= 1)")
+    parser.add_argument("--sinks", type=int, default=4, help="sink tokens of the sinks mode (>= 0)")
     args = parser.parse_args(argv)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes {args.modes!r}: choose among {','.join(MODES)}")
+    if args.sink_window < 1 or args.sinks < 0:
+        parser.error("--sink-window must be >= 1 and --sinks >= 0")
+    sink_opts = SinkOptions(args.sink_window, args.sinks)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -328,7 +399,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     no_graph: set[str] = set()
     for name, heads in shapes.items():
         for n in lengths:
-            rows += bench_length(name, heads, n, tuple(args.ratios), dtype, device, no_graph, args.local_window)
+            rows += bench_length(
+                name, heads, n, tuple(args.ratios), dtype, device, no_graph, args.local_window, modes, sink_opts
+            )
             if device == "cuda":
                 torch.cuda.empty_cache()
     elapsed = time.time() - start
@@ -347,6 +420,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         batch=1,
         kept_backends=list(available_backends()),
         smoke=args.smoke,
+        modes=list(modes),
+        sink_window=sink_opts.window,
+        sinks=sink_opts.sinks,
         seconds=round(elapsed, 1),
         notes="sdpa_cudnn runs on K/V expanded to the query head count before timing; "
         "ratio = sparse_ms / (r^2 x dense_ms) with the best dense backend",

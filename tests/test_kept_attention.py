@@ -8,13 +8,16 @@ import pytest
 import torch
 from conftest import DEVICE
 
+from zipvl_compile.runtime.kernels import kept_attention
 from zipvl_compile.runtime.kernels.kept_attention import (
     _TAIL_ZERO_ROWS,
     available_backends,
     default_backend,
     keep_to_index,
     kept_causal_attention,
+    kept_causal_attention_lse,
     kept_causal_attention_reference,
+    kept_lse_reference,
     kept_mask,
     make_plan,
     pack_rows_reference,
@@ -124,6 +127,42 @@ def test_packed_path_matches_reference(dtype: torch.dtype, heads: tuple, pattern
     assert (out.transpose(1, 2)[keep] != 0).any(dim=-1).all()
 
 
+def _check_kept_part(q, k, v, idx, count, keep, scale, n_rep, backend: str, use_triton: bool | None, tol: dict) -> None:
+    """kept_causal_attention_lse: packed output and lse of every kept position (read through plan.inv) match
+    the references."""
+    part = kept_causal_attention_lse(q, k, v, idx, count, scale, n_rep, backend=backend, use_triton=use_triton)
+    rows = part.plan.inv.view(keep.shape)[keep]
+    ref_out = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
+    ref_lse = kept_lse_reference(q.float(), k.float(), idx, count, scale, n_rep)
+    assert part.out.dtype == q.dtype and part.lse.dtype == torch.float32
+    torch.testing.assert_close(part.out[rows].float(), ref_out.transpose(1, 2)[keep], **tol)
+    torch.testing.assert_close(part.lse[rows], ref_lse.transpose(1, 2)[keep], **tol)
+
+
+def test_kept_lse_reference_matches_per_row_loop() -> None:
+    q, k, _, idx, count, keep, scale, n_rep = _inputs((4, 2), 30, 16, torch.float64, "random", _gen("lse loop"))
+    lse = kept_lse_reference(q, k, idx, count, scale, n_rep)
+    assert lse[~keep[:, None].expand_as(lse)].eq(float("-inf")).all()
+    for b in range(q.shape[0]):
+        t = idx[b, : count[b]]
+        for h in range(q.shape[1]):
+            s = q[b, h, t] @ k[b, h // n_rep, t].T * scale
+            s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+            torch.testing.assert_close(lse[b, h, t], s.logsumexp(dim=-1).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kept_part_with_lse_matches_reference(dtype: torch.dtype, use_triton: bool, monkeypatch) -> None:
+    """The "sdpa_padded" lse by query chunks (forced small here) and the "reference" backend's packed form."""
+    monkeypatch.setattr(kept_attention, "_LSE_CHUNK_SCORES", 2 * 4 * 24 * 5)  # 5 queries per chunk
+    g = _gen(("lse", dtype, use_triton))
+    q, k, v, idx, count, keep, scale, n_rep = _inputs((4, 2), 24, 16, dtype, "none_and_random", g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
+    for backend in ("sdpa_padded", "reference"):
+        _check_kept_part(q, k, v, idx, count, keep, scale, n_rep, backend, use_triton, tol)
+
+
 @pytest.mark.parametrize("bshd_memory", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_pack_unpack_match_reference(dtype: torch.dtype, bshd_memory: bool) -> None:
@@ -209,6 +248,20 @@ def test_gpu_backend_matches_reference(backend: str, heads: tuple, pattern: str)
     assert _rel_err(out, ref) < 1e-2
     assert (out.transpose(1, 2)[~keep] == 0).all()
     assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)])
+@pytest.mark.parametrize("backend", ["fa4", "fa2", "torch_varlen", "sdpa_padded"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_backend_lse_matches_reference(backend: str, heads: tuple) -> None:
+    """Every varlen backend's log-sum-exp (layout, natural log) against the fp32 reference."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not available")
+    q, k, v, idx, count, keep, scale, n_rep = _inputs(
+        heads, 1000, 128, torch.bfloat16, "random", _gen(("lse", backend))
+    )
+    _check_kept_part(q, k, v, idx, count, keep, scale, n_rep, backend, None, dict(rtol=2e-2, atol=2e-2))
 
 
 @pytest.mark.gpu

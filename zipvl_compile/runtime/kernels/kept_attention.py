@@ -33,6 +33,9 @@ Pipeline (:func:`kept_causal_attention` = pack -> varlen attention -> unpack):
    varlen kernel under it takes Hkv | Hq heads; 2.13 asks for enable_gqa=True).
 4. :func:`unpack_kept`: write every output row once: the packed row of a kept position, zeros elsewhere.
 
+:func:`kept_causal_attention_lse` stops after step 3 and returns the packed output with the log-sum-exp of
+each packed row (:class:`KeptPart`), for callers that merge it with attention over other keys.
+
 On CUDA steps 2 and 4 are Triton kernels that touch only the valid rows (a torch gather of the static B * n
 rows would read and write the whole of q once more); their plain-torch references are
 :func:`pack_rows_reference` / :func:`unpack_rows_reference`. On CPU the default backend is
@@ -50,6 +53,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from zipvl_compile.runtime.kernels.device import wants_triton
 
 _BLOCK_ROWS = 32  # packed / output rows per Triton program (one head per program)
 # Rows after the last valid packed row that the pack kernel zeroes: TMA-based kernels (FA4) load whole key
@@ -75,6 +80,27 @@ class KeptPlan(NamedTuple):
     inv: torch.Tensor
 
 
+class PackedAttention(NamedTuple):
+    """What a varlen backend returns (R = B * n packed rows; rows >= cu_seqlens[-1] are garbage).
+
+    out [R, Hq, d] in q's dtype.
+    lse fp32 [R, Hq] (any strides): natural-log log-sum-exp of the scaled scores of each packed row and head
+        (-inf for a row without keys), or None when it was not asked for.
+    """
+
+    out: torch.Tensor
+    lse: torch.Tensor | None
+
+
+class KeptPart(NamedTuple):
+    """Result of :func:`kept_causal_attention_lse`: the plan, the packed output [B*n, Hq, d] and its lse fp32
+    [B*n, Hq] (natural log, any strides); the kept query at position s of row b is packed row inv[b * n + s]."""
+
+    plan: KeptPlan
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
 def keep_to_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [B, n] kept mask -> (idx int64 [B, n], count int64 [B]) in this module's convention.
 
@@ -95,6 +121,14 @@ def kept_mask(idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(idx, dtype=torch.int32).scatter_add_(-1, idx, listed) > 0
 
 
+def _kept_causal_mask(idx: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep bool [B, n], mask bool [B, 1, n, n] = keep_i & keep_j & (j <= i))."""
+    n = idx.shape[-1]
+    keep = kept_mask(idx, count)
+    causal = torch.ones(n, n, dtype=torch.bool, device=idx.device).tril()
+    return keep, keep[:, None, :, None] & keep[:, None, None, :] & causal
+
+
 def kept_causal_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: float, n_rep: int
 ) -> torch.Tensor:
@@ -102,13 +136,20 @@ def kept_causal_attention_reference(
 
     Returns a contiguous [B, Hq, n, d] tensor in q's dtype, zeros at non-kept rows.
     """
-    n = q.shape[2]
-    keep = kept_mask(idx, count)
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    mask = keep[:, None, :, None] & keep[:, None, None, :] & causal
+    keep, mask = _kept_causal_mask(idx, count)
     k, v = (x.float().repeat_interleave(n_rep, dim=1) for x in (k, v))
     out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale)
     return torch.where(keep[:, None, :, None], out, 0.0).to(q.dtype)
+
+
+def kept_lse_reference(
+    q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: float, n_rep: int
+) -> torch.Tensor:
+    """Plain torch, O(n^2) memory: fp32 [B, Hq, n], natural-log log-sum-exp of the scaled scores of each kept
+    query over the kept keys j <= i; -inf at non-kept rows."""
+    _, mask = _kept_causal_mask(idx, count)
+    scores = q.float() @ k.float().repeat_interleave(n_rep, dim=1).transpose(-1, -2) * scale
+    return scores.masked_fill(~mask, float("-inf")).logsumexp(dim=-1)
 
 
 def make_plan(idx: torch.Tensor, count: torch.Tensor) -> KeptPlan:
@@ -255,10 +296,6 @@ def unpack_rows_triton(packed: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
     return out
 
 
-def _triton_wanted(x: torch.Tensor, use_triton: bool | None) -> bool:
-    return x.is_cuda if use_triton is None else use_triton
-
-
 def pack_kept(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -272,20 +309,20 @@ def pack_kept(
     ``use_triton``: the Triton gather (None: on CUDA); True on CPU tensors needs TRITON_INTERPRET=1.
     """
     plan = make_plan(idx, count)
-    pack = pack_rows_triton if _triton_wanted(q, use_triton) else pack_rows_reference
+    pack = pack_rows_triton if wants_triton(q, use_triton) else pack_rows_reference
     return (plan, *(pack(x.transpose(1, 2), plan) for x in (q, k, v)))
 
 
 def unpack_kept(out_packed: torch.Tensor, plan: KeptPlan, use_triton: bool | None = None) -> torch.Tensor:
     """[B, Hq, n, d] (memory (B, n, Hq, d)) from the packed output [B*n, Hq, d]; zeros where not kept."""
     batch = plan.cu_seqlens.shape[0] - 1
-    unpack = unpack_rows_triton if _triton_wanted(out_packed, use_triton) else unpack_rows_reference
+    unpack = unpack_rows_triton if wants_triton(out_packed, use_triton) else unpack_rows_reference
     return unpack(out_packed, plan).view(batch, -1, *out_packed.shape[1:]).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Varlen causal attention backends:
-# (q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep) -> out_packed
+# (q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep, with_lse) -> PackedAttention
 
 
 @functools.cache
@@ -317,9 +354,34 @@ def _torch_varlen() -> tuple[Callable, frozenset[str]] | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _run_fa4(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int) -> torch.Tensor:
+@functools.cache
+def _keyword_names(fn: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _lse_rows(lse: torch.Tensor | None, q_packed: torch.Tensor, backend: str) -> torch.Tensor:
+    """A varlen kernel's lse as an fp32 [total, H] view. FlashAttention-2/-4 and torch's varlen_attn return it
+    as [H, total] (torch's docstring says (total, H); its flash kernel returns (H, total)); both are taken."""
+    total, heads = q_packed.shape[:2]
+    if lse is None:
+        raise RuntimeError(f"kept attention backend {backend!r} returned no log-sum-exp (a release without it?)")
+    if lse.shape == (heads, total):
+        return lse.float().t()
+    if lse.shape == (total, heads):
+        return lse.float()
+    raise RuntimeError(
+        f"kept attention backend {backend!r} returned an lse of shape {tuple(lse.shape)}; "
+        f"expected ({heads}, {total}) or ({total}, {heads})"
+    )
+
+
+def _run_fa4(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int, with_lse: bool) -> PackedAttention:
+    """FlashAttention-4 returns (out, lse); its lse (natural log, [Hq, total]) is only computed when asked for
+    with return_lse (releases before that keyword compute it only under autograd)."""
+    fn = _fa4_varlen()
+    extra = {"return_lse": True} if with_lse and "return_lse" in _keyword_names(fn) else {}
     cu = plan.cu_seqlens
-    out, _lse = _fa4_varlen()(
+    out, lse = fn(
         qp,
         kp,
         vp,
@@ -329,35 +391,79 @@ def _run_fa4(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: i
         max_seqlen_k=max_seqlen,
         softmax_scale=scale,
         causal=True,
+        **extra,
     )
-    return out
+    return PackedAttention(out, _lse_rows(lse, qp, "fa4") if with_lse else None)
 
 
-def _run_fa2(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int) -> torch.Tensor:
+def _run_fa2(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int, with_lse: bool) -> PackedAttention:
+    """FlashAttention-2: return_attn_probs=True adds softmax_lse (natural log, [Hq, total]) and S_dmask."""
     cu = plan.cu_seqlens
-    return _fa2_varlen()(qp, kp, vp, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    result = _fa2_varlen()(
+        qp, kp, vp, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True, return_attn_probs=with_lse
+    )
+    if not with_lse:
+        return PackedAttention(result, None)
+    return PackedAttention(result[0], _lse_rows(result[1], qp, "fa2"))
 
 
-def _run_torch_varlen(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int) -> torch.Tensor:
+def _run_torch_varlen(
+    qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int, with_lse: bool
+) -> PackedAttention:
+    """torch's varlen_attn; return_aux=AuxRequest(lse=True) adds the lse (natural log, [Hq, total])."""
     varlen_attn, params = _torch_varlen()
     extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "enable_gqa" in params:  # without it (2.11) the flash kernel below takes Hkv | Hq heads as they are
         extra["enable_gqa"] = n_rep > 1
+    if with_lse:
+        if "return_aux" not in params:
+            raise RuntimeError("this torch's varlen_attn has no return_aux: it cannot return the log-sum-exp")
+        from torch.nn.attention.varlen import AuxRequest
+
+        extra["return_aux"] = AuxRequest(lse=True)
     cu = plan.cu_seqlens
-    return varlen_attn(qp, kp, vp, cu, cu, max_seqlen, max_seqlen, scale=scale, **extra)
+    result = varlen_attn(qp, kp, vp, cu, cu, max_seqlen, max_seqlen, scale=scale, **extra)
+    if not with_lse:
+        return PackedAttention(result, None)
+    return PackedAttention(result[0], _lse_rows(result[1], qp, "torch_varlen"))
 
 
-def _run_sdpa_padded(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int) -> torch.Tensor:
+# The lse of "sdpa_padded" is computed by query chunks of at most this many fp32 scores (256 MiB)
+_LSE_CHUNK_SCORES = 2**26
+
+
+def _padded_lse(q: torch.Tensor, k: torch.Tensor, scale: float, n_rep: int) -> torch.Tensor:
+    """fp32 [B, Hq, n]: causal log-sum-exp of q [B, Hq, n, d] against k [B, Hkv, n, d], natural log.
+
+    Query chunks of a static size bound the memory (one [B, Hq, chunk, n] score block at a time)."""
+    batch, heads, n, _ = q.shape
+    q_groups = q.unflatten(1, (-1, n_rep))  # [B, Hkv, n_rep, n, d]: query head h reads KV head h // n_rep
+    keys_t = k.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, 1, d, n]
+    pos = torch.arange(n, device=q.device)
+    chunk = max(1, _LSE_CHUNK_SCORES // (batch * heads * n))
+    parts = []
+    for start in range(0, n, chunk):
+        rows = pos[start : start + chunk]
+        scores = q_groups[..., start : start + chunk, :].float() @ keys_t * scale
+        parts.append(scores.masked_fill(pos > rows[:, None], float("-inf")).logsumexp(dim=-1))
+    return torch.cat(parts, dim=-1).flatten(1, 2)
+
+
+def _run_sdpa_padded(
+    qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: int, with_lse: bool
+) -> PackedAttention:
     """One causal SDPA over B padded windows [B, H, n, d] of the packed buffer (window b starts at
     cu_seqlens[b]). No key-padding mask is needed: under the causal mask a kept query (slot < count) only
     sees slots below it, all kept; the rows past count are dropped. Window rows past the last valid row
-    point at it, so no uninitialised (possibly NaN) row enters a softmax or a P @ V product."""
+    point at it, so no uninitialised (possibly NaN) row enters a softmax or a P @ V product. The lse (SDPA
+    does not return it) comes from :func:`_padded_lse` on the same windows."""
     starts = plan.cu_seqlens[:-1].to(torch.int64)
     last = (plan.cu_seqlens[-1].to(torch.int64) - 1).clamp(min=0)
     rows = torch.minimum(starts[:, None] + torch.arange(max_seqlen, device=qp.device), last)
     q, k, v = (x[rows].transpose(1, 2) for x in (qp, kp, vp))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_rep > 1)
-    return out.transpose(1, 2)[plan.batch, plan.slot]
+    lse = _padded_lse(q, k, scale, n_rep).transpose(1, 2)[plan.batch, plan.slot] if with_lse else None
+    return PackedAttention(out.transpose(1, 2)[plan.batch, plan.slot], lse)
 
 
 _VARLEN = {"fa4": _run_fa4, "fa2": _run_fa2, "torch_varlen": _run_torch_varlen, "sdpa_padded": _run_sdpa_padded}
@@ -390,6 +496,15 @@ def default_backend(q: torch.Tensor) -> str:
     return available_backends()[0] if q.dtype in _VARLEN_DTYPES else "sdpa_padded"
 
 
+def _varlen_backend(backend: str) -> Callable[..., PackedAttention]:
+    if backend not in _VARLEN or backend not in available_backends():
+        raise ValueError(
+            f"kept attention backend {backend!r} is not available here; "
+            f"varlen backends available: {[b for b in available_backends() if b in _VARLEN]}"
+        )
+    return _VARLEN[backend]
+
+
 def varlen_attention(
     q_packed: torch.Tensor,
     k_packed: torch.Tensor,
@@ -401,12 +516,23 @@ def varlen_attention(
     backend: str,
 ) -> torch.Tensor:
     """Causal attention within each packed sequence -> [B*n, Hq, d]; rows past cu_seqlens[-1] are garbage."""
-    if backend not in _VARLEN or backend not in available_backends():
-        raise ValueError(
-            f"kept attention backend {backend!r} is not available here; "
-            f"varlen backends available: {[b for b in available_backends() if b in _VARLEN]}"
-        )
-    return _VARLEN[backend](q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep)
+    run = _varlen_backend(backend)
+    return run(q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep, with_lse=False).out
+
+
+def varlen_attention_lse(
+    q_packed: torch.Tensor,
+    k_packed: torch.Tensor,
+    v_packed: torch.Tensor,
+    plan: KeptPlan,
+    max_seqlen: int,
+    scale: float,
+    n_rep: int,
+    backend: str,
+) -> PackedAttention:
+    """:func:`varlen_attention` plus the log-sum-exp of each packed row (:class:`PackedAttention`, lse set)."""
+    run = _varlen_backend(backend)
+    return run(q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep, with_lse=True)
 
 
 def kept_causal_attention(
@@ -432,3 +558,29 @@ def kept_causal_attention(
     plan, qp, kp, vp = pack_kept(q, k, v, idx, count, use_triton)
     out = varlen_attention(qp, kp, vp, plan, q.shape[2], scale, n_rep, backend)
     return unpack_kept(out, plan, use_triton)
+
+
+def kept_causal_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    scale: float,
+    n_rep: int,
+    backend: str | None = None,
+    use_triton: bool | None = None,
+) -> KeptPart:
+    """:func:`kept_causal_attention` without the unpack: the packed output and its log-sum-exp (:class:`KeptPart`).
+
+    Same arguments. The "reference" backend computes both in plain torch (O(n^2) memory) and packs them.
+    """
+    backend = backend or default_backend(q)
+    if backend == "reference":
+        plan = make_plan(idx, count)
+        out = kept_causal_attention_reference(q, k, v, idx, count, scale, n_rep)
+        lse = kept_lse_reference(q, k, idx, count, scale, n_rep)
+        return KeptPart(plan, out.transpose(1, 2)[plan.batch, plan.pos], lse.transpose(1, 2)[plan.batch, plan.pos])
+    plan, qp, kp, vp = pack_kept(q, k, v, idx, count, use_triton)
+    part = varlen_attention_lse(qp, kp, vp, plan, q.shape[2], scale, n_rep, backend)
+    return KeptPart(plan, part.out, part.lse)

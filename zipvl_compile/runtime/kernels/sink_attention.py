@@ -1,0 +1,352 @@
+"""Prefill attention over the kept tokens, a local window and attention sinks (the "sinks" prefill semantics).
+
+For a valid query i (padding query rows get exact zeros) a key j is allowed iff
+
+    valid[j] and j <= i and ((keep[i] and keep[j]) or i - j < window or rank[j] < sinks)
+
+with rank[j] the number of valid positions before j in its row: the sinks are the first ``sinks`` valid tokens
+(after any left padding). Kept queries see the kept keys, every query sees its ``window`` most recent keys
+(itself included) and the sinks; the result is the softmax over the allowed keys. Its cost stays near r^2 of
+dense attention: the kept-among-kept part is the gathered varlen kernel of :mod:`kept_attention`, the rest is
+O(window + sinks) keys per query.
+
+Shapes and dtypes shared by every function here:
+    q       [B, Hq, n, d]   fp16/bf16 (fp32 too off the varlen kernels), RoPE applied; any strides.
+    k, v    [B, Hkv, n, d]  un-expanded, Hq = Hkv * n_rep (query head h reads KV head h // n_rep).
+    keep    bool [B, n]     the kept set T (a kept padding token counts as not kept).
+    valid   bool [B, n]     False = padding token.
+    window  int >= 1        the local window, the query itself included.
+    sinks   int >= 0        how many leading valid tokens every query sees.
+    returns [B, Hq, n, d]   in q's dtype, memory (B, n, Hq, d) (as :func:`kept_causal_attention` returns).
+
+Fast path (:func:`sink_attention`):
+1. the kept part, :func:`kept_causal_attention_lse`: gather the kept rows, varlen causal attention over them,
+   keeping the packed output and the log-sum-exp of each packed row (no unpack);
+2. one Triton kernel (:func:`sink_merge_triton`), grid (query blocks, B * Hkv): a program serves the n_rep
+   query heads of one KV head, stacked as the rows of its tiles, so each K/V tile is loaded once for all of
+   them. It runs one online softmax over the extra keys E_i = window keys [i - window + 1, i] and sink keys
+   outside the window, minus, for a kept query, every kept key (those are in the kept part: no key is counted
+   twice), then merges with the kept part of kept rows by log-sum-exp,
+   o = (o_T e^{lse_T} + o_E e^{lse_E}) / (e^{lse_T} + e^{lse_E}), reading o_T / lse_T through the plan's
+   ``inv`` (packed row of each position), and writes every output row once.
+No n x n tensor, no host sync, static shapes. Plain-torch reference: :func:`sink_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from zipvl_compile.runtime.kernels.device import wants_triton
+from zipvl_compile.runtime.kernels.kept_attention import KeptPart, keep_to_index, kept_causal_attention_lse
+from zipvl_compile.runtime.kernels.local_attention import _online_update
+
+# Tiles: a program's tile has _ROWS stacked rows (n_rep heads, padded to a power of two, times BLOCK_M
+# positions; half as many rows for d > 128: the fp32 accumulator lives in registers). A block of BLOCK_M
+# queries reads its window, BLOCK_M + window - 1 keys, in tiles of _BLOCK_N keys (with window 64: 6 tiles
+# for BLOCK_M = 128, 3 for BLOCK_M = 16), and the sinks in tiles of up to _MAX_SINK_BLOCK keys (at least 16,
+# the smallest tl.dot size). 128 rows x 32 keys, 4 warps, 3 stages is what the local_window kernel's sweep
+# chose for the same tile shape; this kernel has not been swept on its own.
+_ROWS = 128
+_BLOCK_N = 32
+_MAX_SINK_BLOCK = 64
+_NUM_WARPS = 4
+_NUM_STAGES = 3
+
+
+def _check_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    window: int,
+    sinks: int,
+    n_rep: int,
+) -> None:
+    """Raise ValueError naming the first bad argument."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"sink attention wants q [B, Hq, n, d], k = v [B, Hkv, n, d]; got {q.shape}, {k.shape}, {v.shape}"
+        )
+    batch, heads, n, head_dim = q.shape
+    if k.shape != (batch, heads // max(n_rep, 1), n, head_dim) or n_rep < 1 or heads % n_rep:
+        raise ValueError(f"sink attention: q {tuple(q.shape)} and k {tuple(k.shape)} do not match n_rep = {n_rep}")
+    for name, mask in (("keep", keep), ("valid", valid)):
+        if mask.dtype != torch.bool or mask.shape != (batch, n):
+            raise ValueError(
+                f"sink attention: {name} must be bool [{batch}, {n}], got {mask.dtype} {tuple(mask.shape)}"
+            )
+    if window < 1 or sinks < 0:
+        raise ValueError(f"sink attention needs window >= 1 and sinks >= 0, got window = {window}, sinks = {sinks}")
+
+
+def _sink_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
+    """bool [B, n]: the first ``sinks`` valid positions of each row (rank[j] < sinks, valid[j])."""
+    before = valid.to(torch.int64).cumsum(dim=-1) - valid.to(torch.int64)
+    return valid & (before < sinks)
+
+
+def sink_mask(keep: torch.Tensor, valid: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """bool [B, 1, n, n]: query i may see key j (module docstring). Rows of padding queries are not cleared."""
+    n = keep.shape[-1]
+    pos = torch.arange(n, device=keep.device)
+    gap = pos[:, None] - pos[None, :]
+    both_kept = keep[:, None, :, None] & keep[:, None, None, :]
+    sink = _sink_keys(valid, sinks)[:, None, None, :]
+    return valid[:, None, None, :] & (gap >= 0) & (both_kept | (gap < window) | sink)
+
+
+def sink_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    window: int,
+    sinks: int,
+    scale: float,
+    n_rep: int,
+) -> torch.Tensor:
+    """Plain torch, O(n^2) memory: fp32 SDPA with :func:`sink_mask`; zeros at padding rows. Memory (B, n, Hq, d)."""
+    _check_args(q, k, v, keep, valid, window, sinks, n_rep)
+    k, v = (x.float().repeat_interleave(n_rep, dim=1) for x in (k, v))
+    mask = sink_mask(keep, valid, window, sinks)
+    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale)
+    out = torch.where(valid[:, None, :, None], out, 0.0).to(q.dtype)  # also drops NaN of padding rows
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@triton.jit
+def _sink_merge_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    keep_ptr,
+    valid_ptr,
+    sink_ptr,
+    inv_ptr,
+    kept_out_ptr,
+    kept_lse_ptr,
+    out_ptr,
+    n,
+    n_kv_heads,
+    n_rep,
+    window,
+    sinks,
+    qk_scale,
+    head_dim,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    svb,
+    svh,
+    svs,
+    svd,
+    sob,
+    sos,
+    soh,
+    sod,
+    stor,
+    stoh,
+    stod,
+    stlr,
+    stlh,
+    BLOCK_M: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[b, i, h]: attention of query (b, h, i) over its extra keys merged with its kept part (module
+    docstring). Tile row r is query head kvh * n_rep + r // BLOCK_M at position m0 + r % BLOCK_M."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    m0 = tl.program_id(0) * BLOCK_M
+    b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
+    kvh = (tl.program_id(1) % n_kv_heads).to(tl.int64)
+    r = tl.arange(0, HEADS * BLOCK_M)
+    group = r // BLOCK_M
+    pos = m0 + r % BLOCK_M
+    pos64 = pos.to(tl.int64)
+    head = kvh * n_rep + group
+    row_ok = (pos < n) & (group < n_rep)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q = tl.load(
+        q_ptr + b * sqb + head[:, None] * sqh + pos64[:, None] * sqs + d[None, :] * sqd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    row_valid = tl.load(valid_ptr + b * n + pos, mask=row_ok, other=0) != 0
+    row_keep = tl.load(keep_ptr + b * n + pos, mask=row_ok, other=0) != 0
+    m_i = tl.full([HEADS * BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([HEADS * BLOCK_M], tl.float32)
+    acc = tl.zeros([HEADS * BLOCK_M, BLOCK_D], tl.float32)
+    k_base = k_ptr + b * skb + kvh * skh + d[None, :] * skd
+    v_base = v_ptr + b * svb + kvh * svh + d[None, :] * svd
+    # (1) the window keys i - window < j <= i, less the kept keys of kept queries
+    end = tl.minimum(m0 + BLOCK_M, n)
+    for j0 in range(tl.maximum(m0 - window + 1, 0), end, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < end
+        key_valid = tl.load(valid_ptr + b * n + cols, mask=col_ok, other=0) != 0
+        key_keep = tl.load(keep_ptr + b * n + cols, mask=col_ok, other=0) != 0
+        gap = pos[:, None] - cols[None, :]
+        allowed = key_valid[None, :] & (gap >= 0) & (gap < window) & ~(row_keep[:, None] & key_keep[None, :])
+        m_i, l_i, acc = _online_update(
+            q,
+            k_base + cols[:, None] * sks,
+            v_base + cols[:, None] * svs,
+            allowed,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            col_ok[:, None] & d_ok[None, :],
+            MASKED=True,
+        )
+    # (2) the sink keys before the window (i - j >= window), less the kept keys of kept queries
+    for s0 in range(0, sinks, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        sink_pos = tl.load(sink_ptr + b * sinks + slots, mask=slots < sinks, other=-1)
+        present = sink_pos >= 0
+        sink_pos = tl.maximum(sink_pos, 0)
+        key_keep = tl.load(keep_ptr + b * n + sink_pos, mask=present, other=0) != 0
+        gap = pos[:, None] - sink_pos[None, :]
+        allowed = present[None, :] & (gap >= window) & ~(row_keep[:, None] & key_keep[None, :])
+        m_i, l_i, acc = _online_update(
+            q,
+            k_base + sink_pos[:, None] * sks,
+            v_base + sink_pos[:, None] * svs,
+            allowed,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            present[:, None] & d_ok[None, :],
+            MASKED=True,
+        )
+    # (3) merge with the kept part (base 2): weights 2^(lse_T - top) and l_i 2^(m_i - top), top the larger
+    # exponent; a kept valid query sees itself in the kept part, any other valid query in its window, so top
+    # is finite on valid rows
+    packed = tl.load(inv_ptr + b * n + pos, mask=row_ok, other=-1)
+    has_kept = packed >= 0
+    lse_kept = tl.load(kept_lse_ptr + packed * stlr + head * stlh, mask=has_kept, other=float("-inf")) * LOG2E
+    out_kept = tl.load(
+        kept_out_ptr + packed[:, None] * stor + head[:, None] * stoh + d[None, :] * stod,
+        mask=has_kept[:, None] & d_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    top = tl.maximum(lse_kept, m_i)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w_kept = tl.math.exp2(lse_kept - top)
+    w_extra = tl.math.exp2(m_i - top)
+    num = out_kept * w_kept[:, None] + acc * w_extra[:, None]
+    den = w_kept + l_i * w_extra
+    out = tl.where((row_valid & (den > 0))[:, None], num / tl.maximum(den, 1e-30)[:, None], 0.0)
+    dst = out_ptr + b * sob + pos64[:, None] * sos + head[:, None] * soh + d[None, :] * sod
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def sink_positions(valid: torch.Tensor, sinks: int) -> torch.Tensor:
+    """int64 [B, max(sinks, 1)]: the positions of the first ``sinks`` valid tokens of each row, ascending, -1
+    where a row has fewer valid tokens (and in the one column of sinks = 0)."""
+    idx, count = keep_to_index(valid)
+    slots = torch.arange(max(sinks, 1), device=valid.device)
+    return torch.where((slots < count[:, None]) & (slots < sinks), idx[:, : max(sinks, 1)], -1)
+
+
+def sink_merge_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    window: int,
+    sinks: int,
+    scale: float,
+    n_rep: int,
+    kept: KeptPart,
+) -> torch.Tensor:
+    """The window + sinks + merge kernel (module docstring, step 2) -> [B, Hq, n, d], memory (B, n, Hq, d).
+
+    ``keep`` must already exclude padding and match ``kept`` (:func:`kept_causal_attention_lse` of the same
+    kept set); the kept part of a kept query is read from ``kept.out`` / ``kept.lse`` at row ``kept.plan.inv``.
+    """
+    batch, heads, n, head_dim = q.shape
+    block_d = triton.next_power_of_2(head_dim)
+    group = triton.next_power_of_2(n_rep)
+    rows = _ROWS if block_d <= 128 else _ROWS // 2
+    block_m = max(1, rows // group)
+    sink_pos = sink_positions(valid, sinks)
+    out = q.new_empty(batch, n, heads, head_dim)
+    grid = (triton.cdiv(n, block_m), batch * (heads // n_rep))
+    _sink_merge_kernel[grid](
+        q,
+        k,
+        v,
+        keep.to(torch.int8),
+        valid.to(torch.int8),
+        sink_pos,
+        kept.plan.inv,
+        kept.out,
+        kept.lse,
+        out,
+        n,
+        heads // n_rep,
+        n_rep,
+        window,
+        sinks,
+        scale * math.log2(math.e),
+        head_dim,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *kept.out.stride(),
+        *kept.lse.stride(),
+        BLOCK_M=block_m,
+        HEADS=group,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_S=min(_MAX_SINK_BLOCK, max(16, triton.next_power_of_2(max(sinks, 1)))),
+        BLOCK_D=block_d,
+        num_warps=_NUM_WARPS,
+        num_stages=_NUM_STAGES,
+    )
+    return out.transpose(1, 2)
+
+
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    window: int,
+    sinks: int,
+    scale: float,
+    n_rep: int,
+    backend: str | None = None,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Attention over the kept keys, the local window and the sinks (module docstring). No host sync.
+
+    backend: the kept part's backend (:func:`kept_causal_attention_lse`; None: its default). use_triton: the
+    fast path (None: on CUDA; True on CPU needs TRITON_INTERPRET=1); otherwise :func:`sink_attention_reference`.
+    """
+    _check_args(q, k, v, keep, valid, window, sinks, n_rep)
+    if not wants_triton(q, use_triton):
+        return sink_attention_reference(q, k, v, keep, valid, window, sinks, scale, n_rep)
+    keep = keep & valid
+    idx, count = keep_to_index(keep)
+    kept = kept_causal_attention_lse(q, k, v, idx, count, scale, n_rep, backend, use_triton)
+    return sink_merge_triton(q, k, v, keep, valid, window, sinks, scale, n_rep, kept)
