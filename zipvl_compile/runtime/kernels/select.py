@@ -2,7 +2,8 @@
 
 :func:`select_kept` computes what :func:`~zipvl_compile.runtime.selection.select_tokens` followed by
 :func:`~zipvl_compile.runtime.kernels.kept_attention.keep_to_index` compute (those two stay the plain-torch
-reference), in one Triton launch with one program per batch row, no host sync and fixed output shapes.
+reference), in one Triton launch with one program per batch row, no host sync and fixed output shapes (with
+``force_ratio`` > 0, a benchmark-only mode, p is rounded by two small torch ops beside it).
 
 Shapes and dtypes:
     colsum, seen  float32 [B, n]  from ``probe_colsum``; colsum >= 0 and finite (a sum of probabilities).
@@ -248,6 +249,8 @@ def select_kept_triton(
     colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0
 ) -> SelectResult:
     """Triton implementation of :func:`select_kept` (same arguments and result)."""
+    if 32 % _DIGIT_BITS:
+        raise ValueError(f"_DIGIT_BITS must divide 32, got {_DIGIT_BITS}")
     batch, n = colsum.shape
     colsum, seen, valid = colsum.contiguous(), seen.contiguous(), valid.contiguous()
     if force_ratio > 0:
