@@ -73,6 +73,18 @@ def test_kernel_small_tiles(case: tuple, monkeypatch: pytest.MonkeyPatch) -> Non
     torch.testing.assert_close(colsum, probe_colsum_reference(*args)[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("sms", [1, 1000])
+def test_split_count_follows_sm_count(sms: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One key split per row block (1 SM) up to one split per 2 key tiles (many SMs): the same result."""
+    monkeypatch.setattr(probe, "sm_count", lambda device: sms)
+    monkeypatch.setattr(probe, "_BLOCK_N", 16)
+    args = _inputs((1, 2, 2, 20, 100, 16), torch.float32, seed=sms)
+    colsum, seen = probe_colsum_triton(*args)
+    ref_colsum, ref_seen = probe_colsum_reference(*args)
+    torch.testing.assert_close(colsum, ref_colsum, rtol=1e-4, atol=1e-5)
+    assert torch.equal(seen, ref_seen)
+
+
 def test_kernel_is_deterministic() -> None:
     args = _inputs(CASES[3], torch.float32, seed=11)
     first = probe_colsum_triton(*args)

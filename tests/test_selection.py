@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from zipvl_compile.runtime.selection import choose_probes, select_tokens
+from zipvl_compile.runtime.selection import _mul32, _random_keys, choose_probes, select_tokens
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -127,6 +127,60 @@ def test_probes_recent_random_distinct_and_valid() -> None:
     for row, length, shift in ((1, 260, 40), (2, 240, 0)):
         ones = torch.ones(1, length, dtype=torch.bool, device=DEVICE)
         assert torch.equal(probes[row] - shift, choose_probes(ones, n_recent, n_random, seed=0)[0].cpu())
+
+
+def _naive_probes(valid: torch.Tensor, n_recent: int, n_random: int, seed: int) -> list[int]:
+    """One row of choose_probes' definition, as a loop over its valid positions."""
+    n = len(valid)
+    m = min(n, n_recent + n_random)
+    where = valid.nonzero().flatten().tolist()
+    recent = where[len(where) - n_recent :] if n_recent else []
+    keys = _random_keys(torch.arange(n, dtype=torch.int64), seed).tolist()  # keyed on the rank among valid
+    others = sorted(where[: len(where) - len(recent)], key=lambda j: -keys[where.index(j)])
+    chosen = sorted(recent + others[:n_random])
+    return chosen + [-1] * (m - len(chosen))
+
+
+@pytest.mark.parametrize("n_recent, n_random", [(8, 8), (0, 12), (12, 0), (30, 40)])
+def test_probes_match_naive_definition(n_recent: int, n_random: int) -> None:
+    """Random masks (holes anywhere, empty and full rows)."""
+    g = _gen(n_recent * 100 + n_random)
+    valid = torch.rand(4, 60, generator=g) < torch.tensor([[0.9], [0.3], [0.0], [1.0]])
+    for seed in (0, 11):
+        probes = choose_probes(valid.to(DEVICE), n_recent, n_random, seed).cpu()
+        for row in range(4):
+            assert probes[row].tolist() == _naive_probes(valid[row], n_recent, n_random, seed)
+
+
+def test_probes_unchanged() -> None:
+    """The probes drawn for fixed inputs and seeds (a change here changes every model's kept sets)."""
+    valid = torch.zeros(3, 40, dtype=torch.bool)
+    valid[0] = True
+    valid[1, 7:] = True
+    valid[2, :31] = True
+    valid[2, 12] = False
+    expected = {
+        0: [
+            [1, 13, 25, 26, 31, 32, 36, 37, 38, 39],
+            [8, 10, 20, 32, 33, 35, 36, 37, 38, 39],
+            [1, 3, 14, 19, 24, 26, 27, 28, 29, 30],
+        ],
+        5: [
+            [0, 10, 12, 16, 20, 30, 36, 37, 38, 39],
+            [7, 17, 19, 22, 23, 27, 36, 37, 38, 39],
+            [0, 10, 13, 16, 17, 21, 27, 28, 29, 30],
+        ],
+    }
+    for seed, rows in expected.items():
+        assert choose_probes(valid.to(DEVICE), 4, 6, seed).cpu().tolist() == rows
+
+
+def test_mul32_is_exact() -> None:
+    g = _gen(12)
+    x = torch.cat([torch.randint(0, 2**32, (1000,), generator=g), torch.tensor([0, 1, 2**31, 2**32 - 1])])
+    for c in (0x7FEB352D, 0x846CA68B, 2**32 - 1, 1):
+        assert _mul32(x, c).tolist() == [(v * c) % 2**32 for v in x.tolist()]
+        assert _mul32(2**32 - 1, c) == ((2**32 - 1) * c) % 2**32
 
 
 def test_probe_seeds() -> None:

@@ -12,8 +12,14 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mul32(x, c: int):
-    """(x * c) mod 2**32 for 0 <= x, c < 2**32 without leaving int64 (splits x into 16-bit halves)."""
-    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _MASK32
+    """(x * c) mod 2**32 for 0 <= x, c < 2**32 without overflowing int64.
+
+    x * (c mod 2**31) < 2**63; the top bit of c adds x * 2**31, i.e. (x mod 2) * 2**31 modulo 2**32.
+    """
+    low = x * (c & 0x7FFFFFFF)
+    if c >> 31:
+        low = low + ((x & 1) << 31)
+    return low & _MASK32
 
 
 def _mix32(x):
@@ -43,10 +49,9 @@ def choose_probes(valid: torch.Tensor, n_recent: int, n_random: int, seed: int) 
     """
     batch, n = valid.shape
     m = min(n, n_recent + n_random)
-    counts = valid.to(torch.int64)
-    rank = counts.cumsum(dim=-1) - 1
-    from_end = counts.flip(-1).cumsum(dim=-1).flip(-1)
-    probe = valid & (from_end <= n_recent)
+    rank = valid.to(torch.int64).cumsum(dim=-1) - 1
+    # a valid position has n_valid - rank valid positions from it to the end
+    probe = valid & (rank[:, -1:] + 1 - rank <= n_recent)
     positions = torch.arange(n, device=valid.device, dtype=torch.int64).expand(batch, n)
     if n_random > 0:
         keys = torch.where(valid & ~probe, _random_keys(rank, seed), -1)

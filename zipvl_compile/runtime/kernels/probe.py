@@ -11,12 +11,14 @@ Shapes and dtypes shared by every function here:
         seen[b, j] = number of probe rows with probe_pos >= j (0 at padding keys), the Eq. 7 denominator.
     Rows whose visible set is empty contribute 0.
 
-The Triton path runs two kernels: ``_probe_lse_kernel`` (pass 1, grid = (B * Hkv, probe-row blocks, key
-splits)) computes per (query head, probe row) a running max and exp-sum over its key split; torch merges the
-splits into a base-2 log-sum-exp; ``_probe_colsum_kernel`` (pass 2, grid = (key blocks, B * Hkv))
-recomputes exp2(s - lse) per key tile and sums it over every probe row and the n_rep query heads of its KV
-head; torch sums the Hkv partial vectors. No atomics: results are deterministic. One program serves all
-n_rep query heads of a KV head from one K tile load (rows of a tile = n_rep heads x probe rows).
+The Triton path runs three kernels over all heads of the layer: ``_probe_lse_kernel`` (pass 1, grid =
+(B * Hkv, probe-row blocks, key splits)) computes per (query head, probe row) a running max and exp-sum over
+its key split; ``_probe_merge_kernel`` merges the splits into a base-2 log-sum-exp per row;
+``_probe_colsum_kernel`` (pass 2, grid = (key blocks, B * Hkv)) recomputes exp2(s - lse) per key tile and
+sums it over every probe row and the n_rep query heads of its KV head (its KV-head-0 programs also count
+``seen``); torch sums the Hkv partial vectors. No atomics: results are deterministic. One program serves all
+n_rep query heads of a KV head from one K tile load (rows of a tile = n_rep heads x probe rows); no
+[m, n] score matrix is stored.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
 
 # Tiles: the fastest of BLOCK_N, ROWS in {64, 128} and 4 or 8 warps on an H100 (bf16, 28/4 heads, d = 128,
 # 128 probes, n = 32k: 308 us for both passes, against 360 us at 64/64).
 _BLOCK_N = 128  # keys per tile
 _ROWS = 128  # (query head, probe row) pairs per tile; tl.dot needs >= 16
-_TARGET_PROGRAMS = 264  # pass 1: split the keys until about this many programs run (2 per H100 SM)
+_PROGRAMS_PER_SM = 2  # pass 1: split the keys until about this many programs per SM run
 _MIN_TILES_PER_SPLIT = 2
+_MERGE_ROWS = 128  # (query head, probe row) pairs per program of the split merge
 _NUM_WARPS = 4
 _NEG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: exp2(m_old - m_new) stays NaN-free
 
@@ -102,7 +108,7 @@ def _load_rows(
         + dd[None, :] * stride_qd
     )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (dd[None, :] < HEAD_DIM), other=0.0)
-    pos = tl.load(pos_ptr + b * stride_pb + i * stride_pm, mask=row_ok, other=-1)
+    pos = tl.load(pos_ptr + b * stride_pb + i * stride_pm, mask=row_ok, other=-1).to(tl.int32)
     return q, pos, head, i, row_ok
 
 
@@ -245,6 +251,25 @@ def _probe_lse_kernel(
 
 
 @triton.jit
+def _probe_merge_kernel(max_ptr, sum_ptr, lse_ptr, n_rows, n_splits, ROWS: tl.constexpr):
+    """lse[r] = log2 of the merged exp2-sums of row r's key splits (+inf where the row sees no key).
+
+    max/sum: [n_rows, n_splits] float32 from pass 1; lse: [n_rows] float32 (n_rows = B * Hq * m).
+    """
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = r < n_rows
+    m_i = tl.full([ROWS], _NEG, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    for split in range(n_splits):
+        m_s = tl.load(max_ptr + r * n_splits + split, mask=ok, other=_NEG)
+        m_new = tl.maximum(m_i, m_s)
+        l_s = tl.load(sum_ptr + r * n_splits + split, mask=ok, other=0.0)
+        l_i = l_i * tl.exp2(m_i - m_new) + l_s * tl.exp2(m_s - m_new)
+        m_i = m_new
+    tl.store(lse_ptr + r, tl.where(l_i > 0, m_i + tl.log2(l_i), float("inf")), mask=ok)
+
+
+@triton.jit
 def _probe_colsum_kernel(
     q_ptr,
     k_ptr,
@@ -252,6 +277,7 @@ def _probe_colsum_kernel(
     valid_ptr,
     lse_ptr,
     out_ptr,
+    seen_ptr,
     n_keys,
     n_probe,
     n_kv,
@@ -278,7 +304,9 @@ def _probe_colsum_kernel(
 ):
     """Pass 2: out[b, kvh, j] = sum over probe rows and the n_rep heads of kvh of exp2(s - lse).
 
-    lse is [B, Hq, m] float32 (base 2, +inf for rows that see nothing); out is [B, Hkv, n] float32.
+    lse is [B, Hq, m] float32 (base 2, +inf for rows that see nothing); out is [B, Hkv, n] float32. The
+    programs of KV head 0 also write seen[b, j] = the number of probe rows with pos >= j at valid keys j
+    (seen is [B, n] float32, contiguous).
     """
     j0 = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
@@ -327,12 +355,13 @@ def _probe_colsum_kernel(
             s = _masked_scores(q, k, j, valid, pos, qk_scale, DOT_IEEE)
             acc += tl.sum(tl.exp2(s - lse[:, None]), axis=0)
     tl.store(out_ptr + pid_bh * n_keys + j, acc, mask=j < n_keys)
-
-
-def _launch(kernel: triton.JITFunction, grid: tuple[int, ...], *args, **meta) -> None:
-    """Launch through ``torch.library.wrap_triton`` on CUDA (so a ``triton_op`` can be traced)."""
-    launcher = torch.library.wrap_triton(kernel) if args[0].is_cuda else kernel
-    launcher[grid](*args, **meta)
+    if kvh == 0:  # a loop of its own: no registers taken from the score tile above
+        seen = tl.zeros([BLOCK_N], tl.int32)
+        for i0 in range(0, n_probe, NREP * BLOCK_M):
+            i = i0 + tl.arange(0, NREP * BLOCK_M)
+            pos = tl.load(pos_ptr + b * stride_pb + i * stride_pm, mask=i < n_probe, other=-1).to(tl.int32)
+            seen += tl.sum((pos[:, None] >= j[None, :]).to(tl.int32), axis=0)
+        tl.store(seen_ptr + b * n_keys + j, tl.where(valid, seen, 0).to(tl.float32), mask=j < n_keys)
 
 
 def _compute_operands(q_probe: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -354,8 +383,7 @@ def probe_colsum_triton(
     batch, n_q_heads, n_probe, head_dim = q_probe.shape
     n_kv, n_keys = k.shape[1], k.shape[2]
     q, kk, dot_ieee = _compute_operands(q_probe, k)
-    valid = key_valid.to(torch.int8)
-    pos = probe_pos.to(torch.int32)
+    valid = key_valid.view(torch.uint8)
     nrep_p2 = triton.next_power_of_2(n_rep)
     meta = dict(
         BLOCK_M=max(1, _ROWS // nrep_p2),
@@ -367,23 +395,22 @@ def probe_colsum_triton(
         num_warps=_NUM_WARPS,
     )
     qk_scale = float(scale) * math.log2(math.e)
-    strides = (*q.stride(), *kk.stride(), *pos.stride(), *valid.stride())
+    strides = (*q.stride(), *kk.stride(), *probe_pos.stride(), *valid.stride())
     row_blocks = triton.cdiv(n_probe, meta["BLOCK_M"])
     n_tiles = triton.cdiv(n_keys, _BLOCK_N)
+    target_programs = _PROGRAMS_PER_SM * sm_count(q.device)
     n_splits = max(
-        1, min(triton.cdiv(n_tiles, _MIN_TILES_PER_SPLIT), triton.cdiv(_TARGET_PROGRAMS, batch * n_kv * row_blocks))
+        1, min(triton.cdiv(n_tiles, _MIN_TILES_PER_SPLIT), triton.cdiv(target_programs, batch * n_kv * row_blocks))
     )
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
 
     part_max = torch.empty(batch, n_q_heads, n_probe, n_splits, device=q.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
-    _launch(
-        _probe_lse_kernel,
-        (batch * n_kv, row_blocks, n_splits),
+    wrap_triton(_probe_lse_kernel)[(batch * n_kv, row_blocks, n_splits)](
         q,
         kk,
-        pos,
+        probe_pos,
         valid,
         part_max,
         part_sum,
@@ -397,20 +424,22 @@ def probe_colsum_triton(
         *strides,
         **meta,
     )
-    row_max = part_max.amax(dim=-1)
-    row_sum = (part_sum * torch.exp2(part_max - row_max[..., None])).sum(dim=-1)
-    lse = torch.where(row_sum > 0, row_max + torch.log2(row_sum), float("inf"))
+    n_rows = batch * n_q_heads * n_probe
+    lse = torch.empty(batch, n_q_heads, n_probe, device=q.device, dtype=torch.float32)
+    wrap_triton(_probe_merge_kernel)[(triton.cdiv(n_rows, _MERGE_ROWS),)](
+        part_max, part_sum, lse, n_rows, n_splits, ROWS=_MERGE_ROWS
+    )
 
     partial = torch.empty(batch, n_kv, n_keys, device=q.device, dtype=torch.float32)
-    _launch(
-        _probe_colsum_kernel,
-        (n_tiles, batch * n_kv),
+    seen = torch.empty(batch, n_keys, device=q.device, dtype=torch.float32)
+    wrap_triton(_probe_colsum_kernel)[(n_tiles, batch * n_kv)](
         q,
         kk,
-        pos,
+        probe_pos,
         valid,
         lse,
         partial,
+        seen,
         n_keys,
         n_probe,
         n_kv,
@@ -419,7 +448,7 @@ def probe_colsum_triton(
         *strides,
         **meta,
     )
-    return partial.sum(dim=1), probe_seen(probe_pos, key_valid)
+    return partial.sum(dim=1), seen
 
 
 def probe_colsum(
@@ -432,11 +461,9 @@ def probe_colsum(
     *,
     use_triton: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(colsum, seen) float32 [B, n]: Triton when ``use_triton`` (None: when on CUDA), else the reference.
+    """(colsum, seen) float32 [B, n]: Triton when ``wants_triton(q_probe, use_triton)``, else the reference.
 
     ``use_triton=True`` on CPU tensors needs TRITON_INTERPRET=1 set before this module was imported.
     """
-    if use_triton is None:
-        use_triton = q_probe.is_cuda
-    impl = probe_colsum_triton if use_triton else probe_colsum_reference
+    impl = probe_colsum_triton if wants_triton(q_probe, use_triton) else probe_colsum_reference
     return impl(q_probe, k, probe_pos, key_valid, scale, n_rep)
