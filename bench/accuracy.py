@@ -24,28 +24,29 @@ import time
 
 import torch
 
+
+def _zipvl(mode: str, tau: float, bits: tuple[int, int], **more) -> tuple[str, dict]:
+    extra = "".join(f" {key}={value}" for key, value in more.items() if key != "kv_mode")
+    suffix = ", stock DynamicCache (sparse prefill only)" if more.get("kv_mode") == "off" else ""
+    name = f"zipvl {mode} tau={tau} {bits[0]}/{bits[1]}{extra}{suffix}"
+    return name, dict(tau=tau, hi_bits=bits[0], lo_bits=bits[1], prefill_mode=mode, **more)
+
+
+# prefill modes (docs/method.md §7): sinks (the default), local, paper; the window is 64 and the sinks 4
 CONFIGS = [
     ("dense", None),
     ("zipvl tau=1.0 16/16", dict(tau=1.0, hi_bits=16, lo_bits=16)),
-    ("zipvl tau=0.975 4/2", dict(tau=0.975, hi_bits=4, lo_bits=2)),
-    ("zipvl tau=0.96 4/2", dict(tau=0.96, hi_bits=4, lo_bits=2)),
-    ("zipvl tau=0.975 8/4", dict(tau=0.975, hi_bits=8, lo_bits=4)),
-    ("zipvl tau=0.975, stock DynamicCache (sparse prefill only)", dict(tau=0.975, kv_mode="off")),
     ("zipvl tau=1.0 4/2 (KV quantisation only)", dict(tau=1.0, hi_bits=4, lo_bits=2)),
-    # local_window: every query also sees the kept keys plus its 64 most recent keys (no zeroed tokens)
-    ("zipvl tau=0.975 4/2 local_window=64", dict(tau=0.975, hi_bits=4, lo_bits=2, local_window=64)),
-    ("zipvl tau=0.96 4/2 local_window=64", dict(tau=0.96, hi_bits=4, lo_bits=2, local_window=64)),
-    ("zipvl tau=0.975 8/4 local_window=64", dict(tau=0.975, hi_bits=8, lo_bits=4, local_window=64)),
-    (
-        "zipvl tau=0.975 local_window=64, stock DynamicCache (sparse prefill only)",
-        dict(tau=0.975, kv_mode="off", local_window=64),
+    *(
+        _zipvl(mode, tau, bits)
+        for mode in ("sinks", "local", "paper")
+        for tau in (0.975, 0.96)
+        for bits in ((4, 2), (8, 4))
     ),
-    # ZipCache's Eq. 7 denominator (n - j) instead of the probe-row count
-    ("zipvl tau=0.975 4/2 score_norm=n_minus_j", dict(tau=0.975, hi_bits=4, lo_bits=2, score_norm="n_minus_j")),
-    (
-        "zipvl tau=0.975 4/2 score_norm=n_minus_j local_window=64",
-        dict(tau=0.975, hi_bits=4, lo_bits=2, score_norm="n_minus_j", local_window=64),
-    ),
+    *(_zipvl(mode, 0.975, (4, 2), kv_mode="off") for mode in ("sinks", "local", "paper")),
+    _zipvl("sinks", 0.975, (4, 2), local_window=128),
+    _zipvl("sinks", 0.975, (4, 2), sink_tokens=16),
+    _zipvl("paper", 0.975, (4, 2), score_norm="n_minus_j"),
 ]
 
 

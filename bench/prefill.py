@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[32768, 65536])
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--rep-ms", type=float, default=2000)
-    parser.add_argument("--local-window", type=int, default=0, help="zipvl's local_window option")
+    parser.add_argument("--prefill-modes", nargs="*", default=["sinks"], help="zipvl prefill_mode values to time")
+    parser.add_argument("--local-window", type=int, default=64, help="zipvl's local_window option")
     args = parser.parse_args()
     import zipvl_compile
 
@@ -106,31 +107,32 @@ def main() -> None:
     model = _model(config, "sdpa", device, dtype)
     for n in lengths:
         ids = torch.randint(0, config["vocab_size"], (1, n), device=device)
-        row: dict = {"n": n, "ratio": args.ratio, "local_window": args.local_window}
+        baselines: dict = {}
         for attn in variants:
             model.set_attn_implementation(attn)
-            row[f"hf_{attn}_ms"], row[f"hf_{attn}_peak_mb"] = _time(model, ids, args.rep_ms)
+            baselines[f"hf_{attn}_ms"], baselines[f"hf_{attn}_peak_mb"] = _time(model, ids, args.rep_ms)
         model.set_attn_implementation("sdpa")
-        torch._dynamo.reset()
-        zipvl_compile.reset_report()
-        compiled = torch.compile(
-            model,
-            backend="zipvl",
-            dynamic=False,
-            options={"inner": "eager", "force_ratio": args.ratio, "tau": 0.975, "local_window": args.local_window},
-        )
-        row["zipvl_ms"], row["zipvl_peak_mb"] = _time(compiled, ids, args.rep_ms)
-        row["zipvl_kept_ratio"] = round(
-            sum(zipvl_compile.report().kept_ratios().values()) / max(1, len(zipvl_compile.report().kept_ratios())), 4
-        )
-        row["speedup_vs_sdpa"] = row["hf_sdpa_ms"] / row["zipvl_ms"]
-        if "hf_fa4_ms" in row:
-            row["speedup_vs_fa4"] = row["hf_fa4_ms"] / row["zipvl_ms"]
-        rows.append(row)
-        print(row, flush=True)
+        for mode in args.prefill_modes:
+            row: dict = {"n": n, "ratio": args.ratio, "prefill_mode": mode, "local_window": args.local_window}
+            row.update(baselines)
+            torch._dynamo.reset()
+            zipvl_compile.reset_report()
+            options = {"inner": "eager", "force_ratio": args.ratio, "tau": 0.975, "prefill_mode": mode}
+            compiled = torch.compile(
+                model, backend="zipvl", dynamic=False, options={**options, "local_window": args.local_window}
+            )
+            row["zipvl_ms"], row["zipvl_peak_mb"] = _time(compiled, ids, args.rep_ms)
+            ratios = zipvl_compile.report().kept_ratios()
+            row["zipvl_kept_ratio"] = round(sum(ratios.values()) / max(1, len(ratios)), 4)
+            row["speedup_vs_sdpa"] = row["hf_sdpa_ms"] / row["zipvl_ms"]
+            if "hf_fa4_ms" in row:
+                row["speedup_vs_fa4"] = row["hf_fa4_ms"] / row["zipvl_ms"]
+            rows.append(row)
+            print(row, flush=True)
     columns = [
         "n",
         "ratio",
+        "prefill_mode",
         "local_window",
         "zipvl_kept_ratio",
         "hf_sdpa_ms",

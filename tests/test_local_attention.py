@@ -80,7 +80,7 @@ def test_op_window_keeps_selection_and_fills_every_valid_row() -> None:
     mask = valid[:, None, None, :]
     args = dict(is_causal=True, scale=0.25, n_rep=2, tau=0.8, n_probe_recent=4, n_probe_random=4, min_keep=0)
     zero_out, keep, ratio = OP(q, k, v, mask, **args)
-    out, keep_w, ratio_w = OP(q, k, v, mask, **args, local_window=8)
+    out, keep_w, ratio_w = OP(q, k, v, mask, **args, prefill_mode="local", local_window=8)
     assert torch.equal(keep, keep_w) and torch.equal(ratio, ratio_w)
     assert not keep[valid].all(), "the test needs non-kept tokens"
     want = local_attention_reference(q, k, v, keep, valid, 8, 0.25, 2)
@@ -93,7 +93,7 @@ def test_op_window_keeps_selection_and_fills_every_valid_row() -> None:
 def test_window_covering_the_prompt_is_dense_attention() -> None:
     """local_window >= n: every earlier key is in every window, whatever tau keeps."""
     q, k, v, _, _ = _inputs((4, 1), 33, 16, torch.float32, _gen("dense"))
-    options = dict(tau=0.5, n_probe_recent=4, n_probe_random=4, min_keep=0, local_window=33)
+    options = dict(tau=0.5, n_probe_recent=4, n_probe_random=4, min_keep=0, prefill_mode="local", local_window=33)
     out, keep, _ = OP(q, k, v, None, is_causal=True, scale=0.25, n_rep=4, **options)
     assert not keep.all()
     torch.testing.assert_close(out, dense_attention(q, k, v, None, True, 0.25, 4), atol=1e-5, rtol=1e-5)
@@ -103,7 +103,16 @@ def test_full_mask_form_matches_key_padding_form() -> None:
     q, k, v, _, valid = _inputs((2, 2), 26, 8, torch.float32, _gen("full"), pad=5)
     i = torch.arange(26)
     full = (i[None, :] <= i[:, None])[None, None] & valid[:, None, None, :]
-    options = dict(scale=0.3, n_rep=1, tau=0.85, n_probe_recent=4, n_probe_random=4, min_keep=0, local_window=6)
+    options = dict(
+        scale=0.3,
+        n_rep=1,
+        tau=0.85,
+        n_probe_recent=4,
+        n_probe_random=4,
+        min_keep=0,
+        prefill_mode="local",
+        local_window=6,
+    )
     a = OP(q, k, v, valid[:, None, None, :], is_causal=True, **options)
     b = OP(q, k, v, full, is_causal=False, **options)
     assert torch.equal(a[1], b[1])
@@ -112,8 +121,11 @@ def test_full_mask_form_matches_key_padding_form() -> None:
 
 @pytest.mark.parametrize("value", [-1, 2.5, True])
 def test_bad_local_window_names_the_option(value: object) -> None:
-    with pytest.raises(ValueError, match=r"local_window=.*>= 0"):
+    with pytest.raises(ValueError, match=r"local_window=.*>= 1"):
         ZipVLConfig.from_options({"local_window": value})
+    with pytest.raises(ValueError, match=r"local_window=0.*prefill_mode='local'"):
+        ZipVLConfig.from_options({"local_window": 0, "prefill_mode": "local"})
+    assert ZipVLConfig.from_options({"local_window": 0, "prefill_mode": "paper"}).local_window == 0
 
 
 def test_backend_passes_local_window_to_the_op() -> None:
@@ -124,9 +136,8 @@ def test_backend_passes_local_window_to_the_op() -> None:
     for window in (0, 4, 48):
         torch._dynamo.reset()
         zipvl_compile.reset_report()
-        options = dict(
-            inner="eager", tau=0.6, min_keep=2, n_probe_recent=4, n_probe_random=4, kv_mode="off", local_window=window
-        )
+        mode = dict(prefill_mode="local", local_window=window) if window else dict(prefill_mode="paper")
+        options = dict(inner="eager", tau=0.6, min_keep=2, n_probe_recent=4, n_probe_random=4, kv_mode="off", **mode)
         forward = torch.compile(model.forward, backend="zipvl", options=options)
         with torch.no_grad():
             logits[window] = forward(input_ids=ids).logits

@@ -65,15 +65,16 @@ def test_reset_report_keeps_live_graph_stats():
 
 
 def test_prefill_options_reach_the_op(monkeypatch):
-    """local_window and score_norm travel from the options to every sparse prefill call."""
+    """prefill_mode, local_window, sink_tokens and score_norm travel from the options to every sparse prefill."""
     from zipvl_compile.runtime import sparse
 
     seen = []
     real = sparse.sparse_attention
 
     def spy(*args):
-        *_, selection, local_window = args
-        seen.append((local_window, selection.score_norm))
+        *_, selection, attend, rows = args
+        assert rows is not None  # the graph's shared probe rows
+        seen.append((attend, selection.score_norm))
         return real(*args)
 
     monkeypatch.setattr(sparse, "sparse_attention", spy)
@@ -83,8 +84,10 @@ def test_prefill_options_reach_the_op(monkeypatch):
             "min_keep": 4,
             "n_probe_recent": 8,
             "n_probe_random": 8,
+            "prefill_mode": "local",
             "local_window": 5,
+            "sink_tokens": 3,
             "score_norm": "n_minus_j",
         }
     )
-    assert seen and all(s == (5, "n_minus_j") for s in seen), seen
+    assert seen and all(s == (sparse.Attend("local", 5, 3), "n_minus_j") for s in seen), seen

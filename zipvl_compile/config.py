@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from zipvl_compile.runtime.cache import check_cache_options
+from zipvl_compile.runtime.sparse import PREFILL_MODES
 
 _KV_MODES = ("packed", "simulate", "off")
 _INNER = ("inductor", "aot_eager", "eager")
@@ -29,9 +30,12 @@ class ZipVLConfig:
     n_probe_recent / n_probe_random: probe queries per layer (last rows + seeded random rows).
     min_keep: floor on the kept count per sequence and layer.
     dense_layers: decoder layer indices that keep dense prefill attention.
-    local_window: 0 = spec §5 (attention among the kept tokens only, zero output at the others); w > 0 = every
-        query attends to the kept keys plus its w most recent keys (itself included), so no token's attention
-        output is zeroed (measured: far more accurate on text, BENCHMARKS.md).
+    prefill_mode: who attends to what in a sparse prefill (docs/method.md §7): "sinks" (kept queries attend to
+        the kept keys; every query to its ``local_window`` most recent keys and the first ``sink_tokens`` tokens),
+        "local" (every query to the kept keys and its window) or "paper" (Algorithm 1: kept queries to the kept
+        keys, zero output at every other token).
+    local_window: the window w of the "sinks" and "local" modes (keys i - w < j <= i), >= 1 there.
+    sink_tokens: the sink count of the "sinks" mode (the first valid tokens of each sequence).
     score_norm: the Eq. 7 denominator of a key's probe attention: "probes" (the probe rows that see it) or
         "n_minus_j" (ZipCache's: every query that sees it in the full causal matrix; favours recent keys).
     recompress_interval: decode tokens held unquantised before their block is scored and quantised.
@@ -50,7 +54,9 @@ class ZipVLConfig:
     n_probe_random: int = 64
     min_keep: int = 64
     dense_layers: tuple[int, ...] = ()
-    local_window: int = 0
+    prefill_mode: str = "sinks"
+    local_window: int = 64
+    sink_tokens: int = 4
     score_norm: str = "probes"
     recompress_interval: int = 100
     kv_mode: str = "packed"
@@ -67,7 +73,14 @@ class ZipVLConfig:
             "a number with 0 < tau <= 1 (tau = 1 keeps every token)",
         )
         check_cache_options(self.hi_bits, self.lo_bits, self.recompress_interval, packed=self.kv_mode == "packed")
-        for key in ("n_probe_recent", "n_probe_random", "min_keep", "local_window"):
+        _check(self.prefill_mode in PREFILL_MODES, "prefill_mode", self.prefill_mode, f"one of {PREFILL_MODES}")
+        _check(
+            self.prefill_mode == "paper" or (_is_int(self.local_window) and self.local_window >= 1),
+            "local_window",
+            self.local_window,
+            f"an integer >= 1 with prefill_mode={self.prefill_mode!r}",
+        )
+        for key in ("n_probe_recent", "n_probe_random", "min_keep", "local_window", "sink_tokens"):
             _check(_is_int(getattr(self, key)) and getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
         _check(
             self.n_probe_recent + self.n_probe_random > 0,
@@ -111,8 +124,10 @@ class ZipVLConfig:
             "tau": float(self.tau),
             "min_keep": self.min_keep,
             "force_ratio": float(self.force_ratio),
-            "local_window": self.local_window,
             "score_norm": self.score_norm,
+            "prefill_mode": self.prefill_mode,
+            "local_window": self.local_window,
+            "sink_tokens": self.sink_tokens,
         }
 
     def cache_kwargs(self) -> dict[str, Any]:
@@ -121,7 +136,16 @@ class ZipVLConfig:
 
     def summary(self) -> dict[str, Any]:
         """The options the compile report shows per graph."""
-        return {"tau": self.tau, "hi_bits": self.hi_bits, "lo_bits": self.lo_bits, "kv_mode": self.kv_mode}
+        prefill = {"paper": "paper", "local": f"local(w={self.local_window})"}.get(
+            self.prefill_mode, f"sinks(w={self.local_window}, s={self.sink_tokens})"
+        )
+        return {
+            "tau": self.tau,
+            "prefill_mode": prefill,
+            "hi_bits": self.hi_bits,
+            "lo_bits": self.lo_bits,
+            "kv_mode": self.kv_mode,
+        }
 
     def replace(self, **changes: Any) -> ZipVLConfig:
         return dataclasses.replace(self, **changes)

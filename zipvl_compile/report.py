@@ -175,6 +175,9 @@ class CompileReport:
             widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
             for r in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
+        modes = sorted({g.options["prefill_mode"] for g in self.graphs if any(_is_sparse(s) for s in g.sites)})
+        if modes:
+            lines.append(f"sparse prefill mode: {', '.join(modes)}")
         ratios, flops = self.kept_ratios(), self.flop_reduction()
         if ratios:
             lines.append("kept ratio of the last prefill, per layer (attention-FLOP reduction):")
@@ -192,6 +195,10 @@ class CompileReport:
                 f"({self.kv_bytes / self.kv_bytes_dense:.1%})"
             )
         return "\n".join(lines)
+
+
+def _is_sparse(site: SiteRecord) -> bool:
+    return site.op in ("zipvl.sparse_attention", "zipvl.sparse_attention_scored")
 
 
 def _outcome(site: SiteRecord) -> str:

@@ -42,7 +42,14 @@ DEFAULT_PROMPT = (
     "a small robotic bee showed that the dance alone can send foragers to a chosen spot.\n\n"
     "Question: in two sentences, how does a honeybee tell the other bees where the flowers are?"
 )
-_FLAGS = {"hi_bits": "bits", "lo_bits": "bits", "tau": "tau", "inner": "inner", "local_window": "local_window"}
+_FLAGS = {
+    "hi_bits": "bits",
+    "lo_bits": "bits",
+    "tau": "tau",
+    "inner": "inner",
+    "local_window": "local_window",
+    "sink_tokens": "sink_tokens",
+}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -76,13 +83,17 @@ def _parser() -> argparse.ArgumentParser:
         help="KV bits HI/LO of kept / other tokens: 4/2 (default), 8/4, 16/16, ...",
     )
     p.add_argument(
-        "--local-window",
-        type=int,
-        default=0,
-        metavar="W",
-        help="0 (default): the paper's sparse prefill (tokens outside the kept set get no attention "
-        "output); W > 0: every token attends to the kept tokens and its W most recent ones",
+        "--prefill-mode",
+        default="sinks",
+        choices=["sinks", "local", "paper"],
+        help="who attends to what in the sparse prefill: sinks (default; kept tokens see the kept tokens, every "
+        "token sees its W most recent tokens and the first S), local (every token sees the kept tokens and its "
+        "W most recent ones), paper (tokens outside the kept set get no attention output)",
     )
+    p.add_argument(
+        "--local-window", type=int, default=64, metavar="W", help="the window W of sinks and local (default 64)"
+    )
+    p.add_argument("--sink-tokens", type=int, default=4, metavar="S", help="the sinks S of the sinks mode (default 4)")
     p.add_argument(
         "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate, greedy (default 64)"
     )
@@ -177,7 +188,9 @@ def _options(args: argparse.Namespace, device: str) -> dict[str, Any]:
         "hi_bits": int(hi),
         "lo_bits": int(lo),
         "inner": inner,
+        "prefill_mode": args.prefill_mode,
         "local_window": args.local_window,
+        "sink_tokens": args.sink_tokens,
     }
     if args.tiny_vlm:
         options.update(TINY_OPTIONS)

@@ -19,7 +19,7 @@ from zipvl_compile.passes.find_attention import find_attention_sites
 from zipvl_compile.passes.fx_util import layer_index, module_path
 from zipvl_compile.passes.kv_write import find_kv_write
 from zipvl_compile.passes.repeat_kv import peel_repeat_kv
-from zipvl_compile.passes.rewrite_attention import rewrite_site
+from zipvl_compile.passes.rewrite_attention import SharedProbes, rewrite_site
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.report import GraphRecord, SiteRecord
 
@@ -55,9 +55,10 @@ def run_passes(gm: fx.GraphModule, config: ZipVLConfig, record: GraphRecord) -> 
         log.debug(
             "graph %d: %s kept %d of %d candidate site(s)", graph_id, name, sum(s.skip is None for s in sites), before
         )
+    probes = SharedProbes(gm, config)
     for site in sites:
         if site.skip is None:
-            rewrite_site(gm, site, config, record)
+            rewrite_site(gm, site, config, record, probes)
     removed = safe_dce(gm)
     gm.graph.lint()
     gm.recompile()

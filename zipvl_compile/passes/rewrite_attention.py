@@ -23,7 +23,26 @@ from zipvl_compile.report import GraphRecord
 from zipvl_compile.runtime import ops
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig, record: GraphRecord) -> None:
+class SharedProbes:
+    """The probe rows of a graph's sparse sites: one ``zipvl.probe_rows`` node per (mask, causality, length),
+    inserted before the first site that needs it (probes depend only on the validity mask and the seed)."""
+
+    def __init__(self, gm: fx.GraphModule, config: ZipVLConfig) -> None:
+        self.gm, self.config = gm, config
+        self.nodes: dict[tuple, fx.Node] = {}
+
+    def rows_for(self, site: AttentionSite) -> fx.Node:
+        key = (site.mask, site.is_causal, str(shape(site.q)[2]))
+        if key not in self.nodes:
+            kwargs = {"q": site.q, "attn_mask": site.mask, "is_causal": site.is_causal, **self.config.probe_kwargs()}
+            with self.gm.graph.inserting_before(site.out):
+                self.nodes[key] = self.gm.graph.call_function(ops.probe_rows, (), kwargs)
+        return self.nodes[key]
+
+
+def rewrite_site(
+    gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig, record: GraphRecord, probes: SharedProbes
+) -> None:
     """Rewrite ``site`` in place (``site.op`` set), or reject it with a reason (graph untouched)."""
     scale = site.scale if site.scale is not None else default_scale(site.q)
     if scale is None:
@@ -38,7 +57,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig, r
         site.op = "zipvl.decode_attention"
         return
     if site.kind == "prefill" and site.dense_reason is None:
-        new = _rewrite_sparse(gm, site, config, record)
+        new = _rewrite_sparse(gm, site, config, record, probes.rows_for(site))
     else:
         kwargs = {**_geometry(site), "softcap": float(site.softcap)}
         new = _replace(gm, site, ops.attention, kwargs)
@@ -82,7 +101,9 @@ def _why_not_sparse(site: AttentionSite, config: ZipVLConfig) -> str | None:
     return None
 
 
-def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig, record: GraphRecord) -> fx.Node:
+def _rewrite_sparse(
+    gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig, record: GraphRecord, rows: fx.Node
+) -> fx.Node:
     """Insert the sparse prefill; returns the op node whose outputs are (out, keep, ratio).
 
     When the site's query heads are sharded over a tensor-parallel group (passes.tensor_parallel), the op is
@@ -94,14 +115,14 @@ def _rewrite_sparse(gm: fx.GraphModule, site: AttentionSite, config: ZipVLConfig
     selection = {**config.selection_kwargs(), "stats_slot": record.ratio_slot(site.layer, example(site.q).device)}
     group = tensor_parallel_group(site.q)
     if group is None:
-        kwargs = {**geometry, **config.probe_kwargs(), **selection}
+        kwargs = {**geometry, "probe_rows": rows, **config.probe_kwargs(), **selection}
         new = _replace(gm, site, ops.sparse_attention, kwargs, output_index=0)
         site.op = "zipvl.sparse_attention"
         return new
     graph = gm.graph
     probe = {name: geometry[name] for name in ("q", "k", "attn_mask", "is_causal", "scale", "n_rep")}
     with graph.inserting_before(site.out):
-        scores = graph.call_function(ops.probe_scores, (), {**probe, **config.probe_kwargs()})
+        scores = graph.call_function(ops.probe_scores, (), {**probe, "probe_rows": rows, **config.probe_kwargs()})
         scores.meta["nn_module_stack"] = site.out.meta.get("nn_module_stack")
         colsum, seen = (graph.call_function(operator.getitem, (scores, i)) for i in (0, 1))
         reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (colsum, "sum", group))

@@ -87,11 +87,34 @@ def _sparse_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: objec
     return out, q.new_empty(batch, n, dtype=torch.bool), q.new_empty(batch, dtype=torch.float32)
 
 
+def _probe_rows(
+    q: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    is_causal: bool = True,
+    n_probe_recent: int = 64,
+    n_probe_random: int = 64,
+    seed: int = 0,
+) -> torch.Tensor:
+    return sparse_impl.probe_rows(q, attn_mask, is_causal, sparse_impl.Probes(n_probe_recent, n_probe_random, seed))
+
+
+def _probe_rows_fake(q: torch.Tensor, *args: object, n_probe_recent: int = 64, n_probe_random: int = 64, **kwargs):
+    return q.new_empty(q.shape[0], min(q.shape[2], n_probe_recent + n_probe_random), dtype=torch.int64)
+
+
+probe_rows = define_op("probe_rows", _probe_rows, _probe_rows_fake)
+"""zipvl::probe_rows(q [B,H,n,d], attn_mask?, *, is_causal, n_probe_recent, n_probe_random, seed) -> int64 [B,m]:
+the probe positions (m = min(n, recent + random), ascending, -1 in unused slots); one node per graph and mask
+feeds every sparse site (they depend only on the validity mask and the seed)."""
+
+
 def _sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
+    probe_rows: torch.Tensor | None = None,
     *,
     is_causal: bool = True,
     scale: float = 1.0,
@@ -102,27 +125,33 @@ def _sparse_attention(
     min_keep: int = 64,
     seed: int = 0,
     force_ratio: float = 0.0,
-    local_window: int = 0,
     score_norm: str = "probes",
+    prefill_mode: str = "paper",
+    local_window: int = 0,
+    sink_tokens: int = 0,
     stats_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     probes = sparse_impl.Probes(n_probe_recent, n_probe_random, seed)
     selection = sparse_impl.Selection(tau, min_keep, force_ratio, score_norm)
-    outputs = sparse_impl.sparse_attention(q, k, v, attn_mask, is_causal, scale, n_rep, probes, selection, local_window)
+    attend = sparse_impl.Attend(prefill_mode, local_window, sink_tokens)
+    outputs = sparse_impl.sparse_attention(
+        q, k, v, attn_mask, is_causal, scale, n_rep, probes, selection, attend, probe_rows
+    )
     return _sparse_outputs(outputs, stats_slot)
 
 
 sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_fake)
-"""zipvl::sparse_attention(q, k, v, attn_mask?, *, is_causal, scale, n_rep, tau, n_probe_recent, n_probe_random,
-min_keep, seed, force_ratio, local_window, score_norm, stats_slot) -> (out [B,Hq,n,d], keep bool [B,n], ratio
-float32 [B]): ZipVL prefill (runtime.sparse); with a stats slot (runtime.stats) it also stores the batch's
-kept-ratio moments there."""
+"""zipvl::sparse_attention(q, k, v, attn_mask?, probe_rows?, *, is_causal, scale, n_rep, tau, n_probe_recent,
+n_probe_random, min_keep, seed, force_ratio, score_norm, prefill_mode, local_window, sink_tokens, stats_slot)
+-> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): ZipVL prefill (runtime.sparse; prefill_mode "paper",
+"local" or "sinks"); with a stats slot (runtime.stats) it also stores the batch's kept-ratio moments there."""
 
 
 def _probe_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
+    probe_rows: torch.Tensor | None = None,
     *,
     is_causal: bool = True,
     scale: float = 1.0,
@@ -132,7 +161,7 @@ def _probe_scores(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     probes = sparse_impl.Probes(n_probe_recent, n_probe_random, seed)
-    return sparse_impl.probe_scores(q, k, attn_mask, is_causal, scale, n_rep, probes)
+    return sparse_impl.probe_scores(q, k, attn_mask, is_causal, scale, n_rep, probes, probe_rows)
 
 
 def _probe_scores_fake(q: torch.Tensor, k: torch.Tensor, *args: object, **kwargs: object):
@@ -141,7 +170,7 @@ def _probe_scores_fake(q: torch.Tensor, k: torch.Tensor, *args: object, **kwargs
 
 
 probe_scores = define_op("probe_scores", _probe_scores, _probe_scores_fake)
-"""zipvl::probe_scores(q, k, attn_mask?, *, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
+"""zipvl::probe_scores(q, k, attn_mask?, probe_rows?, *, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
 -> (colsum, seen) float32 [B,n]: the probe stage of sparse_attention over the heads of q (runtime.sparse). Under
 tensor parallelism the graph all-reduces colsum (sum over ranks) before zipvl.sparse_attention_scored; seen
 counts probe rows, the same on every rank."""
@@ -161,20 +190,24 @@ def _sparse_attention_scored(
     tau: float = 0.975,
     min_keep: int = 64,
     force_ratio: float = 0.0,
-    local_window: int = 0,
     score_norm: str = "probes",
+    prefill_mode: str = "paper",
+    local_window: int = 0,
+    sink_tokens: int = 0,
     stats_slot: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     selection = sparse_impl.Selection(tau, min_keep, force_ratio, score_norm)
+    attend = sparse_impl.Attend(prefill_mode, local_window, sink_tokens)
     outputs = sparse_impl.sparse_attention_scored(
-        q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, selection, local_window
+        q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, selection, attend
     )
     return _sparse_outputs(outputs, stats_slot)
 
 
 sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored, _sparse_fake)
 """zipvl::sparse_attention_scored(q, k, v, colsum, seen, attn_mask?, *, is_causal, scale, n_rep, tau, min_keep,
-force_ratio, local_window, score_norm, stats_slot) -> (out, keep, ratio) as sparse_attention: the selection
+force_ratio, score_norm, prefill_mode, local_window, sink_tokens, stats_slot) -> (out, keep, ratio) as
+sparse_attention: the selection
 (Eqs. 6-8 on colsum / seen of zipvl.probe_scores, summed over all heads) and kept-token attention stages."""
 
 

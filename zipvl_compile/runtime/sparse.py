@@ -1,4 +1,4 @@
-"""ZipVL sparse prefill attention (spec §2-5): probe -> adaptive kept set -> attention among kept tokens.
+"""ZipVL sparse prefill attention (docs/method.md §3-§7): probe -> adaptive kept set -> attention by prefill mode.
 
 Shapes: q [B, Hq, n, d], k/v un-expanded [B, Hkv, n, d]; ``attn_mask`` is None or a bool mask broadcastable
 to [B, 1, n, n] (True = may attend); ``is_causal`` ANDs the causal mask. Keys no query may see are padding:
@@ -10,25 +10,29 @@ Two stages, each the body of an op:
   subset of heads). Under tensor parallelism each rank holds a subset of the heads: the graph all-reduces
   colsum (sum) between the stages, so every rank selects from the scores of all heads.
 - :func:`sparse_attention_scored` -> (out [B, Hq, n, d], keep bool [B, n], ratio float32 [B]): Eqs. 6-8 on
-  the scores, then attention among the kept tokens; out is zero at every non-kept position. With
-  ``local_window`` w > 0 instead every valid query attends to the kept keys plus its w most recent keys
-  (kernels.local_attention): non-kept tokens get an attention output too (spec §5's zero is the default).
+  the scores (kernels.select), then attention by the prefill mode (:class:`Attend`, docs/method.md §7):
+  "paper": kept queries over the kept keys (kernels.kept_attention), zero at every other position;
+  "local": every valid query over the kept keys plus its ``window`` most recent keys (kernels.local_attention);
+  "sinks": kept queries over the kept keys, and every valid query over its window and the first ``sinks`` valid
+  tokens, merged exactly (kernels.sink_attention). Padding rows are zero in every mode.
 :func:`sparse_attention` is both stages on one device (the single-device op).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from zipvl_compile.runtime.kernels.kept_attention import keep_to_index, kept_causal_attention
+from zipvl_compile.runtime.kernels.kept_attention import kept_causal_attention
 from zipvl_compile.runtime.kernels.local_attention import local_attention, local_mask
 from zipvl_compile.runtime.kernels.probe import probe_colsum
+from zipvl_compile.runtime.kernels.select import select_kept
+from zipvl_compile.runtime.kernels.sink_attention import sink_attention, sink_mask
 from zipvl_compile.runtime.reference import causal_mask, dense_attention
-from zipvl_compile.runtime.selection import choose_probes, select_tokens
+from zipvl_compile.runtime.selection import choose_probes
+
+PREFILL_MODES = ("paper", "local", "sinks")
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -78,6 +82,22 @@ class Selection(NamedTuple):
         return self.tau >= 1.0 and self.force_ratio <= 0
 
 
+class Attend(NamedTuple):
+    """Who attends to what in a sparse prefill (module docstring): ``mode`` in :data:`PREFILL_MODES`, the local
+    ``window`` (keys i - window < j <= i; unused by "paper") and the ``sinks`` count (used by "sinks")."""
+
+    mode: str
+    window: int
+    sinks: int
+
+
+def probe_rows(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, probes: Probes) -> torch.Tensor:
+    """int64 [B, m] probe positions of q [B, H, n, d] under ``attn_mask`` (selection.choose_probes). They depend
+    only on the validity mask and the seed, so one call serves every layer that shares the mask."""
+    _, valid = _validity(q, attn_mask, is_causal)
+    return choose_probes(valid, probes.recent, probes.random, probes.seed)
+
+
 def probe_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,10 +106,13 @@ def probe_scores(
     scale: float,
     n_rep: int,
     probes: Probes,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(colsum, seen) float32 [B, n] of the probe rows over the heads of q (see the module docstring)."""
+    """(colsum, seen) float32 [B, n] of the probe rows over the heads of q (see the module docstring); ``rows``:
+    the probe positions of :func:`probe_rows`, computed here when None."""
     is_causal, valid = _validity(q, attn_mask, is_causal)
-    rows = choose_probes(valid, probes.recent, probes.random, probes.seed)
+    if rows is None:
+        rows = choose_probes(valid, probes.recent, probes.random, probes.seed)
     q_probe = q.gather(2, rows.clamp(min=0)[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
     if is_causal and is_key_padding(attn_mask):
         return probe_colsum(q_probe, k, rows, valid, scale, n_rep)
@@ -107,19 +130,17 @@ def sparse_attention_scored(
     colsum: torch.Tensor,
     seen: torch.Tensor,
     selection: Selection,
-    local_window: int = 0,
+    attend: Attend,
 ) -> Outputs:
-    """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention among kept tokens
-    (``local_window`` > 0: every query over the kept keys and its window; see the module docstring)."""
+    """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention by ``attend``."""
     if selection.keeps_all:
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
     is_causal, valid = _validity(q, attn_mask, is_causal)
     if selection.score_norm == "n_minus_j":
         seen = valid.to(torch.float32).flip(-1).cumsum(dim=-1).flip(-1)
-    keep, ratio = _fused(select_tokens, q)(
-        colsum, seen, valid, selection.tau, selection.min_keep, selection.force_ratio
-    )
-    return _attend(q, k, v, attn_mask, is_causal, scale, n_rep, keep, valid, local_window), keep, ratio
+    kept = select_kept(colsum, seen, valid, selection.tau, selection.min_keep, selection.force_ratio)
+    out = _attend(q, k, v, attn_mask, is_causal, scale, n_rep, kept.keep, valid, attend, (kept.idx, kept.count))
+    return out, kept.keep, kept.ratio
 
 
 def sparse_attention(
@@ -132,49 +153,15 @@ def sparse_attention(
     n_rep: int,
     probes: Probes,
     selection: Selection,
-    local_window: int = 0,
+    attend: Attend,
+    rows: torch.Tensor | None = None,
 ) -> Outputs:
-    """ZipVL prefill attention on one device: :func:`probe_scores` then :func:`sparse_attention_scored`
-    (no probe when every token is kept)."""
+    """ZipVL prefill attention on one device: :func:`probe_scores` (on ``rows`` when given) then
+    :func:`sparse_attention_scored` (no probe when every token is kept)."""
     if selection.keeps_all:
         return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
-    colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, probes)
-    return sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, selection, local_window)
-
-
-_FUSED: dict = {}
-
-
-def _fused(fn: Callable, like: torch.Tensor) -> Callable:
-    """``fn`` compiled by Inductor (dynamic shapes) when running eagerly on CUDA, else ``fn`` itself.
-
-    Selection is a dozen small element-wise/sort kernels. Measured on an H100 at 32k tokens (BENCHMARKS.md):
-    fused ``select_tokens`` 0.91 ms, fused ``keep_to_index`` 0.10 ms per layer. Inside a graph being compiled,
-    the caller's compiler fuses.
-    """
-    if not like.is_cuda or torch.compiler.is_compiling():
-        return fn
-    if fn not in _FUSED:
-        _FUSED[fn] = _first_call_checked(fn, torch.compile(fn, dynamic=True, fullgraph=True))
-    return _FUSED[fn]
-
-
-def _first_call_checked(fn: Callable, compiled: Callable) -> Callable:
-    """``compiled``, unless its first call fails to compile: then ``fn`` from then on (logged, same results)."""
-
-    def call(*args: object) -> object:
-        try:
-            out = compiled(*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure: keep the eager function
-            logging.getLogger("zipvl_compile").warning(
-                "fusing %s failed (%s): running it eagerly", fn.__name__, type(err).__name__
-            )
-            _FUSED[fn] = fn
-            return fn(*args)
-        _FUSED[fn] = compiled
-        return out
-
-    return call
+    colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, probes, rows)
+    return sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, selection, attend)
 
 
 def _validity(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> tuple[bool, torch.Tensor]:
@@ -208,18 +195,24 @@ def _attend(
     n_rep: int,
     keep: torch.Tensor,
     valid: torch.Tensor,
-    local_window: int,
+    attend: Attend,
+    kept_index: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """[B, Hq, n, d]: attention among the kept tokens ``keep`` bool [B, n], zero at non-kept rows; with
-    ``local_window`` > 0 every valid query over the kept keys and its window, zero at padding rows."""
+    """[B, Hq, n, d]: the prefill attention of ``attend`` given the kept set ``keep`` bool [B, n] (and its index
+    list ``kept_index`` = (idx, count) of kernels.kept_attention); see the module docstring."""
     if is_causal and is_key_padding(attn_mask):
-        if local_window > 0:
-            return local_attention(q, k, v, keep, valid, local_window, scale, n_rep)
-        idx, count = _fused(keep_to_index, q)(keep)
-        return kept_causal_attention(q, k, v, idx, count, scale, n_rep)
+        if attend.mode == "local":
+            return local_attention(q, k, v, keep, valid, attend.window, scale, n_rep)
+        if attend.mode == "sinks":
+            return sink_attention(
+                q, k, v, keep, valid, attend.window, attend.sinks, scale, n_rep, kept_index=kept_index
+            )
+        return kept_causal_attention(q, k, v, *kept_index, scale, n_rep)
     batch, n = keep.shape
-    if local_window > 0:
-        rows, pair = valid, local_mask(keep, valid, local_window)
+    if attend.mode == "local":
+        rows, pair = valid, local_mask(keep, valid, attend.window)
+    elif attend.mode == "sinks":
+        rows, pair = valid, sink_mask(keep, valid, attend.window, attend.sinks)
     else:
         rows, pair = keep, keep[:, None, :, None] & keep[:, None, None, :]
     out = dense_attention(q, k, v, attn_mask.expand(batch, 1, n, n) & pair, is_causal, scale, n_rep)

@@ -337,16 +337,18 @@ def sink_attention(
     n_rep: int,
     backend: str | None = None,
     use_triton: bool | None = None,
+    kept_index: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention over the kept keys, the local window and the sinks (module docstring). No host sync.
 
     backend: the kept part's backend (:func:`kept_causal_attention_lse`; None: its default). use_triton: the
     fast path (None: on CUDA; True on CPU needs TRITON_INTERPRET=1); otherwise :func:`sink_attention_reference`.
+    kept_index: (idx, count) of ``keep & valid`` in kernels.kept_attention's convention, when the caller has it.
     """
     _check_args(q, k, v, keep, valid, window, sinks, n_rep)
     if not wants_triton(q, use_triton):
         return sink_attention_reference(q, k, v, keep, valid, window, sinks, scale, n_rep)
     keep = keep & valid
-    idx, count = keep_to_index(keep)
+    idx, count = kept_index if kept_index is not None else keep_to_index(keep)
     kept = kept_causal_attention_lse(q, k, v, idx, count, scale, n_rep, backend, use_triton)
     return sink_merge_triton(q, k, v, keep, valid, window, sinks, scale, n_rep, kept)
