@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--continuation", type=int, default=256)
     parser.add_argument("--only", nargs="*", help="run only the configurations whose name contains one of these")
+    parser.add_argument("--exact", action="store_true", help="--only names whole configuration names")
     parser.add_argument("--model", help="a .gguf file or HF directory (default: the embedded SmolLM2-135M)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -156,7 +157,8 @@ def main() -> None:
     ids = corpus_ids(tokenizer, args.context + args.continuation)
     results = {}
     for name, options in CONFIGS:
-        if args.only and name != "dense" and not any(key in name for key in args.only):
+        wanted = name in args.only if args.exact else any(key in name for key in args.only or ())
+        if args.only and name != "dense" and not wanted:
             continue
         results[name] = run(model, ids, args.context, options)
         print(name, {k: v for k, v in results[name].items() if k not in ("nll", "preds", "cache")}, flush=True)

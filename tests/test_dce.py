@@ -1,4 +1,5 @@
-"""safe_dce keeps in-place and mutating ops that Graph.eliminate_dead_code would drop (design.md §8.1)."""
+"""safe_dce keeps in-place and mutating ops that Graph.eliminate_dead_code would drop
+(docs/architecture.md §11, trap 1)."""
 
 import operator
 

@@ -75,7 +75,7 @@ def test_triton_matches_reference(dtype: torch.dtype, d: int, heads: tuple, wind
 
 
 def test_op_window_keeps_selection_and_fills_every_valid_row() -> None:
-    """Same kept set and ratio as the spec's form; non-kept valid rows get an output, padding rows stay zero."""
+    """Same kept set and ratio as the paper's mode; non-kept valid rows get an output, padding rows stay zero."""
     q, k, v, _, valid = _inputs((4, 2), 60, 16, torch.float32, _gen("op"))
     mask = valid[:, None, None, :]
     args = dict(is_causal=True, scale=0.25, n_rep=2, tau=0.8, n_probe_recent=4, n_probe_random=4, min_keep=0)

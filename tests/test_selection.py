@@ -20,7 +20,7 @@ def _valid(batch: int, n: int, pads: list[tuple[int, int]]) -> torch.Tensor:
 
 
 def _naive_select(colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, tau: float, min_keep: int) -> set[int]:
-    """One row of the spec, written as a loop (the oracle)."""
+    """One row of docs/method.md §4-§5, written as a loop (the oracle)."""
     idx = [j for j in range(len(valid)) if valid[j]]
     mass = sorted((float(colsum[j]) for j in idx), reverse=True)
     total, running, p = sum(mass), 0.0, 0

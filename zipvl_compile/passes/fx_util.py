@@ -91,7 +91,7 @@ INPLACE_FUNCTIONS = {operator.setitem, torch.Tensor.copy_, torch.Tensor.index_co
 
 
 def is_impure(node: fx.Node) -> bool:
-    """True for nodes DCE must keep: outputs, inputs, in-place and mutating ops (design.md §8.1)."""
+    """True for nodes DCE must keep: outputs, inputs, in-place and mutating ops (docs/architecture.md §11, trap 1)."""
     if node.op in ("placeholder", "output"):
         return True
     if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_"):

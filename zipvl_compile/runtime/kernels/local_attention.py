@@ -2,8 +2,8 @@
 
 Every valid query i attends to the keys j <= i that are kept (the layer's set T) or lie in its window
 i - w < j <= i; padding keys are never attended and padding query rows get exact zeros. So non-kept tokens
-still get an attention output (unlike the spec's default, which zeroes them), while the work per query is
-|T| + w keys instead of n.
+still get an attention output (unlike the paper's mode, which zeroes them: docs/method.md §6.1), while the work
+per query is |T| + w keys instead of n.
 
 Shapes and dtypes shared by every function here:
     q       [B, Hq, n, d]   fp16/bf16/fp32, RoPE applied; any strides.

@@ -50,12 +50,12 @@ def _load_rows(base, rows, row_ok, stride_t, stride_d, d, BD: tl.constexpr):
 
 
 @triton.jit
-def _params(lo, hi, LEVELS: tl.constexpr):
-    """fp32 min/max (lo > hi marks an empty group) -> float16 (scale, zero)."""
-    empty = lo > hi
-    lo = tl.where(empty, 0.0, lo)
-    hi = tl.where(empty, 0.0, hi)
-    return ((hi - lo) * (1.0 / LEVELS)).to(tl.float16), lo.to(tl.float16)
+def _params(x_min, x_max, LEVELS: tl.constexpr):
+    """fp32 min/max (x_min > x_max marks an empty group) -> float16 (scale, zero)."""
+    empty = x_min > x_max
+    x_min = tl.where(empty, 0.0, x_min)
+    x_max = tl.where(empty, 0.0, x_max)
+    return ((x_max - x_min) * (1.0 / LEVELS)).to(tl.float16), x_min.to(tl.float16)
 
 
 @triton.jit
@@ -115,16 +115,16 @@ def _quantize_key_tile(x, row_ok, ROWS: tl.constexpr, BD: tl.constexpr, BITS: tl
     shrunk by j/32 of it at each end (j < _SHRINK_STEPS, ties to the smaller j). Other rows get code 0.
     """
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    lo = tl.min(tl.where(row_ok[:, None], x, float("inf")), axis=0)
-    hi = tl.max(tl.where(row_ok[:, None], x, float("-inf")), axis=0)
-    scale, zero = _params(lo, hi, LEVELS)
+    x_min = tl.min(tl.where(row_ok[:, None], x, float("inf")), axis=0)
+    x_max = tl.max(tl.where(row_ok[:, None], x, float("-inf")), axis=0)
+    scale, zero = _params(x_min, x_max, LEVELS)
     if BITS == 2:
-        unit = tl.where(lo <= hi, (hi - lo) * (1.0 / 32.0), 0.0)
-        delta = tl.zeros_like(lo)
+        unit = tl.where(x_min <= x_max, (x_max - x_min) * (1.0 / 32.0), 0.0)
+        delta = tl.zeros_like(x_min)
         best = tl.sum(_key_error(x, row_ok, scale, zero, LEVELS), axis=0)
         for _ in tl.static_range(1, _SHRINK_STEPS):
             delta = delta + unit
-            s_j, z_j = _params(lo + delta, hi - delta, LEVELS)
+            s_j, z_j = _params(x_min + delta, x_max - delta, LEVELS)
             err = tl.sum(_key_error(x, row_ok, s_j, z_j, LEVELS), axis=0)
             better = err < best
             best = tl.where(better, err, best)
@@ -152,9 +152,9 @@ def _quantize_value_tile(x, d, ROWS: tl.constexpr, BD: tl.constexpr, BITS: tl.co
     """Value tokens x fp32 [ROWS, BD] -> (packed uint8 [ROWS, BD*BITS//8], scale, zero fp16 [ROWS])."""
     LEVELS: tl.constexpr = (1 << BITS) - 1
     chan_ok = (tl.arange(0, BD) < d)[None, :]
-    lo = tl.min(tl.where(chan_ok, x, float("inf")), axis=1)
-    hi = tl.max(tl.where(chan_ok, x, float("-inf")), axis=1)
-    scale, zero = _params(lo, hi, LEVELS)
+    x_min = tl.min(tl.where(chan_ok, x, float("inf")), axis=1)
+    x_max = tl.max(tl.where(chan_ok, x, float("-inf")), axis=1)
+    scale, zero = _params(x_min, x_max, LEVELS)
     return _pack(_codes(x, scale[:, None], zero[:, None], LEVELS), ROWS, BD, BITS), scale, zero
 
 

@@ -3,21 +3,20 @@
 The layout the codes and parameters are stored in is :mod:`zipvl_compile.runtime.layout`; this module owns
 the arithmetic that produces them:
 
-- Parameters (asymmetric, from a range [lo, hi]): ``zero = fp16(lo)``, ``scale = fp16((hi - lo) * fp32(1 /
-  (2^b - 1)))``, ``code = clamp(floor((x - zero) / max(scale, SCALE_FLOOR) + 0.5), 0, 2^b - 1)`` computed in
-  fp32 from the fp16-rounded parameters, and ``x ~ code * scale + zero``. Values: [lo, hi] = the token's
-  min/max. Keys: per channel and group, the min/max of the valid slots; at 2 bits, the range among min/max
-  shrunk about its centre by ``j * (max - min) / 32`` at each end, j in 0..``KEY_SHRINK_STEPS - 1`` (j = 0 is
-  plain min/max), that gives the least squared error over the group's valid slots (summed in fp64; ties to
-  the smaller j): it clips the few outlying slots of a group to give the bulk finer steps (docs/method.md,
-  the KV cache section, has the measured effect). The search costs ~2.7x the write time (H100, 32k tokens x
-  32 heads: 3.5 ms vs 1.3 ms per segment write), so 4 and 8 bits skip it.
-  Invalid slots get code 0; a group with no valid slot stores scale = zero = 0. A zero-range group stores
-  scale 0 and decodes to its ``zero`` exactly. The arithmetic is spelled out (shrinks built from exact
-  power-of-two products and plain adds, a multiplication by the fp32 reciprocal, a correctly rounded
-  division, floor(y + 0.5), code * scale exact in fp32) so that the Triton kernels reproduce the codes bit for
-  bit whether or not the GPU fuses a multiply-add. Magnitudes beyond the fp16 range are not supported (the
-  params would overflow).
+- Parameters (asymmetric, from a range [x_min, x_max]): ``zero = fp16(x_min)``, ``scale = fp16((x_max - x_min) *
+  fp32(1 / (2^b - 1)))``, ``code = clamp(floor((x - zero) / max(scale, SCALE_FLOOR) + 0.5), 0, 2^b - 1)``
+  computed in fp32 from the fp16-rounded parameters, and ``x ~ code * scale + zero``. Values: [x_min, x_max] =
+  the token's min/max. Keys: per channel and group, the min/max of the valid slots; at 2 bits, the range among
+  min/max shrunk about its centre by ``j * (max - min) / 32`` at each end, j in 0..``KEY_SHRINK_STEPS - 1`` (j =
+  0 is plain min/max), that gives the least squared error over the group's valid slots (summed in fp64; ties to
+  the smaller j): it clips the few outlying slots of a group to give the bulk finer steps (docs/method.md, the
+  KV cache section, has the measured effect). The search costs ~2.7x the write time (H100, 32k tokens x 32
+  heads: 3.5 ms vs 1.3 ms per segment write), so 4 and 8 bits skip it. Invalid slots get code 0; a group with no
+  valid slot stores scale = zero = 0. A zero-range group stores scale 0 and decodes to its ``zero`` exactly. The
+  arithmetic is spelled out (shrinks built from exact power-of-two products and plain adds, a multiplication by
+  the fp32 reciprocal, a correctly rounded division, floor(y + 0.5), code * scale exact in fp32) so that the
+  Triton kernels reproduce the codes bit for bit whether or not the GPU fuses a multiply-add. Magnitudes beyond
+  the fp16 range are not supported (the params would overflow).
 """
 
 from __future__ import annotations
@@ -39,11 +38,11 @@ KEY_SHRINK_STEPS = 7  # 2-bit key ranges tried per group and channel: min/max sh
 SCALE_FLOOR = 1e-8  # divisor floor for zero-range groups (below the smallest fp16 subnormal, 6e-8)
 
 
-def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 min/max (lo > hi marks an empty group) -> float16 (scale, zero)."""
-    empty = lo > hi
-    lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    return ((hi - lo) * (1.0 / max_code(bits))).to(torch.float16), lo.to(torch.float16)
+def _params(x_min: torch.Tensor, x_max: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 min/max (x_min > x_max marks an empty group) -> float16 (scale, zero)."""
+    empty = x_min > x_max
+    x_min, x_max = x_min.masked_fill(empty, 0.0), x_max.masked_fill(empty, 0.0)
+    return ((x_max - x_min) * (1.0 / max_code(bits))).to(torch.float16), x_min.to(torch.float16)
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -65,19 +64,19 @@ def quantize_keys_reference(
         raise ValueError(f"key length {t} is not a multiple of {GROUP}")
     x = k.float().unflatten(2, (t // GROUP, GROUP))
     ok = valid.view(batch, 1, t // GROUP, GROUP, 1)
-    lo = x.masked_fill(~ok, float("inf")).amin(3)
-    hi = x.masked_fill(~ok, float("-inf")).amax(3)
-    scale, zero = _best_key_params(x, ok, lo, hi, bits) if bits == 2 else _params(lo, hi, bits)
+    x_min = x.masked_fill(~ok, float("inf")).amin(3)
+    x_max = x.masked_fill(~ok, float("-inf")).amax(3)
+    scale, zero = _best_key_params(x, ok, x_min, x_max, bits) if bits == 2 else _params(x_min, x_max, bits)
     codes = _codes(x, scale[:, :, :, None], zero[:, :, :, None], bits).masked_fill_(~ok, 0)
     return pack_codes(codes.flatten(2, 3), bits), scale, zero
 
 
 def _best_key_params(
-    x: torch.Tensor, ok: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
+    x: torch.Tensor, ok: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float16 (scale, zero) ``[..., d]`` of the least-squared-error shrunk range (module docstring; 2 bits).
 
-    x fp32 ``[..., G, d]``, ok bool broadcastable to it; lo / hi fp32 ``[..., d]`` the valid min/max.
+    x fp32 ``[..., G, d]``, ok bool broadcastable to it; x_min / x_max fp32 ``[..., d]`` the valid min/max.
     """
 
     def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -91,13 +90,13 @@ def _best_key_params(
         y = codes * s[..., None, :] + z[..., None, :]
         return (y - x).masked_fill(~ok, 0.0).double().square().sum(-2)
 
-    unit = torch.where(lo <= hi, (hi - lo) * (1.0 / 32.0), 0.0)
-    delta = torch.zeros_like(lo)
-    scale, zero = _params(lo, hi, bits)
+    unit = torch.where(x_min <= x_max, (x_max - x_min) * (1.0 / 32.0), 0.0)
+    delta = torch.zeros_like(x_min)
+    scale, zero = _params(x_min, x_max, bits)
     best = (error(scale, zero), scale, zero)
     for _ in range(1, KEY_SHRINK_STEPS):
         delta = delta + unit
-        scale, zero = _params(lo + delta, hi - delta, bits)
+        scale, zero = _params(x_min + delta, x_max - delta, bits)
         err = error(scale, zero)
         better = err < best[0]
         best = tuple(torch.where(better, new, old) for new, old in zip((err, scale, zero), best, strict=True))
