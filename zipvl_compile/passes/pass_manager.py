@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.causal_mask import analyse_mask
-from zipvl_compile.passes.classify import classify_site, mark_non_causal
+from zipvl_compile.passes.classify import classify_site, locate_site
 from zipvl_compile.passes.dce import safe_dce
 from zipvl_compile.passes.find_attention import find_attention_sites
 from zipvl_compile.passes.fx_util import layer_index, module_path
@@ -26,11 +26,11 @@ from zipvl_compile.report import SiteRecord, report
 log = logging.getLogger("zipvl_compile")
 
 SITE_PASSES: list[tuple[str, Callable[[AttentionSite], None]]] = [
-    ("classify", classify_site),
+    ("locate", locate_site),
     ("repeat_kv", peel_repeat_kv),
     ("causal_mask", analyse_mask),
     ("kv_write", find_kv_write),
-    ("non_causal", mark_non_causal),
+    ("classify", classify_site),
 ]
 
 
