@@ -117,8 +117,6 @@ FIXES: dict[str, list[Callable[[T.PretrainedConfig], None]]] = {
     "qwen2_5_omni_thinker": [_mrope(2, 3, 3), _top(vision_start_token_id=502)],
     "qwen3_omni_moe_thinker": [_top(vision_start_token_id=502)],
     "step3p7": [_set(sliding_window=8)],
-    "kimi_k25": [_set(num_key_value_heads=4, head_dim=8, qk_head_dim=16)],
-    "mistral4": [_set(num_key_value_heads=4, head_dim=8, qk_head_dim=16)],
     "granite4_vision": [
         _top(deepstack_layer_map=[(1, 0)], downsample_rate="1/2", spatial_target_layers=[1]),
         _set(attention_multiplier=0.25, embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0),
