@@ -32,6 +32,7 @@ class SiteRecord:
     mask: str | None = None  # causal | causal+padding | causal+window | causal+mask | mask | none
     kv_write: str | None = None  # dynamic_cat | static_index_copy | static_copy | zipvl | none
     dense_reason: str | None = None  # why a prefill site got the dense op instead of sparse_attention
+    evidence: str | None = None  # what decided the kind and the layer (mask, cache write, module layer_idx, path)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,8 @@ import torch
 import torch.fx as fx
 
 _LAYER_RE = re.compile(r"(?:layers|layer|blocks|block|h)(?:\.|\[|_)(\d+)")
+_CACHE_LAYER_RE = re.compile(r"(?:layers|key_cache|value_cache)\[(\d+)\]")
+_SOURCE_STEP_RE = re.compile(r"\.(\w+)|\[(\d+)\]|\['([^']*)'\]")
 
 
 def is_function(node: fx.Node, *targets: Any) -> bool:
@@ -79,8 +81,54 @@ def _clean_path(path: str) -> str:
 
 
 def layer_index(path: str) -> int | None:
+    """The decoder layer index a module path names (``model.layers.3.self_attn`` -> 3), else None."""
     matches = _LAYER_RE.findall(path)
     return int(matches[-1]) if matches else None
+
+
+def input_source(node: fx.Node) -> str | None:
+    """Where Dynamo read a graph input from (``L['past_key_values'].layers[0].keys``), None for other nodes."""
+    grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
+    source = getattr(grapharg, "source", None)
+    return None if source is None else source.name
+
+
+def is_parameter_input(node: fx.Node) -> bool:
+    """A graph input that is a module's parameter or buffer (not an activation)."""
+    name = input_source(node) or ""
+    return "._parameters[" in name or "._buffers[" in name
+
+
+def cache_layer(node: fx.Node) -> int | None:
+    """The cache layer a graph input belongs to (``...layers[2].keys`` -> 2), else None."""
+    matches = _CACHE_LAYER_RE.findall(input_source(node) or "")
+    return int(matches[-1]) if matches else None
+
+
+def live_module(node: fx.Node) -> Any:
+    """The module object of ``node``'s innermost ``nn_module_stack`` entry, found in the frame Dynamo is
+    compiling (only while a backend runs inside ``torch.compile``), else None."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        frame_locals = InstructionTranslator.current_tx().f_locals
+    except (AttributeError, AssertionError, ImportError):
+        return None
+    path = list(stack.values())[-1][0]
+    root = re.match(r"L\['([^']+)'\]", path)
+    steps = "" if root is None else path[root.end() :]
+    if root is None or root.group(1) not in frame_locals or _SOURCE_STEP_RE.sub("", steps):
+        return None  # not a path of locals, attributes and indices
+    obj = frame_locals[root.group(1)]
+    for attr, index, key in _SOURCE_STEP_RE.findall(steps):
+        try:
+            obj = getattr(obj, attr) if attr else obj[int(index)] if index else obj[key]
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return None
+    return obj
 
 
 def is_getitem(node: fx.Node) -> bool:

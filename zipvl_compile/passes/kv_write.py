@@ -9,6 +9,9 @@ Forms recognised (transformers 5.17):
 - ``zipvl``: a ZipVLCache: ``zipvl.kv_write_`` of the new keys (prefill) or keys read through
   ``zipvl.kv_dense_view`` (decode); ``site.kv_node`` is that node;
 - ``none``: the keys come straight from the projection (no cache).
+
+``site.kv_layer`` is the cache layer the graph input holding the cached keys names (``...layers[i].keys``,
+``...layers[i].hi[0]``); a prefill that creates its cache in the graph has none.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from zipvl_compile.passes.fx_util import is_function, is_getitem, is_method
+from zipvl_compile.passes.fx_util import cache_layer, is_function, is_getitem, is_method
 from zipvl_compile.passes.op_args import op_arg
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.runtime import ops
@@ -31,6 +34,7 @@ def find_kv_write(site: AttentionSite) -> None:
     packed = _zipvl_node(site.k)
     if packed is not None and packed is _zipvl_node(site.v):
         site.kv_write, site.kv_node = "zipvl", packed
+        site.kv_layer = _input_layer(op_arg(packed, "hi")[0])
         return
     k_kind, k_new = _write_of(site.k)
     v_kind, v_new = _write_of(site.v)
@@ -38,6 +42,16 @@ def find_kv_write(site: AttentionSite) -> None:
         site.reject(f"keys and values are cached differently ({k_kind} vs {v_kind})")
         return
     site.kv_write, site.k_new, site.v_new = k_kind, k_new, v_new
+    if k_kind != "none":
+        base = _seq_base(site.k)
+        site.kv_layer = _input_layer(base.args[0][0] if k_kind == "dynamic_cat" else base)
+
+
+def _input_layer(node: object) -> int | None:
+    """The cache layer of the graph input ``node`` reads (through indexing and dtype/device moves), else None."""
+    while isinstance(node, fx.Node) and (is_getitem(node) or is_method(node, "to", "contiguous")):
+        node = node.args[0]
+    return cache_layer(node) if isinstance(node, fx.Node) else None
 
 
 def is_op(node: object, op: torch._ops.OpOverload) -> bool:
@@ -55,10 +69,15 @@ def _zipvl_node(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _seq_base(node: fx.Node) -> fx.Node:
+    """``node`` without the ``[:, :, :L]`` slices of the sequence axis."""
+    while is_getitem(node) and _is_seq_slice(node.args[1]):
+        node = node.args[0]
+    return node
+
+
 def _write_of(node: fx.Node) -> tuple[str, fx.Node | None]:
-    base = node
-    while is_getitem(base) and _is_seq_slice(base.args[1]):
-        base = base.args[0]
+    base = _seq_base(node)
     if is_function(base, torch.cat) and _cat_dim(base) in (-2, 2) and len(base.args[0]) == 2:
         return "dynamic_cat", base.args[0][1]
     for user in base.users:

@@ -1,7 +1,8 @@
 """The pass manager: runs the FX passes on one Dynamo graph, logs what each matched, fills the report.
 
-Order: find sites -> classify -> peel repeat_kv -> analyse the mask -> find the KV write -> rewrite
--> safe DCE. A pass that rejects a site records why; a rejected site is never touched.
+Order: find sites -> locate (module path, layer) -> peel repeat_kv -> analyse the mask -> find the KV write
+-> classify (from that evidence) -> rewrite -> safe DCE. A pass that rejects a site records why; a rejected
+site is never touched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.fx as fx
 
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.causal_mask import analyse_mask
-from zipvl_compile.passes.classify import classify_site, mark_non_causal
+from zipvl_compile.passes.classify import classify_site, locate_site
 from zipvl_compile.passes.dce import safe_dce
 from zipvl_compile.passes.find_attention import find_attention_sites
 from zipvl_compile.passes.fx_util import layer_index, module_path
@@ -26,11 +27,11 @@ from zipvl_compile.report import GraphRecord, SiteRecord
 log = logging.getLogger("zipvl_compile")
 
 SITE_PASSES: list[tuple[str, Callable[[AttentionSite], None]]] = [
-    ("classify", classify_site),
+    ("locate", locate_site),
     ("repeat_kv", peel_repeat_kv),
     ("causal_mask", analyse_mask),
     ("kv_write", find_kv_write),
-    ("non_causal", mark_non_causal),
+    ("classify", classify_site),
 ]
 
 
@@ -129,6 +130,7 @@ def _record(record: GraphRecord, site: AttentionSite) -> None:
             mask=site.mask_kind,
             kv_write=site.kv_write,
             dense_reason=site.dense_reason,
+            evidence=site.evidence,
         )
     )
     if rewritten:

@@ -26,16 +26,19 @@ class AttentionSite:
     scale: float | None
     softcap: float = 0.0
     nodes: list[fx.Node] = dataclasses.field(default_factory=list)
-    # classify
+    # locate (first) and classify (last, from the evidence the passes between gathered)
     module_path: str = ""
     layer: int | None = None
+    module_layer: int | None = None  # ``layer_idx`` of the attention module itself, when it has one
     kind: str = "unknown"  # prefill | decode | cross | encoder | unknown
+    evidence: str | None = None  # what decided ``kind`` (the graph's own evidence, a module name at most a tie-break)
     # repeat_kv
     n_rep: int | None = None
     # mask
     mask_kind: str | None = None  # causal | causal+padding | causal+window | causal+mask | mask | none
     # kv write
     kv_write: str | None = None
+    kv_layer: int | None = None  # the cache layer the keys are written to / read from, named by the cache input
     kv_node: fx.Node | None = None  # the ZipVLCache op node (kv_write_ in prefill, kv_dense_view in decode)
     kv_simulated: bool = False  # kv_mode="simulate" applied to this prefill's cache write
     k_new: fx.Node | None = None
