@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import zipvl_compile
 from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.pass_manager import run_passes
 
@@ -106,7 +107,8 @@ def compile_sites(model: nn.Module, *args, **kwargs):
     sites = []
 
     def backend(gm, example_inputs):
-        sites.extend(run_passes(gm, ZipVLConfig.from_options({"tau": 1.0})))
+        config = ZipVLConfig.from_options({"tau": 1.0})
+        sites.extend(run_passes(gm, config, zipvl_compile.report().new_graph(len(gm.graph.nodes), config.summary())))
         return gm.forward
 
     torch._dynamo.reset()
