@@ -343,7 +343,8 @@ def bench_length(
         for mode in modes:
             op_ms = whole.get(f"op_{mode}_ms")
             whole[f"op_{mode}_speedup"] = _div(dense_ms, op_ms)
-            whole[f"op_{mode}_share_of_ideal"] = _div(dense_ms, op_ms * r_op * r_op) if op_ms and r_op else None
+            # achieved speedup dense / op as a share of the ideal 1 / r^2
+            whole[f"op_{mode}_share_of_ideal"] = _div(dense_ms * r_op * r_op, op_ms) if op_ms and r_op else None
         rows.append(
             dict(
                 shape=name,

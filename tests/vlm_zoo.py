@@ -3,7 +3,7 @@
 A model type's default config is shrunk (every sub-config: hidden 64, 2 layers, 4 heads, 2 KV heads, head dim 16,
 vocabulary 512, 4 experts), with the few per-family fixes a consistent tiny config needs (:data:`FIXES`). The
 prompt is text only (input_ids [1, 7] int64): the language model's decoder sites are what the zoo checks;
-image inputs are exercised by the hand-made fixtures of ``tiny_models``.
+image inputs are exercised by the hand-made fixtures of ``zipvl_compile.testing``.
 
 :data:`LEFT_OUT` names the classes that are not built, with the reason.
 """
@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import torch
 import transformers as T
-from tiny_models import language_model
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+from zipvl_compile.model_parts import language_model
 
 SMALL = dict(
     hidden_size=64,
