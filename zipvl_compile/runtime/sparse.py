@@ -95,7 +95,7 @@ def probe_rows(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
     """int64 [B, m] probe positions of q [B, H, n, d] under ``attn_mask`` (selection.choose_probes). They depend
     only on the validity mask and the seed, so one call serves every layer that shares the mask."""
     _, valid = _validity(q, attn_mask, is_causal)
-    return choose_probes(valid, probes.recent, probes.random, probes.seed)
+    return choose_probes(valid, probes.recent, probes.random, probes.seed).contiguous()
 
 
 def probe_scores(

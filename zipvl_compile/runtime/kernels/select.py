@@ -262,18 +262,19 @@ def select_kept_triton(
         given_p = None
     score_key = torch.empty(batch, n, device=colsum.device, dtype=torch.int32)
     mass_key = torch.empty_like(score_key) if p_mode == _P_MASS else score_key  # unused unless _P_MASS
-    keep = torch.empty(batch, n, device=colsum.device, dtype=torch.bool)
+    # bool tensors travel as uint8 (a dtype view of bool cannot be lowered by Inductor: copies of n bytes)
+    keep = torch.empty(batch, n, device=colsum.device, dtype=torch.uint8)
     idx = torch.empty(batch, n, device=colsum.device, dtype=torch.int64)
     count = torch.empty(batch, device=colsum.device, dtype=torch.int64)
     ratio = torch.empty(batch, device=colsum.device, dtype=torch.float32)
     wrap_triton(_select_kernel)[(batch,)](
         colsum,
         seen,
-        valid.view(torch.uint8),
+        valid.to(torch.uint8),
         count if given_p is None else given_p,  # unused unless _P_GIVEN
         mass_key,
         score_key,
-        keep.view(torch.uint8),
+        keep,
         idx,
         count,
         ratio,
@@ -285,7 +286,7 @@ def select_kept_triton(
         DIGIT_BITS=_DIGIT_BITS,
         num_warps=_NUM_WARPS,
     )
-    return SelectResult(keep, ratio, idx, count)
+    return SelectResult(keep.to(torch.bool), ratio, idx, count)
 
 
 def select_kept(
