@@ -242,7 +242,9 @@ class CompileReport:
             mean = sum(ratios.values()) / len(ratios)
             lines.append(f"  mean kept ratio {mean:.3f}, mean FLOP reduction {sum(flops.values()) / len(flops):.1%}")
         for g in self.recompiles():
-            lines.append(f"recompiled: graph {g.graph_id} ({g.kind}, {g.compile_id}): {g.recompile_reason}")
+            lines.append(
+                f"recompiled: graph {g.graph_id} ({g.kind}, {g.compile_id}): {g.recompile_reason.splitlines()[0]}"
+            )
         captured = [str(g.graph_id) for g in self.graphs if g.cudagraphs]
         if captured:
             lines.append(f"CUDA graphs: graph(s) {', '.join(captured)}")
