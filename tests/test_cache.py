@@ -105,7 +105,7 @@ def test_kv_bytes_equal_allocated_bytes():
     allocated = sum(t.untyped_storage().nbytes() for _, layer in cache_layers for t in layer.buffers())
     assert rep.kv_bytes == allocated
     tokens = 200 + 5
-    assert rep.kv_bytes_dense == 2 * len(cache_layers) * 2 * 2 * tokens * 16  # K+V, layers, Hkv, bf16, d
+    assert rep.kv_bytes_dense == 2 * len(cache_layers) * 2 * 4 * tokens * 16  # K+V, layers, Hkv, fp32 (the model), d
     hi_lo = [(rep.layers[i].hi_tokens, rep.layers[i].lo_tokens) for i, _ in cache_layers]
     assert all(hi > 0 and lo > 0 and hi + lo == 200 for hi, lo in hi_lo), hi_lo
 

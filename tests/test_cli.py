@@ -232,7 +232,7 @@ def test_compare_dense_streams_text(capsys, tiny_dir, monkeypatch):
     assert all(len(cells) == 2 for cells in rows.values()), out
     assert all(c.endswith(" s") for c in rows["prefill"]) and all(c.endswith(" tokens/s") for c in rows["decode"])
     assert all(c.endswith(" MiB") for c in rows[peak])
-    assert re.fullmatch(r"[\d,]+ bytes as bf16", rows["KV cache"][0]) and re.fullmatch(
+    assert re.fullmatch(r"[\d,]+ bytes, dense", rows["KV cache"][0]) and re.fullmatch(
         r"[\d,]+ bytes \(\d+\.\d%\)", rows["KV cache"][1]
     )
     assert 0 < float(rows["mean kept ratio"][1]) <= 1

@@ -2,6 +2,9 @@
 
 ``torch.compile(model, backend="zipvl", options={...})`` rewrites every decoder self-attention site of the
 traced graph into zipvl ops; :func:`report` tells what was rewritten, what was left alone and why.
+``TORCH_LOGS="zipvl_compile"`` (``"+zipvl_compile"`` for debug) shows what the passes matched and why a site was
+left alone (logger ``zipvl_compile``; torch reads TORCH_LOGS when it is imported, before any alias this package
+could register, so the setting is the module name).
 """
 
 from zipvl_compile.api import compile

@@ -42,7 +42,7 @@ def collect(
                 "lo_tokens": None if stats is None else stats.lo_tokens,
             }
         )
-    held, bf16 = rep.kv_bytes, rep.kv_bytes_dense
+    held, dense_kv = rep.kv_bytes, rep.kv_bytes_dense
     return {
         "model": subject.name,
         "architecture": type(subject.model).__name__,
@@ -69,8 +69,9 @@ def collect(
             "mode": rep.kv_mode,
             "reason": rep.kv_mode_reason,
             "bytes": held,
-            "bytes_bf16": bf16,
-            "ratio_vs_bf16": held / bf16 if held is not None and bf16 else None,
+            "bytes_dense": dense_kv,  # the model's own dense cache of the same tokens, in the model's dtype
+            "ratio_vs_dense": held / dense_kv if held is not None and dense_kv else None,
+            "reserves": rep.kv_reserves,
         },
         "zipvl": zipvl,
         "dense": dense,

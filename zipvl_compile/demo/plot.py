@@ -54,8 +54,8 @@ def plot(facts: dict[str, Any], path: Path) -> None:
         bottom.legend(loc="upper left", ncol=2, fontsize=9, frameon=False)
         held = (
             ""
-            if kv["ratio_vs_bf16"] is None
-            else f": {kv['bytes'] / MIB:.2f} MiB held vs {kv['bytes_bf16'] / MIB:.2f} MiB as bf16"
+            if kv["ratio_vs_dense"] is None
+            else f": {kv['bytes'] / MIB:.2f} MiB held vs {kv['bytes_dense'] / MIB:.2f} MiB dense"
         )
         bottom.set_title(f"prompt tokens in the packed KV cache, per layer{held}", fontsize=10)
     else:

@@ -85,11 +85,13 @@ def _layers(facts: dict[str, Any]) -> list[str]:
 
 
 def _kv(kv: dict[str, Any]) -> list[str]:
-    if kv["ratio_vs_bf16"] is not None:
+    if kv["ratio_vs_dense"] is not None:
         line = (
-            f"  {kv['mode']} ({kv['reason']}): {kv['bytes']:,} bytes held vs {kv['bytes_bf16']:,} "
-            f"as bf16 ({kv['ratio_vs_bf16']:.1%})"
+            f"  {kv['mode']} ({kv['reason']}): {kv['bytes']:,} bytes held vs {kv['bytes_dense']:,} in the "
+            f"model's dense cache ({kv['ratio_vs_dense']:.1%})"
         )
+        if kv["reserves"]:
+            line += f"\n  held beyond the tokens: {kv['reserves']}"
     else:
         reason = f"; {kv['reason']}" if kv["reason"] else ""
         line = f"  KV bytes not available (KV mode: {kv['mode'] or 'not recorded'}{reason})"
@@ -110,11 +112,11 @@ def _speed_rows(facts: dict[str, Any]) -> list[tuple]:
 
 def _comparison_rows(facts: dict[str, Any]) -> list[tuple]:
     """Dense and zipvl side by side: first line of text, prefill, decode speed, peak memory, KV bytes, mean
-    kept ratio (the dense run keeps every token; its KV bytes are those of a bf16 cache)."""
+    kept ratio (the dense run keeps every token; its KV bytes are those of the model's own dense cache)."""
     z, dense, kv = facts["zipvl"], facts["dense"], facts["kv"]
     runs = (dense, z)
-    if kv["ratio_vs_bf16"] is not None:
-        kv_cells = (f"{kv['bytes_bf16']:,} bytes as bf16", f"{kv['bytes']:,} bytes ({kv['ratio_vs_bf16']:.1%})")
+    if kv["ratio_vs_dense"] is not None:
+        kv_cells = (f"{kv['bytes_dense']:,} bytes, dense", f"{kv['bytes']:,} bytes ({kv['ratio_vs_dense']:.1%})")
     else:
         kv_cells = ("-", "-")
     return [

@@ -3,8 +3,8 @@
 Per layer (:class:`ZipVLLayer`), static-shape buffers allocated at the prefill (the prompt length fixes the
 capacity): two quantised segments, ``hi`` (the prefill's kept set T at ``hi_bits``) and ``lo`` (the other
 tokens at ``lo_bits``), and a model-dtype ``tail`` of decode tokens not yet quantised (layout:
-:mod:`zipvl_compile.runtime.quant` and :mod:`zipvl_compile.runtime.packed`). Segment capacity is sized for the
-worst case of each (every prompt token kept, or none), plus the decode blocks, so no write can overflow.
+:mod:`zipvl_compile.runtime.layout`). How much each buffer gets is one policy, :class:`Plan` (the size classes
+and the reserves of docs/architecture.md, "Capacity").
 
 Writes go through zipvl ops, so eager and compiled models both work:
 - prefill (the layer is empty): ``zipvl.kv_write_`` quantises the prompt's K/V; ``update`` returns them
@@ -23,6 +23,7 @@ sequence). ``hi_bits == lo_bits == 16`` stores unquantised static buffers (exact
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer, StaticSlidingWindowLayer
@@ -31,6 +32,78 @@ from zipvl_compile.runtime import ops
 from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail, nbytes, round_up
 
 STORED_BITS = (*QUANT_BITS, 16)  # 16 = unquantised (model dtype), only as hi_bits = lo_bits = 16
+CLASS_STEP = 256  # size classes: multiples of 256 slots below 4096 ...
+CLASS_FRACTION = 16  # ... then multiples of 1/16 of the next power of two (at most 12.5% more than asked)
+TAIL_STEP = 16  # the tail's slots: the tokens still to come rounded up to 16, at most the interval
+
+
+def size_class(n: int) -> int:
+    """The capacity class of a cache asked to hold ``n`` tokens (``n >= 1``): ``n`` rounded up to a multiple of
+    :data:`CLASS_STEP` below 4096, else to a multiple of 1/:data:`CLASS_FRACTION` of the next power of two.
+
+    Every length of a class gives the same guarded shapes (the dense view of a packed layer, the buffers of a
+    static or sliding layer), so a compiled decode graph serves the whole class. Cost: at most 255 slots of
+    a static layer below 4096 tokens, at most 12.5% above; nothing for packed layers (their view is not
+    allocated in a compiled decode graph). Classes: 16 up to 4096 tokens, then 8 per doubling.
+    """
+    if n < 1:
+        raise ValueError(f"zipvl: a cache must hold at least one token, got {n}")
+    step = max(CLASS_STEP, (1 << (n - 1).bit_length()) // CLASS_FRACTION)
+    return round_up(n, step)
+
+
+class Plan(NamedTuple):
+    """What a packed layer allocates for a prompt of ``n`` tokens when it must hold ``budget`` tokens in all.
+
+    prompt_slots: the prefill's worst case of each segment (every token kept, or none), whole groups;
+    reserve: slots each segment keeps free for decode blocks: one group-rounded block per recompression that
+    can still happen (the tail holds the first ``interval`` decode tokens, so ``ceil(to_come / R) - 1``);
+    tail_slots: the tail, no larger than the tokens still to come (rounded up to :data:`TAIL_STEP`) or the
+    interval, whichever is smaller (a tail shorter than the interval never fills, so blocks stay ``R`` long).
+    """
+
+    prompt_slots: int
+    reserve: int
+    tail_slots: int
+
+    @classmethod
+    def of(cls, n: int, budget: int, interval: int) -> Plan:
+        to_come = max(budget - n, 0)
+        blocks = max(math.ceil(to_come / interval) - 1, 0)
+        tail = min(interval, round_up(max(to_come, 1), TAIL_STEP))
+        return cls(round_up(n, GROUP), blocks * round_up(interval, GROUP), tail)
+
+    def nbytes(self, batch: int, heads: int, d: int, hi_bits: int, lo_bits: int, dtype_size: int) -> int:
+        """Bytes a layer allocates under this plan before compaction (both segments at their worst case):
+        an upper bound of what it holds afterwards."""
+        slots = self.prompt_slots + self.reserve
+        segments = sum(_segment_nbytes(batch, heads, slots, d, bits) for bits in (hi_bits, lo_bits))
+        tail = batch * self.tail_slots * (2 * heads * d * dtype_size + 4) + 4 * batch
+        return segments + tail + 8
+
+
+def _segment_nbytes(batch: int, heads: int, slots: int, d: int, bits: int) -> int:
+    """Bytes of :meth:`Segment.empty` with these shapes (codes, fp16 params, int32 pos and fill)."""
+    per_slot = 2 * heads * d * bits // 8 + 2 * 2 * heads + 4  # k and v codes, v scale/zero, pos
+    return batch * (slots * per_slot + 2 * 2 * heads * (slots // GROUP) * d + 4)
+
+
+def packed_pays(
+    config: object, batch: int, prompt_len: int, budget: int, hi_bits: int, lo_bits: int, interval: int, dtype
+) -> bool:
+    """Whether a packed layer's worst case (:meth:`Plan.nbytes`) holds fewer bytes than the model's own dense
+    cache of ``budget`` tokens in ``dtype`` (a prompt of a few tokens does not pay for its 64-slot groups)."""
+    heads, d = kv_shape(config)
+    size = torch.empty((), dtype=dtype).element_size()
+    plan = Plan.of(prompt_len, budget, interval)
+    return plan.nbytes(batch, heads, d, hi_bits, lo_bits, size) < 2 * batch * heads * budget * d * size
+
+
+def kv_shape(config: object) -> tuple[int, int]:
+    """(KV heads, head dim) of a decoder text config."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return heads, d
 
 
 def check_cache_options(hi_bits: int, lo_bits: int, recompress_interval: int, packed: bool = True) -> None:
@@ -50,15 +123,41 @@ def check_cache_options(hi_bits: int, lo_bits: int, recompress_interval: int, pa
         raise ValueError(f"zipvl: invalid option recompress_interval={recompress_interval!r}; allowed: an integer >= 1")
 
 
-def layer_kinds(config: object) -> tuple[list[str], int | None]:
-    """(kind of each decoder layer, sliding window or None) of a text config: its ``layer_types`` when it has
-    them, else every layer sliding when it declares a ``sliding_window`` (Mistral and Phi3 style configs leave
-    ``layer_types`` None), else every layer full attention."""
-    window = getattr(config, "sliding_window", None) or None
-    layer_types = getattr(config, "layer_types", None)
-    if not layer_types:
-        layer_types = ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
-    return list(layer_types), window
+WINDOWED = ("sliding_attention", "chunked_attention")  # transformers caches both as a sliding-window layer
+
+
+def layer_kinds(config: object) -> list[tuple[str, int | None]]:
+    """(kind, window or None) of each cached decoder layer of a text config, read the way transformers 5.17
+    reads it (``cache_utils.get_layer_types_and_kwargs``): ``layer_types`` when set (Qwen2-style configs derive
+    them from ``use_sliding_window`` / ``max_window_layers``, Gemma-style ones from ``sliding_window_pattern``),
+    else every layer ``sliding_attention`` when ``sliding_window`` is set (Mistral, Phi3), else every layer
+    ``chunked_attention`` when ``attention_chunk_size`` is set (Llama4), else full attention; layers sharing
+    another layer's KV (``num_kv_shared_layers``, Gemma3n) hold no cache. Sliding layers get
+    ``sliding_window``, chunked ones ``attention_chunk_size``.
+
+    Raises ``ValueError`` naming the kind for layers a ZipVLCache cannot hold (recurrent, convolutional,
+    hybrid, indexed or compressed attention).
+    """
+    window = getattr(config, "sliding_window", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        default = "sliding_attention" if window is not None else "chunked_attention" if chunk is not None else None
+        kinds = [default or "full_attention"] * config.num_hidden_layers
+    shared = getattr(config, "num_kv_shared_layers", None) or 0
+    kinds = list(kinds[: len(kinds) - shared])
+    unsupported = sorted(set(kinds) - {"full_attention", *WINDOWED})
+    if unsupported:
+        raise ValueError(
+            f"zipvl: ZipVLCache holds full-attention and sliding/chunked-window layers only; this model also has "
+            f"{', '.join(map(repr, unsupported))} layers (use kv_mode='simulate' or 'off' for it)"
+        )
+    sizes = {"full_attention": None, "sliding_attention": window, "chunked_attention": chunk}
+    for kind in WINDOWED:
+        if kind in kinds and not sizes[kind]:
+            name = "sliding_window" if kind == "sliding_attention" else "attention_chunk_size"
+            raise ValueError(f"zipvl: the config has {kind!r} layers but no {name}")
+    return [(kind, sizes[kind]) for kind in kinds]
 
 
 class ZipVLLayer(CacheLayerMixin):
@@ -71,10 +170,20 @@ class ZipVLLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(
-        self, max_cache_len: int, hi_bits: int, lo_bits: int, recompress_interval: int, **kwargs: object
+        self,
+        max_cache_len: int,
+        hi_bits: int,
+        lo_bits: int,
+        recompress_interval: int,
+        budget: int | None = None,
+        **kwargs: object,
     ) -> None:
+        """max_cache_len: the length of the dense view (a size class, a guarded shape of decode graphs);
+        budget: the tokens this layer must hold (prompt + decode), default ``max_cache_len``: it sizes the
+        reserves (:class:`Plan`)."""
         super().__init__()
         self.max_cache_len = max_cache_len
+        self.budget = max_cache_len if budget is None else budget
         self.hi_bits, self.lo_bits, self.interval = hi_bits, lo_bits, recompress_interval
         self.hi: Segment | None = None
         self.lo: Segment | None = None
@@ -83,18 +192,22 @@ class ZipVLLayer(CacheLayerMixin):
         self.prompt_len = 0
         self.compacted = True
 
+    def plan(self, prompt_len: int) -> Plan:
+        return Plan.of(prompt_len, self.budget, self.interval)
+
     def capacity(self, prompt_len: int) -> int:
-        """Slots of one segment: the whole prompt, plus every decode block rounded to whole groups."""
-        blocks = math.ceil(max(self.max_cache_len - prompt_len, 0) / self.interval)
-        return round_up(prompt_len, GROUP) + blocks * round_up(self.interval, GROUP)
+        """Slots of one segment at the prefill: the whole prompt plus the decode reserve (:class:`Plan`)."""
+        plan = self.plan(prompt_len)
+        return plan.prompt_slots + plan.reserve
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, n, d = key_states.shape
         dev, dtype = key_states.device, key_states.dtype
-        cap = self.capacity(n)
+        plan = self.plan(n)
+        cap = plan.prompt_slots + plan.reserve
         self.hi = Segment.empty(batch, heads, cap, d, self.hi_bits, dev)
         self.lo = Segment.empty(batch, heads, cap, d, self.lo_bits, dev)
-        self.tail = Tail.empty(batch, heads, self.interval, d, dtype, dev)
+        self.tail = Tail.empty(batch, heads, plan.tail_slots, d, dtype, dev)
         self.length = self.length.to(dev)
         self.prompt_len = n
         self.compacted = False
@@ -111,7 +224,7 @@ class ZipVLLayer(CacheLayerMixin):
         """
         if self.compacted or not self.is_initialized:
             return
-        reserve = self.capacity(self.prompt_len) - round_up(self.prompt_len, GROUP)
+        reserve = self.plan(self.prompt_len).reserve
         self.hi = Segment(*ops.kv_shrink(list(self.hi), reserve=reserve))
         self.lo = Segment(*ops.kv_shrink(list(self.lo), reserve=reserve))
         self.compacted = True
@@ -151,8 +264,11 @@ class ZipVLLayer(CacheLayerMixin):
             return key_states, value_states
         if t != 1:
             raise NotImplementedError("ZipVLCache: after the prefill, tokens are appended one at a time")
-        if not self.compacted and not torch.compiler.is_compiling():
-            self.compact()  # the last layer, uncompiled: the first decode step compacts it
+        if not torch.compiler.is_compiling():
+            if int(self.length) >= self.budget:  # eager only (a graph must not sync): the view reads it anyway
+                raise ValueError(f"zipvl: the ZipVLCache is full (max_cache_len={self.budget} tokens)")
+            if not self.compacted:
+                self.compact()  # the last layer, uncompiled: the first decode step compacts it
         bits = {"hi_bits": self.hi_bits, "lo_bits": self.lo_bits}
         ops.kv_recompress_(hi=list(self.hi), lo=list(self.lo), tail=list(self.tail), **bits)
         ops.kv_append_(tail=list(self.tail), k=key_states, v=value_states, pos=pos.expand(batch))
@@ -183,10 +299,12 @@ class ZipVLLayer(CacheLayerMixin):
         return self.max_cache_len
 
     def reset(self) -> None:
-        """Forget the cached tokens; the next update is a prefill (buffers are reallocated for its length)."""
+        """Forget the cached tokens and free the buffers; the next update is a prefill (buffers are allocated
+        for its length)."""
         self.hi = self.lo = self.tail = None
         self.length = torch.zeros((), dtype=torch.int64, device=self.length.device)
         self.is_initialized = False
+        self.compacted = True
 
     def token_counts(self) -> tuple[int, int, int]:
         """(hi, lo, tail) tokens held (host read; for the report)."""
@@ -203,9 +321,12 @@ class ZipVLLayer(CacheLayerMixin):
 class ZipVLCache(Cache):
     """Mixed-precision packed KV cache for a decoder (``generate(..., past_key_values=ZipVLCache(model, ...))``).
 
-    model_or_config: the model (or its config); max_cache_len: prompt + generated tokens it must hold.
-    Full-attention layers become :class:`ZipVLLayer`; sliding-window layers stay transformers' static sliding
-    layers; with ``hi_bits == lo_bits == 16`` every layer is an unquantised static layer.
+    model_or_config: the model (or its config); max_cache_len: prompt + generated tokens it must hold (the
+    layers are built for its :func:`size_class`; the reserves follow ``max_cache_len`` itself).
+    Full-attention layers become :class:`ZipVLLayer`; sliding-window and chunked layers stay transformers'
+    static sliding layers; with ``hi_bits == lo_bits == 16`` every full layer is an unquantised static layer.
+    ``packed=False`` keeps full layers as transformers' dynamic layers instead (model dtype, exactly the tokens
+    held), with ``dense_reason`` saying why: :meth:`for_prompt` chooses it when packing would not pay.
     """
 
     def __init__(
@@ -215,23 +336,62 @@ class ZipVLCache(Cache):
         hi_bits: int = 4,
         lo_bits: int = 2,
         recompress_interval: int = 100,
+        packed: bool = True,
+        dense_reason: str | None = None,
     ) -> None:
         check_cache_options(hi_bits, lo_bits, recompress_interval)
+        if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1:
+            raise ValueError(f"zipvl: invalid max_cache_len={max_cache_len!r}; allowed: an integer >= 1")
         config = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
         self.hi_bits, self.lo_bits, self.recompress_interval = hi_bits, lo_bits, recompress_interval
-        layer_types, window = layer_kinds(config)
+        self.budget, self.capacity_class = max_cache_len, size_class(max_cache_len)
+        self.model_key = model_key(config)
+        self.dense_reason = None if packed else dense_reason or "packed=False"
         cross = set(getattr(config, "cross_attention_layers", None) or ())
         layers = []
-        for index, kind in enumerate(layer_types):
-            if index in cross:  # keys of another sequence (Mllama's image states): kept as they are, bf16
+        for index, (_, window) in enumerate(layer_kinds(config)):
+            if index in cross:  # keys of another sequence (Mllama's image states): kept as they are
                 layers.append(DynamicLayer())
-            elif kind == "sliding_attention" and window:
-                layers.append(StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=window))
+            elif window is not None:
+                layers.append(StaticSlidingWindowLayer(max_cache_len=self.capacity_class, sliding_window=window))
             elif hi_bits == 16 and lo_bits == 16:
-                layers.append(StaticLayer(max_cache_len=max_cache_len))
+                layers.append(StaticLayer(max_cache_len=self.capacity_class))
+            elif not packed:
+                layers.append(DynamicLayer())
             else:
-                layers.append(ZipVLLayer(max_cache_len, hi_bits, lo_bits, recompress_interval))
+                layers.append(
+                    ZipVLLayer(self.capacity_class, hi_bits, lo_bits, recompress_interval, budget=max_cache_len)
+                )
         super().__init__(layers=layers)
+
+    @classmethod
+    def for_prompt(
+        cls,
+        model: torch.nn.Module,
+        batch: int,
+        prompt_len: int,
+        max_new_tokens: int,
+        hi_bits: int = 4,
+        lo_bits: int = 2,
+        recompress_interval: int = 100,
+    ) -> ZipVLCache:
+        """The cache ``generate`` gets for ``batch`` prompts of ``prompt_len`` tokens: packed unless the packed
+        layers' worst case (:meth:`Plan.nbytes`) would hold as many bytes as the model's own dense cache."""
+        budget = prompt_len + max_new_tokens
+        config = model.config.get_text_config(decoder=True)
+        dtype = next(model.parameters()).dtype
+        args = hi_bits, lo_bits, recompress_interval
+        pays = hi_bits == 16 or packed_pays(config, batch, prompt_len, budget, *args, dtype)
+        reason = None if pays else f"{prompt_len} + {max_new_tokens} tokens: packing would not hold fewer bytes"
+        return cls(model, budget, *args, packed=pays, dense_reason=reason)
+
+    def set_budget(self, max_cache_len: int) -> None:
+        """Make an empty cache (just :meth:`reset`) hold ``max_cache_len`` tokens, of the same size class."""
+        if size_class(max_cache_len) != self.capacity_class:
+            raise ValueError(f"zipvl: max_cache_len={max_cache_len} is not of this cache's size class")
+        self.budget = max_cache_len
+        for _, layer in self.packed_layers():
+            layer.budget = max_cache_len
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
@@ -242,7 +402,18 @@ class ZipVLCache(Cache):
         set by :func:`zipvl_compile.compile` around its calls): otherwise the compaction would break the graph,
         and every layer is compacted after the forward instead (:meth:`compact`).
         """
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"zipvl: the ZipVLCache has {len(self.layers)} layers, the model writes layer {layer_idx}: "
+                "it was built for another model"
+            )
         layer = self.layers[layer_idx]
+        grows = isinstance(layer, DynamicLayer)  # a cross-attention layer (image keys) or a dense full layer
+        if not grows and not layer.is_initialized and key_states.shape[2] > self.budget:
+            raise ValueError(
+                f"zipvl: the prompt is {key_states.shape[2]} tokens but the ZipVLCache was built for "
+                f"max_cache_len={self.budget}"
+            )
         if (
             isinstance(layer, ZipVLLayer)
             and not layer.is_initialized
@@ -252,6 +423,15 @@ class ZipVLCache(Cache):
             if done:
                 done[-1].compact()
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def reset(self) -> None:
+        """Forget every cached token: static and sliding layers zero their buffers (kept, same addresses),
+        packed layers free theirs, dynamic layers start anew (transformers' reset would keep their length)."""
+        for index, layer in enumerate(self.layers):
+            if type(layer) is DynamicLayer:
+                self.layers[index] = DynamicLayer()
+            else:
+                layer.reset()
 
     def compact(self) -> None:
         """After a prefill, outside graphs: compact every packed layer not yet compacted (see
@@ -270,16 +450,18 @@ class ZipVLCache(Cache):
             if isinstance(layer, ZipVLLayer):
                 total += layer.nbytes()
             elif layer.is_initialized and layer.keys is not None:
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+                total += nbytes([layer.keys, layer.values])
         return total
 
-    def nbytes_dense(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Bytes a ``dtype`` cache of the same tokens would hold (K and V of every cached token, every layer)."""
+    def nbytes_dense(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes the model's own dense cache of the same tokens would hold (K and V of every cached token, every
+        layer, sliding layers at most their window): in ``dtype``, by default the model's (the dtype of the K/V
+        the cache was given)."""
         total = 0
-        size = torch.empty((), dtype=dtype).element_size()
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
+            size = torch.empty((), dtype=dtype or layer.dtype).element_size()
             if isinstance(layer, ZipVLLayer):
                 batch, heads, _, d = layer.tail.k.shape
                 tokens = int(layer.length)
@@ -288,3 +470,20 @@ class ZipVLCache(Cache):
                 tokens = min(int(layer.get_seq_length()), layer.keys.shape[2])
             total += 2 * batch * heads * tokens * d * size
         return total
+
+    def reserves(self) -> str:
+        """What the packed layers hold beyond their tokens, in words (for the report)."""
+        layers = self.packed_layers()
+        if self.dense_reason or not layers or not layers[0][1].is_initialized:
+            return ""
+        layer = layers[0][1]
+        plan = layer.plan(layer.prompt_len)
+        return (
+            f"tail {plan.tail_slots} slots in the model dtype, decode reserve {plan.reserve} slots per segment, "
+            f"writes in whole {GROUP}-slot groups"
+        )
+
+
+def model_key(config: object) -> tuple:
+    """What a cache must match in a model: its text config class, cached layers, KV heads and head dim."""
+    return (type(config).__name__, config.num_hidden_layers, *kv_shape(config))

@@ -1,8 +1,8 @@
 """ZipVLCache and ZipVLLayer as pytree nodes (optree and ``torch.utils._pytree``).
 
 Children are what a layer holds (its two Segments, its Tail, its length: layout.py's NamedTuples, themselves
-pytree nodes); the context is everything static (bits,
-interval, capacities, prompt length, whether the layer is initialised). So ``torch.export``, Dynamo guards and
+pytree nodes); the context is everything static (bits, interval, view length and token budget, prompt length,
+whether the layer is initialised; for the cache also the model it was built for). So ``torch.export``, Dynamo guards and
 tree utilities see the cache's buffers, and a flatten/unflatten round trip rebuilds an equivalent cache.
 """
 
@@ -16,7 +16,17 @@ import torch.utils._pytree as pytree
 from zipvl_compile.runtime.cache import ZipVLCache, ZipVLLayer
 
 _NAMESPACE = "zipvl_compile"
-_LAYER_STATIC = ("max_cache_len", "hi_bits", "lo_bits", "interval", "prompt_len", "is_initialized", "compacted")
+_LAYER_STATIC = (
+    "max_cache_len",
+    "budget",
+    "hi_bits",
+    "lo_bits",
+    "interval",
+    "prompt_len",
+    "is_initialized",
+    "compacted",
+)
+_CACHE_STATIC = ("hi_bits", "lo_bits", "recompress_interval", "budget", "capacity_class", "model_key", "dense_reason")
 
 
 def _flatten_layer(layer: ZipVLLayer) -> tuple[list[Any], tuple]:
@@ -34,12 +44,13 @@ def _unflatten_layer(static: tuple, children: list[Any]) -> ZipVLLayer:
 
 
 def _flatten_cache(cache: ZipVLCache) -> tuple[list[Any], tuple]:
-    return list(cache.layers), (cache.hi_bits, cache.lo_bits, cache.recompress_interval)
+    return list(cache.layers), tuple(getattr(cache, name) for name in _CACHE_STATIC)
 
 
 def _unflatten_cache(context: tuple, children: list[Any]) -> ZipVLCache:
     cache = ZipVLCache.__new__(ZipVLCache)
-    cache.hi_bits, cache.lo_bits, cache.recompress_interval = context
+    for name, value in zip(_CACHE_STATIC, context, strict=True):
+        setattr(cache, name, value)
     cache.layers, cache.layer_class_to_replicate, cache.offloading = list(children), None, False
     return cache
 
