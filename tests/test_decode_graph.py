@@ -68,7 +68,8 @@ def test_reduce_overhead_captures_decode_in_a_cuda_graph():
             if i == 0:
                 compiled = len(graphs)
     # every zipvl compile adds a report graph: none after the first prompt (new caches re-record, not recompile)
-    assert len(graphs) == compiled == 4  # prefill + decode, for each model
+    reasons = [(g.graph_id, g.recompile_reason) for g in graphs]
+    assert len(graphs) == compiled == 4, reasons  # prefill + decode, for each model
     assert [g.cudagraphs for g in graphs if g.cudagraphs is not None] == [False, True]  # prefill off, decode on
     assert counters["inductor"]["cudagraph_skips"] == 0
     manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
