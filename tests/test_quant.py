@@ -99,8 +99,8 @@ def test_round_trip_error() -> None:
     v_lo, v_hi = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)
     rel = {}
     for bits in BITS:
-        k_hat = Q.dequantize_keys(*Q.quantize_keys(k, valid, bits), bits, torch.float32).unflatten(2, (4, G))
-        v_hat = Q.dequantize_values(*Q.quantize_values(v, bits), bits, torch.float32)
+        k_hat = Q.dequantize(*Q.quantize_keys(k, valid, bits), bits, torch.float32, keys=True).unflatten(2, (4, G))
+        v_hat = Q.dequantize(*Q.quantize_values(v, bits), bits, torch.float32, keys=False)
         k_err = ((kg - k_hat).abs() - _key_bound(k_lo, k_hi, bits)).masked_fill(~ok, float("-inf"))
         assert k_err.max() <= 0, (bits, k_err.max())
         # ... and per group and channel never more squared error than plain min/max params would give
@@ -338,8 +338,8 @@ def test_write_segment_round_trip() -> None:
     k, v = _keys(gen, (2, 2, t, 32)), _values(gen, (2, 2, t, 32))
     take = _take(gen, t, [0.8, 0.6])
     Q.write_segment_(Segment(*bufs), k, v, take, torch.arange(t).expand(2, t), bits)
-    k_hat = Q.dequantize_keys(bufs[0], bufs[1], bufs[2], bits, torch.float32)
-    v_hat = Q.dequantize_values(bufs[3], bufs[4], bufs[5], bits, torch.float32)
+    k_hat = Q.dequantize(bufs[0], bufs[1], bufs[2], bits, torch.float32, keys=True)
+    v_hat = Q.dequantize(bufs[3], bufs[4], bufs[5], bits, torch.float32, keys=False)
     for b in range(2):
         idx = take[b].nonzero()[:, 0]
         assert torch.equal(bufs[6][b, start[b] : start[b] + len(idx)].long(), idx)

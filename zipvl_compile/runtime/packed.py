@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail, round_up
-from zipvl_compile.runtime.quant import dequantize_keys, dequantize_values, write_segment_
+from zipvl_compile.runtime.quant import dequantize, write_segment_
 from zipvl_compile.runtime.selection import select_tokens
 
 
@@ -121,8 +121,8 @@ def dense_view(
 
 def _dequantized(seg: Segment, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return (
-        dequantize_keys(seg.k_codes, seg.k_scale, seg.k_zero, bits, dtype),
-        dequantize_values(seg.v_codes, seg.v_scale, seg.v_zero, bits, dtype),
+        dequantize(seg.k_codes, seg.k_scale, seg.k_zero, bits, dtype, keys=True),
+        dequantize(seg.v_codes, seg.v_scale, seg.v_zero, bits, dtype, keys=False),
     )
 
 

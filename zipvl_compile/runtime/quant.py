@@ -32,31 +32,22 @@ def quantize_values(
     return impl(v, bits)
 
 
-def dequantize_keys(
+def dequantize(
     codes: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
     bits: int,
     dtype: torch.dtype,
+    *,
+    keys: bool,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
-    """See :func:`~zipvl_compile.runtime.kernels.quant_reference.dequantize_keys_reference`."""
-    triton = wants_triton(codes, use_triton)
-    impl = kernels.dequantize_keys_triton if triton else reference.dequantize_keys_reference
-    return impl(codes, scale, zero, bits, dtype)
-
-
-def dequantize_values(
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    bits: int,
-    dtype: torch.dtype,
-    use_triton: bool | None = None,
-) -> torch.Tensor:
-    """See :func:`~zipvl_compile.runtime.kernels.quant_reference.dequantize_values_reference`."""
-    triton = wants_triton(codes, use_triton)
-    impl = kernels.dequantize_values_triton if triton else reference.dequantize_values_reference
+    """Keys (``keys=True``) or values back to ``dtype``; see ``dequantize_keys_reference`` /
+    ``dequantize_values_reference`` in :mod:`~zipvl_compile.runtime.kernels.quant_reference`."""
+    if wants_triton(codes, use_triton):
+        impl = kernels.dequantize_keys_triton if keys else kernels.dequantize_values_triton
+    else:
+        impl = reference.dequantize_keys_reference if keys else reference.dequantize_values_reference
     return impl(codes, scale, zero, bits, dtype)
 
 
