@@ -206,14 +206,14 @@ def test_invalid_slots_and_constant_groups(use_triton: bool) -> None:
     const[:, :, G : 2 * G, :] = -3.5
     c_codes, c_scale, c_zero = Q.quantize_keys(const, torch.ones_like(valid), bits, use_triton=use_triton)
     assert not c_scale[:, :, 0, 5].any() and not c_scale[:, :, 1].any()
-    deq = Q.dequantize_keys(c_codes, c_scale, c_zero, bits, torch.float32, use_triton=use_triton)
+    deq = Q.dequantize(c_codes, c_scale, c_zero, bits, torch.float32, keys=True, use_triton=use_triton)
     assert torch.equal(deq[:, :, :G, 5], const[:, :, :G, 5])
     assert torch.equal(deq[:, :, G : 2 * G], const[:, :, G : 2 * G])
     v = _values(gen, (1, 2, 64, 32))
     v[0, 1, 7] = -1.25
     v_q = Q.quantize_values(v, bits, use_triton=use_triton)
     assert v_q[1][0, 1, 7] == 0
-    v_hat = Q.dequantize_values(*v_q, bits, torch.float32, use_triton=use_triton)
+    v_hat = Q.dequantize(*v_q, bits, torch.float32, keys=False, use_triton=use_triton)
     assert torch.equal(v_hat[0, 1, 7], v[0, 1, 7])
 
 
@@ -459,14 +459,10 @@ def test_bf16_gpu(bits: int) -> None:
     expect = R.quantize_keys_reference(k, valid, bits) + R.quantize_values_reference(v, bits)
     for a, b in zip(k_q + v_q, expect, strict=True):
         assert _same_bits(a, b)
-    for deq, deq_ref, q in (
-        (Q.dequantize_keys, R.dequantize_keys_reference, k_q),
-        (Q.dequantize_values, R.dequantize_values_reference, v_q),
-    ):
-        torch.testing.assert_close(
-            deq(*q, bits, torch.bfloat16), deq_ref(*q, bits, torch.bfloat16), rtol=1e-2, atol=1e-2
-        )
-        torch.testing.assert_close(deq(*q, bits, torch.float32), deq_ref(*q, bits, torch.float32), rtol=1e-5, atol=1e-5)
+    for keys, deq_ref, q in ((True, R.dequantize_keys_reference, k_q), (False, R.dequantize_values_reference, v_q)):
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            got = Q.dequantize(*q, bits, dtype, keys=keys)
+            torch.testing.assert_close(got, deq_ref(*q, bits, dtype), rtol=tol, atol=tol)
     state = _segment(gen, 2, 4, 1024, 128, bits, fill=[0, 64], device=DEVICE)
     take = _take(gen, 512, [0.6, 0.3]).to(DEVICE)
     src_pos = torch.arange(512, device=DEVICE).expand(2, 512)
