@@ -6,16 +6,16 @@
 The continuation task of :mod:`bench.accuracy` (its ``corpus_ids``, ``load`` and ``run``): prefill ``context``
 tokens of the Python Language Reference topics, teacher-force the next ``continuation`` tokens one decode step at a
 time, on the CPU in fp32. Methods: dense (reference, stock DynamicCache); zipvl at tau in {0.96, 0.975, 1.0} and
-bits 4/2, 8/4, plus 4/2 with local_window=64 at tau < 1; transformers' ``QuantizedCache`` with the quanto backend
-(2 and 4 bits, keys per token and per channel) and the HQQ backend (axis 1); kvpress expected-attention, SnapKV and
-knorm presses removing 50% and 75% of the prompt's KV. Per method: continuation perplexity, its change vs dense,
-top-1 agreement with dense, KV bytes held after prefill + continuation (every tensor of the cache: codes, scales,
-zero points, residual/tail, evicted caches' kept tokens), those bytes vs a bf16 cache of the tokens the dense cache
-holds, the same with every fp32 tensor counted at 2 bytes (what the cache would hold for a bf16 model), prefill
-seconds and decode tokens/s. A method that cannot run with the installed versions gets a row with its error and
-version. Writes ``bench/results/peers_<model>.json``, prints a markdown table and, with ``--plot``, adds this
-model's panel to a perplexity-vs-KV-bytes figure (one panel per results file present).
-"""
+bits 4/2, 8/4 with the paper's prefill, plus 4/2 with the local and sinks prefills at tau < 1; transformers'
+``QuantizedCache`` with the quanto backend (2 and 4 bits, keys per token and per channel) and the HQQ backend (axis
+1); kvpress expected-attention, SnapKV and knorm presses removing 50% and 75% of the prompt's KV. Per method:
+continuation perplexity, its change vs dense, top-1 agreement with dense, KV bytes held after prefill + continuation
+(every tensor of the cache: codes, scales, zero points, residual/tail, evicted caches' kept tokens), those bytes vs
+a bf16 cache of the tokens the dense cache holds, the same with every fp32 tensor counted at 2 bytes (what the cache
+would hold for a bf16 model), prefill seconds and decode tokens/s. A method that cannot run with the installed
+versions gets a row with its error and version. Writes ``bench/results/peers_<model>.json``, prints a markdown table
+and, with ``--plot``, adds this model's panel to a perplexity-vs-KV-bytes figure (one panel per results file
+present)."""
 
 from __future__ import annotations
 
@@ -43,14 +43,15 @@ def methods() -> list[tuple[str, str, dict]]:
     """(name, family, parameters) of every method compared, the dense reference first."""
     out = [("dense fp32", "dense", {})]
     out += [
-        (f"zipvl tau={tau} {hi}/{lo}", "zipvl", dict(tau=tau, hi_bits=hi, lo_bits=lo))
+        (f"zipvl tau={tau} {hi}/{lo} paper", "zipvl", dict(tau=tau, hi_bits=hi, lo_bits=lo, prefill_mode="paper"))
         for tau in TAUS
         for hi, lo in BITS
     ]
     out += [
-        (f"zipvl tau={tau} 4/2 w64", "zipvl", dict(tau=tau, hi_bits=4, lo_bits=2, local_window=64))
+        (f"zipvl tau={tau} 4/2 {mode}", "zipvl", dict(tau=tau, hi_bits=4, lo_bits=2, prefill_mode=mode))
         for tau in TAUS
         if tau < 1
+        for mode in ("local", "sinks")
     ]
     for nbits in (4, 2):
         out.append((f"quanto {nbits}-bit", "quantized", dict(backend="quanto", nbits=nbits)))
