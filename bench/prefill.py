@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--rep-ms", type=float, default=2000)
     parser.add_argument("--prefill-modes", nargs="*", default=["sinks"], help="zipvl prefill_mode values to time")
-    parser.add_argument("--local-window", type=int, default=64, help="zipvl's local_window option")
+    parser.add_argument("--local-window", type=int, default=128, help="zipvl's local_window option")
     args = parser.parse_args()
     import zipvl_compile
 

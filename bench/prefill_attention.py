@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--local-window", type=int, default=64, help="window of the local_window timing (0: off)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    parser.add_argument("--sink-window", type=int, default=64, help="local window of the sinks mode (>= 1)")
+    parser.add_argument("--sink-window", type=int, default=128, help="local window of the sinks mode (>= 1)")
     parser.add_argument("--sinks", type=int, default=4, help="sink tokens of the sinks mode (>= 0)")
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)

@@ -211,6 +211,7 @@ def test_json_and_plot(capsys, tiny_dir, tmp_path):
     assert facts["mean_kept_ratio"] == pytest.approx(sum(ratios.values()) / 2)
     assert {g["kind"] for g in facts["report"]["groups"] if g["rewritten"]} == {"prefill", "decode"}
     assert facts["zipvl"]["new_tokens"] == 4 and facts["dense"] is None
+    assert facts["compiled"]["prefill_modes"] == ["sinks(w=128, s=4)"]  # the default mode, named as it ran
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -224,6 +225,7 @@ def test_compare_dense_streams_text(capsys, tiny_dir, monkeypatch):
     assert out.index("--- zipvl output") < out.index("--- compile report")
     assert "--- dense (uncompiled) output, same prompt ---" in out
     assert "model.layers.0.self_attn" in out  # --full-report lists module paths
+    assert "sparse prefill mode that ran: sinks(w=128, s=4)" in out
     closing = out[out.index("--- dense vs zipvl, same prompt ---") :].splitlines()[1:]  # the last lines
     assert closing[0].split() == ["dense", "(uncompiled)", "zipvl"]
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in closing[1:])}

@@ -55,7 +55,7 @@ class ZipVLConfig:
     min_keep: int = 64
     dense_layers: tuple[int, ...] = ()
     prefill_mode: str = "sinks"
-    local_window: int = 64
+    local_window: int = 128
     sink_tokens: int = 4
     score_norm: str = "probes"
     recompress_interval: int = 100

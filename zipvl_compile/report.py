@@ -207,6 +207,10 @@ class CompileReport:
         moments = {i: s.ratio_moments() for i, s in sorted(self.layers.items())}
         return {i: 1.0 - m[1] for i, m in moments.items() if m is not None}
 
+    def prefill_modes(self) -> list[str]:
+        """The sparse prefill modes (with their window and sinks) of the graphs that ran a sparse prefill site."""
+        return sorted({g.options["prefill_mode"] for g in self.graphs if any(_is_sparse(s) for s in g.sites)})
+
     def __str__(self) -> str:
         kinds = [g.kind for g in self.graphs]
         counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("prefill", "decode", "other") if k in kinds)
@@ -236,7 +240,7 @@ class CompileReport:
             widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
             for r in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
-        modes = sorted({g.options["prefill_mode"] for g in self.graphs if any(_is_sparse(s) for s in g.sites)})
+        modes = self.prefill_modes()
         if modes:
             lines.append(f"sparse prefill mode: {', '.join(modes)}")
         ratios, flops = self.kept_ratios(), self.flop_reduction()

@@ -24,6 +24,7 @@ from zipvl_compile.demo.load import TINY_OPTIONS, TINY_VLMS
 from zipvl_compile.demo.plot import plot
 from zipvl_compile.demo.render import as_json, render
 from zipvl_compile.demo.run import Plan, Stages, staged_run
+from zipvl_compile.runtime.sparse import PREFILL_MODES
 
 DEFAULT_PROMPT = (
     "Read the passage, then answer the question.\n\n"
@@ -42,6 +43,7 @@ DEFAULT_PROMPT = (
     "a small robotic bee showed that the dance alone can send foragers to a chosen spot.\n\n"
     "Question: in two sentences, how does a honeybee tell the other bees where the flowers are?"
 )
+_DEFAULTS = ZipVLConfig()
 _FLAGS = {
     "hi_bits": "bits",
     "lo_bits": "bits",
@@ -49,6 +51,7 @@ _FLAGS = {
     "inner": "inner",
     "local_window": "local_window",
     "sink_tokens": "sink_tokens",
+    "prefill_mode": "prefill_mode",
 }
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -84,16 +87,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prefill-mode",
-        default="sinks",
-        choices=["sinks", "local", "paper"],
+        default=_DEFAULTS.prefill_mode,
+        choices=PREFILL_MODES,
         help="who attends to what in the sparse prefill: sinks (default; kept tokens see the kept tokens, every "
         "token sees its W most recent tokens and the first S), local (every token sees the kept tokens and its "
         "W most recent ones), paper (tokens outside the kept set get no attention output)",
     )
     p.add_argument(
-        "--local-window", type=int, default=64, metavar="W", help="the window W of sinks and local (default 64)"
+        "--local-window",
+        type=int,
+        default=_DEFAULTS.local_window,
+        metavar="W",
+        help=f"the window W of sinks and local (default {_DEFAULTS.local_window})",
     )
-    p.add_argument("--sink-tokens", type=int, default=4, metavar="S", help="the sinks S of the sinks mode (default 4)")
+    p.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=_DEFAULTS.sink_tokens,
+        metavar="S",
+        help=f"the sinks S of the sinks mode (default {_DEFAULTS.sink_tokens})",
+    )
     p.add_argument(
         "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate, greedy (default 64)"
     )

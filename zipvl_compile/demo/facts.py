@@ -55,6 +55,7 @@ def collect(
             "language_model": type(language_model(subject.model)).__name__,
             "vision_tower": None if tower is None else type(tower).__name__,
             "packed_kv_cache": rep.kv_mode == "packed",
+            "prefill_modes": rep.prefill_modes(),
         },
         "report": {
             "summary": str(rep).splitlines()[0],

@@ -48,6 +48,7 @@ def _header(facts: dict[str, Any]) -> list[str]:
         "options: " + ", ".join(f"{k}={v}" for k, v in facts["options"].items()),
         f"compiled with zipvl: the language model ({compiled['language_model']})"
         + ("; generate uses the packed ZipVLCache" if compiled["packed_kv_cache"] else ""),
+        "sparse prefill mode that ran: " + (", ".join(compiled["prefill_modes"]) or "none (every prefill site dense)"),
     ]
     if compiled["vision_tower"]:
         lines.append(
