@@ -31,7 +31,7 @@ def test_cudagraphs_decision_is_reported_per_graph():
     model = build_text("llama")
     zipvl_compile.compile(model, tau=0.9, min_keep=4, inner="eager", cudagraphs=True)
     with torch.no_grad():
-        model.generate(input_ids=torch.randint(3, 500, (1, 30)), max_new_tokens=3, do_sample=False)
+        model.generate(input_ids=torch.randint(3, 500, (1, 200)), max_new_tokens=3, do_sample=False)
     graphs = zipvl_compile.report().graphs
     assert len(graphs) == 2 and all(g.cudagraphs is False for g in graphs)  # no CUDA device / eager inner
     assert "CUDA graphs" not in str(zipvl_compile.report())

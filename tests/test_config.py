@@ -27,7 +27,7 @@ from zipvl_compile import ZipVLConfig
         ("dense_layers", 3, "layer indices"),
         ("cudagraphs", "yes", "True or False"),
         ("score_norm", "zipcache", "n_minus_j"),
-        ("local_window", -1, ">= 0"),
+        ("local_window", -1, ">= 1"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(key, value, allowed):

@@ -65,14 +65,14 @@ def _prompt():
 
 
 def _generate(model) -> dict:
-    """Greedy tokens, the kept set of every sparse prefill (a hook on select_tokens), the rewritten graphs."""
+    """Greedy tokens, the kept set of every sparse prefill (a hook on select_kept), the rewritten graphs."""
     kept, graphs = [], []
-    select = sparse.select_tokens
+    select = sparse.select_kept
 
     def recording_select(*args, **kwargs):
-        keep, ratio = select(*args, **kwargs)
-        kept.append(keep.clone())
-        return keep, ratio
+        result = select(*args, **kwargs)
+        kept.append(result.keep.clone())
+        return result
 
     def backend(gm, example_inputs):
         compiled = zipvl_compile.zipvl_backend(gm, example_inputs, options=OPTIONS)
@@ -81,14 +81,14 @@ def _generate(model) -> dict:
 
     torch._dynamo.reset()
     zipvl_compile.reset_report()
-    sparse.select_tokens = recording_select
+    sparse.select_kept = recording_select
     try:
         model.forward = torch.compile(model.forward, backend=backend)
         ids, mask = _prompt()
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False)
     finally:
-        sparse.select_tokens = select
+        sparse.select_kept = select
     ops_seen = sorted({s.op for s in zipvl_compile.report().sites if s.kind == "prefill"})
     return dict(tokens=out, kept=kept, ops=ops_seen, collectives=[_collectives(gm) for gm in graphs])
 
