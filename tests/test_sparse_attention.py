@@ -1,4 +1,4 @@
-"""zipvl.sparse_attention against its contract (README, issue "sparse prefill")."""
+"""zipvl.sparse_attention against its contract (docs/architecture.md §5, docs/method.md §3-§6)."""
 
 from __future__ import annotations
 
