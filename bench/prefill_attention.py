@@ -153,7 +153,8 @@ def probe_select_fn(t: Inputs) -> tuple[Callable[[], Any], dict[str, Callable[[]
         for stage in per_layer.values():
             stage()
 
-    once = {"choose_probes (once per forward)": lambda: choose_probes(valid, cfg.n_probe_recent, cfg.n_probe_random, 0)}
+    choose = lambda: choose_probes(valid, cfg.n_probe_recent, cfg.n_probe_random, cfg.seed)
+    once = {"choose_probes (once per forward)": choose}
     return run, {**per_layer, **once}
 
 
