@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from zipvl_compile.runtime.kernels.decode import decode_attention, decode_attention_reference, decode_attention_triton
+from zipvl_compile.runtime.kernels.decode import decode_attention, decode_attention_triton
+from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
 from zipvl_compile.runtime.layout import Segment, Tail
 
 G = 64

@@ -7,7 +7,8 @@ valid iff its position is >= 0 and it lies below the segment's ``fill`` (or the 
 
 Two implementations with the same signature:
 
-- :func:`decode_attention_reference`: plain PyTorch (dequantise, concatenate, masked softmax in fp32).
+- :func:`~zipvl_compile.runtime.kernels.decode_reference.decode_attention_reference`: plain PyTorch
+  (dequantise, concatenate, masked softmax in fp32).
 - :func:`decode_attention_triton`: split-K (flash-decoding) Triton kernels. Grid ``(B, H, S_hi + S_lo +
   S_tail)``: each program walks one share of the 64-slot blocks of ONE source (hi, lo or the tail; a runtime
   branch on the program id, so one launch runs all three concurrently). Shares are computed in-kernel from
@@ -44,54 +45,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
 from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
-from zipvl_compile.runtime.kernels.quant_reference import dequantize_keys_reference, dequantize_values_reference
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 
 _PROGRAMS_PER_SM = 4  # split-K target (3 programs are resident per SM at 168 registers; 2 measured slower on H100)
 _MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reference
-# ----------------------------------------------------------------------------------------------------
-
-
-def _dequant_segment(seg: Segment, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment -> fp32 keys and values [B, H, C, d] (every slot, valid or not)."""
-    return (
-        dequantize_keys_reference(seg.k_codes, seg.k_scale, seg.k_zero, bits, torch.float32),
-        dequantize_values_reference(seg.v_codes, seg.v_scale, seg.v_zero, bits, torch.float32),
-    )
-
-
-def _slot_valid(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """pos int [B, C], length int [B] -> bool [B, C]: pos >= 0 and slot < length."""
-    slot = torch.arange(pos.shape[1], device=pos.device)
-    return (pos >= 0) & (slot[None, :] < length[:, None])
-
-
-def decode_attention_reference(
-    q: torch.Tensor, hi: Segment, lo: Segment, tail: Tail, scale: float, n_rep: int, hi_bits: int, lo_bits: int
-) -> torch.Tensor:
-    """Plain-PyTorch decode attention over hi + lo + tail; see the module docstring for the arguments.
-
-    Returns [B, Hq, 1, d] in q's dtype; a row with no valid key returns zeros.
-    """
-    k_hi, v_hi = _dequant_segment(hi, hi_bits)
-    k_lo, v_lo = _dequant_segment(lo, lo_bits)
-    k = torch.cat([k_hi, k_lo, tail.k.float()], dim=2).repeat_interleave(n_rep, dim=1)
-    v = torch.cat([v_hi, v_lo, tail.v.float()], dim=2).repeat_interleave(n_rep, dim=1)
-    valid = torch.cat(
-        [_slot_valid(hi.pos, hi.fill), _slot_valid(lo.pos, lo.fill), _slot_valid(tail.pos, tail.length)], dim=1
-    )
-    # empty slots may hold any bytes (NaN included): zero them so that 0-probability * NaN cannot leak
-    k = k.masked_fill(~valid[:, None, :, None], 0.0)
-    v = v.masked_fill(~valid[:, None, :, None], 0.0)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k) * scale
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
-    return torch.einsum("bhqk,bhkd->bhqd", probs, v).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -553,7 +512,7 @@ def decode_attention_triton(
     lo_bits: int,
     num_splits: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Split-K Triton decode attention; arguments as :func:`decode_attention_reference`.
+    """Split-K Triton decode attention; arguments as :func:`decode_attention`.
 
     num_splits: splits (hi, lo, tail) per (sequence, KV head); default :func:`num_splits_for`.
     Segment tensors are made contiguous (a no-op for cache buffers). Returns [B, Hq, 1, d] in q's dtype.
