@@ -4,7 +4,10 @@ Cache: half the n tokens in ``hi`` (4-bit), half in ``lo`` (2-bit), plus a bf16 
 (capacity 100), d = 128; MHA 32x128 and GQA 28/4x128; n in {8k, 32k, 128k}; B in {1, 8}. Times are the
 median of ``triton.testing.do_bench`` and of CUDA-graph replay (``do_bench_cudagraph``). ``bytes`` counts
 what one call must read or write: codes + quantisation params + positions + tail + q/out (the split-K
-workspace is listed apart as ``ws_bytes``). Achieved bandwidth = bytes / graph time, against 3.0 TB/s.
+workspace is listed apart as ``ws_bytes``). Achieved bandwidth = bytes / graph time, against the bandwidth
+SDPA reaches on its (larger) bf16 cache in the same run. ``--variants`` also times the tuning grid of
+:func:`decode_attention_triton` (path, warps, programs per SM) for each shape, each checked against the policy's
+output, and writes them under ``variants`` in the JSON.
 
     python bench/decode_attention.py            # GPU; prints a markdown table, writes $OUT/... if OUT is set
     python bench/decode_attention.py --smoke    # tiny sizes, runs on CPU under the Triton interpreter
@@ -19,7 +22,6 @@ import time
 
 import torch
 
-PEAK_BW = 3.0e12  # bytes/s, measured copy bandwidth of the H100
 D, HI_BITS, LO_BITS, R, TAIL_LEN = 128, 4, 2, 100, 50
 
 
@@ -87,7 +89,37 @@ def time_fn(fn, smoke: bool) -> tuple[float, float]:
     return (tt.do_bench(fn, return_mode="median") * 1e3, tt.do_bench_cudagraph(fn, return_mode="median") * 1e3)
 
 
-def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool) -> dict:
+def variants_for(n_rep: int) -> list[dict]:
+    """The tuning grid timed by ``--variants``: both segment paths where both apply, warps, programs per SM."""
+    grid = [
+        dict(fma=False, num_warps=w, programs_per_sm=p, num_stages=st, asm=asm)
+        for w in (4, 8)
+        for p in (4, 8)
+        for st in (1, 3)
+        for asm in (True, False)
+    ]
+    if n_rep == 1:
+        grid += [
+            dict(fma=True, num_warps=w, programs_per_sm=p, num_stages=st)
+            for w in (2, 4, 8)
+            for p in (4, 8, 16)
+            for st in (1, 3)
+        ]
+    return grid
+
+
+def graph_time(fn) -> float:
+    """CUDA-graph replay median in microseconds (one wall-clock call on the CPU)."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    import triton.testing as tt
+
+    return tt.do_bench_cudagraph(fn, return_mode="median") * 1e3
+
+
+def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool, variants: bool) -> dict:
     from zipvl_compile.runtime.kernels import decode as dec
     from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
 
@@ -112,6 +144,18 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool
     sdpa_bytes = 2 * B * H * (n + TAIL_LEN) * d * elt + 2 * B * H * n_rep * d * elt
     ws_bytes = 2 * B * H * n_rep * splits * (d + 2) * 4
     best = g_tr if g_tr == g_tr else t_tr
+    sdpa_best = g_sd if g_sd == g_sd else t_sd
+    tuned = []
+    for knobs in variants_for(n_rep) if variants else []:
+        out_v = dec.decode_attention_triton(**args, **knobs)
+        diff = (out_v.float() - out.float()).abs().max().item()
+        tuned.append(
+            dict(
+                knobs,
+                us=graph_time(lambda knobs=knobs: dec.decode_attention_triton(**args, **knobs)),
+                max_diff_vs_policy=diff,
+            )
+        )
     return dict(
         B=B,
         Hq=H * n_rep,
@@ -127,15 +171,17 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool
         sdpa_us=t_sd,
         sdpa_graph_us=g_sd,
         gbps=nbytes / best / 1e3,
-        frac_peak=nbytes / best / 1e-6 / PEAK_BW,
+        sdpa_gbps=sdpa_bytes / sdpa_best / 1e3,
+        frac_sdpa_bw=(nbytes / best) / (sdpa_bytes / sdpa_best),
         speedup_graph=(g_sd / g_tr) if g_tr == g_tr else t_sd / t_tr,
         max_abs_err=err,
+        variants=tuned,
     )
 
 
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| n | B | heads | splits | MB read | bytes vs bf16 | Triton µs | graph µs | GB/s | of 3 TB/s "
+        "| n | B | heads | splits | MB read | bytes vs bf16 | Triton µs | graph µs | GB/s | of SDPA's GB/s "
         "| SDPA µs | SDPA graph µs | speedup (graph) | max err |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -143,16 +189,28 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['n']} | {r['B']} | {r['Hq']}/{r['H']}x{r['d']} | {r['splits']} | "
             f"{r['bytes'] / 1e6:.1f} | {r['bytes'] / r['sdpa_bytes']:.1%} | {r['triton_us']:.1f} | "
-            f"{r['triton_graph_us']:.1f} | {r['gbps']:.0f} | {r['frac_peak']:.0%} | "
+            f"{r['triton_graph_us']:.1f} | {r['gbps']:.0f} | {r['frac_sdpa_bw']:.0%} of {r['sdpa_gbps']:.0f} | "
             f"{r['sdpa_us']:.1f} | {r['sdpa_graph_us']:.1f} | {r['speedup_graph']:.2f}x | "
             f"{r['max_abs_err']:.2e} |"
         )
+    tuned = [(r, v) for r in rows for v in r["variants"]]
+    if tuned:
+        head = "| n | B | heads | path | warps | programs/SM | stages | µs | vs policy | max diff |"
+        lines += ["", head, "|" + "---|" * 10]
+        for r, v in tuned:
+            path = "fma" if v["fma"] else "dot" + ("" if v["asm"] else " no-asm")
+            lines.append(
+                f"| {r['n']} | {r['B']} | {r['Hq']}/{r['H']} | {path} | {v['num_warps']} | {v['programs_per_sm']} | "
+                f"{v['num_stages']} | {v['us']:.1f} | {r['triton_graph_us'] / v['us']:.2f}x | "
+                f"{v['max_diff_vs_policy']:.1e} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; CPU via the Triton interpreter")
+    parser.add_argument("--variants", action="store_true", help="also time the tuning grid of each shape")
     opts = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not opts.smoke:
@@ -164,19 +222,19 @@ def main() -> None:
         grid = [(B, H, n_rep, n, 32) for n in (256, 512) for B in (1, 2) for H, n_rep in ((2, 1), (1, 3))]
     else:
         grid = [(B, H, n_rep, n, D) for n in (8192, 32768, 131072) for B in (1, 8) for H, n_rep in ((32, 1), (4, 7))]
-    rows = []
-    for cfg in grid:
-        rows.append(run_one(*cfg, device, opts.smoke))
-        if cuda:
-            torch.cuda.empty_cache()
     title = (
         f"decode attention, {torch.cuda.get_device_name() if cuda else 'CPU (interpreter)'}, "
         f"bits {HI_BITS}/{LO_BITS} at r = 0.5, tail {TAIL_LEN}, torch {torch.__version__}"
     )
+    rows = []
+    for cfg in grid:
+        rows.append(run_one(*cfg, device, opts.smoke, opts.variants))
+        if cuda:
+            torch.cuda.empty_cache()
+        if os.environ.get("OUT"):  # after every shape, so that a run cut short keeps what it measured
+            with open(os.path.join(os.environ["OUT"], "decode_attention.json"), "w") as f:
+                json.dump(dict(title=title, rows=rows), f, indent=1)
     print(f"## {title}\n\n{markdown(rows)}")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "decode_attention.json"), "w") as f:
-            json.dump(dict(title=title, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

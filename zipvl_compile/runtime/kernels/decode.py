@@ -279,6 +279,92 @@ def _segment_partial(
 
 
 @triton.jit
+def _codes_f32(words, BITS: tl.constexpr, CPW: tl.constexpr):
+    """int32 words [BLOCK, W] -> fp32 codes [BLOCK, W, CPW]: code t of word w (bits t*BITS..) is channel
+    w*CPW + t. The code is ORed into the mantissa of 2^23 and 2^23 subtracted (exact; no int->float
+    conversion instruction, which runs at a quarter of the FMA rate)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    shift = (tl.arange(0, CPW) * BITS)[None, None, :]
+    x = ((words[:, :, None] >> shift) & MASK) | 0x4B000000
+    return x.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _segment_partial_fma(
+    q_ptr,
+    qh,
+    qk_scale,
+    kc,
+    ks,
+    kz,
+    vc,
+    vs,
+    vz,
+    pos_ptr,
+    fill_ptr,
+    C,
+    b,
+    bh,
+    split,
+    n_splits,
+    m_ws,
+    den_ws,
+    acc_ws,
+    ws,
+    BITS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One query head (n_rep = 1) over this split's share of a segment, on the CUDA cores (no padded rows).
+
+    kc / vc: the codes as int32 words [B, H, C, W] (W = D*BITS//32; channel w*CPW + t = bits t*BITS.. of
+    word w, the layout's bit order read four bytes at a time). Scores and the value accumulator stay in
+    the load's layout: q·k is a multiply-sum over (W, CPW) per slot, and p·v accumulates per (slot, channel)
+    with the reduction over slots done once, after the loop; the accumulator is rescaled only when the
+    running max grows. Dequantisation is folded as in the tensor-core path: ``q·k = (q*k_scale)·code +
+    q·k_zero`` and ``p·v = (p*v_scale)·code + p·v_zero``.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    W: tl.constexpr = D * BITS // 32
+    chan = tl.arange(0, W)[:, None] * CPW + tl.arange(0, CPW)[None, :]  # [W, CPW] channel of each code
+    q = tl.load(q_ptr + qh * D + chan).to(tl.float32) * qk_scale
+    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # scalars: running max, sum, p·v_zero
+    den = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    v_const = den
+    acc = tl.zeros([BLOCK, W, CPW], tl.float32)
+    fill = tl.load(fill_ptr + b)
+    first, last = _block_range(fill, split, n_splits, BLOCK)
+    word = tl.arange(0, W)
+    for blk in range(first, last):
+        slot = blk * BLOCK + tl.arange(0, BLOCK)
+        slot_ok = slot < fill
+        valid = tl.load(pos_ptr + b * C + slot, mask=slot_ok, other=-1) >= 0
+        tile = (bh * C + slot[:, None]) * W + word[None, :]
+        kw = tl.load(kc + tile, mask=slot_ok[:, None], other=0)
+        vw = tl.load(vc + tile, mask=slot_ok[:, None], other=0)
+        v_s = tl.load(vs + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
+        v_z = tl.load(vz + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
+        row = (bh * (C // BLOCK) + blk) * D + chan  # a block is one key group: one [D] scale/zero row
+        qs = q * tl.load(ks + row).to(tl.float32)
+        k_const = tl.sum(tl.sum(q * tl.load(kz + row).to(tl.float32), axis=1), axis=0)
+        s = tl.sum(tl.sum(_codes_f32(kw, BITS, CPW) * qs[None, :, :], axis=2), axis=1) + k_const
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use)
+        den = den * alpha + tl.sum(p, axis=0)
+        v_const = v_const * alpha + tl.sum(p * v_z, axis=0)
+        if alpha < 1.0:
+            acc = acc * alpha
+        acc += (p * v_s)[:, None, None] * _codes_f32(vw, BITS, CPW)
+        m = m_new
+    tl.store(m_ws + ws, m)
+    tl.store(den_ws + ws, den)
+    tl.store(acc_ws + ws * D + chan, tl.sum(acc, axis=0) + v_const)
+
+
+@triton.jit
 def _tail_partial(
     q_ptr,
     qh,
@@ -324,6 +410,52 @@ def _tail_partial(
 
 
 @triton.jit
+def _segment_share(
+    q_ptr,
+    qh,
+    row_ok,
+    qk_scale,
+    kc,
+    ks,
+    kz,
+    vc,
+    vs,
+    vz,
+    pos_ptr,
+    fill_ptr,
+    C,
+    b,
+    bh,
+    split,
+    n_splits,
+    m_ws,
+    den_ws,
+    acc_ws,
+    ws,
+    BITS: tl.constexpr,
+    D: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    F32: tl.constexpr,
+    ASM: tl.constexpr,
+    FMA: tl.constexpr,
+):
+    """This split's share of one segment: the CUDA-core path for one query head per KV head (FMA; codes
+    passed as int32 words), else the tensor-core path serving the n_rep heads of the KV head at once."""
+    if FMA:
+        first = tl.min(qh, axis=0)
+        _segment_partial_fma(
+            q_ptr, first, qk_scale, kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr, C, b, bh, split, n_splits,
+            m_ws, den_ws, acc_ws, tl.min(ws, axis=0), BITS, D, BLOCK,
+        )  # fmt: skip
+    else:
+        _segment_partial(
+            q_ptr, qh, row_ok, qk_scale, kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr, C, b, bh, split, n_splits,
+            m_ws, den_ws, acc_ws, ws, BITS, D, NP, BLOCK, F32, ASM,
+        )  # fmt: skip
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr,
     hkc,
@@ -364,6 +496,7 @@ def _decode_partial_kernel(
     BLOCK: tl.constexpr,
     F32: tl.constexpr,
     ASM: tl.constexpr,
+    FMA: tl.constexpr,
 ):
     """Program (b, h, j): partial softmax state of query heads h*n_rep .. h*n_rep + n_rep - 1 over one share
     of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split.
@@ -380,7 +513,7 @@ def _decode_partial_kernel(
     qh = b * H * n_rep + h * n_rep + rows  # query-head rows of this KV head
     ws = qh.to(tl.int64) * n_splits + j
     if j < S_HI:
-        _segment_partial(
+        _segment_share(
             q_ptr,
             qh,
             row_ok,
@@ -408,9 +541,10 @@ def _decode_partial_kernel(
             BLOCK,
             F32,
             ASM,
+            FMA,
         )
     elif j < S_HI + S_LO:
-        _segment_partial(
+        _segment_share(
             q_ptr,
             qh,
             row_ok,
@@ -438,6 +572,7 @@ def _decode_partial_kernel(
             BLOCK,
             F32,
             ASM,
+            FMA,
         )
     else:
         _tail_partial(
@@ -482,15 +617,23 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
 
 
 def num_splits_for(
-    batch: int, kv_heads: int, c_hi: int, c_lo: int, tail: int, hi_bits: int, lo_bits: int, sms: int
+    batch: int,
+    kv_heads: int,
+    c_hi: int,
+    c_lo: int,
+    tail: int,
+    hi_bits: int,
+    lo_bits: int,
+    sms: int,
+    programs_per_sm: int = _PROGRAMS_PER_SM,
 ) -> tuple[int, int, int]:
     """Splits (hi, lo, tail) per (sequence, KV head), from static shapes and the device's SM count ``sms``.
 
-    Together >= ``_PROGRAMS_PER_SM`` programs per SM, shared between hi and lo in proportion to their capacity
+    Together >= ``programs_per_sm`` programs per SM, shared between hi and lo in proportion to their capacity
     times bits (their bytes), each split getting at least ``_MIN_BLOCKS_PER_SPLIT`` blocks of a full segment;
     the tail (a few hundred slots at most) gets one split per 512 slots.
     """
-    per_seq = triton.cdiv(_PROGRAMS_PER_SM * sms, batch * kv_heads)
+    per_seq = triton.cdiv(programs_per_sm * sms, batch * kv_heads)
     cost_hi, cost_lo = c_hi * (hi_bits + 1), c_lo * (lo_bits + 1)
     share_hi = round(per_seq * cost_hi / max(cost_hi + cost_lo, 1))
     cap = lambda c: max(1, c // (_MIN_BLOCKS_PER_SPLIT * GROUP))
@@ -511,10 +654,18 @@ def decode_attention_triton(
     hi_bits: int,
     lo_bits: int,
     num_splits: tuple[int, int, int] | None = None,
+    fma: bool | None = None,
+    num_warps: int | None = None,
+    programs_per_sm: int = _PROGRAMS_PER_SM,
+    num_stages: int = 1,
+    asm: bool | None = None,
 ) -> torch.Tensor:
     """Split-K Triton decode attention; arguments as :func:`decode_attention`.
 
-    num_splits: splits (hi, lo, tail) per (sequence, KV head); default :func:`num_splits_for`.
+    Tuning (defaults: the policy; the benchmark sweeps them): num_splits: splits (hi, lo, tail) per (sequence,
+    KV head), default :func:`num_splits_for` with ``programs_per_sm``; fma: the CUDA-core segment path, default
+    for ``n_rep == 1`` (it serves one query head per KV head); num_warps / num_stages: warps per program,
+    software-pipelining depth; asm: the inline-PTX code unpacking of the tensor-core path (default on CUDA).
     Segment tensors are made contiguous (a no-op for cache buffers). Returns [B, Hq, 1, d] in q's dtype.
     """
     B, Hq, q_len, d = q.shape
@@ -526,15 +677,23 @@ def decode_attention_triton(
         )
     c_hi, c_lo, R = hi.capacity, lo.capacity, tail.slots
     sms = sm_count(q.device)
-    s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, hi_bits, lo_bits, sms)
+    s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, hi_bits, lo_bits, sms, programs_per_sm)
     S = s_hi + s_lo + s_tail
     acc_ws = torch.empty(B, Hq, S, d, device=q.device, dtype=torch.float32)
     m_ws = torch.empty(B, Hq, S, device=q.device, dtype=torch.float32)
     den_ws = torch.empty_like(m_ws)
-    hi, lo = ([t.contiguous() for t in seg] for seg in (hi, lo))
+    hi, lo = (Segment(*(t.contiguous() for t in seg)) for seg in (hi, lo))
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or tail.k.dtype != q.dtype:
         raise ValueError(
             f"decode_attention: q and the tail must share one of fp32/fp16/bf16, got {q.dtype} and {tail.k.dtype}"
+        )
+    fma = n_rep == 1 if fma is None else fma
+    if fma and n_rep != 1:
+        raise ValueError(f"decode_attention: the CUDA-core path serves n_rep = 1, got {n_rep}")
+    if fma:  # the CUDA-core path reads the codes four bytes at a time
+        hi, lo = (
+            seg._replace(k_codes=seg.k_codes.view(torch.int32), v_codes=seg.v_codes.view(torch.int32))
+            for seg in (hi, lo)
         )
     wrap_triton(_decode_partial_kernel)[(B, H, S)](
         q.contiguous(),
@@ -561,9 +720,10 @@ def decode_attention_triton(
         NP=max(16, triton.next_power_of_2(n_rep)),
         BLOCK=GROUP,
         F32=q.dtype == torch.float32,
-        ASM=q.is_cuda and q.dtype != torch.float32,
-        num_warps=8 if d == 256 else 4,
-        num_stages=1,
+        ASM=(q.is_cuda if asm is None else asm) and q.dtype != torch.float32,
+        FMA=fma,
+        num_warps=num_warps or (8 if d == 256 else 4),
+        num_stages=num_stages,
     )
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
     wrap_triton(_decode_merge_kernel)[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=triton.next_power_of_2(S))
