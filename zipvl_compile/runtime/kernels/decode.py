@@ -49,7 +49,10 @@ from zipvl_compile.runtime.kernels.decode_reference import decode_attention_refe
 from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 
-_PROGRAMS_PER_SM = 4  # split-K target (3 programs are resident per SM at 168 registers; 2 measured slower on H100)
+# split-K targets per path, from the H200 sweep of bench/decode_attention.py --variants (BENCHMARKS.md):
+# programs per SM (several waves even out splits of unequal length), warps, pipelining depth
+_DOT_TUNING = dict(programs_per_sm=8, num_warps=4, num_stages=3)
+_FMA_TUNING = dict(programs_per_sm=16, num_warps=2, num_stages=1)
 _MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
 
 
@@ -279,13 +282,44 @@ def _segment_partial(
 
 
 @triton.jit
-def _codes_f32(words, BITS: tl.constexpr, CPW: tl.constexpr):
-    """int32 words [BLOCK, W] -> fp32 codes [BLOCK, W, CPW]: code t of word w (bits t*BITS..) is channel
-    w*CPW + t. The code is ORed into the mantissa of 2^23 and 2^23 subtracted (exact; no int->float
-    conversion instruction, which runs at a quarter of the FMA rate)."""
+def _code_place(BITS: tl.constexpr, D: tl.constexpr):
+    """Where channel c's code sits for :func:`_codes_f32`, as int32 [D] (shift, position): the word is shifted
+    right by ``shift`` (0 or 16) and the code then lies at bit ``position`` (< 16, so it stays inside the 23
+    mantissa bits of a float)."""
+    bit = (tl.arange(0, D) % (32 // BITS)) * BITS
+    shift = tl.where(bit >= 16, 16, 0)
+    return shift, bit - shift
+
+
+@triton.jit
+def _codes_f32(words, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ASM: tl.constexpr):
+    """uint32 words [BLOCK, W] (W = D*BITS//32) -> fp32 [BLOCK, D] in channel order: ``code * 2^position``
+    (:func:`_code_place`), where channel w*CPW + t (CPW = 32 // BITS) is bits t*BITS.. of word w.
+
+    Each word is repeated CPW times in the thread's registers (joins add register dimensions, the reshape
+    then merges them with the word axis: no data movement between threads). The code, masked in place, is
+    ORed into the mantissa of 2^23 and 2^23 subtracted: exact, and one AND-OR plus one add per code (no
+    shift for the low half of the word, no int->float conversion, which runs at a quarter of the FMA rate).
+    Callers fold ``2^-position`` into the other operand (an exact power of two). ASM (GPU): the AND-OR as one
+    ``lop3`` (the compiler otherwise emits two instructions).
+    """
+    CPW: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    shift = (tl.arange(0, CPW) * BITS)[None, None, :]
-    x = ((words[:, :, None] >> shift) & MASK) | 0x4B000000
+    x = tl.join(words, words)
+    x = tl.join(x, x)  # CPW >= 4 (BITS <= 8)
+    if CPW >= 8:
+        x = tl.join(x, x)
+    if CPW >= 16:
+        x = tl.join(x, x)
+    shift, position = _code_place(BITS, D)
+    x = tl.reshape(x, [BLOCK, D]) >> shift[None, :]  # words are uint32: logical shifts
+    mask = tl.broadcast_to((MASK << position)[None, :], [BLOCK, D]).to(tl.uint32)
+    if ASM:
+        x = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, 0x4b000000, 0xea;", "=r,r,r", [x, mask], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        x = (x & mask) | 0x4B000000
     return x.to(tl.float32, bitcast=True) - 8388608.0
 
 
@@ -314,24 +348,27 @@ def _segment_partial_fma(
     BITS: tl.constexpr,
     D: tl.constexpr,
     BLOCK: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """One query head (n_rep = 1) over this split's share of a segment, on the CUDA cores (no padded rows).
 
-    kc / vc: the codes as int32 words [B, H, C, W] (W = D*BITS//32; channel w*CPW + t = bits t*BITS.. of
-    word w, the layout's bit order read four bytes at a time). Scores and the value accumulator stay in
-    the load's layout: q·k is a multiply-sum over (W, CPW) per slot, and p·v accumulates per (slot, channel)
-    with the reduction over slots done once, after the loop; the accumulator is rescaled only when the
-    running max grows. Dequantisation is folded as in the tensor-core path: ``q·k = (q*k_scale)·code +
-    q·k_zero`` and ``p·v = (p*v_scale)·code + p·v_zero``.
+    kc / vc: the codes as uint32 words [B, H, C, D*BITS//32] (the layout's bit order read four bytes at a
+    time, see :func:`_codes_f32`). Scores and the value accumulator stay in the load's layout: q·k is a
+    multiply-sum over channels per slot, and p·v accumulates per (slot, channel), reduced over slots once
+    after the loop; the accumulator is rescaled only when the running max grows. Dequantisation is folded
+    as in the tensor-core path: ``q·k = (q*k_scale)·code + q·k_zero`` and ``p·v = (p*v_scale)·code +
+    p·v_zero``.
     """
-    CPW: tl.constexpr = 32 // BITS
     W: tl.constexpr = D * BITS // 32
-    chan = tl.arange(0, W)[:, None] * CPW + tl.arange(0, CPW)[None, :]  # [W, CPW] channel of each code
+    chan = tl.arange(0, D)
+    _, position = _code_place(BITS, D)
+    unplace = tl.exp2(-position.to(tl.float32))  # exact powers of two
     q = tl.load(q_ptr + qh * D + chan).to(tl.float32) * qk_scale
-    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # scalars: running max, sum, p·v_zero
-    den = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-    v_const = den
-    acc = tl.zeros([BLOCK, W, CPW], tl.float32)
+    q_placed = q * unplace
+    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # the running max (a scalar)
+    den = tl.zeros([BLOCK], tl.float32)  # per slot lane, reduced after the loop: sum of p, p·v_zero
+    v_const = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, D], tl.float32)
     fill = tl.load(fill_ptr + b)
     first, last = _block_range(fill, split, n_splits, BLOCK)
     word = tl.arange(0, W)
@@ -345,23 +382,25 @@ def _segment_partial_fma(
         v_s = tl.load(vs + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
         v_z = tl.load(vz + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
         row = (bh * (C // BLOCK) + blk) * D + chan  # a block is one key group: one [D] scale/zero row
-        qs = q * tl.load(ks + row).to(tl.float32)
-        k_const = tl.sum(tl.sum(q * tl.load(kz + row).to(tl.float32), axis=1), axis=0)
-        s = tl.sum(tl.sum(_codes_f32(kw, BITS, CPW) * qs[None, :, :], axis=2), axis=1) + k_const
+        qs = q_placed * tl.load(ks + row).to(tl.float32)
+        k_const = tl.sum(q * tl.load(kz + row).to(tl.float32), axis=0)
+        s = tl.sum(_codes_f32(kw, BITS, BLOCK, D, ASM) * qs[None, :], axis=1) + k_const
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)
         p = tl.exp2(s - m_use)
-        den = den * alpha + tl.sum(p, axis=0)
-        v_const = v_const * alpha + tl.sum(p * v_z, axis=0)
         if alpha < 1.0:
             acc = acc * alpha
-        acc += (p * v_s)[:, None, None] * _codes_f32(vw, BITS, CPW)
+            den = den * alpha
+            v_const = v_const * alpha
+        den += p
+        v_const += p * v_z
+        acc += (p * v_s)[:, None] * _codes_f32(vw, BITS, BLOCK, D, ASM)
         m = m_new
     tl.store(m_ws + ws, m)
-    tl.store(den_ws + ws, den)
-    tl.store(acc_ws + ws * D + chan, tl.sum(acc, axis=0) + v_const)
+    tl.store(den_ws + ws, tl.sum(den, axis=0))
+    tl.store(acc_ws + ws * D + chan, tl.sum(acc, axis=0) * unplace + tl.sum(v_const, axis=0))
 
 
 @triton.jit
@@ -441,12 +480,12 @@ def _segment_share(
     FMA: tl.constexpr,
 ):
     """This split's share of one segment: the CUDA-core path for one query head per KV head (FMA; codes
-    passed as int32 words), else the tensor-core path serving the n_rep heads of the KV head at once."""
+    passed as uint32 words), else the tensor-core path serving the n_rep heads of the KV head at once."""
     if FMA:
         first = tl.min(qh, axis=0)
         _segment_partial_fma(
             q_ptr, first, qk_scale, kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr, C, b, bh, split, n_splits,
-            m_ws, den_ws, acc_ws, tl.min(ws, axis=0), BITS, D, BLOCK,
+            m_ws, den_ws, acc_ws, tl.min(ws, axis=0), BITS, D, BLOCK, ASM,
         )  # fmt: skip
     else:
         _segment_partial(
@@ -616,26 +655,29 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
     tl.store(out_ptr + row * D + chan, out.to(out_ptr.dtype.element_ty))
 
 
+def tuning(fma: bool) -> dict[str, int]:
+    """The policy's launch tuning of a path (``programs_per_sm``, ``num_warps``, ``num_stages``)."""
+    return dict(_FMA_TUNING if fma else _DOT_TUNING)
+
+
 def num_splits_for(
     batch: int,
     kv_heads: int,
     c_hi: int,
     c_lo: int,
     tail: int,
-    hi_bits: int,
-    lo_bits: int,
     sms: int,
-    programs_per_sm: int = _PROGRAMS_PER_SM,
+    programs_per_sm: int,
 ) -> tuple[int, int, int]:
     """Splits (hi, lo, tail) per (sequence, KV head), from static shapes and the device's SM count ``sms``.
 
     Together >= ``programs_per_sm`` programs per SM, shared between hi and lo in proportion to their capacity
-    times bits (their bytes), each split getting at least ``_MIN_BLOCKS_PER_SPLIT`` blocks of a full segment;
-    the tail (a few hundred slots at most) gets one split per 512 slots.
+    (a block of GROUP slots costs about the same instructions at any bit width), each split getting at least
+    ``_MIN_BLOCKS_PER_SPLIT`` blocks of a full segment; the tail (a few hundred slots at most) gets one split
+    per 512 slots.
     """
     per_seq = triton.cdiv(programs_per_sm * sms, batch * kv_heads)
-    cost_hi, cost_lo = c_hi * (hi_bits + 1), c_lo * (lo_bits + 1)
-    share_hi = round(per_seq * cost_hi / max(cost_hi + cost_lo, 1))
+    share_hi = round(per_seq * c_hi / max(c_hi + c_lo, 1))
     cap = lambda c: max(1, c // (_MIN_BLOCKS_PER_SPLIT * GROUP))
     return (
         max(1, min(share_hi, cap(c_hi))),
@@ -656,8 +698,8 @@ def decode_attention_triton(
     num_splits: tuple[int, int, int] | None = None,
     fma: bool | None = None,
     num_warps: int | None = None,
-    programs_per_sm: int = _PROGRAMS_PER_SM,
-    num_stages: int = 1,
+    programs_per_sm: int | None = None,
+    num_stages: int | None = None,
     asm: bool | None = None,
 ) -> torch.Tensor:
     """Split-K Triton decode attention; arguments as :func:`decode_attention`.
@@ -677,7 +719,12 @@ def decode_attention_triton(
         )
     c_hi, c_lo, R = hi.capacity, lo.capacity, tail.slots
     sms = sm_count(q.device)
-    s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, hi_bits, lo_bits, sms, programs_per_sm)
+    fma = n_rep == 1 if fma is None else fma
+    if fma and n_rep != 1:
+        raise ValueError(f"decode_attention: the CUDA-core path serves n_rep = 1, got {n_rep}")
+    policy = tuning(fma)
+    programs_per_sm = programs_per_sm or policy["programs_per_sm"]
+    s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, sms, programs_per_sm)
     S = s_hi + s_lo + s_tail
     acc_ws = torch.empty(B, Hq, S, d, device=q.device, dtype=torch.float32)
     m_ws = torch.empty(B, Hq, S, device=q.device, dtype=torch.float32)
@@ -687,12 +734,9 @@ def decode_attention_triton(
         raise ValueError(
             f"decode_attention: q and the tail must share one of fp32/fp16/bf16, got {q.dtype} and {tail.k.dtype}"
         )
-    fma = n_rep == 1 if fma is None else fma
-    if fma and n_rep != 1:
-        raise ValueError(f"decode_attention: the CUDA-core path serves n_rep = 1, got {n_rep}")
     if fma:  # the CUDA-core path reads the codes four bytes at a time
         hi, lo = (
-            seg._replace(k_codes=seg.k_codes.view(torch.int32), v_codes=seg.v_codes.view(torch.int32))
+            seg._replace(k_codes=seg.k_codes.view(torch.uint32), v_codes=seg.v_codes.view(torch.uint32))
             for seg in (hi, lo)
         )
     wrap_triton(_decode_partial_kernel)[(B, H, S)](
@@ -722,8 +766,8 @@ def decode_attention_triton(
         F32=q.dtype == torch.float32,
         ASM=(q.is_cuda if asm is None else asm) and q.dtype != torch.float32,
         FMA=fma,
-        num_warps=num_warps or (8 if d == 256 else 4),
-        num_stages=num_stages,
+        num_warps=num_warps or max(policy["num_warps"], 8 if d == 256 else 1),
+        num_stages=num_stages or policy["num_stages"],
     )
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
     wrap_triton(_decode_merge_kernel)[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=triton.next_power_of_2(S))
