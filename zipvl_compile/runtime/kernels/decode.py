@@ -52,7 +52,7 @@ from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 # split-K targets per path, from the H200 sweep of bench/decode_attention.py --variants (BENCHMARKS.md):
 # programs per SM (several waves even out splits of unequal length), warps, pipelining depth
 _DOT_TUNING = dict(programs_per_sm=8, num_warps=4, num_stages=3)
-_FMA_TUNING = dict(programs_per_sm=16, num_warps=2, num_stages=1)
+_FMA_TUNING = dict(programs_per_sm=16, num_warps=4, num_stages=1)
 _MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
 
 
