@@ -53,6 +53,11 @@ _FLAGS = {
     "sink_tokens": "sink_tokens",
     "prefill_mode": "prefill_mode",
 }
+# Integer flags whose default is ZipVLConfig's: (option, metavar, help without the default)
+_CONFIG_INT_FLAGS = (
+    ("local_window", "W", "the window W of sinks and local"),
+    ("sink_tokens", "S", "the sinks S of the sinks mode"),
+)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -93,20 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         "token sees its W most recent tokens and the first S), local (every token sees the kept tokens and its "
         "W most recent ones), paper (tokens outside the kept set get no attention output)",
     )
-    p.add_argument(
-        "--local-window",
-        type=int,
-        default=_DEFAULTS.local_window,
-        metavar="W",
-        help=f"the window W of sinks and local (default {_DEFAULTS.local_window})",
-    )
-    p.add_argument(
-        "--sink-tokens",
-        type=int,
-        default=_DEFAULTS.sink_tokens,
-        metavar="S",
-        help=f"the sinks S of the sinks mode (default {_DEFAULTS.sink_tokens})",
-    )
+    for option, metavar, what in _CONFIG_INT_FLAGS:
+        default = getattr(_DEFAULTS, option)
+        flag = "--" + option.replace("_", "-")
+        p.add_argument(flag, type=int, default=default, metavar=metavar, help=f"{what} (default {default})")
     p.add_argument(
         "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate, greedy (default 64)"
     )

@@ -520,21 +520,6 @@ def varlen_attention(
     return run(q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep, with_lse=False).out
 
 
-def varlen_attention_lse(
-    q_packed: torch.Tensor,
-    k_packed: torch.Tensor,
-    v_packed: torch.Tensor,
-    plan: KeptPlan,
-    max_seqlen: int,
-    scale: float,
-    n_rep: int,
-    backend: str,
-) -> PackedAttention:
-    """:func:`varlen_attention` plus the log-sum-exp of each packed row (:class:`PackedAttention`, lse set)."""
-    run = _varlen_backend(backend)
-    return run(q_packed, k_packed, v_packed, plan, max_seqlen, scale, n_rep, with_lse=True)
-
-
 def kept_causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -582,5 +567,5 @@ def kept_causal_attention_lse(
         lse = kept_lse_reference(q, k, idx, count, scale, n_rep)
         return KeptPart(plan, out.transpose(1, 2)[plan.batch, plan.pos], lse.transpose(1, 2)[plan.batch, plan.pos])
     plan, qp, kp, vp = pack_kept(q, k, v, idx, count, use_triton)
-    part = varlen_attention_lse(qp, kp, vp, plan, q.shape[2], scale, n_rep, backend)
+    part = _varlen_backend(backend)(qp, kp, vp, plan, q.shape[2], scale, n_rep, with_lse=True)
     return KeptPart(plan, part.out, part.lse)

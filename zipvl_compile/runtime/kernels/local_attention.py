@@ -30,6 +30,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from zipvl_compile.runtime.kernels.attention_tiles import (
+    attend_tile,
+    attend_window,
+    initial_state,
+    kv_rows,
+    masked_attention_reference,
+    normalised,
+    tile_ptrs,
+)
+from zipvl_compile.runtime.kernels.device import wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
 
 # Tiles, from a sweep of 33 configurations on an H100 (bf16, d = 128, n = 32k, r = 0.3 / 0.5, 28/4 and 32/32
@@ -63,31 +73,7 @@ def local_attention_reference(
     n_rep: int,
 ) -> torch.Tensor:
     """Plain torch (fp32 SDPA with :func:`local_mask`); zeros at padding rows. Memory (B, n, Hq, d)."""
-    k, v = (x.float().repeat_interleave(n_rep, dim=1) for x in (k, v))
-    mask = local_mask(keep, valid, window)
-    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale)
-    out = torch.where(valid[:, None, :, None], out, 0.0).to(q.dtype)
-    return out.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-@triton.jit
-def _online_update(q, k_ptrs, v_ptrs, allowed, m_i, l_i, acc, qk_scale, load_mask, MASKED: tl.constexpr):
-    """One key tile of the online softmax (base 2). MASKED: only ``allowed`` keys count, and rows with no
-    allowed key so far keep m_i = -inf; else every key of the tile counts (``allowed`` is ignored)."""
-    k = tl.load(k_ptrs, mask=load_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    if MASKED:
-        s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    if MASKED:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    v = tl.load(v_ptrs, mask=load_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+    return masked_attention_reference(q, k, v, local_mask(keep, valid, window), valid, scale, n_rep)
 
 
 @triton.jit
@@ -105,27 +91,14 @@ def _local_attention_kernel(
     window,
     qk_scale,
     head_dim,
-    sqb,
-    sqh,
-    sqs,
-    sqd,
-    skb,
-    skh,
-    sks,
-    skd,
-    svb,
-    svh,
-    svs,
-    svd,
-    sob,
-    sos,
-    soh,
-    sod,
+    strides,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out[b, i, h] = softmax attention of query (b, h, i) over its allowed keys (module docstring)."""
+    """out[b, i, h] = softmax attention of query (b, h, i) over its allowed keys (module docstring); ``strides``:
+    those of q, k, v and out."""
+    q_strides, k_strides, v_strides, out_strides = strides
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -135,16 +108,10 @@ def _local_attention_kernel(
     row_ok = rows < n
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
-    q = tl.load(
-        q_ptr + b * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqs + d[None, :] * sqd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = k_ptr + b * skb + kvh * skh + d[None, :] * skd
-    v_base = v_ptr + b * svb + kvh * svh + d[None, :] * svd
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(tile_ptrs(q_ptr, b, h.to(tl.int64), rows[:, None], d, q_strides), mask=tile_ok, other=0.0)
+    state = initial_state(BLOCK_M, BLOCK_D)
+    kv = kv_rows(k_ptr, v_ptr, b, kvh, d, k_strides, v_strides)
     # (1) kept keys with position <= i - window: the first n_far entries of the ascending kept list; the
     # first n_all of them (position <= m0 - window) are seen by every row of the block: whole tiles of those
     # go unmasked
@@ -154,59 +121,23 @@ def _local_attention_kernel(
     all_end = (n_all // BLOCK_N) * BLOCK_N
     for s0 in range(0, all_end, BLOCK_N):
         pos = tl.load(idx_ptr + b * n + s0 + tl.arange(0, BLOCK_N))
-        m_i, l_i, acc = _online_update(
-            q,
-            k_base + pos[:, None] * sks,
-            v_base + pos[:, None] * svs,
-            None,
-            m_i,
-            l_i,
-            acc,
-            qk_scale,
-            d_ok[None, :],
-            MASKED=False,
-        )
+        state = attend_tile(q, kv, pos, None, d_ok, None, state, qk_scale)
     for s0 in range(all_end, n_far, BLOCK_N):
         slots = s0 + tl.arange(0, BLOCK_N)
         slot_ok = slots < n_far
         pos = tl.load(idx_ptr + b * n + slots, mask=slot_ok, other=0)
         allowed = slot_ok[None, :] & (pos[None, :] <= rows[:, None] - window)
-        m_i, l_i, acc = _online_update(
-            q,
-            k_base + pos[:, None] * sks,
-            v_base + pos[:, None] * svs,
-            allowed,
-            m_i,
-            l_i,
-            acc,
-            qk_scale,
-            slot_ok[:, None] & d_ok[None, :],
-            MASKED=True,
-        )
+        state = attend_tile(q, kv, pos, slot_ok, d_ok, allowed, state, qk_scale)
     # (2) the window: every valid key j with i - window < j <= i
     start = tl.maximum(m0 - window + 1, 0)
-    for j0 in range(start, last_row + 1, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        col_ok = cols <= last_row
-        key_ok = tl.load(valid_ptr + b * n + cols, mask=col_ok, other=0) != 0
-        gap = rows[:, None] - cols[None, :]
-        allowed = key_ok[None, :] & (gap >= 0) & (gap < window)
-        m_i, l_i, acc = _online_update(
-            q,
-            k_base + cols[:, None] * sks,
-            v_base + cols[:, None] * svs,
-            allowed,
-            m_i,
-            l_i,
-            acc,
-            qk_scale,
-            col_ok[:, None] & d_ok[None, :],
-            MASKED=True,
-        )
+    state = attend_window(
+        q, kv, state, rows, start, last_row + 1, window, valid_ptr + b * n, None, None, d_ok, qk_scale, BLOCK_N
+    )
+    _, l_i, acc = state
     row_valid = tl.load(valid_ptr + b * n + rows, mask=row_ok, other=0) != 0
-    out = tl.where((row_valid & (l_i > 0))[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
-    dst = out_ptr + b * sob + rows[:, None].to(tl.int64) * sos + h.to(tl.int64) * soh + d[None, :] * sod
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    out = normalised(acc, l_i, row_valid)
+    dst = tile_ptrs(out_ptr, b, rows[:, None].to(tl.int64), h.to(tl.int64), d, out_strides)
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
 def local_attention_triton(
@@ -241,10 +172,7 @@ def local_attention_triton(
         window,
         scale * math.log2(math.e),
         head_dim,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
+        (q.stride(), k.stride(), v.stride(), out.stride()),
         BLOCK_M=block_m,
         BLOCK_N=_BLOCK_N,
         BLOCK_D=block_d,
@@ -269,6 +197,6 @@ def local_attention(
 
     use_triton: the Triton kernel (None: on CUDA; True on CPU needs TRITON_INTERPRET=1).
     """
-    if q.is_cuda if use_triton is None else use_triton:
+    if wants_triton(q, use_triton):
         return local_attention_triton(q, k, v, keep, valid, window, scale, n_rep)
     return local_attention_reference(q, k, v, keep, valid, window, scale, n_rep)

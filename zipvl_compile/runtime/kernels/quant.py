@@ -108,6 +108,13 @@ def _load_packed(base, rows, row_ok, d, BD: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(H):
+    """(bh int64, tile, b, h) of this program: grid axis 0 is batch row x head (bh = b * H + h), axis 1 the tile."""
+    bh = tl.program_id(0).to(tl.int64)
+    return bh, tl.program_id(1), bh // H, bh % H
+
+
+@triton.jit
 def _quantize_key_tile(x, row_ok, ROWS: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
     """Key group x fp32 [ROWS, BD] -> (packed uint8 [ROWS, BD*BITS//8], scale, zero fp16 [BD]).
 
@@ -183,10 +190,7 @@ def _quantize_keys_kernel(
     BITS: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    grp = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, grp, b, h = _program_rows(H)
     rows = grp * ROWS + tl.arange(0, ROWS)
     row_ok = tl.load(valid_ptr + b * stride_vb + rows * stride_vt) != 0
     x = _load_rows(k_ptr + b * stride_kb + h * stride_kh, rows, rows < T, stride_kt, stride_kd, d, BD)
@@ -296,10 +300,7 @@ def _write_segment_kernel(
     BITS: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    grp = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, grp, b, h = _program_rows(H)
     count = tl.load(count_ptr + b)
     fill = tl.load(fill_ptr + b)
     s = grp * ROWS + tl.arange(0, ROWS)  # staging slots of this group

@@ -37,13 +37,20 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from zipvl_compile.runtime.kernels.attention_tiles import (
+    attend_tile,
+    attend_window,
+    initial_state,
+    kv_rows,
+    masked_attention_reference,
+    normalised,
+    tile_ptrs,
+)
 from zipvl_compile.runtime.kernels.device import wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import KeptPart, keep_to_index, kept_causal_attention_lse
-from zipvl_compile.runtime.kernels.local_attention import _online_update
 
 # Tiles: a program's tile has _ROWS stacked rows (n_rep heads, padded to a power of two, times BLOCK_M
 # positions; half as many rows for d > 128: the fp32 accumulator lives in registers). A block of BLOCK_M
@@ -114,11 +121,7 @@ def sink_attention_reference(
 ) -> torch.Tensor:
     """Plain torch, O(n^2) memory: fp32 SDPA with :func:`sink_mask`; zeros at padding rows. Memory (B, n, Hq, d)."""
     _check_args(q, k, v, keep, valid, window, sinks, n_rep)
-    k, v = (x.float().repeat_interleave(n_rep, dim=1) for x in (k, v))
-    mask = sink_mask(keep, valid, window, sinks)
-    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale)
-    out = torch.where(valid[:, None, :, None], out, 0.0).to(q.dtype)  # also drops NaN of padding rows
-    return out.transpose(1, 2).contiguous().transpose(1, 2)
+    return masked_attention_reference(q, k, v, sink_mask(keep, valid, window, sinks), valid, scale, n_rep)
 
 
 @triton.jit
@@ -140,27 +143,7 @@ def _sink_merge_kernel(
     sinks,
     qk_scale,
     head_dim,
-    sqb,
-    sqh,
-    sqs,
-    sqd,
-    skb,
-    skh,
-    sks,
-    skd,
-    svb,
-    svh,
-    svs,
-    svd,
-    sob,
-    sos,
-    soh,
-    sod,
-    stor,
-    stoh,
-    stod,
-    stlr,
-    stlh,
+    strides,
     BLOCK_M: tl.constexpr,
     HEADS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -168,7 +151,9 @@ def _sink_merge_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """out[b, i, h]: attention of query (b, h, i) over its extra keys merged with its kept part (module
-    docstring). Tile row r is query head kvh * n_rep + r // BLOCK_M at position m0 + r % BLOCK_M."""
+    docstring); ``strides``: those of q, k, v, out, kept_out and kept_lse. Tile row r is query head
+    kvh * n_rep + r // BLOCK_M at position m0 + r % BLOCK_M."""
+    q_strides, k_strides, v_strides, out_strides, kept_out_strides, kept_lse_strides = strides
     LOG2E: tl.constexpr = 1.4426950408889634
     m0 = tl.program_id(0) * BLOCK_M
     b = (tl.program_id(1) // n_kv_heads).to(tl.int64)
@@ -181,39 +166,18 @@ def _sink_merge_kernel(
     row_ok = (pos < n) & (group < n_rep)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
-    q = tl.load(
-        q_ptr + b * sqb + head[:, None] * sqh + pos64[:, None] * sqs + d[None, :] * sqd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(tile_ptrs(q_ptr, b, head[:, None], pos64[:, None], d, q_strides), mask=tile_ok, other=0.0)
     row_valid = tl.load(valid_ptr + b * n + pos, mask=row_ok, other=0) != 0
     row_keep = tl.load(keep_ptr + b * n + pos, mask=row_ok, other=0) != 0
-    m_i = tl.full([HEADS * BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([HEADS * BLOCK_M], tl.float32)
-    acc = tl.zeros([HEADS * BLOCK_M, BLOCK_D], tl.float32)
-    k_base = k_ptr + b * skb + kvh * skh + d[None, :] * skd
-    v_base = v_ptr + b * svb + kvh * svh + d[None, :] * svd
+    state = initial_state(HEADS * BLOCK_M, BLOCK_D)
+    kv = kv_rows(k_ptr, v_ptr, b, kvh, d, k_strides, v_strides)
     # (1) the window keys i - window < j <= i, less the kept keys of kept queries
     end = tl.minimum(m0 + BLOCK_M, n)
-    for j0 in range(tl.maximum(m0 - window + 1, 0), end, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        key_valid = tl.load(valid_ptr + b * n + cols, mask=col_ok, other=0) != 0
-        key_keep = tl.load(keep_ptr + b * n + cols, mask=col_ok, other=0) != 0
-        gap = pos[:, None] - cols[None, :]
-        allowed = key_valid[None, :] & (gap >= 0) & (gap < window) & ~(row_keep[:, None] & key_keep[None, :])
-        m_i, l_i, acc = _online_update(
-            q,
-            k_base + cols[:, None] * sks,
-            v_base + cols[:, None] * svs,
-            allowed,
-            m_i,
-            l_i,
-            acc,
-            qk_scale,
-            col_ok[:, None] & d_ok[None, :],
-            MASKED=True,
-        )
+    start = tl.maximum(m0 - window + 1, 0)
+    state = attend_window(
+        q, kv, state, pos, start, end, window, valid_ptr + b * n, keep_ptr + b * n, row_keep, d_ok, qk_scale, BLOCK_N
+    )
     # (2) the sink keys before the window (i - j >= window), less the kept keys of kept queries
     for s0 in range(0, sinks, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)
@@ -223,26 +187,20 @@ def _sink_merge_kernel(
         key_keep = tl.load(keep_ptr + b * n + sink_pos, mask=present, other=0) != 0
         gap = pos[:, None] - sink_pos[None, :]
         allowed = present[None, :] & (gap >= window) & ~(row_keep[:, None] & key_keep[None, :])
-        m_i, l_i, acc = _online_update(
-            q,
-            k_base + sink_pos[:, None] * sks,
-            v_base + sink_pos[:, None] * svs,
-            allowed,
-            m_i,
-            l_i,
-            acc,
-            qk_scale,
-            present[:, None] & d_ok[None, :],
-            MASKED=True,
-        )
+        state = attend_tile(q, kv, sink_pos, present, d_ok, allowed, state, qk_scale)
+    m_i, l_i, acc = state
     # (3) merge with the kept part (base 2): weights 2^(lse_T - top) and l_i 2^(m_i - top), top the larger
     # exponent; a kept valid query sees itself in the kept part, any other valid query in its window, so top
     # is finite on valid rows
     packed = tl.load(inv_ptr + b * n + pos, mask=row_ok, other=-1)
     has_kept = packed >= 0
-    lse_kept = tl.load(kept_lse_ptr + packed * stlr + head * stlh, mask=has_kept, other=float("-inf")) * LOG2E
+    lse_ptrs = kept_lse_ptr + packed * kept_lse_strides[0] + head * kept_lse_strides[1]
+    lse_kept = tl.load(lse_ptrs, mask=has_kept, other=float("-inf")) * LOG2E
     out_kept = tl.load(
-        kept_out_ptr + packed[:, None] * stor + head[:, None] * stoh + d[None, :] * stod,
+        kept_out_ptr
+        + packed[:, None] * kept_out_strides[0]
+        + head[:, None] * kept_out_strides[1]
+        + d[None, :] * kept_out_strides[2],
         mask=has_kept[:, None] & d_ok[None, :],
         other=0.0,
     ).to(tl.float32)
@@ -252,9 +210,9 @@ def _sink_merge_kernel(
     w_extra = tl.math.exp2(m_i - top)
     num = out_kept * w_kept[:, None] + acc * w_extra[:, None]
     den = w_kept + l_i * w_extra
-    out = tl.where((row_valid & (den > 0))[:, None], num / tl.maximum(den, 1e-30)[:, None], 0.0)
-    dst = out_ptr + b * sob + pos64[:, None] * sos + head[:, None] * soh + d[None, :] * sod
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    out = normalised(num, den, row_valid)
+    dst = tile_ptrs(out_ptr, b, pos64[:, None], head[:, None], d, out_strides)
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
 def sink_positions(valid: torch.Tensor, sinks: int) -> torch.Tensor:
@@ -308,12 +266,7 @@ def sink_merge_triton(
         sinks,
         scale * math.log2(math.e),
         head_dim,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        *kept.out.stride(),
-        *kept.lse.stride(),
+        (q.stride(), k.stride(), v.stride(), out.stride(), kept.out.stride(), kept.lse.stride()),
         BLOCK_M=block_m,
         HEADS=group,
         BLOCK_N=_BLOCK_N,
