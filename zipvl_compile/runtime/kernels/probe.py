@@ -123,7 +123,6 @@ class _Geometry:
     row_tiles: int
     key_tiles: int
     qk_scale: float  # scale * log2(e)
-    dot_ieee: bool
 
     def splits(self, tiles: ProbeTiles, device: torch.device) -> tuple[int, int]:
         """(key tiles per split, splits) so that about ``programs_per_sm`` programs per SM are launched."""
@@ -135,44 +134,16 @@ class _Geometry:
 
 
 @triton.jit
-def _load_keys(
-    k_ptr,
-    b,
-    kvh,
-    j0,
-    n_keys,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    """Key tile at j0: (k [BLOCK_N, BLOCK_D] (0 past n), key index j [BLOCK_N])."""
-    j = j0 + tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    k_ptrs = (
-        k_ptr
-        + b.to(tl.int64) * stride_kb
-        + kvh.to(tl.int64) * stride_kh
-        + j[:, None] * stride_kn
-        + dd[None, :] * stride_kd
-    )
-    k = tl.load(k_ptrs, mask=(j[:, None] < n_keys) & (dd[None, :] < HEAD_DIM), other=0.0)
-    return k, j
+def _key_valid(keys, j):
+    """bool [len(j)]: key j is a valid key of the row (False past n); keys: see :func:`_key_tiles`."""
+    valid_row, n_keys, stride_vn = keys[1], keys[2], keys[6]
+    return tl.load(valid_row + j * stride_vn, mask=j < n_keys, other=0) != 0
 
 
 @triton.jit
-def _key_valid(valid_ptr, b, j, n_keys, stride_vb, stride_vn):
-    """bool [len(j)]: key j is a valid key of row b (False past n)."""
-    return tl.load(valid_ptr + b * stride_vb + j * stride_vn, mask=j < n_keys, other=0) != 0
-
-
-@triton.jit
-def _dot(a, b, DOT_IEEE: tl.constexpr):
-    """a [M, K] @ b [K, N] with fp32 accumulation; exact fp32 products with DOT_IEEE (fp32 operands)."""
-    if DOT_IEEE:
+def _dot(a, b):
+    """a [M, K] @ b [K, N] with fp32 accumulation; fp32 operands (fp32 or mixed inputs) multiply exactly."""
+    if a.dtype == tl.float32:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
@@ -196,50 +167,38 @@ def _key_tiles(
     m_i,
     l_i,
     out_ptr,
-    k_ptr,
-    valid_ptr,
-    b,
-    kvh,
     lo,
     hi,
-    n_keys,
-    qk_scale,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vn,
+    keys,
     COLSUM: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
     STAGES: tl.constexpr,
 ):
     """The key tiles lo, lo + BLOCK_N, .. < hi against the row tile q [ROWS, BLOCK_D] -> (m_i, l_i) [ROWS].
 
-    Pass 1: the online update of the running max m_i and exp2-sum l_i (out_ptr unused). Pass 2 (COLSUM):
-    m_i is the rows' lse (l_i unused, both returned as given); out_ptr[j] = sum over the rows of
-    exp2(s * qk_scale - lse), 0 at padding keys. Without MASKED every key of the tiles must be at or below
-    every row's position, and in pass 1 valid.
+    keys = (k_row: K of this (b, kvh), valid_row: key_valid of this b, n_keys, qk_scale, stride_kn,
+    stride_kd, stride_vn). Pass 1: the online update of the running max m_i and exp2-sum l_i (out_ptr
+    unused). Pass 2 (COLSUM): m_i is the rows' lse (l_i unused, both returned as given); out_ptr[j] = sum
+    over the rows of exp2(s * qk_scale - lse), 0 at padding keys. Without MASKED every key of the tiles must
+    be at or below every row's position, and in pass 1 valid.
     """
+    k_row, n_keys, qk_scale, stride_kn, stride_kd = keys[0], keys[2], keys[3], keys[4], keys[5]
+    dd = tl.arange(0, q.shape[1])
     for j0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
-        k, j = _load_keys(
-            k_ptr, b, kvh, j0, n_keys, stride_kb, stride_kh, stride_kn, stride_kd, BLOCK_N, BLOCK_D, HEAD_DIM
-        )
+        j = j0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_row + j[:, None] * stride_kn + dd[None, :] * stride_kd
+        k = tl.load(k_ptrs, mask=(j[:, None] < n_keys) & (dd[None, :] < HEAD_DIM), other=0.0)
         if COLSUM:  # keys as the M of the dot: the column sums are row sums inside a warp
-            p = tl.exp2(_dot(k, tl.trans(q), DOT_IEEE) * qk_scale - m_i[None, :])  # [BLOCK_N, ROWS]
+            p = tl.exp2(_dot(k, tl.trans(q)) * qk_scale - m_i[None, :])  # [BLOCK_N, ROWS]
             if MASKED:
                 p = tl.where(j[:, None] <= pos[None, :], p, 0.0)
-            valid = _key_valid(valid_ptr, b, j, n_keys, stride_vb, stride_vn)
-            tl.store(out_ptr + j, tl.where(valid, tl.sum(p, axis=1), 0.0), mask=j < n_keys)
+            tl.store(out_ptr + j, tl.where(_key_valid(keys, j), tl.sum(p, axis=1), 0.0), mask=j < n_keys)
         else:
-            s = _dot(q, tl.trans(k), DOT_IEEE)
+            s = _dot(q, tl.trans(k))
             if MASKED:
-                valid = _key_valid(valid_ptr, b, j, n_keys, stride_vb, stride_vn)
-                s = tl.where((j[None, :] <= pos[:, None]) & valid[None, :], s, float("-inf"))
+                s = tl.where((j[None, :] <= pos[:, None]) & _key_valid(keys, j)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # qk_scale > 0: max(s) * c = max(s * c)
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s * qk_scale - m_new[:, None]), axis=1)
             m_i = m_new
@@ -280,7 +239,6 @@ def _probe_pass_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
     STAGES: tl.constexpr,
 ):
     """One program = (row tile t, key split, b * Hkv + kvh); pass 1, or pass 2 with COLSUM.
@@ -317,15 +275,14 @@ def _probe_pass_kernel(
     split_end = tl.minimum(start + tiles_per_split * BLOCK_N, n_keys)
     end = tl.minimum(split_end, pos_max + 1)
     qk_scale = tl.cast(qk_scale, tl.float32)  # a launcher may pass the float as fp64 (Inductor does)
-    strides = (stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vn)
-    consts = (BLOCK_N, BLOCK_D, HEAD_DIM, DOT_IEEE, STAGES)
+    k_row = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    keys = (k_row, valid_ptr + b * stride_vb, n_keys, qk_scale, stride_kn, stride_kd, stride_vn)
     if COLSUM:
         lse = tl.load(stat_ptr + (b * n_kv + kvh) * score_rows + r, mask=ok, other=float("inf"))
         clean = _clean_end(start, end, pos_min, BLOCK_N)
         out_row = out_ptr + (tl.program_id(2) * tl.num_programs(0) + t).to(tl.int64) * n_keys
-        stats = (lse, lse, out_row, k_ptr, valid_ptr, b, kvh)
-        _key_tiles(q, pos, *stats, start, clean, n_keys, qk_scale, *strides, True, False, *consts)
-        _key_tiles(q, pos, *stats, clean, end, n_keys, qk_scale, *strides, True, True, *consts)
+        _key_tiles(q, pos, lse, lse, out_row, start, clean, keys, True, False, BLOCK_N, HEAD_DIM, STAGES)
+        _key_tiles(q, pos, lse, lse, out_row, clean, end, keys, True, True, BLOCK_N, HEAD_DIM, STAGES)
         for j0 in range(start + tl.cdiv(tl.maximum(end - start, 0), BLOCK_N) * BLOCK_N, split_end, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)  # past the tile's last probe: no row sees these keys
             tl.store(out_row + j, tl.zeros([BLOCK_N], tl.float32), mask=j < split_end)
@@ -337,7 +294,7 @@ def _probe_pass_kernel(
                     i = i0 + tl.arange(0, ROWS)
                     pos_i = tl.load(pos_ptr + b * stride_pb + i * stride_pm, mask=i < n_probe, other=-1)
                     seen += tl.sum((pos_i.to(tl.int32)[:, None] >= j[None, :]).to(tl.int32), axis=0)
-                valid = _key_valid(valid_ptr, b, j, n_keys, stride_vb, stride_vn)
+                valid = _key_valid(keys, j)
                 tl.store(seen_ptr + b * n_keys + j, tl.where(valid, seen, 0).to(tl.float32), mask=j < split_end)
     else:
         padded_end = start  # keys [start, padded_end) may hold padding, [padded_end, end) are valid
@@ -349,11 +306,11 @@ def _probe_pass_kernel(
         clean_hi = tl.maximum(clean_lo, _clean_end(start, end, pos_min, BLOCK_N))
         m_i = tl.full([ROWS], _NEG, tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
-        keys = (out_ptr, k_ptr, valid_ptr, b, kvh)
-        args = (n_keys, qk_scale, *strides, False)
-        m_i, l_i = _key_tiles(q, pos, m_i, l_i, *keys, start, clean_lo, *args, True, *consts)
-        m_i, l_i = _key_tiles(q, pos, m_i, l_i, *keys, clean_lo, clean_hi, *args, False, *consts)
-        m_i, l_i = _key_tiles(q, pos, m_i, l_i, *keys, clean_hi, end, *args, True, *consts)
+        m_i, l_i = _key_tiles(q, pos, m_i, l_i, out_ptr, start, clean_lo, keys, False, True, BLOCK_N, HEAD_DIM, STAGES)
+        m_i, l_i = _key_tiles(
+            q, pos, m_i, l_i, out_ptr, clean_lo, clean_hi, keys, False, False, BLOCK_N, HEAD_DIM, STAGES
+        )
+        m_i, l_i = _key_tiles(q, pos, m_i, l_i, out_ptr, clean_hi, end, keys, False, True, BLOCK_N, HEAD_DIM, STAGES)
         seeing = pos >= 0  # rows without a probe saw the unmasked tiles too: they see nothing
         at = ((b * n_kv + kvh) * score_rows + r) * n_splits + split
         tl.store(stat_ptr + at, tl.where(seeing, m_i, _NEG), mask=ok)
@@ -381,19 +338,19 @@ def _probe_merge_kernel(max_ptr, sum_ptr, lse_ptr, n_rows, n_splits, ROWS: tl.co
     tl.store(lse_ptr + r, tl.where(l_i > 0, m_i + tl.log2(l_i), float("inf")), mask=r < n_rows)
 
 
-def _compute_operands(q_probe: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Cast q/k to one dtype the kernels can multiply; returns (q, k, dot in exact fp32).
+def _compute_operands(q_probe: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cast q/k to one dtype the kernels can multiply (fp32 operands multiply exactly in the kernels).
 
     fp16/bf16 pairs stay as they are (fp32 accumulation); mixed or fp32 inputs run in fp32 with IEEE
     products; bf16 off CUDA goes to fp32 (the Triton interpreter has no bf16 arithmetic).
     """
     native = (torch.float16, torch.bfloat16) if q_probe.is_cuda else (torch.float16,)
     if q_probe.dtype == k.dtype and q_probe.dtype in native:
-        return q_probe, k, False
-    return q_probe.float(), k.float(), True
+        return q_probe, k
+    return q_probe.float(), k.float()
 
 
-def _geometry(q: torch.Tensor, k: torch.Tensor, n_rep: int, scale: float, dot_ieee: bool, tiles: ProbeTiles):
+def _geometry(q: torch.Tensor, k: torch.Tensor, n_rep: int, scale: float, tiles: ProbeTiles) -> _Geometry:
     batch, n_q_heads, n_probe, head_dim = q.shape
     n_kv, n_keys = k.shape[1], k.shape[2]
     if n_q_heads != n_kv * n_rep:
@@ -410,7 +367,6 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, n_rep: int, scale: float, dot_ie
         row_tiles=triton.cdiv(score_rows, tiles.rows),
         key_tiles=triton.cdiv(n_keys, tiles.block_n),
         qk_scale=float(scale) * math.log2(math.e),
-        dot_ieee=dot_ieee,
     )
 
 
@@ -450,7 +406,6 @@ def _launch_pass(
         BLOCK_N=tiles.block_n,
         BLOCK_D=max(16, triton.next_power_of_2(geo.head_dim)),
         HEAD_DIM=geo.head_dim,
-        DOT_IEEE=geo.dot_ieee,
         STAGES=tiles.colsum_stages if colsum else tiles.lse_stages,
         num_warps=tiles.colsum_warps if colsum else tiles.lse_warps,
     )
@@ -468,8 +423,8 @@ class ProbeArgs(NamedTuple):
 
 
 def _prepare(args: ProbeArgs, tiles: ProbeTiles) -> tuple[torch.Tensor, torch.Tensor, _Geometry]:
-    q, kk, dot_ieee = _compute_operands(args.q_probe, args.k)
-    return q, kk, _geometry(q, kk, args.n_rep, args.scale, dot_ieee, tiles)
+    q, kk = _compute_operands(args.q_probe, args.k)
+    return q, kk, _geometry(q, kk, args.n_rep, args.scale, tiles)
 
 
 def probe_lse(args: ProbeArgs, tiles: ProbeTiles = DEFAULT_TILES) -> torch.Tensor:
