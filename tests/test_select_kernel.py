@@ -240,8 +240,8 @@ def test_bad_inputs() -> None:
 @pytest.mark.parametrize("tau", [0.9, 0.975])
 def test_long_rows_gpu(tau: float) -> None:
     n = 128 * 1024
-    _check(*_inputs("skewed", n, [(5000, 0), (0, 0)], seed=3), tau, 64)
-    _check(*_inputs("integer", n, [(0, 1000)], seed=4), tau, 64)
+    _check(*_inputs("skewed", n, [(5000, 0), (0, 0)], seed=3), tau, 64, tiles=DEFAULT_TILES)
+    _check(*_inputs("integer", n, [(0, 1000)], seed=4), tau, 64, tiles=DEFAULT_TILES)
 
 
 @pytest.mark.gpu

@@ -322,13 +322,14 @@ def _select_level_kernel(
             target = tl.cast(tau, tl.float32).to(tl.float64) * tl.load(fstate_ptr + b * 2 + _TOTAL)
             above = tl.load(fstate_ptr + b * 2 + _MASS_ABOVE)
         else:
-            if level == 0:
+            q = tl.load(row + _Q)  # set at level 0 (below), read by the later launches
+            if level == 0:  # no reads of what this program stores: its stores are not ordered before them
                 rank_last = _chunk_sum(part_rank_ptr, b, n_chunks, COMBINE).to(tl.int64)
                 q, kept = _kept_count(tl.load(row + _P), n_valid, rank_last, min_keep)
                 tl.store(row + _RANK_LAST, rank_last)
                 tl.store(row + _Q, q)
                 tl.store(row + _COUNT, kept)
-            target = tl.load(row + _Q).to(tl.float64)
+            target = q.to(tl.float64)
             agg = count.to(tl.float64)  # counts below 2**53: exact
             above = tl.load(row + gt_slot).to(tl.float64)
         # agg(keys >= candidate) falls as the candidate's digit rises: the passing digits are a prefix
@@ -454,13 +455,10 @@ def select_kept_triton(
     n_levels = 32 // tiles.digit_bits
     searches = 2 if p_mode == _P_MASS else 1
     radix = 1 << tiles.digit_bits
-    # one zeroed buffer: int64 row state, float64 row state, an arrival counter per launch and row
-    zeroed = torch.zeros(
-        batch * (_SLOTS.value + 2) + (1 + searches * n_levels) * batch, device=device, dtype=torch.int64
-    )
-    state = zeroed[: batch * _SLOTS.value]
-    fstate = zeroed[batch * _SLOTS.value : batch * (_SLOTS.value + 2)].view(torch.float64)
-    counters = zeroed[batch * (_SLOTS.value + 2) :]
+    # int64 row state and an arrival counter per launch and row in one zeroed buffer; float64 row state
+    zeroed = torch.zeros(batch * _SLOTS.value + (1 + searches * n_levels) * batch, device=device, dtype=torch.int64)
+    state, counters = zeroed[: batch * _SLOTS.value], zeroed[batch * _SLOTS.value :]
+    fstate = torch.zeros(batch, 2, device=device, dtype=torch.float64)
     score_key = torch.empty(batch, n, device=device, dtype=torch.int32)
     mass_key = torch.empty_like(score_key) if p_mode == _P_MASS else score_key  # unused unless _P_MASS
     part = torch.empty(3, batch, n_chunks, device=device, dtype=torch.int32)  # valid count, last valid, rank
