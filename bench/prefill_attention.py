@@ -3,6 +3,7 @@
     python -m bench.prefill_attention            # GPU, one invocation (a few minutes on an H100), bf16
     python -m bench.prefill_attention --smoke    # CPU check of the same code at tiny sizes, fp32
     TRITON_INTERPRET=1 python -m bench.prefill_attention --smoke   # ... with the Triton stages interpreted
+    python -m bench.prefill_attention --sweep-probe   # probe / select launch parameters only (n = 32k, 64k)
 
 For each shape (Qwen2-7B: 28 query / 4 KV heads; LLaVA-Next-7B: 32 / 32; d = 128) and length n, B = 1:
 - dense causal attention with every dense backend present: FlashAttention-4
@@ -24,6 +25,13 @@ For each shape (Qwen2-7B: 28 query / 4 KV heads; LLaVA-Next-7B: 32 / 32; d = 128
 Reported: best dense time, sparse time, ideal = r^2 x dense, sparse / ideal (target <= 1.18 at 32k), and
 probe + select as % of dense. Prints a markdown table; writes $OUT/prefill_attention.json when $OUT is set.
 Every measurement is guarded: a backend that fails records its error and the run goes on.
+
+``--sweep-probe`` times instead, per shape and n (default 32k and 64k), each stage of the probe and the
+selection apart (pass 1 = ``probe_lse``: the row log-sum-exps and their split merge; pass 2 =
+``probe_colsum_from_lse``: the column sums and seen; select = ``select_kept_triton``, eager and from a CUDA
+graph) for a small grid of ``ProbeTiles`` / ``SelectTiles``, against the best dense backend of the same run;
+each configuration's output is checked against the default configuration's (and the default selection against
+the plain-torch reference). Prints a table; writes $OUT/prefill_probe_sweep.json.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from zipvl_compile.runtime.kernels.local_attention import local_attention
 from zipvl_compile.runtime.kernels.sink_attention import sink_attention, sink_merge_triton
 
 SHAPES = {"qwen2-7b": (28, 4, 128), "llava-next-7b": (32, 32, 128)}  # (Hq, Hkv, d)
+SWEEP_LENGTHS = (32768, 65536)
 LENGTHS = (8192, 16384, 32768, 65536)
 RATIOS = (0.3, 0.5)
 SMOKE_SHAPES = {"tiny-gqa": (4, 2, 16), "tiny-mha": (2, 2, 16)}
@@ -384,6 +393,162 @@ def bench_length(
     return rows
 
 
+def _run_fields(bench: str, dtype: torch.dtype) -> dict[str, str]:
+    """The fields every JSON payload of this module starts with."""
+    return dict(
+        bench=bench,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        device=device_name(),
+        torch=torch.__version__,
+        dtype=str(dtype),
+    )
+
+
+def _probe_grid() -> dict[str, Any]:
+    """The ProbeTiles of the sweep by name (the first is the default)."""
+    from zipvl_compile.runtime.kernels.probe import DEFAULT_TILES, ProbeTiles
+
+    return {
+        "default": DEFAULT_TILES,
+        "bn64_w4": ProbeTiles(block_n=64, lse_warps=4, colsum_warps=4),
+        "w4_s2": ProbeTiles(lse_warps=4, lse_stages=2, colsum_warps=4, colsum_stages=2),
+        "s2_pps2": ProbeTiles(lse_stages=2, colsum_stages=2, programs_per_sm=2),
+        "pps8": ProbeTiles(programs_per_sm=8),
+        "rows64_w4": ProbeTiles(rows=64, lse_warps=4, colsum_warps=4),
+        "rows256_bn64_s2": ProbeTiles(rows=256, block_n=64, lse_stages=2, colsum_stages=2),
+    }
+
+
+def _select_grid() -> dict[str, Any]:
+    """The SelectTiles of the sweep by name (the first is the default)."""
+    from zipvl_compile.runtime.kernels.select import DEFAULT_TILES, SelectTiles
+
+    return {
+        "default": DEFAULT_TILES,
+        "chunk512": SelectTiles(chunk=512),
+        "chunk2048_w8": SelectTiles(chunk=2048, num_warps=8),
+        "digit4": SelectTiles(digit_bits=4),
+        "chunk256_digit4": SelectTiles(chunk=256, digit_bits=4),
+    }
+
+
+def _sweep_row(base: dict[str, Any], stage: str, config: str, fn: Callable[[], Any], errors: dict[str, str]) -> dict:
+    """One sweep row: the stage's eager ms (and its % of dense), guarded."""
+    ms = _guard(lambda: median_ms(fn), errors, f"{stage}/{config}")
+    return dict(base, stage=stage, config=config, ms=ms, pct_of_dense=_div(ms, base["dense_ms"], 100.0))
+
+
+def sweep_length(name: str, heads: tuple[int, int, int], n: int, dtype: torch.dtype, device: str) -> list[dict]:
+    """The probe / select stages at every configuration of the grids for one (shape, n)."""
+    from zipvl_compile.config import ZipVLConfig
+    from zipvl_compile.runtime.kernels.probe import ProbeArgs, probe_colsum_from_lse, probe_lse
+    from zipvl_compile.runtime.kernels.select import select_kept, select_kept_triton
+    from zipvl_compile.runtime.selection import choose_probes
+
+    cfg = ZipVLConfig()
+    t = Inputs.random(heads, n, dtype, device)
+    errors: dict[str, str] = {}
+    dense = {
+        b: _guard(lambda fn=fn: median_ms(lambda: fn(t)), errors, f"dense/{b}") for b, fn in dense_backends().items()
+    }
+    dense_backend = _best(dense)
+    base = dict(shape=name, heads=f"{heads[0]}/{heads[1]}", n=n, dense_backend=dense_backend)
+    base["dense_ms"] = dense.get(dense_backend)
+    q, k, _ = t.bhsd()
+    batch, n_q, _, d = q.shape
+    valid = torch.ones(batch, n, dtype=torch.bool, device=q.device)
+    probes = choose_probes(valid, cfg.n_probe_recent, cfg.n_probe_random, cfg.seed)
+    q_probe = q.gather(2, probes.clamp(min=0)[:, None, :, None].expand(batch, n_q, -1, d)).contiguous()
+    args = ProbeArgs(q_probe, k, probes, valid, t.scale, t.n_rep)
+    rows: list[dict] = []
+    expected = None
+    for config, tiles in _probe_grid().items():
+        lse = _guard(lambda tiles=tiles: probe_lse(args, tiles), errors, f"probe/{config}")
+        if lse is None:
+            continue
+        out = probe_colsum_from_lse(args, lse, tiles)
+        expected = expected or out
+        diff = float((out[0] - expected[0]).abs().max())
+        check = dict(
+            max_abs_diff=diff,
+            matches_default=diff <= 1e-3 * float(expected[0].max()) and bool(torch.equal(out[1], expected[1])),
+        )
+        rows.append(
+            dict(_sweep_row(base, "probe_pass1", config, lambda tiles=tiles: probe_lse(args, tiles), errors), **check)
+        )
+        pass2 = lambda lse=lse, tiles=tiles: probe_colsum_from_lse(args, lse, tiles)
+        rows.append(dict(_sweep_row(base, "probe_pass2", config, pass2, errors), **check))
+    if expected is None:
+        return rows
+    colsum, seen = expected
+    reference = select_kept(colsum, seen, valid, cfg.tau, cfg.min_keep, use_triton=False)
+    chosen = None
+    for config, tiles in _select_grid().items():
+        call = lambda tiles=tiles: select_kept_triton(colsum, seen, valid, cfg.tau, cfg.min_keep, tiles=tiles)
+        out = _guard(call, errors, f"select/{config}")
+        if out is None:
+            continue
+        chosen = chosen or out
+        row = _sweep_row(base, "select", config, call, errors)
+        row["graph_ms"] = _guard(lambda call=call: cuda_graph_ms(call), errors, f"select_graph/{config}")
+        row["matches_default"] = all(bool(torch.equal(a, b)) for a, b in zip(out, chosen))
+        row["keep_diff_vs_reference"] = int((out.keep ^ reference.keep).sum())
+        row["kept_ratio"] = float(out.ratio.mean())
+        rows.append(row)
+    for row in rows:
+        row["errors"] = dict(errors)
+    print(f"  {name} n={n}: dense {base['dense_ms']} ms ({dense_backend}), {len(rows)} sweep rows", flush=True)
+    return rows
+
+
+SWEEP_COLUMNS = [
+    "shape",
+    "n",
+    "stage",
+    "config",
+    "ms",
+    "graph_ms",
+    "pct_of_dense",
+    "matches_default",
+    "max_abs_diff",
+    "keep_diff_vs_reference",
+    "dense_ms",
+]
+
+
+def run_sweep(
+    shapes: dict[str, tuple[int, int, int]], lengths: tuple[int, ...], dtype: torch.dtype, device: str
+) -> list[dict]:
+    """--sweep-probe: the sweep rows of every shape and length; prints the table, writes the JSON."""
+    start = time.time()
+    rows: list[dict] = []
+    for name, heads in shapes.items():
+        for n in lengths:
+            rows += sweep_length(name, heads, n, dtype, device)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["shape"], row["n"], row["stage"])
+        if row["ms"] is not None and row.get("matches_default") and (key not in best or row["ms"] < best[key]["ms"]):
+            best[key] = row
+    payload = dict(
+        **_run_fields("prefill_probe_sweep", dtype),
+        seconds=round(time.time() - start, 1),
+        best={"/".join(map(str, key)): row["config"] for key, row in best.items()},
+        rows=rows,
+    )
+    path = write_json("prefill_probe_sweep.json", payload)
+    print()
+    print(markdown_table(rows, SWEEP_COLUMNS))
+    print("\nfastest matching configuration per stage:")
+    for key, row in best.items():
+        pct = row["pct_of_dense"] or 0.0
+        print(f"  {'/'.join(map(str, key))}: {row['config']} {row['ms']:.4f} ms ({pct:.2f}% of dense)")
+    print(f"\n{len(rows)} rows in {time.time() - start:.0f} s" + (f"; wrote {path}" if path else ""))
+    return rows
+
+
 COLUMNS = [
     "shape",
     "n",
@@ -427,6 +592,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--sink-window", type=int, default=128, help="local window of the sinks mode (>= 1)")
     parser.add_argument("--sinks", type=int, default=4, help="sink tokens of the sinks mode (>= 0)")
+    parser.add_argument("--sweep-probe", action="store_true", help="time the probe / select launch parameters only")
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
@@ -439,8 +605,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     shapes = {k: v for k, v in shapes.items() if not args.shapes or k in args.shapes}
-    lengths = args.lengths or (SMOKE_LENGTHS if args.smoke else LENGTHS)
     print(f"device {device_name()}, torch {torch.__version__}, {dtype}, kept backends {available_backends()}")
+    if args.sweep_probe:
+        return run_sweep(shapes, tuple(args.lengths or (SMOKE_LENGTHS if args.smoke else SWEEP_LENGTHS)), dtype, device)
+    lengths = args.lengths or (SMOKE_LENGTHS if args.smoke else LENGTHS)
 
     start = time.time()
     rows: list[dict] = []
@@ -460,11 +628,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if at_target:
         print(f"\nsparse / (r^2 x dense) at n = {TARGET_N}: max {max(at_target):.3f} (target <= {TARGET_RATIO})")
     payload = dict(
-        bench="prefill_attention",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        device=device_name(),
-        torch=torch.__version__,
-        dtype=str(dtype),
+        **_run_fields("prefill_attention", dtype),
         batch=1,
         kept_backends=list(available_backends()),
         smoke=args.smoke,

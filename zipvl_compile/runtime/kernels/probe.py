@@ -11,19 +11,30 @@ Shapes and dtypes shared by every function here:
         seen[b, j] = number of probe rows with probe_pos >= j (0 at padding keys), the Eq. 7 denominator.
     Rows whose visible set is empty contribute 0.
 
-The Triton path runs three kernels over all heads of the layer: ``_probe_lse_kernel`` (pass 1, grid =
-(B * Hkv, probe-row blocks, key splits)) computes per (query head, probe row) a running max and exp-sum over
-its key split; ``_probe_merge_kernel`` merges the splits into a base-2 log-sum-exp per row;
-``_probe_colsum_kernel`` (pass 2, grid = (key blocks, B * Hkv)) recomputes exp2(s - lse) per key tile and
-sums it over every probe row and the n_rep query heads of its KV head (its KV-head-0 programs also count
-``seen``); torch sums the Hkv partial vectors. No atomics: results are deterministic. One program serves all
-n_rep query heads of a KV head from one K tile load (rows of a tile = n_rep heads x probe rows); no
-[m, n] score matrix is stored.
+The Triton path. The R = n_rep * m (query head, probe row) pairs of one KV head are its score rows, ordered
+probe-major (row r = probe r // n_rep of query head kvh * n_rep + r % n_rep), so a tile of ``rows`` score rows
+holds consecutive probes of every head of the GQA group and no row is padding when ``rows`` divides R. Every
+program holds one such row tile of q and streams the K tiles of one key split past it, so one K tile load
+serves all n_rep heads (tl.dot with M = ``rows``):
+    pass 1 ``_probe_lse_kernel`` (grid = (row tiles, key splits, B * Hkv)): per score row a running max and
+        exp2-sum of s = q . k over the split (scores s * scale * log2 e in one FMA with the max subtracted);
+    ``_probe_merge_kernel`` merges the splits into a base-2 log-sum-exp per score row;
+    pass 2 ``_probe_colsum_kernel`` (same grid shape, its own split count) recomputes the transposed tile
+        s^T = k . q^T [keys, rows] and sums exp2(s * scale * log2 e - lse) over its rows: a row sum inside a warp
+        (no atomics, no cross-warp reduction); each program writes the column sums of its row tile to a
+        [B, Hkv, row tiles, n] buffer, which torch sums over (KV head, row tile): deterministic. The programs
+        of (row tile 0, KV head 0) also count ``seen``.
+Masks are applied only where needed: a key tile wholly at or below every probe position of the row tile and
+past every padding key of the split runs without the causal / padding select; pass 2 applies the padding mask
+once per key tile, on the column sums. Key tiles past the row tile's last probe are skipped (pass 1) or
+written as zeros (pass 2).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -32,15 +43,43 @@ from torch.library import wrap_triton
 
 from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
 
-# Tiles: the fastest of BLOCK_N, ROWS in {64, 128} and 4 or 8 warps on an H100 (bf16, 28/4 heads, d = 128,
-# 128 probes, n = 32k: 308 us for both passes, against 360 us at 64/64).
-_BLOCK_N = 128  # keys per tile
-_ROWS = 128  # (query head, probe row) pairs per tile; tl.dot needs >= 16
-_PROGRAMS_PER_SM = 2  # pass 1: split the keys until about this many programs per SM run
-_MIN_TILES_PER_SPLIT = 2
-_MERGE_ROWS = 128  # (query head, probe row) pairs per program of the split merge
-_NUM_WARPS = 4
 _NEG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: exp2(m_old - m_new) stays NaN-free
+_SCAN = tl.constexpr(1024)  # key-validity bytes read per step when a pass-1 program looks for padding
+_MERGE_ROWS = 128  # score rows per program of the split merge
+_MERGE_SPLITS = 16  # splits loaded per step by the merge
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeTiles:
+    """Launch parameters of the probe kernels (every choice gives the same result up to fp32 rounding).
+
+    rows: score rows per tile (the M of tl.dot; a power of two >= 16); block_n: keys per tile (>= 16);
+    lse_* / colsum_*: num_warps and num_stages of pass 1 / pass 2; programs_per_sm: each pass splits the keys
+    until about this many programs per SM are launched (at least ``min_tiles_per_split`` key tiles each).
+    """
+
+    rows: int = 128
+    block_n: int = 128
+    lse_warps: int = 8
+    lse_stages: int = 3
+    colsum_warps: int = 8
+    colsum_stages: int = 3
+    programs_per_sm: int = 4
+    min_tiles_per_split: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"ProbeTiles.{name} must be a power of two >= 16, got {value}")
+        for name in ("lse_warps", "lse_stages", "colsum_warps", "colsum_stages", "programs_per_sm"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ProbeTiles.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_tiles_per_split < 1:
+            raise ValueError(f"ProbeTiles.min_tiles_per_split must be >= 1, got {self.min_tiles_per_split}")
+
+
+DEFAULT_TILES = ProbeTiles()
 
 
 def probe_seen(probe_pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
@@ -70,106 +109,116 @@ def probe_colsum_reference(
     return probs.sum(dim=(1, 2)), probe_seen(probe_pos, key_valid)
 
 
-@triton.jit
-def _load_rows(
-    q_ptr,
-    pos_ptr,
-    b,
-    kvh,
-    row0,
-    n_probe,
-    n_rep,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_pb,
-    stride_pm,
-    BLOCK_M: tl.constexpr,
-    NREP: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    """Row r of the tile = (query head kvh * n_rep + r // BLOCK_M, probe row row0 + r % BLOCK_M).
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Sizes and launch values shared by the two passes of one call (ints, or SymInts under tracing)."""
 
-    Returns (q [NREP*BLOCK_M, BLOCK_D], pos [NREP*BLOCK_M] (-1 for rows outside), head, probe row, row ok).
-    """
-    r = tl.arange(0, NREP * BLOCK_M)
-    head_local = r // BLOCK_M
-    i = row0 + r % BLOCK_M
-    row_ok = (head_local < n_rep) & (i < n_probe)
-    head = kvh * n_rep + head_local
-    dd = tl.arange(0, BLOCK_D)
-    q_ptrs = (
-        q_ptr
-        + b.to(tl.int64) * stride_qb
-        + head[:, None].to(tl.int64) * stride_qh
-        + i[:, None] * stride_qm
-        + dd[None, :] * stride_qd
-    )
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (dd[None, :] < HEAD_DIM), other=0.0)
-    pos = tl.load(pos_ptr + b * stride_pb + i * stride_pm, mask=row_ok, other=-1).to(tl.int32)
-    return q, pos, head, i, row_ok
+    batch: int
+    n_kv: int
+    n_rep: int
+    n_probe: int
+    n_keys: int
+    head_dim: int
+    score_rows: int  # R = n_rep * m per KV head
+    row_tiles: int
+    key_tiles: int
+    qk_scale: float  # scale * log2(e)
+
+    def splits(self, tiles: ProbeTiles, device: torch.device) -> tuple[int, int]:
+        """(key tiles per split, splits) so that about ``programs_per_sm`` programs per SM are launched."""
+        units = self.batch * self.n_kv * self.row_tiles
+        wanted = triton.cdiv(tiles.programs_per_sm * sm_count(device), units)
+        n_splits = max(1, min(triton.cdiv(self.key_tiles, tiles.min_tiles_per_split), wanted))
+        per_split = triton.cdiv(self.key_tiles, n_splits)
+        return per_split, triton.cdiv(self.key_tiles, per_split)
 
 
 @triton.jit
-def _load_keys(
-    k_ptr,
-    valid_ptr,
-    b,
-    kvh,
-    j0,
-    n_keys,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vn,
+def _key_valid(keys, j):
+    """bool [len(j)]: key j is a valid key of the row (False past n); keys: see :func:`_key_tiles`."""
+    valid_row, n_keys, stride_vn = keys[1], keys[2], keys[6]
+    return tl.load(valid_row + j * stride_vn, mask=j < n_keys, other=0) != 0
+
+
+@triton.jit
+def _dot(a, b):
+    """a [M, K] @ b [K, N] with fp32 accumulation; fp32 operands (fp32 or mixed inputs) multiply exactly."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _row_bounds(pos, n_keys):
+    """(smallest probe position >= 0 of the tile (n_keys when none), largest position (-1 when none))."""
+    return tl.min(tl.where(pos >= 0, pos, n_keys)), tl.max(pos)
+
+
+@triton.jit
+def _clean_end(start, end, pos_min, BLOCK_N: tl.constexpr):
+    """End of the key tiles from ``start`` (in BLOCK_N steps, at most ``end``) whose every key is <= pos_min."""
+    return tl.minimum(start + (tl.maximum(pos_min + 1 - start, 0) // BLOCK_N) * BLOCK_N, end)
+
+
+@triton.jit
+def _key_tiles(
+    q,
+    pos,
+    m_i,
+    l_i,
+    out_ptr,
+    lo,
+    hi,
+    keys,
+    COLSUM: tl.constexpr,
+    MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """Key tile at j0: (k [BLOCK_N, BLOCK_D], key index j [BLOCK_N], valid [BLOCK_N] (False past n))."""
-    j = j0 + tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    in_range = j < n_keys
-    k_ptrs = (
-        k_ptr
-        + b.to(tl.int64) * stride_kb
-        + kvh.to(tl.int64) * stride_kh
-        + j[:, None] * stride_kn
-        + dd[None, :] * stride_kd
-    )
-    k = tl.load(k_ptrs, mask=in_range[:, None] & (dd[None, :] < HEAD_DIM), other=0.0)
-    valid = tl.load(valid_ptr + b * stride_vb + j * stride_vn, mask=in_range, other=0) != 0
-    return k, j, valid
+    """The key tiles lo, lo + BLOCK_N, .. < hi against the row tile q [ROWS, BLOCK_D] -> (m_i, l_i) [ROWS].
+
+    keys = (k_row: K of this (b, kvh), valid_row: key_valid of this b, n_keys, qk_scale, stride_kn,
+    stride_kd, stride_vn). Pass 1: the online update of the running max m_i and exp2-sum l_i (out_ptr
+    unused). Pass 2 (COLSUM): m_i is the rows' lse (l_i unused, both returned as given); out_ptr[j] = sum
+    over the rows of exp2(s * qk_scale - lse), 0 at padding keys. Without MASKED every key of the tiles must
+    be at or below every row's position, and in pass 1 valid.
+    """
+    k_row, n_keys, qk_scale, stride_kn, stride_kd = keys[0], keys[2], keys[3], keys[4], keys[5]
+    dd = tl.arange(0, q.shape[1])
+    for j0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+        j = j0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_row + j[:, None] * stride_kn + dd[None, :] * stride_kd
+        k = tl.load(k_ptrs, mask=(j[:, None] < n_keys) & (dd[None, :] < HEAD_DIM), other=0.0)
+        if COLSUM:  # keys as the M of the dot: the column sums are row sums inside a warp
+            p = tl.exp2(_dot(k, tl.trans(q)) * qk_scale - m_i[None, :])  # [BLOCK_N, ROWS]
+            if MASKED:
+                p = tl.where(j[:, None] <= pos[None, :], p, 0.0)
+            tl.store(out_ptr + j, tl.where(_key_valid(keys, j), tl.sum(p, axis=1), 0.0), mask=j < n_keys)
+        else:
+            s = _dot(q, tl.trans(k))
+            if MASKED:
+                s = tl.where((j[None, :] <= pos[:, None]) & _key_valid(keys, j)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # qk_scale > 0: max(s) * c = max(s * c)
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s * qk_scale - m_new[:, None]), axis=1)
+            m_i = m_new
+    return m_i, l_i
 
 
 @triton.jit
-def _masked_scores(q, k, j, valid, pos, qk_scale, DOT_IEEE: tl.constexpr):
-    """Base-2 logits [rows, BLOCK_N] (q.k * scale * log2 e), -inf where the key is not visible."""
-    if DOT_IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    visible = (j[None, :] <= pos[:, None]) & valid[None, :]
-    # a launcher may pass the float scale as fp64 (Inductor does): keep the tile in fp32
-    return tl.where(visible, s * tl.cast(qk_scale, tl.float32), float("-inf"))
-
-
-@triton.jit
-def _probe_lse_kernel(
+def _probe_pass_kernel(
     q_ptr,
     k_ptr,
     pos_ptr,
     valid_ptr,
-    max_ptr,
-    sum_ptr,
+    stat_ptr,
+    out_ptr,
+    seen_ptr,
     n_keys,
-    n_probe,
+    score_rows,
     n_kv,
     n_rep,
+    n_probe,
     qk_scale,
     tiles_per_split,
     n_splits,
@@ -185,270 +234,239 @@ def _probe_lse_kernel(
     stride_pm,
     stride_vb,
     stride_vn,
-    BLOCK_M: tl.constexpr,
-    NREP: tl.constexpr,
+    COLSUM: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """Pass 1: running max and exp2-sum per (query head, probe row) over one key split.
+    """One program = (row tile t, key split, b * Hkv + kvh); pass 1, or pass 2 with COLSUM.
 
-    Writes max/sum [B, Hq, m, n_splits] float32 (max = _NEG, sum = 0 where the split sees no key).
+    Pass 1: running max and exp2-sum (base 2, scores times qk_scale) per score row over the split; writes
+    stat (max) and out (sum), float32 [B, Hkv, R, n_splits] (max = _NEG, sum = 0 where the split shows the row
+    no key). The split is cut in up to three runs: tiles that may hold padding (masked), tiles below every
+    probe of the row tile (unmasked), the rest (masked). seen_ptr is not read.
+    Pass 2: out[b, kvh, t, j] = sum over the score rows of row tile t of exp2(s * qk_scale - lse), from
+    stat = lse [B, Hkv, R] float32 (base 2, +inf for rows that see nothing); out is [B, Hkv, row tiles, n]
+    float32, contiguous; keys past the tile's last probe get 0. The programs of (row tile 0, KV head 0) also
+    write seen[b, j] = the number of probe rows with pos >= j at valid keys j ([B, n] float32, contiguous).
     """
-    pid_bh = tl.program_id(0)
-    b = pid_bh // n_kv
-    kvh = pid_bh % n_kv
-    split = tl.program_id(2)
-    q, pos, head, i, row_ok = _load_rows(
-        q_ptr,
-        pos_ptr,
-        b,
-        kvh,
-        tl.program_id(1) * BLOCK_M,
-        n_probe,
-        n_rep,
-        stride_qb,
-        stride_qh,
-        stride_qm,
-        stride_qd,
-        stride_pb,
-        stride_pm,
-        BLOCK_M,
-        NREP,
-        BLOCK_D,
-        HEAD_DIM,
+    t = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2) // n_kv
+    kvh = tl.program_id(2) % n_kv
+    # score row r = probe r // n_rep of query head kvh * n_rep + r % n_rep
+    r = t * ROWS + tl.arange(0, ROWS)
+    ok = r < score_rows
+    i = r // n_rep
+    dd = tl.arange(0, BLOCK_D)
+    q_ptrs = (
+        q_ptr
+        + b.to(tl.int64) * stride_qb
+        + (kvh * n_rep + r % n_rep)[:, None].to(tl.int64) * stride_qh
+        + i[:, None] * stride_qm
+        + dd[None, :] * stride_qd
     )
+    q = tl.load(q_ptrs, mask=ok[:, None] & (dd[None, :] < HEAD_DIM), other=0.0)
+    pos = tl.load(pos_ptr + b * stride_pb + i * stride_pm, mask=ok, other=-1).to(tl.int32)  # -1: no row
+    pos_min, pos_max = _row_bounds(pos, n_keys)
     start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(tl.minimum(start + tiles_per_split * BLOCK_N, n_keys), tl.max(pos) + 1)
-    m_i = tl.full([NREP * BLOCK_M], _NEG, tl.float32)
-    l_i = tl.zeros([NREP * BLOCK_M], tl.float32)
-    for j0 in range(start, end, BLOCK_N):
-        k, j, valid = _load_keys(
-            k_ptr,
-            valid_ptr,
-            b,
-            kvh,
-            j0,
-            n_keys,
-            stride_kb,
-            stride_kh,
-            stride_kn,
-            stride_kd,
-            stride_vb,
-            stride_vn,
-            BLOCK_N,
-            BLOCK_D,
-            HEAD_DIM,
+    split_end = tl.minimum(start + tiles_per_split * BLOCK_N, n_keys)
+    end = tl.minimum(split_end, pos_max + 1)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # a launcher may pass the float as fp64 (Inductor does)
+    k_row = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    keys = (k_row, valid_ptr + b * stride_vb, n_keys, qk_scale, stride_kn, stride_kd, stride_vn)
+    if COLSUM:
+        lse = tl.load(stat_ptr + (b * n_kv + kvh) * score_rows + r, mask=ok, other=float("inf"))
+        clean = _clean_end(start, end, pos_min, BLOCK_N)
+        out_row = out_ptr + (tl.program_id(2) * tl.num_programs(0) + t).to(tl.int64) * n_keys
+        _key_tiles(q, pos, lse, lse, out_row, start, clean, keys, True, False, BLOCK_N, HEAD_DIM, STAGES)
+        _key_tiles(q, pos, lse, lse, out_row, clean, end, keys, True, True, BLOCK_N, HEAD_DIM, STAGES)
+        for j0 in range(start + tl.cdiv(tl.maximum(end - start, 0), BLOCK_N) * BLOCK_N, split_end, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)  # past the tile's last probe: no row sees these keys
+            tl.store(out_row + j, tl.zeros([BLOCK_N], tl.float32), mask=j < split_end)
+        if (t == 0) & (kvh == 0):
+            for j0 in range(start, split_end, BLOCK_N):
+                j = j0 + tl.arange(0, BLOCK_N)
+                seen = tl.zeros([BLOCK_N], tl.int32)
+                for i0 in range(0, n_probe, ROWS):
+                    i = i0 + tl.arange(0, ROWS)
+                    pos_i = tl.load(pos_ptr + b * stride_pb + i * stride_pm, mask=i < n_probe, other=-1)
+                    seen += tl.sum((pos_i.to(tl.int32)[:, None] >= j[None, :]).to(tl.int32), axis=0)
+                valid = _key_valid(keys, j)
+                tl.store(seen_ptr + b * n_keys + j, tl.where(valid, seen, 0).to(tl.float32), mask=j < split_end)
+    else:
+        padded_end = start  # keys [start, padded_end) may hold padding, [padded_end, end) are valid
+        for j0 in range(start, end, _SCAN):
+            j = j0 + tl.arange(0, _SCAN)
+            valid = tl.load(valid_ptr + b * stride_vb + j * stride_vn, mask=j < end, other=1) != 0
+            padded_end = tl.maximum(padded_end, tl.max(tl.where(valid, 0, j + 1)))
+        clean_lo = tl.minimum(start + tl.cdiv(padded_end - start, BLOCK_N) * BLOCK_N, end)
+        clean_hi = tl.maximum(clean_lo, _clean_end(start, end, pos_min, BLOCK_N))
+        m_i = tl.full([ROWS], _NEG, tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        m_i, l_i = _key_tiles(q, pos, m_i, l_i, out_ptr, start, clean_lo, keys, False, True, BLOCK_N, HEAD_DIM, STAGES)
+        m_i, l_i = _key_tiles(
+            q, pos, m_i, l_i, out_ptr, clean_lo, clean_hi, keys, False, False, BLOCK_N, HEAD_DIM, STAGES
         )
-        s = _masked_scores(q, k, j, valid, pos, qk_scale, DOT_IEEE)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m_i = m_new
-    out = ((b * n_kv * n_rep + head) * n_probe + i) * n_splits + split
-    tl.store(max_ptr + out, m_i, mask=row_ok)
-    tl.store(sum_ptr + out, l_i, mask=row_ok)
+        m_i, l_i = _key_tiles(q, pos, m_i, l_i, out_ptr, clean_hi, end, keys, False, True, BLOCK_N, HEAD_DIM, STAGES)
+        seeing = pos >= 0  # rows without a probe saw the unmasked tiles too: they see nothing
+        at = ((b * n_kv + kvh) * score_rows + r) * n_splits + split
+        tl.store(stat_ptr + at, tl.where(seeing, m_i, _NEG), mask=ok)
+        tl.store(out_ptr + at, tl.where(seeing, l_i, 0.0), mask=ok)
 
 
 @triton.jit
-def _probe_merge_kernel(max_ptr, sum_ptr, lse_ptr, n_rows, n_splits, ROWS: tl.constexpr):
+def _probe_merge_kernel(max_ptr, sum_ptr, lse_ptr, n_rows, n_splits, ROWS: tl.constexpr, SPLITS: tl.constexpr):
     """lse[r] = log2 of the merged exp2-sums of row r's key splits (+inf where the row sees no key).
 
-    max/sum: [n_rows, n_splits] float32 from pass 1; lse: [n_rows] float32 (n_rows = B * Hq * m).
+    max/sum: [n_rows, n_splits] float32 from pass 1; lse: [n_rows] float32 (n_rows = B * Hkv * R).
     """
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    ok = r < n_rows
+    s = tl.arange(0, SPLITS)
     m_i = tl.full([ROWS], _NEG, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
-    for split in range(n_splits):
-        m_s = tl.load(max_ptr + r * n_splits + split, mask=ok, other=_NEG)
-        m_new = tl.maximum(m_i, m_s)
-        l_s = tl.load(sum_ptr + r * n_splits + split, mask=ok, other=0.0)
-        l_i = l_i * tl.exp2(m_i - m_new) + l_s * tl.exp2(m_s - m_new)
+    for s0 in range(0, n_splits, SPLITS):
+        ok = (r[:, None] < n_rows) & (s0 + s[None, :] < n_splits)
+        at = r[:, None] * n_splits + s0 + s[None, :]
+        m_s = tl.load(max_ptr + at, mask=ok, other=_NEG)
+        l_s = tl.load(sum_ptr + at, mask=ok, other=0.0)
+        m_new = tl.maximum(m_i, tl.max(m_s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(l_s * tl.exp2(m_s - m_new[:, None]), axis=1)
         m_i = m_new
-    tl.store(lse_ptr + r, tl.where(l_i > 0, m_i + tl.log2(l_i), float("inf")), mask=ok)
+    tl.store(lse_ptr + r, tl.where(l_i > 0, m_i + tl.log2(l_i), float("inf")), mask=r < n_rows)
 
 
-@triton.jit
-def _probe_colsum_kernel(
-    q_ptr,
-    k_ptr,
-    pos_ptr,
-    valid_ptr,
-    lse_ptr,
-    out_ptr,
-    seen_ptr,
-    n_keys,
-    n_probe,
-    n_kv,
-    n_rep,
-    qk_scale,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_pb,
-    stride_pm,
-    stride_vb,
-    stride_vn,
-    BLOCK_M: tl.constexpr,
-    NREP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
-):
-    """Pass 2: out[b, kvh, j] = sum over probe rows and the n_rep heads of kvh of exp2(s - lse).
-
-    lse is [B, Hq, m] float32 (base 2, +inf for rows that see nothing); out is [B, Hkv, n] float32. The
-    programs of KV head 0 also write seen[b, j] = the number of probe rows with pos >= j at valid keys j
-    (seen is [B, n] float32, contiguous).
-    """
-    j0 = tl.program_id(0) * BLOCK_N
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv
-    kvh = pid_bh % n_kv
-    k, j, valid = _load_keys(
-        k_ptr,
-        valid_ptr,
-        b,
-        kvh,
-        j0,
-        n_keys,
-        stride_kb,
-        stride_kh,
-        stride_kn,
-        stride_kd,
-        stride_vb,
-        stride_vn,
-        BLOCK_N,
-        BLOCK_D,
-        HEAD_DIM,
-    )
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for row0 in range(0, n_probe, BLOCK_M):
-        q, pos, head, i, row_ok = _load_rows(
-            q_ptr,
-            pos_ptr,
-            b,
-            kvh,
-            row0,
-            n_probe,
-            n_rep,
-            stride_qb,
-            stride_qh,
-            stride_qm,
-            stride_qd,
-            stride_pb,
-            stride_pm,
-            BLOCK_M,
-            NREP,
-            BLOCK_D,
-            HEAD_DIM,
-        )
-        if j0 <= tl.max(pos):
-            lse = tl.load(lse_ptr + (b * n_kv * n_rep + head) * n_probe + i, mask=row_ok, other=float("inf"))
-            s = _masked_scores(q, k, j, valid, pos, qk_scale, DOT_IEEE)
-            acc += tl.sum(tl.exp2(s - lse[:, None]), axis=0)
-    tl.store(out_ptr + pid_bh * n_keys + j, acc, mask=j < n_keys)
-    if kvh == 0:  # a loop of its own: no registers taken from the score tile above
-        seen = tl.zeros([BLOCK_N], tl.int32)
-        for i0 in range(0, n_probe, NREP * BLOCK_M):
-            i = i0 + tl.arange(0, NREP * BLOCK_M)
-            pos = tl.load(pos_ptr + b * stride_pb + i * stride_pm, mask=i < n_probe, other=-1).to(tl.int32)
-            seen += tl.sum((pos[:, None] >= j[None, :]).to(tl.int32), axis=0)
-        tl.store(seen_ptr + b * n_keys + j, tl.where(valid, seen, 0).to(tl.float32), mask=j < n_keys)
-
-
-def _compute_operands(q_probe: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Cast q/k to one dtype the kernels can multiply; returns (q, k, dot in exact fp32).
+def _compute_operands(q_probe: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cast q/k to one dtype the kernels can multiply (fp32 operands multiply exactly in the kernels).
 
     fp16/bf16 pairs stay as they are (fp32 accumulation); mixed or fp32 inputs run in fp32 with IEEE
     products; bf16 off CUDA goes to fp32 (the Triton interpreter has no bf16 arithmetic).
     """
     native = (torch.float16, torch.bfloat16) if q_probe.is_cuda else (torch.float16,)
     if q_probe.dtype == k.dtype and q_probe.dtype in native:
-        return q_probe, k, False
-    return q_probe.float(), k.float(), True
+        return q_probe, k
+    return q_probe.float(), k.float()
+
+
+def _geometry(q: torch.Tensor, k: torch.Tensor, n_rep: int, scale: float, tiles: ProbeTiles) -> _Geometry:
+    batch, n_q_heads, n_probe, head_dim = q.shape
+    n_kv, n_keys = k.shape[1], k.shape[2]
+    if n_q_heads != n_kv * n_rep:
+        raise ValueError(f"q_probe has {n_q_heads} heads, expected Hkv * n_rep = {n_kv} * {n_rep}")
+    score_rows = n_rep * n_probe
+    return _Geometry(
+        batch=batch,
+        n_kv=n_kv,
+        n_rep=n_rep,
+        n_probe=n_probe,
+        n_keys=n_keys,
+        head_dim=head_dim,
+        score_rows=score_rows,
+        row_tiles=triton.cdiv(score_rows, tiles.rows),
+        key_tiles=triton.cdiv(n_keys, tiles.block_n),
+        qk_scale=float(scale) * math.log2(math.e),
+    )
+
+
+def _launch_pass(
+    q: torch.Tensor,
+    kk: torch.Tensor,
+    probe_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+    geo: _Geometry,
+    tiles: ProbeTiles,
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    colsum: bool,
+) -> None:
+    """One launch of ``_probe_pass_kernel`` (pass 2 when ``colsum``) over (row tiles, key splits, B * Hkv)."""
+    valid = key_valid.view(torch.uint8)
+    per_split, n_splits = geo.splits(tiles, q.device)
+    wrap_triton(_probe_pass_kernel)[(geo.row_tiles, n_splits, geo.batch * geo.n_kv)](
+        q,
+        kk,
+        probe_pos,
+        valid,
+        *outputs,
+        geo.n_keys,
+        geo.score_rows,
+        geo.n_kv,
+        geo.n_rep,
+        geo.n_probe,
+        geo.qk_scale,
+        per_split,
+        n_splits,
+        *q.stride(),
+        *kk.stride(),
+        *probe_pos.stride(),
+        *valid.stride(),
+        COLSUM=colsum,
+        ROWS=tiles.rows,
+        BLOCK_N=tiles.block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(geo.head_dim)),
+        HEAD_DIM=geo.head_dim,
+        STAGES=tiles.colsum_stages if colsum else tiles.lse_stages,
+        num_warps=tiles.colsum_warps if colsum else tiles.lse_warps,
+    )
+
+
+class ProbeArgs(NamedTuple):
+    """The inputs of one probe call (shapes and dtypes in the module docstring), for the stages apart."""
+
+    q_probe: torch.Tensor
+    k: torch.Tensor
+    probe_pos: torch.Tensor
+    key_valid: torch.Tensor
+    scale: float
+    n_rep: int
+
+
+def _prepare(args: ProbeArgs, tiles: ProbeTiles) -> tuple[torch.Tensor, torch.Tensor, _Geometry]:
+    q, kk = _compute_operands(args.q_probe, args.k)
+    return q, kk, _geometry(q, kk, args.n_rep, args.scale, tiles)
+
+
+def probe_lse(args: ProbeArgs, tiles: ProbeTiles = DEFAULT_TILES) -> torch.Tensor:
+    """Pass 1 and the split merge: float32 [B, Hkv, n_rep * m] base-2 log-sum-exp of each score row (row r =
+    probe r // n_rep of query head kvh * n_rep + r % n_rep; +inf where the row sees no key)."""
+    q, kk, geo = _prepare(args, tiles)
+    n_splits = geo.splits(tiles, q.device)[1]
+    n_rows = geo.batch * geo.n_kv * geo.score_rows
+    part_max = torch.empty(n_rows, n_splits, device=q.device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    _launch_pass(q, kk, args.probe_pos, args.key_valid, geo, tiles, (part_max, part_sum, part_sum), colsum=False)
+    lse = torch.empty(geo.batch, geo.n_kv, geo.score_rows, device=q.device, dtype=torch.float32)
+    wrap_triton(_probe_merge_kernel)[(triton.cdiv(n_rows, _MERGE_ROWS),)](
+        part_max, part_sum, lse, n_rows, n_splits, ROWS=_MERGE_ROWS, SPLITS=_MERGE_SPLITS
+    )
+    return lse
+
+
+def probe_colsum_from_lse(
+    args: ProbeArgs, lse: torch.Tensor, tiles: ProbeTiles = DEFAULT_TILES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 2: (colsum, seen) float32 [B, n] from the row log-sum-exps of :func:`probe_lse`."""
+    q, kk, geo = _prepare(args, tiles)
+    if lse.shape != (geo.batch, geo.n_kv, geo.score_rows) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 {(geo.batch, geo.n_kv, geo.score_rows)}, got {lse.dtype} {lse.shape}")
+    partial = torch.empty(geo.batch, geo.n_kv, geo.row_tiles, geo.n_keys, device=q.device, dtype=torch.float32)
+    seen = torch.empty(geo.batch, geo.n_keys, device=q.device, dtype=torch.float32)
+    outputs = (lse.contiguous(), partial, seen)
+    _launch_pass(q, kk, args.probe_pos, args.key_valid, geo, tiles, outputs, colsum=True)
+    return partial.sum(dim=(1, 2)), seen
+
+
+def probe_colsum_tiled(args: ProbeArgs, tiles: ProbeTiles = DEFAULT_TILES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colsum, seen) of the Triton path with the given launch parameters: pass 1 then pass 2."""
+    return probe_colsum_from_lse(args, probe_lse(args, tiles), tiles)
 
 
 def probe_colsum_triton(
     q_probe: torch.Tensor, k: torch.Tensor, probe_pos: torch.Tensor, key_valid: torch.Tensor, scale: float, n_rep: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of :func:`probe_colsum_reference` (same arguments and results)."""
-    batch, n_q_heads, n_probe, head_dim = q_probe.shape
-    n_kv, n_keys = k.shape[1], k.shape[2]
-    q, kk, dot_ieee = _compute_operands(q_probe, k)
-    valid = key_valid.view(torch.uint8)
-    nrep_p2 = triton.next_power_of_2(n_rep)
-    meta = dict(
-        BLOCK_M=max(1, _ROWS // nrep_p2),
-        NREP=nrep_p2,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        HEAD_DIM=head_dim,
-        DOT_IEEE=dot_ieee,
-        num_warps=_NUM_WARPS,
-    )
-    qk_scale = float(scale) * math.log2(math.e)
-    strides = (*q.stride(), *kk.stride(), *probe_pos.stride(), *valid.stride())
-    row_blocks = triton.cdiv(n_probe, meta["BLOCK_M"])
-    n_tiles = triton.cdiv(n_keys, _BLOCK_N)
-    target_programs = _PROGRAMS_PER_SM * sm_count(q.device)
-    n_splits = max(
-        1, min(triton.cdiv(n_tiles, _MIN_TILES_PER_SPLIT), triton.cdiv(target_programs, batch * n_kv * row_blocks))
-    )
-    tiles_per_split = triton.cdiv(n_tiles, n_splits)
-    n_splits = triton.cdiv(n_tiles, tiles_per_split)
-
-    part_max = torch.empty(batch, n_q_heads, n_probe, n_splits, device=q.device, dtype=torch.float32)
-    part_sum = torch.empty_like(part_max)
-    wrap_triton(_probe_lse_kernel)[(batch * n_kv, row_blocks, n_splits)](
-        q,
-        kk,
-        probe_pos,
-        valid,
-        part_max,
-        part_sum,
-        n_keys,
-        n_probe,
-        n_kv,
-        n_rep,
-        qk_scale,
-        tiles_per_split,
-        n_splits,
-        *strides,
-        **meta,
-    )
-    n_rows = batch * n_q_heads * n_probe
-    lse = torch.empty(batch, n_q_heads, n_probe, device=q.device, dtype=torch.float32)
-    wrap_triton(_probe_merge_kernel)[(triton.cdiv(n_rows, _MERGE_ROWS),)](
-        part_max, part_sum, lse, n_rows, n_splits, ROWS=_MERGE_ROWS
-    )
-
-    partial = torch.empty(batch, n_kv, n_keys, device=q.device, dtype=torch.float32)
-    seen = torch.empty(batch, n_keys, device=q.device, dtype=torch.float32)
-    wrap_triton(_probe_colsum_kernel)[(n_tiles, batch * n_kv)](
-        q,
-        kk,
-        probe_pos,
-        valid,
-        lse,
-        partial,
-        seen,
-        n_keys,
-        n_probe,
-        n_kv,
-        n_rep,
-        qk_scale,
-        *strides,
-        **meta,
-    )
-    return partial.sum(dim=1), seen
+    return probe_colsum_tiled(ProbeArgs(q_probe, k, probe_pos, key_valid, scale, n_rep))
 
 
 def probe_colsum(
