@@ -172,15 +172,30 @@ def _load_q_plane(q_ptr, qh, row_ok, qk_scale, J: tl.constexpr, PER: tl.constexp
 
 
 @triton.jit
-def _store_partial(
-    m_ws, den_ws, acc_ws, ws, row_ok, m, den, acc, J: tl.constexpr, PER: tl.constexpr, KB: tl.constexpr, D: tl.constexpr
-):
+def _store_partial(out, ws, row_ok, m, den, acc, J: tl.constexpr, PER: tl.constexpr, KB: tl.constexpr, D: tl.constexpr):
     """Write sub-plane J of acc [NP, KB] (channels i*PER + J) of workspace rows ws; m/den once (J = 0)."""
     if J == 0:
+        m_ws, den_ws, acc_ws = out
         tl.store(m_ws + ws, m, mask=row_ok)
         tl.store(den_ws + ws, den, mask=row_ok)
     chan = tl.arange(0, KB) * PER + J
-    tl.store(acc_ws + ws[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
+    tl.store(out[2] + ws[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``blk`` (GROUP slots) of a segment: (valid bool [BLOCK], key and value codes [BLOCK, COLS] as
+    stored (bytes, or uint32 words), value scale and zero fp32 [BLOCK], masked to 0 on invalid slots so that
+    garbage params of empty slots never reach p)."""
+    slot = blk * BLOCK + tl.arange(0, BLOCK)
+    slot_ok = slot < fill
+    valid = tl.load(pos_ptr + b * C + slot, mask=slot_ok, other=-1) >= 0
+    tile = (bh * C + slot[:, None]) * COLS + tl.arange(0, COLS)[None, :]
+    k_code = tl.load(kc + tile, mask=slot_ok[:, None], other=0)
+    v_code = tl.load(vc + tile, mask=slot_ok[:, None], other=0)
+    v_s = tl.load(vs + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
+    v_z = tl.load(vz + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
+    return valid, k_code, v_code, v_s, v_z
 
 
 @triton.jit
@@ -189,22 +204,9 @@ def _segment_partial(
     qh,
     row_ok,
     qk_scale,
-    kc,
-    ks,
-    kz,
-    vc,
-    vs,
-    vz,
-    pos_ptr,
-    fill_ptr,
-    C,
-    b,
-    bh,
-    split,
-    n_splits,
-    m_ws,
-    den_ws,
-    acc_ws,
+    seg,
+    share,
+    out,
     ws,
     BITS: tl.constexpr,
     D: tl.constexpr,
@@ -219,6 +221,8 @@ def _segment_partial(
     packed byte tile is loaded once and used as it lies: no reshape, and the [n_rep, KB] x [KB, 64] dots
     take their operands straight from the bytes. Up to 4 sub-planes (2-bit codes).
     """
+    kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr = seg  # a Segment's pointers, in field order
+    C, b, bh, split, n_splits = share  # capacity, sequence, (sequence, KV head), this split of n_splits
     PER: tl.constexpr = 8 // BITS
     KB: tl.constexpr = D * BITS // 8
     OFFSET: tl.constexpr = 0.0 if F32 else 1024.0
@@ -238,17 +242,8 @@ def _segment_partial(
     a3 = tl.zeros([NP, KB], tl.float32)
     fill = tl.load(fill_ptr + b)
     first, last = _block_range(fill, split, n_splits, BLOCK)
-    byte_col = tl.arange(0, KB)
     for blk in range(first, last):
-        slot = blk * BLOCK + tl.arange(0, BLOCK)
-        slot_ok = slot < fill
-        valid = tl.load(pos_ptr + b * C + slot, mask=slot_ok, other=-1) >= 0
-        tile = (bh * C + slot[:, None]) * KB + byte_col[None, :]
-        kbyte = tl.load(kc + tile, mask=slot_ok[:, None], other=0)
-        vbyte = tl.load(vc + tile, mask=slot_ok[:, None], other=0)
-        # per-token value params, masked so that garbage params of empty slots never reach p
-        v_s = tl.load(vs + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
-        v_z = tl.load(vz + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
+        valid, kbyte, vbyte, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, KB, BLOCK)
         # keys: a block is one quantisation group -> one [D] scale/zero row
         row = (bh * (C // BLOCK) + blk) * D + tl.arange(0, D)
         ks0, ks1, ks2, ks3 = _deinterleave(tl.load(ks + row), PER, KB)
@@ -273,12 +268,12 @@ def _segment_partial(
         if PER > 2:
             a2 = a2 * alpha[:, None] + _mm(pv, _plane(vbyte, 2, BITS, F32, ASM), DOT) + v_const
             a3 = a3 * alpha[:, None] + _mm(pv, _plane(vbyte, 3, BITS, F32, ASM), DOT) + v_const
-    _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a0, 0, PER, KB, D)
+    _store_partial(out, ws, row_ok, m, den, a0, 0, PER, KB, D)
     if PER > 1:
-        _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a1, 1, PER, KB, D)
+        _store_partial(out, ws, row_ok, m, den, a1, 1, PER, KB, D)
     if PER > 2:
-        _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a2, 2, PER, KB, D)
-        _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, a3, 3, PER, KB, D)
+        _store_partial(out, ws, row_ok, m, den, a2, 2, PER, KB, D)
+        _store_partial(out, ws, row_ok, m, den, a3, 3, PER, KB, D)
 
 
 @triton.jit
@@ -328,22 +323,9 @@ def _segment_partial_fma(
     q_ptr,
     qh,
     qk_scale,
-    kc,
-    ks,
-    kz,
-    vc,
-    vs,
-    vz,
-    pos_ptr,
-    fill_ptr,
-    C,
-    b,
-    bh,
-    split,
-    n_splits,
-    m_ws,
-    den_ws,
-    acc_ws,
+    seg,
+    share,
+    out,
     ws,
     BITS: tl.constexpr,
     D: tl.constexpr,
@@ -359,6 +341,8 @@ def _segment_partial_fma(
     as in the tensor-core path: ``q·k = (q*k_scale)·code + q·k_zero`` and ``p·v = (p*v_scale)·code +
     p·v_zero``.
     """
+    kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr = seg  # a Segment's pointers, in field order
+    C, b, bh, split, n_splits = share  # capacity, sequence, (sequence, KV head), this split of n_splits
     W: tl.constexpr = D * BITS // 32
     chan = tl.arange(0, D)
     _, position = _code_place(BITS, D)
@@ -371,16 +355,8 @@ def _segment_partial_fma(
     acc = tl.zeros([BLOCK, D], tl.float32)
     fill = tl.load(fill_ptr + b)
     first, last = _block_range(fill, split, n_splits, BLOCK)
-    word = tl.arange(0, W)
     for blk in range(first, last):
-        slot = blk * BLOCK + tl.arange(0, BLOCK)
-        slot_ok = slot < fill
-        valid = tl.load(pos_ptr + b * C + slot, mask=slot_ok, other=-1) >= 0
-        tile = (bh * C + slot[:, None]) * W + word[None, :]
-        kw = tl.load(kc + tile, mask=slot_ok[:, None], other=0)
-        vw = tl.load(vc + tile, mask=slot_ok[:, None], other=0)
-        v_s = tl.load(vs + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
-        v_z = tl.load(vz + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
+        valid, kw, vw, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, W, BLOCK)
         row = (bh * (C // BLOCK) + blk) * D + chan  # a block is one key group: one [D] scale/zero row
         qs = q_placed * tl.load(ks + row).to(tl.float32)
         k_const = tl.sum(q * tl.load(kz + row).to(tl.float32), axis=0)
@@ -398,6 +374,7 @@ def _segment_partial_fma(
         v_const += p * v_z
         acc += (p * v_s)[:, None] * _codes_f32(vw, BITS, BLOCK, D, ASM)
         m = m_new
+    m_ws, den_ws, acc_ws = out
     tl.store(m_ws + ws, m)
     tl.store(den_ws + ws, tl.sum(den, axis=0))
     tl.store(acc_ws + ws * D + chan, tl.sum(acc, axis=0) * unplace + tl.sum(v_const, axis=0))
@@ -418,9 +395,7 @@ def _tail_partial(
     bh,
     split,
     n_splits,
-    m_ws,
-    den_ws,
-    acc_ws,
+    out,
     ws,
     D: tl.constexpr,
     NP: tl.constexpr,
@@ -445,53 +420,7 @@ def _tail_partial(
         s = (tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale).to(tl.float32)
         p, alpha, m, den = _online_update(tl.where(valid[None, :], s, float("-inf")), m, den)
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision="ieee")
-    _store_partial(m_ws, den_ws, acc_ws, ws, row_ok, m, den, acc, 0, 1, D, D)
-
-
-@triton.jit
-def _segment_share(
-    q_ptr,
-    qh,
-    row_ok,
-    qk_scale,
-    kc,
-    ks,
-    kz,
-    vc,
-    vs,
-    vz,
-    pos_ptr,
-    fill_ptr,
-    C,
-    b,
-    bh,
-    split,
-    n_splits,
-    m_ws,
-    den_ws,
-    acc_ws,
-    ws,
-    BITS: tl.constexpr,
-    D: tl.constexpr,
-    NP: tl.constexpr,
-    BLOCK: tl.constexpr,
-    F32: tl.constexpr,
-    ASM: tl.constexpr,
-    FMA: tl.constexpr,
-):
-    """This split's share of one segment: the CUDA-core path for one query head per KV head (FMA; codes
-    passed as uint32 words), else the tensor-core path serving the n_rep heads of the KV head at once."""
-    if FMA:
-        first = tl.min(qh, axis=0)
-        _segment_partial_fma(
-            q_ptr, first, qk_scale, kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr, C, b, bh, split, n_splits,
-            m_ws, den_ws, acc_ws, tl.min(ws, axis=0), BITS, D, BLOCK, ASM,
-        )  # fmt: skip
-    else:
-        _segment_partial(
-            q_ptr, qh, row_ok, qk_scale, kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr, C, b, bh, split, n_splits,
-            m_ws, den_ws, acc_ws, ws, BITS, D, NP, BLOCK, F32, ASM,
-        )  # fmt: skip
+    _store_partial(out, ws, row_ok, m, den, acc, 0, 1, D, D)
 
 
 @triton.jit
@@ -538,7 +467,9 @@ def _decode_partial_kernel(
     FMA: tl.constexpr,
 ):
     """Program (b, h, j): partial softmax state of query heads h*n_rep .. h*n_rep + n_rep - 1 over one share
-    of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split.
+    of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split. A segment
+    share runs on the CUDA cores when FMA (one query head per KV head; codes passed as uint32 words), else on
+    the tensor cores serving the n_rep heads of the KV head at once.
 
     Writes acc_ws fp32 [B, Hq, S, D] (unnormalised), m_ws / den_ws fp32 [B, Hq, S] (base-2 max, sum).
     """
@@ -551,68 +482,27 @@ def _decode_partial_kernel(
     row_ok = rows < n_rep
     qh = b * H * n_rep + h * n_rep + rows  # query-head rows of this KV head
     ws = qh.to(tl.int64) * n_splits + j
+    qh0 = b * H * n_rep + h * n_rep  # FMA (n_rep = 1): the one query head, its workspace row
+    ws0 = qh0.to(tl.int64) * n_splits + j
+    out = (m_ws, den_ws, acc_ws)
     if j < S_HI:
-        _segment_share(
-            q_ptr,
-            qh,
-            row_ok,
-            qk_scale,
-            hkc,
-            hks,
-            hkz,
-            hvc,
-            hvs,
-            hvz,
-            hpos,
-            hfill,
-            C_HI,
-            b,
-            bh,
-            j,
-            S_HI,
-            m_ws,
-            den_ws,
-            acc_ws,
-            ws,
-            HI_BITS,
-            D,
-            NP,
-            BLOCK,
-            F32,
-            ASM,
-            FMA,
-        )
+        hi = (hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill)
+        if FMA:
+            _segment_partial_fma(q_ptr, qh0, qk_scale, hi, (C_HI, b, bh, j, S_HI), out, ws0, HI_BITS, D, BLOCK, ASM)
+        else:
+            _segment_partial(
+                q_ptr, qh, row_ok, qk_scale, hi, (C_HI, b, bh, j, S_HI), out, ws, HI_BITS, D, NP, BLOCK, F32, ASM
+            )
     elif j < S_HI + S_LO:
-        _segment_share(
-            q_ptr,
-            qh,
-            row_ok,
-            qk_scale,
-            lkc,
-            lks,
-            lkz,
-            lvc,
-            lvs,
-            lvz,
-            lpos,
-            lfill,
-            C_LO,
-            b,
-            bh,
-            j - S_HI,
-            S_LO,
-            m_ws,
-            den_ws,
-            acc_ws,
-            ws,
-            LO_BITS,
-            D,
-            NP,
-            BLOCK,
-            F32,
-            ASM,
-            FMA,
-        )
+        lo = (lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill)
+        if FMA:
+            _segment_partial_fma(
+                q_ptr, qh0, qk_scale, lo, (C_LO, b, bh, j - S_HI, S_LO), out, ws0, LO_BITS, D, BLOCK, ASM
+            )
+        else:
+            _segment_partial(
+                q_ptr, qh, row_ok, qk_scale, lo, (C_LO, b, bh, j - S_HI, S_LO), out, ws, LO_BITS, D, NP, BLOCK, F32, ASM
+            )
     else:
         _tail_partial(
             q_ptr,
@@ -628,9 +518,7 @@ def _decode_partial_kernel(
             bh,
             j - S_HI - S_LO,
             n_splits - S_HI - S_LO,
-            m_ws,
-            den_ws,
-            acc_ws,
+            out,
             ws,
             D,
             NP,
