@@ -28,10 +28,9 @@ Every measurement is guarded: a backend that fails records its error and the run
 
 ``--sweep-probe`` times instead, per shape and n (default 32k and 64k), each stage of the probe and the
 selection apart (pass 1 = ``probe_lse``: the row log-sum-exps and their split merge; pass 2 =
-``probe_colsum_from_lse``: the column sums and seen; select = ``select_kept_triton``, eager and from a CUDA
-graph) for a small grid of ``ProbeTiles`` / ``SelectTiles``, against the best dense backend of the same run;
-each configuration's output is checked against the default configuration's (and the default selection against
-the plain-torch reference). Prints a table; writes $OUT/prefill_probe_sweep.json.
+``probe_colsum_from_lse``: the column sums and seen; select = ``select_kept``, eager and from a CUDA graph) for
+a small grid of ``ProbeTiles``, against the best dense backend of the same run; each configuration's output is
+checked against the default configuration's. Prints a table; writes $OUT/prefill_probe_sweep.json.
 """
 
 from __future__ import annotations
@@ -411,24 +410,11 @@ def _probe_grid() -> dict[str, Any]:
     return {
         "default": DEFAULT_TILES,
         "bn64_w4": ProbeTiles(block_n=64, lse_warps=4, colsum_warps=4),
-        "w4_s2": ProbeTiles(lse_warps=4, lse_stages=2, colsum_warps=4, colsum_stages=2),
+        "w8_s3": ProbeTiles(lse_warps=8, lse_stages=3, colsum_warps=8, colsum_stages=3),
         "s2_pps2": ProbeTiles(lse_stages=2, colsum_stages=2, programs_per_sm=2),
         "pps8": ProbeTiles(programs_per_sm=8),
         "rows64_w4": ProbeTiles(rows=64, lse_warps=4, colsum_warps=4),
         "rows256_bn64_s2": ProbeTiles(rows=256, block_n=64, lse_stages=2, colsum_stages=2),
-    }
-
-
-def _select_grid() -> dict[str, Any]:
-    """The SelectTiles of the sweep by name (the first is the default)."""
-    from zipvl_compile.runtime.kernels.select import DEFAULT_TILES, SelectTiles
-
-    return {
-        "default": DEFAULT_TILES,
-        "chunk512": SelectTiles(chunk=512),
-        "chunk2048_w8": SelectTiles(chunk=2048, num_warps=8),
-        "digit4": SelectTiles(digit_bits=4),
-        "chunk256_digit4": SelectTiles(chunk=256, digit_bits=4),
     }
 
 
@@ -442,7 +428,7 @@ def sweep_length(name: str, heads: tuple[int, int, int], n: int, dtype: torch.dt
     """The probe / select stages at every configuration of the grids for one (shape, n)."""
     from zipvl_compile.config import ZipVLConfig
     from zipvl_compile.runtime.kernels.probe import ProbeArgs, probe_colsum_from_lse, probe_lse
-    from zipvl_compile.runtime.kernels.select import select_kept, select_kept_triton
+    from zipvl_compile.runtime.kernels.select import select_kept
     from zipvl_compile.runtime.selection import choose_probes
 
     cfg = ZipVLConfig()
@@ -481,20 +467,10 @@ def sweep_length(name: str, heads: tuple[int, int, int], n: int, dtype: torch.dt
     if expected is None:
         return rows
     colsum, seen = expected
-    reference = select_kept(colsum, seen, valid, cfg.tau, cfg.min_keep, use_triton=False)
-    chosen = None
-    for config, tiles in _select_grid().items():
-        call = lambda tiles=tiles: select_kept_triton(colsum, seen, valid, cfg.tau, cfg.min_keep, tiles=tiles)
-        out = _guard(call, errors, f"select/{config}")
-        if out is None:
-            continue
-        chosen = chosen or out
-        row = _sweep_row(base, "select", config, call, errors)
-        row["graph_ms"] = _guard(lambda call=call: cuda_graph_ms(call), errors, f"select_graph/{config}")
-        row["matches_default"] = all(bool(torch.equal(a, b)) for a, b in zip(out, chosen))
-        row["keep_diff_vs_reference"] = int((out.keep ^ reference.keep).sum())
-        row["kept_ratio"] = float(out.ratio.mean())
-        rows.append(row)
+    call = lambda: select_kept(colsum, seen, valid, cfg.tau, cfg.min_keep)
+    row = _sweep_row(base, "select", "default", call, errors)
+    row["graph_ms"] = _guard(lambda: cuda_graph_ms(call), errors, "select_graph/default")
+    rows.append(row)
     for row in rows:
         row["errors"] = dict(errors)
     print(f"  {name} n={n}: dense {base['dense_ms']} ms ({dense_backend}), {len(rows)} sweep rows", flush=True)

@@ -14,19 +14,13 @@ import pytest
 import torch
 from conftest import DEVICE
 
+from zipvl_compile.runtime.kernels import select
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
-from zipvl_compile.runtime.kernels.select import (
-    DEFAULT_TILES,
-    SelectResult,
-    SelectTiles,
-    select_kept,
-    select_kept_triton,
-)
+from zipvl_compile.runtime.kernels.select import SelectResult, select_kept
 from zipvl_compile.runtime.selection import select_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
-SMALL = SelectTiles(chunk=32, digit_bits=8)  # several chunks per row at the test lengths
 # how far (relative to the total mass) the reference's float32 prefix sums and tau * total may lie from the
 # exact values: a few float32 ulps on CPU (float64 accumulation, float32 results); on CUDA the scan also
 # accumulates in float32
@@ -98,16 +92,10 @@ def _oracle(
 
 
 def _check(
-    colsum: torch.Tensor,
-    seen: torch.Tensor,
-    valid: torch.Tensor,
-    tau: float,
-    min_keep: int,
-    force_ratio: float = 0.0,
-    tiles: SelectTiles = SMALL,
+    colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0
 ) -> SelectResult:
     """The kernel equals the exact oracle; the float32 reference equals it off the rounding boundary."""
-    out = select_kept_triton(colsum, seen, valid, tau, min_keep, force_ratio, tiles)
+    out = select_kept(colsum, seen, valid, tau, min_keep, force_ratio, use_triton=True)
     expected = _oracle(colsum, seen, valid, tau, min_keep, force_ratio)
     batch, n = valid.shape
     assert out.keep.shape == out.idx.shape == (batch, n) and out.ratio.shape == out.count.shape == (batch,)
@@ -165,21 +153,22 @@ def test_short_rows(n: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["skewed", "integer"])
-def test_many_chunks(kind: str) -> None:
-    """16-position chunks: per-chunk counts, tie ranks and offsets carried across many chunks."""
-    _check(*_inputs(kind, 300, [(41, 0), (0, 0)], seed=5), 0.9, 20, tiles=SelectTiles(chunk=16, digit_bits=4))
+def test_many_tiles(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """64-position tiles: running counts and tie ranks carried across tile boundaries."""
+    monkeypatch.setattr(select, "_BLOCK", 64)
+    _check(*_inputs(kind, 300, [(41, 0), (0, 0)], seed=5), 0.9, 20)
 
 
 def test_long_row() -> None:
     """n = 5000: the default tile loop runs several iterations per pass."""
-    _check(*_inputs("skewed", 5000, [(300, 0)], seed=8), 0.9, 64, tiles=DEFAULT_TILES)
+    _check(*_inputs("skewed", 5000, [(300, 0)], seed=8), 0.9, 64)
 
 
-@pytest.mark.parametrize("digit_bits", [1, 2, 4])
-def test_digit_widths(digit_bits: int) -> None:
-    tiles = SelectTiles(chunk=64, digit_bits=digit_bits)
-    _check(*_inputs("integer", 90, PADS[:1], seed=digit_bits), 0.9, 10, tiles=tiles)
-    _check(*_inputs("skewed", 90, PADS[1:], seed=digit_bits), 0.975, 0, tiles=tiles)
+@pytest.mark.parametrize("digit_bits", [1, 4])
+def test_digit_widths(digit_bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(select, "_DIGIT_BITS", digit_bits)
+    _check(*_inputs("integer", 90, PADS[:1], seed=digit_bits), 0.9, 10)
+    _check(*_inputs("skewed", 90, PADS[1:], seed=digit_bits), 0.975, 0)
 
 
 @pytest.mark.parametrize("tau", [0.5, 0.75])
@@ -229,10 +218,6 @@ def test_bad_inputs() -> None:
         select_kept(colsum, seen, valid, 0.9, -1)
     with pytest.raises(ValueError, match="force_ratio"):
         select_kept(colsum, seen, valid, 0.9, 0, force_ratio=-0.5)
-    with pytest.raises(ValueError, match="digit_bits"):
-        SelectTiles(digit_bits=16)
-    with pytest.raises(ValueError, match="chunk"):
-        SelectTiles(chunk=100)
 
 
 @pytest.mark.gpu
@@ -240,8 +225,8 @@ def test_bad_inputs() -> None:
 @pytest.mark.parametrize("tau", [0.9, 0.975])
 def test_long_rows_gpu(tau: float) -> None:
     n = 128 * 1024
-    _check(*_inputs("skewed", n, [(5000, 0), (0, 0)], seed=3), tau, 64, tiles=DEFAULT_TILES)
-    _check(*_inputs("integer", n, [(0, 1000)], seed=4), tau, 64, tiles=DEFAULT_TILES)
+    _check(*_inputs("skewed", n, [(5000, 0), (0, 0)], seed=3), tau, 64)
+    _check(*_inputs("integer", n, [(0, 1000)], seed=4), tau, 64)
 
 
 @pytest.mark.gpu

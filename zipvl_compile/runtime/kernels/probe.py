@@ -60,10 +60,10 @@ class ProbeTiles:
 
     rows: int = 128
     block_n: int = 128
-    lse_warps: int = 8
-    lse_stages: int = 3
-    colsum_warps: int = 8
-    colsum_stages: int = 3
+    lse_warps: int = 4  # the defaults: the fastest matching row of the H200 sweep at 32k (BENCHMARKS.md)
+    lse_stages: int = 2
+    colsum_warps: int = 4
+    colsum_stages: int = 2
     programs_per_sm: int = 4
     min_tiles_per_split: int = 2
 
