@@ -212,13 +212,15 @@ def test_prefill_compacts_each_layer_once_the_next_begins(inner):
 
 
 def test_prefill_compaction_with_dynamic_lengths():
-    """Prompt and cache lengths vary between generates: the prefill graph turns dynamic, compaction stays in it."""
+    """Prompt and cache lengths vary between generates: the prefill graph turns dynamic, compaction stays in it
+    (caches given by the caller: the pool's caches are never compacted)."""
     _reset()
     model = build_text("llama")
     zipvl_compile.compile(model, tau=0.9, min_keep=4, inner="eager")
     with torch.no_grad():
         for n, new in ((40, 3), (57, 6), (75, 4)):
-            out = model.generate(input_ids=_ids(n, seed=n), max_new_tokens=new, do_sample=False)
+            cache = ZipVLCache(model, max_cache_len=n + new)
+            out = model.generate(input_ids=_ids(n, seed=n), past_key_values=cache, max_new_tokens=new, do_sample=False)
             assert out.shape[1] == n + new
             layers = [layer for _, layer in zipvl_compile.report().cache.packed_layers()]
             assert all(layer.compacted for layer in layers)
@@ -239,6 +241,7 @@ def test_prefill_compaction_through_inductor():
         for n in (40, 57):
             ids = _ids(n, seed=n)
             want = reference.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
-            got = compiled.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+            cache = ZipVLCache(compiled, max_cache_len=n + 4)  # given: the pool's caches are never compacted
+            got = compiled.generate(input_ids=ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
             assert torch.equal(got, want)
             assert all(layer.compacted for _, layer in zipvl_compile.report().cache.packed_layers())

@@ -1,4 +1,4 @@
-"""Decode attention over the packed cache: Triton kernel vs reference vs an independent dense softmax.
+"""Decode attention over the packed cache: Triton kernel and CPU path vs reference vs an independent dense softmax.
 
 Data come from a test-local quantiser of the layout (keys per channel over 64-slot groups of valid slots,
 values per token), with holes (pos = -1), different fill / tail_len per row and garbage (NaN params,
@@ -14,6 +14,7 @@ import torch
 from conftest import DEVICE
 
 from zipvl_compile.runtime.kernels.decode import decode_attention, decode_attention_triton
+from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
 from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
 from zipvl_compile.runtime.layout import Segment, Tail
 
@@ -176,6 +177,22 @@ def test_reference_matches_dense(bits, n_rep):
     torch.testing.assert_close(ref.double(), exp, atol=1e-5, rtol=1e-5)
 
 
+CPU_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+CPU_TOL[torch.bfloat16] = dict(atol=1.6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])
+@pytest.mark.parametrize("n_rep", [1, 4, 7])
+def test_cpu_path_matches_reference(dtype, bits, n_rep):
+    args, _ = make_case(n_rep=n_rep, bits=bits, dtype=dtype, seed=n_rep + 10 * bits[0] + 1)
+    ref = decode_attention_reference(**args)
+    out = decode_attention_cpu(**args)
+    assert out.dtype == dtype and out.shape == args["q"].shape
+    assert ref.abs().mean() > 0.1
+    torch.testing.assert_close(out.float(), ref.float(), **CPU_TOL[dtype])  # both in fp32, one rounding to dtype
+
+
 CASES = {
     "empty_tail": dict(tail_lens=(0, 0)),
     "empty_lo": dict(fills=((192, 0), (64, 0))),
@@ -195,6 +212,7 @@ def test_edge_cases(name):
     ref = decode_attention_reference(**args)
     exp = dense_attention(args["q"], dense, args["n_rep"], args["scale"])
     torch.testing.assert_close(ref.double(), exp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode_attention_cpu(**args).double(), exp, atol=1e-5, rtol=1e-5)
     out = decode_attention_triton(**to_device(args), num_splits=(2, 1, 2))
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
@@ -210,7 +228,7 @@ def test_splits_agree(num_splits):
 def test_dispatcher():
     args, _ = make_case(seed=2)
     ref = decode_attention_reference(**args)
-    assert torch.equal(decode_attention(**args, use_triton=False), ref)
+    assert torch.equal(decode_attention(**args, use_triton=False), decode_attention_cpu(**args))
     out = decode_attention(**to_device(args), use_triton=True)
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 

@@ -86,8 +86,12 @@ class CachePool:
     """The caches ``generate`` gets when the caller gives none: one per (batch, size class of prompt + new
     tokens, packed or not), reset and reused by later calls of the same key, at most :data:`POOL_SIZE` kept.
 
-    Reuse keeps the buffers of static and sliding layers (CUDA graphs record once per key); packed segments are
-    reallocated at each prefill (their size follows the kept set) and freed by the next call's reset.
+    Reuse keeps every buffer: static and sliding layers zero theirs, packed layers (``pooled=True``) empty theirs
+    in place and keep them for the next prefill when it fits them (:meth:`ZipVLLayer.allocate`: the same
+    batch, and segment and tail slots at least the call's :class:`~zipvl_compile.runtime.cache.Plan`), else
+    reallocate once, larger. So calls of a key write into the same tensors: no recompile, and CUDA graphs record
+    once per key and buffer size; nothing is allocated per call. Cost: packed segments keep the prefill's worst
+    case (both segments sized for the whole prompt) instead of being compacted to the kept set.
     """
 
     def __init__(self, model: torch.nn.Module, config: ZipVLConfig) -> None:
@@ -95,7 +99,7 @@ class CachePool:
         self.caches: collections.OrderedDict[tuple, ZipVLCache] = collections.OrderedDict()
 
     def take(self, batch: int, prompt_len: int, max_new_tokens: int) -> ZipVLCache:
-        fresh = ZipVLCache.for_prompt(self.model, batch, prompt_len, max_new_tokens, **self.options)
+        fresh = ZipVLCache.for_prompt(self.model, batch, prompt_len, max_new_tokens, **self.options, pooled=True)
         key = (batch, size_class(prompt_len + max_new_tokens), fresh.dense_reason is None)
         cache = self.caches.pop(key, None)
         if cache is None:
@@ -103,6 +107,8 @@ class CachePool:
         else:
             cache.reset()
             cache.set_budget(prompt_len + max_new_tokens)
+        weight = next(language_model(self.model).parameters())
+        cache.prepare(batch, prompt_len, weight.dtype, weight.device)
         self.caches[key] = cache
         while len(self.caches) > POOL_SIZE:
             self.caches.popitem(last=False)

@@ -168,6 +168,7 @@ class ZipVLLayer(CacheLayerMixin):
     # causal mask, which it turns into is_causal (sparse prefill needs it); static buffers keep one decode graph.
     is_compileable = False
     is_sliding = False
+    pooled = False  # the default of a layer rebuilt from its pytree (runtime.pytree), which does not carry it
 
     def __init__(
         self,
@@ -176,11 +177,12 @@ class ZipVLLayer(CacheLayerMixin):
         lo_bits: int,
         recompress_interval: int,
         budget: int | None = None,
+        pooled: bool = False,
         **kwargs: object,
     ) -> None:
         """max_cache_len: the length of the dense view (a size class, a guarded shape of decode graphs);
         budget: the tokens this layer must hold (prompt + decode), default ``max_cache_len``: it sizes the
-        reserves (:class:`Plan`)."""
+        reserves (:class:`Plan`); pooled: keep the buffers across :meth:`reset` (see :meth:`allocate`)."""
         super().__init__()
         self.max_cache_len = max_cache_len
         self.budget = max_cache_len if budget is None else budget
@@ -191,6 +193,7 @@ class ZipVLLayer(CacheLayerMixin):
         self.length = torch.zeros((), dtype=torch.int64)
         self.prompt_len = 0
         self.compacted = True
+        self.pooled = pooled
 
     def plan(self, prompt_len: int) -> Plan:
         return Plan.of(prompt_len, self.budget, self.interval)
@@ -202,17 +205,41 @@ class ZipVLLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, n, d = key_states.shape
-        dev, dtype = key_states.device, key_states.dtype
+        self.allocate(batch, heads, n, d, key_states.dtype, key_states.device)
+
+    def allocate(self, batch: int, heads: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Buffers for a prefill of ``n`` tokens of K/V ``[batch, heads, n, d]`` in ``dtype`` (:class:`Plan`).
+
+        A pooled layer keeps the buffers it holds when they fit (same batch, heads, head dim, dtype and device,
+        segments and tail at least the plan's slots): every prefill of its pool's class then writes into the
+        same tensors, so decode graphs keep their shapes and CUDA graphs their addresses. Larger slots than the
+        plan change nothing but masked empty slots (writes start at group boundaries, the tail recompresses
+        when full, and no plan's tail shorter than the interval can fill). A pooled layer is never compacted
+        (its shapes must not follow the kept set); its buffers are marked static at allocation.
+        """
         plan = self.plan(n)
         cap = plan.prompt_slots + plan.reserve
-        self.hi = Segment.empty(batch, heads, cap, d, self.hi_bits, dev)
-        self.lo = Segment.empty(batch, heads, cap, d, self.lo_bits, dev)
-        self.tail = Tail.empty(batch, heads, plan.tail_slots, d, dtype, dev)
-        self.length = self.length.to(dev)
+        if not (self.pooled and self._fits(batch, heads, d, dtype, device, cap, plan.tail_slots)):
+            self.hi = Segment.empty(batch, heads, cap, d, self.hi_bits, device)
+            self.lo = Segment.empty(batch, heads, cap, d, self.lo_bits, device)
+            self.tail = Tail.empty(batch, heads, plan.tail_slots, d, dtype, device)
+            self.length = self.length.to(device)
         self.prompt_len = n
-        self.compacted = False
-        self.dtype, self.device = dtype, dev
+        self.compacted = self.pooled
+        self.dtype, self.device = dtype, device
         self.is_initialized = True
+        if self.pooled and not torch.compiler.is_compiling():
+            self.mark_static()
+
+    def _fits(
+        self, batch: int, heads: int, d: int, dtype: torch.dtype, device: torch.device, cap: int, tail_slots: int
+    ) -> bool:
+        """Whether the buffers held serve a plan of ``cap`` segment slots and ``tail_slots`` tail slots."""
+        if self.tail is None:
+            return False
+        same = self.tail.k.shape[:2] == (batch, heads) and self.tail.k.shape[3] == d
+        same = same and self.tail.k.dtype == dtype and self.tail.k.device == torch.device(device)
+        return same and self.hi.capacity >= cap and self.lo.capacity >= cap and self.tail.slots >= tail_slots
 
     def compact(self) -> None:
         """Shrink each segment to the slots the prefill filled plus the decode blocks' reserve (``zipvl.kv_shrink``).
@@ -299,11 +326,18 @@ class ZipVLLayer(CacheLayerMixin):
         return self.max_cache_len
 
     def reset(self) -> None:
-        """Forget the cached tokens and free the buffers; the next update is a prefill (buffers are allocated
-        for its length)."""
+        """Forget the cached tokens; the next update is a prefill. A pooled layer empties its buffers in place
+        (same tensors, as a fresh allocation holds them); any other frees them (the prefill allocates anew)."""
+        self.is_initialized = False
+        if self.pooled and self.tail is not None:
+            for buf in self.buffers():
+                buf.zero_()
+            for pos in (self.hi.pos, self.lo.pos, self.tail.pos):
+                pos.fill_(-1)
+            self.compacted = True
+            return
         self.hi = self.lo = self.tail = None
         self.length = torch.zeros((), dtype=torch.int64, device=self.length.device)
-        self.is_initialized = False
         self.compacted = True
 
     def token_counts(self) -> tuple[int, int, int]:
@@ -327,6 +361,9 @@ class ZipVLCache(Cache):
     static sliding layers; with ``hi_bits == lo_bits == 16`` every full layer is an unquantised static layer.
     ``packed=False`` keeps full layers as transformers' dynamic layers instead (model dtype, exactly the tokens
     held), with ``dense_reason`` saying why: :meth:`for_prompt` chooses it when packing would not pay.
+    ``pooled=True`` (the caches of ``zipvl_compile.compile``'s pool): packed layers keep their buffers across
+    :meth:`reset` and are never compacted (:meth:`ZipVLLayer.allocate`; :meth:`prepare` allocates them ahead
+    of the prefill).
     """
 
     def __init__(
@@ -338,6 +375,7 @@ class ZipVLCache(Cache):
         recompress_interval: int = 100,
         packed: bool = True,
         dense_reason: str | None = None,
+        pooled: bool = False,
     ) -> None:
         check_cache_options(hi_bits, lo_bits, recompress_interval)
         if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1:
@@ -360,7 +398,9 @@ class ZipVLCache(Cache):
                 layers.append(DynamicLayer())
             else:
                 layers.append(
-                    ZipVLLayer(self.capacity_class, hi_bits, lo_bits, recompress_interval, budget=max_cache_len)
+                    ZipVLLayer(
+                        self.capacity_class, hi_bits, lo_bits, recompress_interval, budget=max_cache_len, pooled=pooled
+                    )
                 )
         super().__init__(layers=layers)
 
@@ -374,6 +414,7 @@ class ZipVLCache(Cache):
         hi_bits: int = 4,
         lo_bits: int = 2,
         recompress_interval: int = 100,
+        pooled: bool = False,
     ) -> ZipVLCache:
         """The cache ``generate`` gets for ``batch`` prompts of ``prompt_len`` tokens: packed unless the packed
         layers' worst case (:meth:`Plan.nbytes`) would hold as many bytes as the model's own dense cache."""
@@ -383,7 +424,7 @@ class ZipVLCache(Cache):
         args = hi_bits, lo_bits, recompress_interval
         pays = hi_bits == 16 or packed_pays(config, batch, prompt_len, budget, *args, dtype)
         reason = None if pays else f"{prompt_len} + {max_new_tokens} tokens: packing would not hold fewer bytes"
-        return cls(model, budget, *args, packed=pays, dense_reason=reason)
+        return cls(model, budget, *args, packed=pays, dense_reason=reason, pooled=pooled)
 
     def set_budget(self, max_cache_len: int) -> None:
         """Make an empty cache (just :meth:`reset`) hold ``max_cache_len`` tokens, of the same size class."""
@@ -392,6 +433,18 @@ class ZipVLCache(Cache):
         self.budget = max_cache_len
         for _, layer in self.packed_layers():
             layer.budget = max_cache_len
+
+    def prepare(self, batch: int, prompt_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate (or keep, when they fit) every packed layer's buffers for a prefill of ``batch`` prompts of
+        ``prompt_len`` tokens with K/V in ``dtype`` on ``device``, outside graphs: a compiled prefill then
+        writes into existing tensors from the first call on, so it is traced once for every call of the pool.
+        Only an empty cache (new, or just :meth:`reset`)."""
+        heads, d = self.model_key[2:]
+        for _, layer in self.packed_layers():
+            if layer.is_initialized:
+                raise ValueError("zipvl: ZipVLCache.prepare needs an empty cache (reset it first)")
+            layer.allocate(batch, heads, prompt_len, d, dtype, device)
+            layer.is_initialized = False
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
@@ -426,7 +479,8 @@ class ZipVLCache(Cache):
 
     def reset(self) -> None:
         """Forget every cached token: static and sliding layers zero their buffers (kept, same addresses),
-        packed layers free theirs, dynamic layers start anew (transformers' reset would keep their length)."""
+        packed layers free theirs (pooled ones empty them in place), dynamic layers start anew (transformers'
+        reset would keep their length)."""
         for index, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:
                 self.layers[index] = DynamicLayer()

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
+from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
 from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 
@@ -673,10 +673,11 @@ def decode_attention(
     lo_bits: int,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
-    """Decode attention over the packed cache: Triton on CUDA (or when ``use_triton``), else the reference.
+    """Decode attention over the packed cache: Triton on CUDA (or when ``use_triton``), else the CPU path
+    (:mod:`~zipvl_compile.runtime.kernels.decode_cpu`, tested against the reference).
 
     q [B, H*n_rep, 1, d]; hi/lo: :class:`~zipvl_compile.runtime.layout.Segment` at hi_bits/lo_bits; tail:
     :class:`~zipvl_compile.runtime.layout.Tail` (q's dtype). Returns [B, H*n_rep, 1, d] in q's dtype.
     """
-    impl = decode_attention_triton if wants_triton(q, use_triton) else decode_attention_reference
+    impl = decode_attention_triton if wants_triton(q, use_triton) else decode_attention_cpu
     return impl(q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)
