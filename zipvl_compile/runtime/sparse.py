@@ -197,11 +197,12 @@ def _attend(
     attend: Attend,
 ) -> torch.Tensor:
     """[B, Hq, n, d]: the prefill attention of ``attend`` given the kept set ``kept`` (kernels.select: its mask
-    and index list); see the module docstring. CPU tensors take the gathered / banded bodies of cpu_attention."""
+    and index list); see the module docstring. CPU tensors take the gathered / banded bodies of cpu_attention
+    where those are faster than the kernels' plain-torch oracles."""
     keep, window, sinks = kept.keep, attend.local_window, attend.sink_tokens
     scale, n_rep = geometry.scale, geometry.n_rep
     if geometry.is_causal and is_key_padding(attn_mask):
-        if not wants_triton(qkv.q, None):
+        if not wants_triton(qkv.q, None) and cpu_attention.is_faster(attend.prefill_mode, keep.shape[1], window):
             plan = cpu_attention.Plan(
                 attend.prefill_mode, keep, kept.idx, kept.count, valid, window, sinks, scale, n_rep
             )
