@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 import zipvl_compile
@@ -72,9 +74,9 @@ def test_prefill_options_reach_the_op(monkeypatch):
     real = sparse.sparse_attention
 
     def spy(*args):
-        *_, selection, attend, rows = args
-        assert rows is not None  # the graph's shared probe rows
-        seen.append((attend, selection.score_norm))
+        call = inspect.signature(real).bind(*args).arguments
+        assert call["rows"] is not None  # the graph's shared probe rows
+        seen.append((call["prefill"].attend, call["prefill"].selection.score_norm))
         return real(*args)
 
     monkeypatch.setattr(sparse, "sparse_attention", spy)
@@ -90,4 +92,6 @@ def test_prefill_options_reach_the_op(monkeypatch):
             "score_norm": "n_minus_j",
         }
     )
-    assert seen and all(s == (sparse.Attend("local", 5, 3), "n_minus_j") for s in seen), seen
+    assert seen and all(
+        s == (sparse.Attend(prefill_mode="local", local_window=5, sink_tokens=3), "n_minus_j") for s in seen
+    ), seen

@@ -1,9 +1,12 @@
 """The zipvl op set, registered once through ``torch.library`` (namespace ``zipvl``).
 
 Each op's schema is written once, as the signature of its body below: tensors first (positional or keyword;
-optional ones default to None), options keyword-only with defaults. Callers and the FX passes address every
-argument by name. Layout structures cross an op boundary as tensor lists (``list(segment)``) and are rebuilt
-by name inside (:mod:`zipvl_compile.runtime.layout`). Fakes state the output contract only.
+optional ones default to None), options keyword-only with defaults. A keyword-only parameter annotated with an
+option structure (a NamedTuple with a default for every field, such as :class:`~zipvl_compile.runtime.sparse.Prefill`)
+stands for its fields, nested structures spread in turn: they are the op's keyword options, and the body (and the
+fake) receives them built into the structure. Callers and the FX passes address every argument by name. Layout
+structures cross an op boundary as tensor lists (``list(segment)``) and are rebuilt by name inside
+(:mod:`zipvl_compile.runtime.layout`). Fakes state the output contract only.
 
 Ops whose CUDA body calls a library kernel (SDPA, FlashAttention) are ``custom_op`` everywhere; ops made only of
 our own Triton kernels are defined with ``triton=True``, which registers a ``triton_op`` on CUDA machines (so
@@ -13,6 +16,9 @@ Inductor inlines the kernels) and a ``custom_op`` elsewhere (the Triton interpre
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,6 +28,7 @@ from zipvl_compile.runtime import sparse as sparse_impl
 from zipvl_compile.runtime.kernels.decode import decode_attention as decode_attention_impl
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 from zipvl_compile.runtime.reference import dense_attention
+from zipvl_compile.runtime.sparse import QKV, Geometry, Prefill, Probes
 
 NAMESPACE = "zipvl"
 
@@ -29,14 +36,70 @@ NAMESPACE = "zipvl"
 def define_op(
     name: str, impl: Callable, fake: Callable, mutates_args: Sequence[str] = (), triton: bool = False
 ) -> torch._ops.OpOverload:
-    """Register ``zipvl::name`` from ``impl`` (its type hints are the schema); returns the ``.default`` overload."""
+    """Register ``zipvl::name`` from ``impl`` (its type hints are the schema, structures spread into their fields;
+    ``fake`` is called as ``impl`` is); returns the ``.default`` overload."""
     qualname = f"{NAMESPACE}::{name}"
+    body = inspect.signature(impl)
+    hints = typing.get_type_hints(impl)
+    flat = inspect.Signature(
+        [field for param in body.parameters.values() for field in _spread(param, hints[param.name])],
+        return_annotation=body.return_annotation,
+    )
+    names = list(flat.parameters)
+    if len(set(names)) != len(names):
+        raise TypeError(f"zipvl: {name} spreads into repeated argument names {names}")
+    impl, fake = (_gathering(fn, body, hints, flat) for fn in (impl, fake))
     if triton and torch.cuda.is_available():
         op = torch.library.triton_op(qualname, mutates_args=tuple(mutates_args))(impl)
     else:
         op = torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(impl)
     op.register_fake(fake)
     return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+def _is_structure(hint: object) -> bool:
+    return isinstance(hint, type) and issubclass(hint, tuple) and hasattr(hint, "_field_defaults")
+
+
+def _spread(param: inspect.Parameter, hint: object) -> list[inspect.Parameter]:
+    """The op arguments a body parameter stands for: itself, or a structure's fields (nested ones in turn), of
+    the parameter's kind; keyword-only fields need defaults."""
+    if not _is_structure(hint):
+        return [param.replace(annotation=hint)]
+    fields = typing.get_type_hints(hint)
+    if param.kind is param.KEYWORD_ONLY and set(hint._field_defaults) != set(fields):
+        raise TypeError(f"zipvl: option structure {hint.__name__} needs a default for every field")
+    return [
+        spread
+        for field, field_hint in fields.items()
+        for spread in _spread(
+            inspect.Parameter(field, param.kind, default=hint._field_defaults.get(field, param.empty)), field_hint
+        )
+    ]
+
+
+def _build(hint: object, name: str, values: dict[str, object]) -> object:
+    """Argument ``name`` of type ``hint`` of a body, from the op's flat arguments ``values``."""
+    if not _is_structure(hint):
+        return values[name]
+    return hint(*(_build(field_hint, field, values) for field, field_hint in typing.get_type_hints(hint).items()))
+
+
+def _gathering(fn: Callable, body: inspect.Signature, hints: dict, flat: inspect.Signature) -> Callable:
+    """``fn`` called with the op's flat arguments (signature ``flat``), gathered into the parameters of ``body``."""
+    if not any(_is_structure(hints[name]) for name in body.parameters):
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args: object, **kwargs: object) -> object:
+        bound = flat.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = {name: _build(hints[name], name, bound.arguments) for name in body.parameters}
+        keyword = {p.name for p in body.parameters.values() if p.kind is p.KEYWORD_ONLY}
+        return fn(*(v for n, v in values.items() if n not in keyword), **{n: values[n] for n in keyword})
+
+    call.__signature__ = flat
+    return call
 
 
 def _no_result(*args: object, **kwargs: object) -> None:
@@ -81,26 +144,22 @@ def _sparse_outputs(outputs: sparse_impl.Outputs, stats_slot: int) -> sparse_imp
     return _bshd(out), keep, ratio
 
 
-def _sparse_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object):
+def _sparse_fake(qkv: QKV, *args: object, **kwargs: object) -> sparse_impl.Outputs:
+    q = qkv.q
     batch, heads, n, _ = q.shape
-    out = q.new_empty(batch, n, heads, v.shape[-1]).transpose(1, 2)
+    out = q.new_empty(batch, n, heads, qkv.v.shape[-1]).transpose(1, 2)
     return out, q.new_empty(batch, n, dtype=torch.bool), q.new_empty(batch, dtype=torch.float32)
 
 
 def _probe_rows(
-    q: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    *,
-    is_causal: bool = True,
-    n_probe_recent: int = 64,
-    n_probe_random: int = 64,
-    seed: int = 0,
+    q: torch.Tensor, attn_mask: torch.Tensor | None = None, *, is_causal: bool = True, probes: Probes
 ) -> torch.Tensor:
-    return sparse_impl.probe_rows(q, attn_mask, is_causal, sparse_impl.Probes(n_probe_recent, n_probe_random, seed))
+    return sparse_impl.probe_rows(q, attn_mask, is_causal, probes)
 
 
-def _probe_rows_fake(q: torch.Tensor, *args: object, n_probe_recent: int = 64, n_probe_random: int = 64, **kwargs):
-    return q.new_empty(q.shape[0], min(q.shape[2], n_probe_recent + n_probe_random), dtype=torch.int64)
+def _probe_rows_fake(q: torch.Tensor, *args: object, probes: Probes, **kwargs: object) -> torch.Tensor:
+    m = min(q.shape[2], probes.n_probe_recent + probes.n_probe_random)
+    return q.new_empty(q.shape[0], m, dtype=torch.int64)
 
 
 probe_rows = define_op("probe_rows", _probe_rows, _probe_rows_fake)
@@ -110,41 +169,23 @@ feeds every sparse site (they depend only on the validity mask and the seed)."""
 
 
 def _sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: QKV,
     attn_mask: torch.Tensor | None = None,
     probe_rows: torch.Tensor | None = None,
     *,
-    is_causal: bool = True,
-    scale: float = 1.0,
-    n_rep: int = 1,
-    tau: float = 0.975,
-    n_probe_recent: int = 64,
-    n_probe_random: int = 64,
-    min_keep: int = 64,
-    seed: int = 0,
-    force_ratio: float = 0.0,
-    score_norm: str = "probes",
-    prefill_mode: str = "paper",
-    local_window: int = 0,
-    sink_tokens: int = 0,
+    prefill: Prefill,
+    probes: Probes,
     stats_slot: int = -1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    probes = sparse_impl.Probes(n_probe_recent, n_probe_random, seed)
-    selection = sparse_impl.Selection(tau, min_keep, force_ratio, score_norm)
-    attend = sparse_impl.Attend(prefill_mode, local_window, sink_tokens)
-    outputs = sparse_impl.sparse_attention(
-        q, k, v, attn_mask, is_causal, scale, n_rep, probes, selection, attend, probe_rows
-    )
-    return _sparse_outputs(outputs, stats_slot)
+) -> sparse_impl.Outputs:
+    return _sparse_outputs(sparse_impl.sparse_attention(qkv, attn_mask, probe_rows, probes, prefill), stats_slot)
 
 
 sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_fake)
-"""zipvl::sparse_attention(q, k, v, attn_mask?, probe_rows?, *, is_causal, scale, n_rep, tau, n_probe_recent,
-n_probe_random, min_keep, seed, force_ratio, score_norm, prefill_mode, local_window, sink_tokens, stats_slot)
--> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): ZipVL prefill (runtime.sparse; prefill_mode "paper",
-"local" or "sinks"); with a stats slot (runtime.stats) it also stores the batch's kept-ratio moments there."""
+"""zipvl::sparse_attention(q, k, v, attn_mask?, probe_rows?, *, Probes (n_probe_recent, n_probe_random, seed),
+Prefill (Geometry: is_causal, scale, n_rep; Selection: tau, min_keep, force_ratio, score_norm; Attend: prefill_mode,
+local_window, sink_tokens), stats_slot) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): ZipVL prefill
+(runtime.sparse; the structures' fields are the keyword options); with a stats slot (runtime.stats) it also stores
+the batch's kept-ratio moments there."""
 
 
 def _probe_scores(
@@ -153,15 +194,10 @@ def _probe_scores(
     attn_mask: torch.Tensor | None = None,
     probe_rows: torch.Tensor | None = None,
     *,
-    is_causal: bool = True,
-    scale: float = 1.0,
-    n_rep: int = 1,
-    n_probe_recent: int = 64,
-    n_probe_random: int = 64,
-    seed: int = 0,
+    geometry: Geometry,
+    probes: Probes,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    probes = sparse_impl.Probes(n_probe_recent, n_probe_random, seed)
-    return sparse_impl.probe_scores(q, k, attn_mask, is_causal, scale, n_rep, probes, probe_rows)
+    return sparse_impl.probe_scores(q, k, attn_mask, geometry, probes, probe_rows)
 
 
 def _probe_scores_fake(q: torch.Tensor, k: torch.Tensor, *args: object, **kwargs: object):
@@ -170,45 +206,28 @@ def _probe_scores_fake(q: torch.Tensor, k: torch.Tensor, *args: object, **kwargs
 
 
 probe_scores = define_op("probe_scores", _probe_scores, _probe_scores_fake)
-"""zipvl::probe_scores(q, k, attn_mask?, probe_rows?, *, is_causal, scale, n_rep, n_probe_recent, n_probe_random, seed)
--> (colsum, seen) float32 [B,n]: the probe stage of sparse_attention over the heads of q (runtime.sparse). Under
-tensor parallelism the graph all-reduces colsum (sum over ranks) before zipvl.sparse_attention_scored; seen
-counts probe rows, the same on every rank."""
+"""zipvl::probe_scores(q, k, attn_mask?, probe_rows?, *, Geometry, Probes) -> (colsum, seen) float32 [B,n]: the
+probe stage of sparse_attention over the heads of q (runtime.sparse). Under tensor parallelism the graph
+all-reduces colsum (sum over ranks) before zipvl.sparse_attention_scored; seen counts probe rows, the same on
+every rank."""
 
 
 def _sparse_attention_scored(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: QKV,
     colsum: torch.Tensor,
     seen: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     *,
-    is_causal: bool = True,
-    scale: float = 1.0,
-    n_rep: int = 1,
-    tau: float = 0.975,
-    min_keep: int = 64,
-    force_ratio: float = 0.0,
-    score_norm: str = "probes",
-    prefill_mode: str = "paper",
-    local_window: int = 0,
-    sink_tokens: int = 0,
+    prefill: Prefill,
     stats_slot: int = -1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    selection = sparse_impl.Selection(tau, min_keep, force_ratio, score_norm)
-    attend = sparse_impl.Attend(prefill_mode, local_window, sink_tokens)
-    outputs = sparse_impl.sparse_attention_scored(
-        q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, selection, attend
-    )
-    return _sparse_outputs(outputs, stats_slot)
+) -> sparse_impl.Outputs:
+    return _sparse_outputs(sparse_impl.sparse_attention_scored(qkv, colsum, seen, attn_mask, prefill), stats_slot)
 
 
 sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored, _sparse_fake)
-"""zipvl::sparse_attention_scored(q, k, v, colsum, seen, attn_mask?, *, is_causal, scale, n_rep, tau, min_keep,
-force_ratio, score_norm, prefill_mode, local_window, sink_tokens, stats_slot) -> (out, keep, ratio) as
-sparse_attention: the selection
-(Eqs. 6-8 on colsum / seen of zipvl.probe_scores, summed over all heads) and kept-token attention stages."""
+"""zipvl::sparse_attention_scored(q, k, v, colsum, seen, attn_mask?, *, Prefill, stats_slot)
+-> (out, keep, ratio) as sparse_attention: the selection (Eqs. 6-8 on colsum / seen of zipvl.probe_scores, summed
+over all heads) and kept-token attention stages."""
 
 
 # -- packed KV cache ----------------------------------------------------------------------------------------

@@ -24,10 +24,12 @@ from typing import NamedTuple
 
 import torch
 
+from zipvl_compile.runtime import cpu_attention
+from zipvl_compile.runtime.kernels.device import wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import kept_causal_attention
 from zipvl_compile.runtime.kernels.local_attention import local_attention, local_mask
 from zipvl_compile.runtime.kernels.probe import probe_colsum
-from zipvl_compile.runtime.kernels.select import select_kept
+from zipvl_compile.runtime.kernels.select import SelectResult, select_kept
 from zipvl_compile.runtime.kernels.sink_attention import sink_attention, sink_mask
 from zipvl_compile.runtime.reference import causal_mask, dense_attention
 from zipvl_compile.runtime.selection import choose_probes
@@ -54,13 +56,30 @@ def is_key_padding(attn_mask: torch.Tensor | None) -> bool:
     return attn_mask is None or attn_mask.shape[-2] == 1
 
 
-class Probes(NamedTuple):
-    """Which rows probe the keys (:func:`~zipvl_compile.runtime.selection.choose_probes`): the last ``recent``
-    valid rows plus ``random`` seeded random ones."""
+class QKV(NamedTuple):
+    """The attention inputs: q [B, Hq, n, d], k and v un-expanded [B, Hkv, n, d]."""
 
-    recent: int
-    random: int
-    seed: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class Geometry(NamedTuple):
+    """How the queries see the keys: ``is_causal`` ANDs the causal mask (no mask at all means causal), ``scale``
+    multiplies the logits, ``n_rep`` query heads share one KV head."""
+
+    is_causal: bool = True
+    scale: float = 1.0
+    n_rep: int = 1
+
+
+class Probes(NamedTuple):
+    """Which rows probe the keys (:func:`~zipvl_compile.runtime.selection.choose_probes`): the last
+    ``n_probe_recent`` valid rows plus ``n_probe_random`` random ones drawn with ``seed``."""
+
+    n_probe_recent: int = 64
+    n_probe_random: int = 64
+    seed: int = 0
 
 
 class Selection(NamedTuple):
@@ -71,10 +90,10 @@ class Selection(NamedTuple):
     every valid position at or after the key).
     """
 
-    tau: float
-    min_keep: int
-    force_ratio: float
-    score_norm: str
+    tau: float = 0.975
+    min_keep: int = 64
+    force_ratio: float = 0.0
+    score_norm: str = "probes"
 
     @property
     def keeps_all(self) -> bool:
@@ -83,150 +102,129 @@ class Selection(NamedTuple):
 
 
 class Attend(NamedTuple):
-    """Who attends to what in a sparse prefill (module docstring): ``mode`` in :data:`PREFILL_MODES`, the local
-    ``window`` (keys i - window < j <= i; unused by "paper") and the ``sinks`` count (used by "sinks")."""
+    """Who attends to what in a sparse prefill (module docstring): ``prefill_mode`` in :data:`PREFILL_MODES`, the
+    ``local_window`` (keys i - window < j <= i; unused by "paper") and the ``sink_tokens`` count ("sinks")."""
 
-    mode: str
-    window: int
-    sinks: int
+    prefill_mode: str = "paper"
+    local_window: int = 0
+    sink_tokens: int = 0
+
+
+class Prefill(NamedTuple):
+    """The options of a sparse prefill past its probe stage: the attention geometry, how the kept set is
+    selected, and who attends to what."""
+
+    geometry: Geometry = Geometry()
+    selection: Selection = Selection()
+    attend: Attend = Attend()
 
 
 def probe_rows(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, probes: Probes) -> torch.Tensor:
     """int64 [B, m] probe positions of q [B, H, n, d] under ``attn_mask`` (selection.choose_probes). They depend
     only on the validity mask and the seed, so one call serves every layer that shares the mask."""
-    _, valid = _validity(q, attn_mask, is_causal)
-    return choose_probes(valid, probes.recent, probes.random, probes.seed).contiguous()
+    _, valid = _validity(q, attn_mask, Geometry(is_causal))
+    return _choose(valid, probes).contiguous()
 
 
 def probe_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
+    geometry: Geometry,
     probes: Probes,
     rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(colsum, seen) float32 [B, n] of the probe rows over the heads of q (see the module docstring); ``rows``:
     the probe positions of :func:`probe_rows`, computed here when None."""
-    is_causal, valid = _validity(q, attn_mask, is_causal)
+    geometry, valid = _validity(q, attn_mask, geometry)
     if rows is None:
-        rows = choose_probes(valid, probes.recent, probes.random, probes.seed)
+        rows = _choose(valid, probes)
     q_probe = q.gather(2, rows.clamp(min=0)[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-    if is_causal and is_key_padding(attn_mask):
-        return probe_colsum(q_probe, k, rows, valid, scale, n_rep)
-    return _masked_probe_colsum(q_probe, k, rows, attn_mask, is_causal, scale, n_rep)
+    if geometry.is_causal and is_key_padding(attn_mask):
+        return probe_colsum(q_probe, k, rows, valid, geometry.scale, geometry.n_rep)
+    return _masked_probe_colsum(q_probe, k, rows, attn_mask, geometry)
 
 
 def sparse_attention_scored(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    colsum: torch.Tensor,
-    seen: torch.Tensor,
-    selection: Selection,
-    attend: Attend,
+    qkv: QKV, colsum: torch.Tensor, seen: torch.Tensor, attn_mask: torch.Tensor | None, prefill: Prefill
 ) -> Outputs:
-    """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention by ``attend``."""
+    """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention by ``prefill.attend``."""
+    selection = prefill.selection
     if selection.keeps_all:
-        return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
-    is_causal, valid = _validity(q, attn_mask, is_causal)
+        return _dense(qkv, attn_mask, prefill.geometry)
+    geometry, valid = _validity(qkv.q, attn_mask, prefill.geometry)
     if selection.score_norm == "n_minus_j":
         seen = valid.to(torch.float32).flip(-1).cumsum(dim=-1).flip(-1)
     kept = select_kept(colsum, seen, valid, selection.tau, selection.min_keep, selection.force_ratio)
-    out = _attend(q, k, v, attn_mask, is_causal, scale, n_rep, kept.keep, valid, attend, (kept.idx, kept.count))
+    out = _attend(qkv, attn_mask, geometry, kept, valid, prefill.attend)
     return out, kept.keep, kept.ratio
 
 
 def sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    probes: Probes,
-    selection: Selection,
-    attend: Attend,
-    rows: torch.Tensor | None = None,
+    qkv: QKV, attn_mask: torch.Tensor | None, rows: torch.Tensor | None, probes: Probes, prefill: Prefill
 ) -> Outputs:
     """ZipVL prefill attention on one device: :func:`probe_scores` (on ``rows`` when given) then
     :func:`sparse_attention_scored` (no probe when every token is kept)."""
-    if selection.keeps_all:
-        return _dense(q, k, v, attn_mask, is_causal, scale, n_rep)
-    colsum, seen = probe_scores(q, k, attn_mask, is_causal, scale, n_rep, probes, rows)
-    return sparse_attention_scored(q, k, v, attn_mask, is_causal, scale, n_rep, colsum, seen, selection, attend)
+    if prefill.selection.keeps_all:
+        return _dense(qkv, attn_mask, prefill.geometry)
+    colsum, seen = probe_scores(qkv.q, qkv.k, attn_mask, prefill.geometry, probes, rows)
+    return sparse_attention_scored(qkv, colsum, seen, attn_mask, prefill)
 
 
-def _validity(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> tuple[bool, torch.Tensor]:
-    """(is_causal, valid bool [B, n]); no mask at all means causal attention."""
-    is_causal = is_causal or attn_mask is None
-    return is_causal, token_validity(attn_mask, is_causal, q.shape[0], q.shape[2], q.device)
+def _choose(valid: torch.Tensor, probes: Probes) -> torch.Tensor:
+    return choose_probes(valid, probes.n_probe_recent, probes.n_probe_random, probes.seed)
 
 
-def _dense(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-) -> Outputs:
+def _validity(q: torch.Tensor, attn_mask: torch.Tensor | None, geometry: Geometry) -> tuple[Geometry, torch.Tensor]:
+    """(geometry with is_causal set where there is no mask at all, valid bool [B, n])."""
+    geometry = geometry._replace(is_causal=geometry.is_causal or attn_mask is None)
+    return geometry, token_validity(attn_mask, geometry.is_causal, q.shape[0], q.shape[2], q.device)
+
+
+def _dense(qkv: QKV, attn_mask: torch.Tensor | None, geometry: Geometry) -> Outputs:
     """Every valid token kept: exact dense attention, zero at padding rows, ratio 1."""
-    is_causal, valid = _validity(q, attn_mask, is_causal)
-    out = dense_attention(q, k, v, attn_mask, is_causal, scale, n_rep)
-    return torch.where(valid[:, None, :, None], out, 0), valid, torch.ones(q.shape[0], device=q.device)
+    geometry, valid = _validity(qkv.q, attn_mask, geometry)
+    out = dense_attention(*qkv, attn_mask, geometry.is_causal, geometry.scale, geometry.n_rep)
+    return torch.where(valid[:, None, :, None], out, 0), valid, torch.ones(qkv.q.shape[0], device=qkv.q.device)
 
 
 def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: QKV,
     attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
-    keep: torch.Tensor,
+    geometry: Geometry,
+    kept: SelectResult,
     valid: torch.Tensor,
     attend: Attend,
-    kept_index: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """[B, Hq, n, d]: the prefill attention of ``attend`` given the kept set ``keep`` bool [B, n] (and its index
-    list ``kept_index`` = (idx, count) of kernels.kept_attention); see the module docstring."""
-    if is_causal and is_key_padding(attn_mask):
-        if attend.mode == "local":
-            return local_attention(q, k, v, keep, valid, attend.window, scale, n_rep)
-        if attend.mode == "sinks":
-            return sink_attention(
-                q, k, v, keep, valid, attend.window, attend.sinks, scale, n_rep, kept_index=kept_index
+    """[B, Hq, n, d]: the prefill attention of ``attend`` given the kept set ``kept`` (kernels.select: its mask
+    and index list); see the module docstring. CPU tensors take the gathered / banded bodies of cpu_attention
+    where those are faster than the kernels' plain-torch oracles."""
+    keep, window, sinks = kept.keep, attend.local_window, attend.sink_tokens
+    scale, n_rep = geometry.scale, geometry.n_rep
+    if geometry.is_causal and is_key_padding(attn_mask):
+        if not wants_triton(qkv.q, None) and cpu_attention.is_faster(attend.prefill_mode, keep.shape[1], window):
+            plan = cpu_attention.Plan(
+                attend.prefill_mode, keep, kept.idx, kept.count, valid, window, sinks, scale, n_rep
             )
-        return kept_causal_attention(q, k, v, *kept_index, scale, n_rep)
+            return cpu_attention.prefill_attention(*qkv, plan)
+        if attend.prefill_mode == "local":
+            return local_attention(*qkv, keep, valid, window, scale, n_rep)
+        if attend.prefill_mode == "sinks":
+            return sink_attention(*qkv, keep, valid, window, sinks, scale, n_rep, kept_index=(kept.idx, kept.count))
+        return kept_causal_attention(*qkv, kept.idx, kept.count, scale, n_rep)
     batch, n = keep.shape
-    if attend.mode == "local":
-        rows, pair = valid, local_mask(keep, valid, attend.window)
-    elif attend.mode == "sinks":
-        rows, pair = valid, sink_mask(keep, valid, attend.window, attend.sinks)
+    if attend.prefill_mode == "local":
+        rows, pair = valid, local_mask(keep, valid, window)
+    elif attend.prefill_mode == "sinks":
+        rows, pair = valid, sink_mask(keep, valid, window, sinks)
     else:
         rows, pair = keep, keep[:, None, :, None] & keep[:, None, None, :]
-    out = dense_attention(q, k, v, attn_mask.expand(batch, 1, n, n) & pair, is_causal, scale, n_rep)
+    out = dense_attention(*qkv, attn_mask.expand(batch, 1, n, n) & pair, geometry.is_causal, scale, n_rep)
     return torch.where(rows[:, None, :, None], out, 0)
 
 
 def _masked_probe_colsum(
-    q_probe: torch.Tensor,
-    k: torch.Tensor,
-    probes: torch.Tensor,
-    attn_mask: torch.Tensor,
-    is_causal: bool,
-    scale: float,
-    n_rep: int,
+    q_probe: torch.Tensor, k: torch.Tensor, probes: torch.Tensor, attn_mask: torch.Tensor, geometry: Geometry
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 5 column sums and Eq. 7 denominators for an arbitrary mask: (colsum, seen) float32 [B, n].
 
@@ -234,10 +232,10 @@ def _masked_probe_colsum(
     """
     batch, n = probes.shape[0], k.shape[2]
     mask = attn_mask.expand(batch, 1, n, n)[:, 0]
-    if is_causal:
+    if geometry.is_causal:
         mask = mask & causal_mask(n, n, k.device)
     rows = mask.gather(1, probes.clamp(min=0)[:, :, None].expand(-1, -1, n)) & (probes >= 0)[:, :, None]
-    keys = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k
-    logits = torch.matmul(q_probe.float(), keys.float().transpose(-1, -2)) * scale
+    keys = k.repeat_interleave(geometry.n_rep, dim=1) if geometry.n_rep > 1 else k
+    logits = torch.matmul(q_probe.float(), keys.float().transpose(-1, -2)) * geometry.scale
     probs = torch.softmax(logits.masked_fill(~rows[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
     return probs.sum(dim=(1, 2)), rows.sum(dim=1).to(torch.float32)
