@@ -468,8 +468,11 @@ def sweep_length(name: str, heads: tuple[int, int, int], n: int, dtype: torch.dt
         return rows
     colsum, seen = expected
     call = lambda: select_kept(colsum, seen, valid, cfg.tau, cfg.min_keep)
+    reference = select_kept(colsum, seen, valid, cfg.tau, cfg.min_keep, use_triton=False)
     row = _sweep_row(base, "select", "default", call, errors)
     row["graph_ms"] = _guard(lambda: cuda_graph_ms(call), errors, "select_graph/default")
+    row["keep_diff_vs_reference"] = int((call().keep ^ reference.keep).sum())
+    row["matches_default"] = row["keep_diff_vs_reference"] == 0
     rows.append(row)
     for row in rows:
         row["errors"] = dict(errors)

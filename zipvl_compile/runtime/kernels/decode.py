@@ -5,32 +5,41 @@ model-dtype tail of recent tokens. Decode attention is a sum over cached keys, s
 attended as one set of keys: ``out = softmax(q · K^T * scale) V`` over every valid slot, where a slot is
 valid iff its position is >= 0 and it lies below the segment's ``fill`` (or the tail's ``length``).
 
-Two implementations with the same signature:
+Implementations with the same contract:
 
 - :func:`~zipvl_compile.runtime.kernels.decode_reference.decode_attention_reference`: plain PyTorch
-  (dequantise, concatenate, masked softmax in fp32).
+  (dequantise, concatenate, masked softmax in fp32): the oracle.
+- :func:`~zipvl_compile.runtime.kernels.decode_cpu.decode_attention_cpu`: the CPU path (used slots only,
+  grouped query heads, values weighed through their codes), tested against the oracle.
 - :func:`decode_attention_triton`: split-K (flash-decoding) Triton kernels. Grid ``(B, H, S_hi + S_lo +
   S_tail)``: each program walks one share of the 64-slot blocks of ONE source (hi, lo or the tail; a runtime
   branch on the program id, so one launch runs all three concurrently). Shares are computed in-kernel from
   ``fill`` / the tail's ``length`` (balanced whatever the fill, no host sync); the split counts come from
-  static shapes and the device's SM count (:func:`num_splits_for`). Per block a program loads the packed key
-  and value bytes once and serves all ``n_rep`` query heads of its KV head with ``tl.dot`` (``n_rep`` padded
-  to 16 rows, always: tensor cores make the padded rows free, whereas CUDA-core multiply-sums would be
-  compute-bound at GQA ``n_rep = 7``). Channels are handled as ``8 // bits`` sub-planes (bits ``J*bits..`` of every
-  byte = channels ``i*(8//bits) + J``), so byte tiles are used as they lie (no interleave/reshape) and queries and
-  outputs are permuted instead. Dequantisation is folded into the small operands, not the ``[64, d]``
-  tiles (a block is one key group, so its key scale/zero are one ``[d]`` row):
-  ``q·k = (q*k_scale)·code + q·k_zero`` and ``p·v = (p*v_scale)·code + (p·v_zero) 1``; codes become fp16
-  ``1024 + code`` by ORing them into the mantissa (inline PTX on the GPU), the 1024 is taken out through
-  the zero-point term. Each program keeps a running max / sum / accumulator per query head (base-2 online
-  softmax, fp32) and writes them to a workspace; a second kernel merges all partials.
-  fp32 inputs take an fp32-operand path (exact codes, IEEE dots) so that tests can be tight.
+  static shapes, the device's SM count and the path's programs per SM (:func:`num_splits_for`,
+  :func:`tuning`). A block is one key group, so its key scale/zero are one ``[d]`` row, and dequantisation is
+  folded into the small operands: ``q·k = (q*k_scale)·code + q·k_zero`` and ``p·v = (p*v_scale)·code +
+  (p·v_zero) 1``. Two segment paths:
 
-Performance (H100, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): 240-490 GB/s, i.e.
-0.54-0.88x the time of bf16 SDPA decode on the same tokens while reading ~21% of its bytes. The kernel is
-instruction- and latency-bound (about 800 SASS instructions and 32 barriers per 64-slot block and thread, 168
-registers = 3 resident programs per SM), not bandwidth-bound; the tail path (bf16) runs at ~3 TB/s with the
-same skeleton.
+  - CUDA cores, for one query head per KV head (``n_rep = 1``, no padded rows): the codes are read as
+    uint32 words; each word is repeated in registers and every code masked in place and ORed into the
+    mantissa of 2^23 (one ``lop3`` and one add per code, exact; its power-of-two place is folded into q
+    and the output). Scores are multiply-sums over channels per slot; the value accumulator is kept per
+    (slot lane, channel), reduced once after the loop and rescaled only when the running max grows.
+  - Tensor cores, for ``n_rep > 1``: per block the packed bytes are loaded once and serve all ``n_rep``
+    query heads with ``tl.dot`` (rows padded to 16). Channels are handled as ``8 // bits`` sub-planes
+    (bits ``J*bits..`` of every byte = channels ``i*(8//bits) + J``), so byte tiles are used as they lie and
+    queries and outputs are permuted instead; codes become fp16 ``1024 + code`` by ORing them into the
+    mantissa (inline PTX on the GPU), the 1024 taken out through the zero-point term.
+
+  Each program keeps a running max / sum / accumulator per query head (base-2 online softmax, fp32) and
+  writes them to a workspace; a second kernel merges all partials. fp32 inputs take exact fp32 operands so
+  that tests can be tight.
+
+Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): the CUDA-core path
+runs 1.40-1.64x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at about a
+third of the bandwidth SDPA reaches: it is bound by instructions (about 3 per code: mask-or, add, FMA), not
+bytes. The tensor-core path (GQA) is still slower than SDPA (0.44-0.83x): layout conversions through shared
+memory and barriers per block, 220 registers.
 
 Shapes: q ``[B, Hq, 1, d]`` with ``Hq = H * n_rep`` (query head ``h * n_rep + r`` reads KV head ``h``);
 output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 4, 8}.
