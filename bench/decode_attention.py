@@ -78,17 +78,6 @@ def bytes_read(B: int, H: int, n_rep: int, n: int, d: int, elt: int) -> int:
     return total + 2 * B * H * n_rep * d * elt
 
 
-def time_fn(fn, smoke: bool) -> tuple[float, float]:
-    """(do_bench median, CUDA-graph replay median) in microseconds; on CPU one wall-clock call, twice."""
-    if smoke and not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e6, float("nan")
-    import triton.testing as tt
-
-    return (tt.do_bench(fn, return_mode="median") * 1e3, tt.do_bench_cudagraph(fn, return_mode="median") * 1e3)
-
-
 def variants_for(n_rep: int) -> list[dict]:
     """The tuning grid timed by ``--variants``: both segment paths where both apply, warps, programs per SM."""
     grid = [dict(fma=False, num_warps=4, programs_per_sm=p, num_stages=st) for p in (4, 8, 16) for st in (2, 3, 4)]
@@ -113,7 +102,16 @@ def graph_time(fn) -> float:
     return tt.do_bench_cudagraph(fn, return_mode="median") * 1e3
 
 
-def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool, variants: bool) -> dict:
+def time_fn(fn) -> tuple[float, float]:
+    """(do_bench median, CUDA-graph replay median) in microseconds; on CPU one wall-clock call and NaN."""
+    if not torch.cuda.is_available():
+        return graph_time(fn), float("nan")
+    import triton.testing as tt
+
+    return tt.do_bench(fn, return_mode="median") * 1e3, graph_time(fn)
+
+
+def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, variants: bool) -> dict:
     from zipvl_compile.runtime.kernels import decode as dec
     from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
 
@@ -124,17 +122,17 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, smoke: bool
 
     fn = lambda: dec.decode_attention_triton(**args)
     out = fn()
-    pps = dec.tuning(n_rep == 1)["programs_per_sm"]
+    pps = dec.tuning(n_rep == 1).programs_per_sm
     splits = sum(dec.num_splits_for(B, H, n // 2, n // 2, R, sm_count(torch.device(device)), pps))
     err = float("nan")
     if B * H * n_rep * n * d * 4 <= 2**30:  # the fp32 reference fits comfortably
         err = (out.float() - decode_attention_reference(**args).float()).abs().max().item()
-    t_tr, g_tr = time_fn(fn, smoke)
+    t_tr, g_tr = time_fn(fn)
 
     k = torch.randn(B, H, n + TAIL_LEN, d, device=device, dtype=args["q"].dtype, generator=gen)
     v = torch.randn_like(k)
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(args["q"], k, v, enable_gqa=n_rep > 1)
-    t_sd, g_sd = time_fn(sdpa, smoke)
+    t_sd, g_sd = time_fn(sdpa)
     nbytes = bytes_read(B, H, n_rep, n, d, elt)
     sdpa_bytes = 2 * B * H * (n + TAIL_LEN) * d * elt + 2 * B * H * n_rep * d * elt
     ws_bytes = 2 * B * H * n_rep * splits * (d + 2) * 4
@@ -223,7 +221,7 @@ def main() -> None:
     )
     rows = []
     for cfg in grid:
-        rows.append(run_one(*cfg, device, opts.smoke, opts.variants))
+        rows.append(run_one(*cfg, device, opts.variants))
         if cuda:
             torch.cuda.empty_cache()
         if os.environ.get("OUT"):  # after every shape, so that a run cut short keeps what it measured

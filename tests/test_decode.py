@@ -237,6 +237,17 @@ def test_bad_shapes():
     args, _ = make_case()
     with pytest.raises(ValueError, match="Hq = H\\*n_rep"):
         decode_attention_triton(**{**args, "n_rep": 3})
+    with pytest.raises(ValueError, match="CUDA-core path serves n_rep = 1"):
+        decode_attention_triton(**args, fma=True)
+
+
+@pytest.mark.parametrize("fma", [True, False])
+def test_both_paths_serve_one_head(fma):
+    """n_rep = 1 runs the CUDA-core path by default; the tensor-core path must give the same result there."""
+    args, _ = make_case(n_rep=1, seed=5)
+    ref = decode_attention_reference(**args)
+    out = decode_attention_triton(**to_device(args), num_splits=(2, 1, 1), fma=fma)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
 @pytest.mark.gpu

@@ -164,6 +164,13 @@ def nbytes(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def valid_slots(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """pos int ``[B, C]``, length (a segment's ``fill`` or the tail's ``length``) int ``[B]`` -> bool ``[B, C]``:
+    the slots that hold a token, i.e. pos >= 0 and slot < length."""
+    slot = torch.arange(pos.shape[1], device=pos.device)
+    return (pos >= 0) & (slot[None, :] < length[:, None])
+
+
 def staging_index(take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """take bool ``[B, t]`` -> (src int64 ``[B, tp]``, count int64 ``[B]``), tp = ceil(t / GROUP) * GROUP.
 

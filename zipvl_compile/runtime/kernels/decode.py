@@ -48,6 +48,7 @@ output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -58,10 +59,19 @@ from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
 from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 
-# split-K targets per path, from the H200 sweep of bench/decode_attention.py --variants (BENCHMARKS.md):
-# programs per SM (several waves even out splits of unequal length), warps, pipelining depth
-_DOT_TUNING = dict(programs_per_sm=8, num_warps=4, num_stages=3)
-_FMA_TUNING = dict(programs_per_sm=16, num_warps=4, num_stages=1)
+
+class Tuning(NamedTuple):
+    """Launch tuning of a segment path: split-K target in programs per SM (several waves even out splits of
+    unequal length), warps per program, software-pipelining depth."""
+
+    programs_per_sm: int
+    num_warps: int
+    num_stages: int
+
+
+# per path, from the H200 sweep of bench/decode_attention.py --variants (BENCHMARKS.md)
+_DOT_TUNING = Tuning(programs_per_sm=8, num_warps=4, num_stages=3)
+_FMA_TUNING = Tuning(programs_per_sm=16, num_warps=4, num_stages=1)
 _MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
 
 
@@ -552,9 +562,9 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
     tl.store(out_ptr + row * D + chan, out.to(out_ptr.dtype.element_ty))
 
 
-def tuning(fma: bool) -> dict[str, int]:
-    """The policy's launch tuning of a path (``programs_per_sm``, ``num_warps``, ``num_stages``)."""
-    return dict(_FMA_TUNING if fma else _DOT_TUNING)
+def tuning(fma: bool) -> Tuning:
+    """The policy's launch tuning of the CUDA-core (``fma``) or the tensor-core path."""
+    return _FMA_TUNING if fma else _DOT_TUNING
 
 
 def num_splits_for(
@@ -620,7 +630,7 @@ def decode_attention_triton(
     if fma and n_rep != 1:
         raise ValueError(f"decode_attention: the CUDA-core path serves n_rep = 1, got {n_rep}")
     policy = tuning(fma)
-    programs_per_sm = programs_per_sm or policy["programs_per_sm"]
+    programs_per_sm = programs_per_sm or policy.programs_per_sm
     s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, sms, programs_per_sm)
     S = s_hi + s_lo + s_tail
     acc_ws = torch.empty(B, Hq, S, d, device=q.device, dtype=torch.float32)
@@ -663,8 +673,8 @@ def decode_attention_triton(
         F32=q.dtype == torch.float32,
         ASM=(q.is_cuda if asm is None else asm) and q.dtype != torch.float32,
         FMA=fma,
-        num_warps=num_warps or max(policy["num_warps"], 8 if d == 256 else 1),
-        num_stages=num_stages or policy["num_stages"],
+        num_warps=num_warps or max(policy.num_warps, 8 if d == 256 else 1),
+        num_stages=num_stages or policy.num_stages,
     )
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
     wrap_triton(_decode_merge_kernel)[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=triton.next_power_of_2(S))

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from zipvl_compile.runtime.layout import GROUP, Segment, Tail, max_code
+from zipvl_compile.runtime.layout import GROUP, Segment, Tail, max_code, valid_slots
 
 
 def _codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,12 +31,6 @@ def _codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
         return packed.float()
     planes = [packed & mask] + [(packed >> (j * bits)) & mask for j in range(1, 8 // bits - 1)] + [packed >> 8 - bits]
     return torch.stack(planes, dim=-1).flatten(-2).float()
-
-
-def _valid(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """pos int ``[B, n]``, length int ``[B]`` -> bool ``[B, n]``: pos >= 0 and slot < length."""
-    slot = torch.arange(pos.shape[1], device=pos.device)
-    return (pos >= 0) & (slot[None, :] < length[:, None])
 
 
 class _Part(NamedTuple):
@@ -53,7 +47,7 @@ def _segment_part(qg: torch.Tensor, seg: Segment, bits: int, n: int) -> _Part:
     codes = _codes(seg.k_codes[:, :, :n], bits).unflatten(2, (n // GROUP, GROUP))
     scale, zero = (p[:, :, groups, None].float() for p in (seg.k_scale, seg.k_zero))
     keys = torch.addcmul(zero, codes, scale).view(batch, heads, n, d)
-    valid = _valid(seg.pos[:, :n], seg.fill)
+    valid = valid_slots(seg.pos[:, :n], seg.fill)
     v_codes = _codes(seg.v_codes[:, :, :n], bits)
     v_scale, v_zero = (torch.where(valid[:, None, :], p[:, :, :n].float(), 0.0) for p in (seg.v_scale, seg.v_zero))
 
@@ -65,7 +59,7 @@ def _segment_part(qg: torch.Tensor, seg: Segment, bits: int, n: int) -> _Part:
 
 
 def _tail_part(qg: torch.Tensor, tail: Tail, n: int) -> _Part:
-    valid = _valid(tail.pos[:, :n], tail.length)
+    valid = valid_slots(tail.pos[:, :n], tail.length)
     values = torch.where(valid[:, None, :, None], tail.v[:, :, :n].float(), 0.0)
     return _Part(valid, torch.matmul(qg, tail.k[:, :, :n].float().mT), lambda probs: torch.matmul(probs, values))
 

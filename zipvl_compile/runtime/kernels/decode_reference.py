@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from zipvl_compile.runtime.kernels.quant_reference import dequantize_keys_reference, dequantize_values_reference
-from zipvl_compile.runtime.layout import Segment, Tail
+from zipvl_compile.runtime.layout import Segment, Tail, valid_slots
 
 
 def _dequant_segment(seg: Segment, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,12 +20,6 @@ def _dequant_segment(seg: Segment, bits: int) -> tuple[torch.Tensor, torch.Tenso
         dequantize_keys_reference(seg.k_codes, seg.k_scale, seg.k_zero, bits, torch.float32),
         dequantize_values_reference(seg.v_codes, seg.v_scale, seg.v_zero, bits, torch.float32),
     )
-
-
-def _slot_valid(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """pos int [B, C], length int [B] -> bool [B, C]: pos >= 0 and slot < length."""
-    slot = torch.arange(pos.shape[1], device=pos.device)
-    return (pos >= 0) & (slot[None, :] < length[:, None])
 
 
 def decode_attention_reference(
@@ -40,7 +34,7 @@ def decode_attention_reference(
     k = torch.cat([k_hi, k_lo, tail.k.float()], dim=2).repeat_interleave(n_rep, dim=1)
     v = torch.cat([v_hi, v_lo, tail.v.float()], dim=2).repeat_interleave(n_rep, dim=1)
     valid = torch.cat(
-        [_slot_valid(hi.pos, hi.fill), _slot_valid(lo.pos, lo.fill), _slot_valid(tail.pos, tail.length)], dim=1
+        [valid_slots(hi.pos, hi.fill), valid_slots(lo.pos, lo.fill), valid_slots(tail.pos, tail.length)], dim=1
     )
     # empty slots may hold any bytes (NaN included): zero them so that 0-probability * NaN cannot leak
     k = k.masked_fill(~valid[:, None, :, None], 0.0)
