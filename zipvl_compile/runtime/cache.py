@@ -29,7 +29,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer, StaticSlidingWindowLayer
 
 from zipvl_compile.runtime import ops
-from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail, nbytes, round_up
+from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail, clear_, nbytes, round_up
 
 STORED_BITS = (*QUANT_BITS, 16)  # 16 = unquantised (model dtype), only as hi_bits = lo_bits = 16
 CLASS_STEP = 256  # size classes: multiples of 256 slots below 4096 ...
@@ -330,10 +330,9 @@ class ZipVLLayer(CacheLayerMixin):
         (same tensors, as a fresh allocation holds them); any other frees them (the prefill allocates anew)."""
         self.is_initialized = False
         if self.pooled and self.tail is not None:
-            for buf in self.buffers():
-                buf.zero_()
-            for pos in (self.hi.pos, self.lo.pos, self.tail.pos):
-                pos.fill_(-1)
+            for part in (self.hi, self.lo, self.tail):
+                clear_(part)
+            self.length.zero_()
             self.compacted = True
             return
         self.hi = self.lo = self.tail = None
@@ -439,11 +438,10 @@ class ZipVLCache(Cache):
         ``prompt_len`` tokens with K/V in ``dtype`` on ``device``, outside graphs: a compiled prefill then
         writes into existing tensors from the first call on, so it is traced once for every call of the pool.
         Only an empty cache (new, or just :meth:`reset`)."""
-        heads, d = self.model_key[2:]
         for _, layer in self.packed_layers():
             if layer.is_initialized:
                 raise ValueError("zipvl: ZipVLCache.prepare needs an empty cache (reset it first)")
-            layer.allocate(batch, heads, prompt_len, d, dtype, device)
+            layer.allocate(batch, self.model_key.kv_heads, prompt_len, self.model_key.head_dim, dtype, device)
             layer.is_initialized = False
 
     def update(
@@ -538,6 +536,15 @@ class ZipVLCache(Cache):
         )
 
 
-def model_key(config: object) -> tuple:
-    """What a cache must match in a model: its text config class, cached layers, KV heads and head dim."""
-    return (type(config).__name__, config.num_hidden_layers, *kv_shape(config))
+class ModelKey(NamedTuple):
+    """What a cache must match in a model."""
+
+    config_class: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def model_key(config: object) -> ModelKey:
+    """The :class:`ModelKey` of a decoder text config."""
+    return ModelKey(type(config).__name__, config.num_hidden_layers, *kv_shape(config))

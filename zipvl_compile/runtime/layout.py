@@ -159,6 +159,14 @@ class Tail(NamedTuple):
         return self.pos.shape[1]
 
 
+def clear_(part: Segment | Tail) -> None:
+    """Empty every slot of a segment or tail in place: the state :meth:`Segment.empty` / :meth:`Tail.empty`
+    allocate (zeros, pos -1), in the same tensors."""
+    for tensor in part:
+        tensor.zero_()
+    part.pos.fill_(-1)
+
+
 def nbytes(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> int:
     """Bytes held by ``tensors`` (a :class:`Segment`, a :class:`Tail` or any sequence of tensors)."""
     return sum(t.numel() * t.element_size() for t in tensors)
