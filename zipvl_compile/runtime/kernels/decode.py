@@ -36,7 +36,7 @@ Implementations with the same contract:
   that tests can be tight.
 
 Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): the CUDA-core path
-runs 1.40-1.64x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at about a
+runs 1.27-1.90x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at about a
 third of the bandwidth SDPA reaches: it is bound by instructions (about 3 per code: mask-or, add, FMA), not
 bytes. The tensor-core path (GQA) is still slower than SDPA (0.44-0.83x): layout conversions through shared
 memory and barriers per block, 220 registers.
