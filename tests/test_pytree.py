@@ -11,8 +11,8 @@ from zipvl_compile import ZipVLCache
 from zipvl_compile.testing import build_text
 
 
-def _filled(model, n=10):
-    cache = ZipVLCache(model, max_cache_len=40, recompress_interval=4)
+def _filled(model, n=10, pooled=False):
+    cache = ZipVLCache(model, max_cache_len=40, recompress_interval=4, pooled=pooled)
     with torch.no_grad():
         model(input_ids=torch.arange(3, 3 + n)[None], past_key_values=cache)
         model(input_ids=torch.tensor([[9]]), past_key_values=cache)
@@ -23,11 +23,12 @@ def _same(a: ZipVLCache, b: ZipVLCache) -> None:
     assert type(b) is ZipVLCache and len(a.layers) == len(b.layers)
     for la, lb in zip(a.layers, b.layers):
         assert all(x is y for x, y in zip(la.buffers(), lb.buffers()))
-        assert (la.hi_bits, la.lo_bits, la.prompt_len, la.is_initialized) == (
+        assert (la.hi_bits, la.lo_bits, la.prompt_len, la.is_initialized, la.pooled) == (
             lb.hi_bits,
             lb.lo_bits,
             lb.prompt_len,
             lb.is_initialized,
+            lb.pooled,
         )
     assert int(b.get_seq_length()) == int(a.get_seq_length())
 
@@ -38,6 +39,12 @@ def test_torch_pytree_round_trip():
     assert leaves and all(isinstance(t, torch.Tensor) for t in leaves)
     assert len(leaves) == sum(len(layer.buffers()) for layer in cache.layers)
     _same(cache, pytree.tree_unflatten(leaves, spec))
+
+
+def test_torch_pytree_round_trip_keeps_pooling():
+    cache = _filled(build_text("llama"), pooled=True)
+    assert all(layer.pooled for _, layer in cache.packed_layers())
+    _same(cache, pytree.tree_unflatten(*pytree.tree_flatten(cache)))
 
 
 def test_optree_round_trip():

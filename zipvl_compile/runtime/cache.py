@@ -168,7 +168,6 @@ class ZipVLLayer(CacheLayerMixin):
     # causal mask, which it turns into is_causal (sparse prefill needs it); static buffers keep one decode graph.
     is_compileable = False
     is_sliding = False
-    pooled = False  # the default of a layer rebuilt from its pytree (runtime.pytree), which does not carry it
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ _LAYER_STATIC = (
     "prompt_len",
     "is_initialized",
     "compacted",
+    "pooled",
 )
 _CACHE_STATIC = ("hi_bits", "lo_bits", "recompress_interval", "budget", "capacity_class", "model_key", "dense_reason")
 
