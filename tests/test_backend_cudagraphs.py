@@ -8,7 +8,10 @@ import torch
 import torch.fx as fx
 
 import zipvl_compile
-from zipvl_compile.backend import _drop_unused_inputs
+from zipvl_compile.backend import _drop_unused_inputs, _use_cudagraphs
+from zipvl_compile.config import ZipVLConfig
+from zipvl_compile.passes.site import AttentionSite
+from zipvl_compile.report import CompileReport
 from zipvl_compile.testing import build_text
 
 
@@ -66,3 +69,16 @@ def test_pruned_dynamo_graph_keeps_static_input_metadata():
     assert len(used) == len(placeholders) == 2 and "dead" not in " ".join(placeholders)
     static = _try_get_metadata_from_dynamo(pruned, {}.keys(), len(used), [])[1]
     assert seen["original"] == [0] and static == [0]  # the cache, still found static
+
+
+def test_cudagraphs_never_for_a_cache_grown_by_concatenation(monkeypatch):
+    """A DynamicCache step keeps its concatenated K/V for the next step: a replay would overwrite them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = ZipVLConfig.from_options({"cudagraphs": True, "inner": "inductor"}, None)
+    node = fx.Graph().placeholder("x")
+    decided = {}
+    for kv_write in ("zipvl", "static_index_copy", "dynamic_cat"):
+        site = AttentionSite(node, "sdpa", node, node, node, None, True, None, kind="decode", kv_write=kv_write)
+        record = CompileReport().new_graph(1, {})
+        decided[kv_write] = _use_cudagraphs([site], config, record), record.cudagraphs
+    assert decided == {"zipvl": (True, True), "static_index_copy": (True, True), "dynamic_cat": (False, False)}

@@ -39,7 +39,9 @@ def zipvl_backend(
 def _use_cudagraphs(sites: Sequence[AttentionSite], config: ZipVLConfig, record: GraphRecord) -> bool:
     """Whether this graph runs under CUDA graphs (option ``cudagraphs`` / mode="reduce-overhead"); recorded per
     graph in the report. Never for a prefill graph: it runs once per prompt at a new length, its kept-token
-    attention calls library kernels on data-dependent sizes, and a capture would pin its activations."""
+    attention calls library kernels on data-dependent sizes, and a capture would pin its activations. Nor for a
+    step whose KV cache grows by concatenation (a DynamicCache): the grown K/V are outputs the cache keeps for the
+    next step, which the next replay would overwrite in the graph's memory pool."""
     if not config.cudagraphs:
         return False
     reason = (
@@ -49,6 +51,8 @@ def _use_cudagraphs(sites: Sequence[AttentionSite], config: ZipVLConfig, record:
         if config.inner != "inductor"
         else "prefill graph"
         if any(s.kind == "prefill" for s in sites)
+        else "KV cache grown by concatenation (DynamicCache)"
+        if any(s.kv_write == "dynamic_cat" for s in sites)
         else None
     )
     record.cudagraphs = reason is None
