@@ -120,7 +120,8 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, variants: b
     elt = args["q"].element_size()
     from zipvl_compile.runtime.kernels.device import sm_count
 
-    fn = lambda: dec.decode_attention_triton(**args)
+    q, call = args["q"], dec.DecodeCall(**{name: value for name, value in args.items() if name != "q"})
+    fn = lambda: dec.decode_attention_triton(q, call)
     out = fn()
     pps = dec.tuning(n_rep == 1).programs_per_sm
     splits = sum(dec.num_splits_for(B, H, n // 2, n // 2, R, sm_count(torch.device(device)), pps))
@@ -140,12 +141,12 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, variants: b
     sdpa_best = g_sd if g_sd == g_sd else t_sd
     tuned = []
     for knobs in variants_for(n_rep) if variants else []:
-        out_v = dec.decode_attention_triton(**args, **knobs)
+        out_v = dec.decode_attention_triton(q, call, **knobs)
         diff = (out_v.float() - out.float()).abs().max().item()
         tuned.append(
             dict(
                 knobs,
-                us=graph_time(lambda knobs=knobs: dec.decode_attention_triton(**args, **knobs)),
+                us=graph_time(lambda knobs=knobs: dec.decode_attention_triton(q, call, **knobs)),
                 max_diff_vs_policy=diff,
             )
         )

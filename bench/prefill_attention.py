@@ -53,12 +53,12 @@ from zipvl_compile.runtime.kernels.kept_attention import (
     keep_to_index,
     kept_causal_attention,
     kept_causal_attention_lse,
-    kept_mask,
     pack_kept,
     unpack_kept,
     varlen_attention,
 )
 from zipvl_compile.runtime.kernels.local_attention import local_attention
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
 from zipvl_compile.runtime.kernels.sink_attention import sink_attention, sink_merge_triton
 
 SHAPES = {"qwen2-7b": (28, 4, 128), "llava-next-7b": (32, 32, 128)}  # (Hq, Hkv, d)
@@ -126,13 +126,15 @@ def dense_backends() -> dict[str, Callable[[Inputs], torch.Tensor]]:
     return found
 
 
-def random_kept(n: int, ratio: float, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, count) of round(ratio * n) uniformly random positions of one row, ascending."""
+def random_kept(t: Inputs, ratio: float, seed: int) -> PrefillPlan:
+    """The "paper" plan of ``t`` (no padding) keeping round(ratio * n) uniformly random positions of its row."""
+    n = t.q.shape[1]
     g = torch.Generator().manual_seed(seed)
     keep = torch.zeros(1, n, dtype=torch.bool)
     keep[0, torch.randperm(n, generator=g)[: round(ratio * n)]] = True
     idx, count = keep_to_index(keep)
-    return idx.to(device), count.to(device)
+    keep, idx, count = (x.to(t.q.device) for x in (keep, idx, count))
+    return PrefillPlan("paper", keep, idx, count, torch.ones_like(keep), 0, 0, t.scale, t.n_rep)
 
 
 def probe_select_fn(t: Inputs) -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
@@ -224,13 +226,13 @@ def _div(num: float | None, den: float | None, factor: float = 1.0) -> float | N
 
 
 def _time_kept_backend(
-    b: str, t: Inputs, idx: torch.Tensor, count: torch.Tensor, packed: tuple, errors: dict[str, str], no_graph: set[str]
+    b: str, t: Inputs, plan: PrefillPlan, packed: tuple, errors: dict[str, str], no_graph: set[str]
 ) -> tuple[float | None, ...]:
     """(eager ms, CUDA-graph ms, varlen-kernel-alone ms) of backend ``b``; a failed capture is not retried."""
     q, k, v = t.bhsd()
-    plan, qp, kp, vp = packed
-    call = lambda: kept_causal_attention(q, k, v, idx, count, t.scale, t.n_rep, backend=b)
-    kernel = lambda: varlen_attention(qp, kp, vp, plan, q.shape[2], t.scale, t.n_rep, b)
+    packing, qp, kp, vp = packed
+    call = lambda: kept_causal_attention(q, k, v, plan, backend=b)
+    kernel = lambda: varlen_attention(qp, kp, vp, packing, q.shape[2], t.scale, t.n_rep, b)
     eager = _guard(lambda: median_ms(call), errors, f"sparse/{b}")
     graph = None if b in no_graph else _guard(lambda: cuda_graph_ms(call), errors, f"graph/{b}")
     if f"graph/{b}" in errors:
@@ -239,41 +241,38 @@ def _time_kept_backend(
 
 
 def time_sparse(
-    t: Inputs, idx: torch.Tensor, count: torch.Tensor, kernels: list[str], errors: dict[str, str], no_graph: set[str]
+    t: Inputs, plan: PrefillPlan, kernels: list[str], errors: dict[str, str], no_graph: set[str]
 ) -> dict[str, Any]:
     """Timings of kept_causal_attention per backend (eager, CUDA graph, varlen kernel alone) and of its
     pack / unpack stages, with the best backend's peak extra memory and an output sanity check."""
     q, k, v = t.bhsd()
-    packed = pack_kept(q, k, v, idx, count)
-    times = {b: _time_kept_backend(b, t, idx, count, packed, errors, no_graph) for b in kernels}
+    packed = pack_kept(q, k, v, plan.idx, plan.count)
+    times = {b: _time_kept_backend(b, t, plan, packed, errors, no_graph) for b in kernels}
     res: dict[str, Any] = {
         f"{key}_all_ms": {b: times[b][i] for b in kernels} for i, key in enumerate(("sparse", "sparse_graph", "kernel"))
     }
     best = res["sparse_backend"] = _best(res["sparse_all_ms"])
-    res["pack_ms"] = _guard(lambda: median_ms(lambda: pack_kept(q, k, v, idx, count)), errors, "pack")
+    res["pack_ms"] = _guard(lambda: median_ms(lambda: pack_kept(q, k, v, plan.idx, plan.count)), errors, "pack")
     if best is None:
         return res
     for key in ("sparse", "sparse_graph", "kernel"):
         res[f"{key}_ms"] = res[f"{key}_all_ms"][best]
-    plan, qp, kp, vp = packed
-    out_packed = varlen_attention(qp, kp, vp, plan, q.shape[2], t.scale, t.n_rep, best)
-    res["unpack_ms"] = _guard(lambda: median_ms(lambda: unpack_kept(out_packed, plan)), errors, "unpack")
-    call = lambda: kept_causal_attention(q, k, v, idx, count, t.scale, t.n_rep, backend=best)
+    packing, qp, kp, vp = packed
+    out_packed = varlen_attention(qp, kp, vp, packing, q.shape[2], t.scale, t.n_rep, best)
+    res["unpack_ms"] = _guard(lambda: median_ms(lambda: unpack_kept(out_packed, packing)), errors, "unpack")
+    call = lambda: kept_causal_attention(q, k, v, plan, backend=best)
     res["output_finite"] = bool(call().isfinite().all())
     res["peak_extra_mb"] = _guard(lambda: peak_memory_mb(call), errors, "peak")
     return res
 
 
-def time_local(t: Inputs, idx: torch.Tensor, count: torch.Tensor, window: int, errors: dict[str, str]) -> float | None:
-    """ms of the local_window prefill attention on the kept set (idx, count); None when window is 0."""
+def time_local(t: Inputs, plan: PrefillPlan, window: int, errors: dict[str, str]) -> float | None:
+    """ms of the local_window prefill attention on the kept set of ``plan``; None when window is 0."""
     if window <= 0:
         return None
     q, k, v = t.bhsd()
-    keep = kept_mask(idx, count)
-    valid = torch.ones_like(keep)
-    return _guard(
-        lambda: median_ms(lambda: local_attention(q, k, v, keep, valid, window, t.scale, t.n_rep)), errors, "local"
-    )
+    plan = plan._replace(mode="local", window=window)
+    return _guard(lambda: median_ms(lambda: local_attention(q, k, v, plan)), errors, "local")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,15 +284,13 @@ class SinkOptions:
 
 
 def time_sinks(
-    t: Inputs, idx: torch.Tensor, count: torch.Tensor, opts: SinkOptions, kernels: list[str], errors: dict[str, str]
+    t: Inputs, plan: PrefillPlan, opts: SinkOptions, kernels: list[str], errors: dict[str, str]
 ) -> dict[str, Any]:
     """Timings of sink_attention per kept-part backend (eager), the best one from a CUDA graph, and its two
     stages alone. Its Triton stages run on CUDA, or on CPU under TRITON_INTERPRET=1 (else the reference)."""
     q, k, v = t.bhsd()
-    keep = kept_mask(idx, count)
-    valid = torch.ones_like(keep)
     fast = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    args = (q, k, v, keep, valid, opts.window, opts.sinks, t.scale, t.n_rep)
+    args = (q, k, v, plan._replace(mode="sinks", window=opts.window, sinks=opts.sinks))
     calls = {b: (lambda b=b: sink_attention(*args, backend=b, use_triton=fast)) for b in kernels}
     res: dict[str, Any] = {
         "sinks_all_ms": {b: _guard(lambda fn=fn: median_ms(fn), errors, f"sinks/{b}") for b, fn in calls.items()}
@@ -306,7 +303,7 @@ def time_sinks(
     res["sinks_output_finite"] = bool(calls[best]().isfinite().all())
     if not fast:
         return res
-    kept_part = lambda: kept_causal_attention_lse(q, k, v, idx, count, t.scale, t.n_rep, backend=best)
+    kept_part = lambda: kept_causal_attention_lse(*args, backend=best)
     res["sinks_kept_ms"] = _guard(lambda: median_ms(kept_part), errors, "sinks_kept")
     part = kept_part()
     merge = lambda: sink_merge_triton(*args, part)
@@ -341,11 +338,11 @@ def bench_length(
     kernels = [b for b in available_backends() if b in _VARLEN_KERNELS] or ["sdpa_padded"]
     rows = []
     for ratio in ratios:
-        idx, count = random_kept(n, ratio, device, seed=n + round(ratio * 1000))
+        plan = random_kept(t, ratio, seed=n + round(ratio * 1000))
         r = round(ratio * n) / n
-        sparse = time_sparse(t, idx, count, kernels, errors, no_graph) if "paper" in modes else {}
-        local_ms = time_local(t, idx, count, window, errors) if "local" in modes else None
-        sinks = time_sinks(t, idx, count, sink_opts, kernels, errors) if "sinks" in modes else {}
+        sparse = time_sparse(t, plan, kernels, errors, no_graph) if "paper" in modes else {}
+        local_ms = time_local(t, plan, window, errors) if "local" in modes else None
+        sinks = time_sinks(t, plan, sink_opts, kernels, errors) if "sinks" in modes else {}
         ideal = r * r * dense_ms if dense_ms else None
         whole = time_whole_op(planted(heads, n, ratio, dtype, device), modes, errors) if planted_op else {}
         r_op = whole.get("op_kept_ratio")

@@ -5,19 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zipvl_compile.runtime.cpu_attention import Plan, prefill_attention
+from zipvl_compile.runtime.cpu_attention import prefill_attention
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index, kept_causal_attention_reference
 from zipvl_compile.runtime.kernels.local_attention import local_attention_reference
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
 from zipvl_compile.runtime.kernels.sink_attention import sink_attention_reference
 
 
-def _oracle(mode, q, k, v, keep, valid, window, sinks, scale, n_rep):
-    if mode == "paper":
-        out = kept_causal_attention_reference(q, k, v, *keep_to_index(keep), scale, n_rep)
-        return out.transpose(1, 2).contiguous().transpose(1, 2)
-    if mode == "local":
-        return local_attention_reference(q, k, v, keep, valid, window, scale, n_rep)
-    return sink_attention_reference(q, k, v, keep, valid, window, sinks, scale, n_rep)
+def _oracle(q, k, v, plan):
+    if plan.mode == "paper":
+        return kept_causal_attention_reference(q, k, v, plan).transpose(1, 2).contiguous().transpose(1, 2)
+    if plan.mode == "local":
+        return local_attention_reference(q, k, v, plan)
+    return sink_attention_reference(q, k, v, plan)
 
 
 @pytest.mark.parametrize("mode", ["paper", "local", "sinks"])
@@ -33,9 +33,9 @@ def test_matches_the_oracle(mode, batch, kv_heads, n_rep, n, d, window, sinks, d
     valid[-1, : n // 4] = False  # left padding in the last row
     keep = (torch.rand(batch, n, generator=g) < 0.4) & valid
     keep[:, -1] = True
-    plan = Plan(mode, keep, *keep_to_index(keep), valid, window, sinks, 0.3, n_rep)
+    plan = PrefillPlan(mode, keep, *keep_to_index(keep), valid, window, sinks, 0.3, n_rep)
     out = prefill_attention(q, k, v, plan)
-    want = _oracle(mode, q, k, v, keep, valid, window, sinks, 0.3, n_rep)
+    want = _oracle(q, k, v, plan)
     assert out.dtype == dtype and out.stride() == want.stride()
     tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out, want, **tol)

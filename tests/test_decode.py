@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from zipvl_compile.runtime.kernels.decode import decode_attention, decode_attention_triton
+from zipvl_compile.runtime.kernels.decode import DecodeCall, decode_attention, decode_attention_triton
 from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
 from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
 from zipvl_compile.runtime.layout import Segment, Tail
@@ -153,6 +153,11 @@ def to_device(args, device=DEVICE):
     return {k: move(v) for k, v in args.items()}
 
 
+def split(args):
+    """(q, DecodeCall) of a case's keyword arguments (those of the reference and the CPU path)."""
+    return args["q"], DecodeCall(**{name: value for name, value in args.items() if name != "q"})
+
+
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
 
 
@@ -162,7 +167,7 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2,
 def test_kernel_matches_reference(dtype, bits, n_rep):
     args, _ = make_case(n_rep=n_rep, bits=bits, dtype=dtype, seed=n_rep + 10 * bits[0])
     ref = decode_attention_reference(**args)
-    out = decode_attention_triton(**to_device(args), num_splits=(2, 3, 1))
+    out = decode_attention_triton(*split(to_device(args)), num_splits=(2, 3, 1))
     assert out.dtype == dtype and out.shape == args["q"].shape
     assert ref.abs().mean() > 0.1
     torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
@@ -213,7 +218,7 @@ def test_edge_cases(name):
     exp = dense_attention(args["q"], dense, args["n_rep"], args["scale"])
     torch.testing.assert_close(ref.double(), exp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(decode_attention_cpu(**args).double(), exp, atol=1e-5, rtol=1e-5)
-    out = decode_attention_triton(**to_device(args), num_splits=(2, 1, 2))
+    out = decode_attention_triton(*split(to_device(args)), num_splits=(2, 1, 2))
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
@@ -221,24 +226,24 @@ def test_edge_cases(name):
 def test_splits_agree(num_splits):
     args, _ = make_case(n_rep=4, seed=5)
     ref = decode_attention_reference(**args)
-    out = decode_attention_triton(**to_device(args), num_splits=num_splits)
+    out = decode_attention_triton(*split(to_device(args)), num_splits=num_splits)
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
 def test_dispatcher():
     args, _ = make_case(seed=2)
     ref = decode_attention_reference(**args)
-    assert torch.equal(decode_attention(**args, use_triton=False), decode_attention_cpu(**args))
-    out = decode_attention(**to_device(args), use_triton=True)
+    assert torch.equal(decode_attention(*split(args), use_triton=False), decode_attention_cpu(**args))
+    out = decode_attention(*split(to_device(args)), use_triton=True)
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
 def test_bad_shapes():
     args, _ = make_case()
     with pytest.raises(ValueError, match="Hq = H\\*n_rep"):
-        decode_attention_triton(**{**args, "n_rep": 3})
+        decode_attention_triton(*split({**args, "n_rep": 3}))
     with pytest.raises(ValueError, match="CUDA-core path serves n_rep = 1"):
-        decode_attention_triton(**args, fma=True)
+        decode_attention_triton(*split(args), fma=True)
 
 
 @pytest.mark.parametrize("fma", [True, False])
@@ -246,7 +251,7 @@ def test_both_paths_serve_one_head(fma):
     """n_rep = 1 runs the CUDA-core path by default; the tensor-core path must give the same result there."""
     args, _ = make_case(n_rep=1, seed=5)
     ref = decode_attention_reference(**args)
-    out = decode_attention_triton(**to_device(args), num_splits=(2, 1, 1), fma=fma)
+    out = decode_attention_triton(*split(to_device(args)), num_splits=(2, 1, 1), fma=fma)
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
@@ -268,7 +273,7 @@ def test_bf16_gpu(n_rep, d):
     )
     exp = dense_attention(args["q"], dense, n_rep, args["scale"]).float()
     ref = decode_attention_reference(**args)
-    out = decode_attention(**to_device(args, "cuda"))
+    out = decode_attention(*split(to_device(args, "cuda")))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.cpu().float(), exp, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.cpu().float(), ref.float(), atol=2e-2, rtol=2e-2)

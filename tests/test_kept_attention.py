@@ -25,6 +25,7 @@ from zipvl_compile.runtime.kernels.kept_attention import (
     unpack_rows_reference,
     unpack_rows_triton,
 )
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
 
 HEADS = [(4, 4), (4, 2), (4, 1)]  # (Hq, Hkv): MHA, GQA, MQA
 # kept sets of the two batch rows: random masks with ~40 % / ~70 % kept, or explicit edge cases
@@ -69,7 +70,7 @@ def _inputs(
     bshd_memory: bool = True,
 ) -> tuple:
     """q, k, v as [B, H, n, d] (transposed views of (B, n, H, d) memory, as the decoder's q/k after RoPE are,
-    or contiguous), idx with a scrambled tail, count (int32), keep, scale, n_rep."""
+    or contiguous) and the "paper" plan: keep, idx with a scrambled tail, count (int32), scale d^-0.5, n_rep."""
     n_q, n_kv = heads
     batch = 2
     tensors = []
@@ -80,7 +81,12 @@ def _inputs(
     idx, count = keep_to_index(keep)
     idx = _scramble_tail(idx, count, g)
     count = count.to(torch.int32)  # any integer dtype is accepted
-    return (*tensors, idx.to(DEVICE), count.to(DEVICE), keep.to(DEVICE), d**-0.5, n_q // n_kv)
+    return (*tensors, _paper_plan(keep.to(DEVICE), idx.to(DEVICE), count.to(DEVICE), d**-0.5, n_q // n_kv))
+
+
+def _paper_plan(keep: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: float, n_rep: int) -> PrefillPlan:
+    """The plan of the kept-only attention (no padding; window and sinks unused)."""
+    return PrefillPlan("paper", keep, idx, count, torch.ones_like(keep), 0, 0, scale, n_rep)
 
 
 def test_keep_to_index_and_kept_mask() -> None:
@@ -98,9 +104,10 @@ def test_keep_to_index_and_kept_mask() -> None:
 
 def test_reference_matches_per_row_loop() -> None:
     """The O(n^2) reference against gather -> causal softmax -> scatter written out per row and head."""
-    q, k, v, idx, count, keep, scale, n_rep = _inputs((4, 2), 40, 16, torch.float64, "random", _gen("loop"))
-    out = kept_causal_attention_reference(q, k, v, idx, count, scale, n_rep)
+    q, k, v, plan = _inputs((4, 2), 40, 16, torch.float64, "random", _gen("loop"))
+    out = kept_causal_attention_reference(q, k, v, plan)
     expect = torch.zeros_like(out)
+    idx, count, scale, n_rep = plan.idx, plan.count, plan.scale, plan.n_rep
     for b in range(q.shape[0]):
         t = idx[b, : count[b]]
         for h in range(q.shape[1]):
@@ -116,9 +123,10 @@ def test_reference_matches_per_row_loop() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_packed_path_matches_reference(dtype: torch.dtype, heads: tuple, pattern: str, use_triton: bool) -> None:
     g = _gen((dtype, heads, pattern, use_triton))
-    q, k, v, idx, count, keep, scale, n_rep = _inputs(heads, 24, 16, dtype, pattern, g, bshd_memory=not use_triton)
-    out = kept_causal_attention(q, k, v, idx, count, scale, n_rep, backend="sdpa_padded", use_triton=use_triton)
-    ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
+    q, k, v, plan = _inputs(heads, 24, 16, dtype, pattern, g, bshd_memory=not use_triton)
+    out = kept_causal_attention(q, k, v, plan, backend="sdpa_padded", use_triton=use_triton)
+    ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), plan)
+    keep = plan.keep
     assert out.shape == q.shape and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
@@ -127,22 +135,24 @@ def test_packed_path_matches_reference(dtype: torch.dtype, heads: tuple, pattern
     assert (out.transpose(1, 2)[keep] != 0).any(dim=-1).all()
 
 
-def _check_kept_part(q, k, v, idx, count, keep, scale, n_rep, backend: str, use_triton: bool | None, tol: dict) -> None:
-    """kept_causal_attention_lse: packed output and lse of every kept position (read through plan.inv) match
-    the references."""
-    part = kept_causal_attention_lse(q, k, v, idx, count, scale, n_rep, backend=backend, use_triton=use_triton)
+def _check_kept_part(q, k, v, plan: PrefillPlan, backend: str, use_triton: bool | None, tol: dict) -> None:
+    """kept_causal_attention_lse: packed output and lse of every kept position (read through part.plan.inv)
+    match the references."""
+    part = kept_causal_attention_lse(q, k, v, plan, backend=backend, use_triton=use_triton)
+    keep = plan.keep
     rows = part.plan.inv.view(keep.shape)[keep]
-    ref_out = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
-    ref_lse = kept_lse_reference(q.float(), k.float(), idx, count, scale, n_rep)
+    ref_out = kept_causal_attention_reference(q.float(), k.float(), v.float(), plan)
+    ref_lse = kept_lse_reference(q.float(), k.float(), plan)
     assert part.out.dtype == q.dtype and part.lse.dtype == torch.float32
     torch.testing.assert_close(part.out[rows].float(), ref_out.transpose(1, 2)[keep], **tol)
     torch.testing.assert_close(part.lse[rows], ref_lse.transpose(1, 2)[keep], **tol)
 
 
 def test_kept_lse_reference_matches_per_row_loop() -> None:
-    q, k, _, idx, count, keep, scale, n_rep = _inputs((4, 2), 30, 16, torch.float64, "random", _gen("lse loop"))
-    lse = kept_lse_reference(q, k, idx, count, scale, n_rep)
-    assert lse[~keep[:, None].expand_as(lse)].eq(float("-inf")).all()
+    q, k, _, plan = _inputs((4, 2), 30, 16, torch.float64, "random", _gen("lse loop"))
+    lse = kept_lse_reference(q, k, plan)
+    assert lse[~plan.keep[:, None].expand_as(lse)].eq(float("-inf")).all()
+    idx, count, scale, n_rep = plan.idx, plan.count, plan.scale, plan.n_rep
     for b in range(q.shape[0]):
         t = idx[b, : count[b]]
         for h in range(q.shape[1]):
@@ -157,18 +167,19 @@ def test_kept_part_with_lse_matches_reference(dtype: torch.dtype, use_triton: bo
     """The "sdpa_padded" lse by query chunks (forced small here) and the "reference" backend's packed form."""
     monkeypatch.setattr(kept_attention, "_LSE_CHUNK_SCORES", 2 * 4 * 24 * 5)  # 5 queries per chunk
     g = _gen(("lse", dtype, use_triton))
-    q, k, v, idx, count, keep, scale, n_rep = _inputs((4, 2), 24, 16, dtype, "none_and_random", g)
+    q, k, v, plan = _inputs((4, 2), 24, 16, dtype, "none_and_random", g)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
     for backend in ("sdpa_padded", "reference"):
-        _check_kept_part(q, k, v, idx, count, keep, scale, n_rep, backend, use_triton, tol)
+        _check_kept_part(q, k, v, plan, backend, use_triton, tol)
 
 
 @pytest.mark.parametrize("bshd_memory", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_pack_unpack_match_reference(dtype: torch.dtype, bshd_memory: bool) -> None:
     g = _gen(("pack", dtype, bshd_memory))
-    q, _, _, idx, count, _, _, _ = _inputs((3, 3), 37, 24, dtype, "random", g, bshd_memory)
-    plan = make_plan(idx, count)
+    q, _, _, prefill = _inputs((3, 3), 37, 24, dtype, "random", g, bshd_memory)
+    count = prefill.count
+    plan = make_plan(prefill.idx, count)
     x = q.transpose(1, 2)
     total = int(count.sum())
     packed = pack_rows_triton(x, plan)
@@ -202,12 +213,13 @@ def test_default_backend_and_validation() -> None:
     if not torch.cuda.is_available():
         assert available_backends() == ("sdpa_padded", "reference")
     assert default_backend(q) == "reference"
-    idx, count = keep_to_index(torch.rand(1, 8, generator=_gen("default")) < 0.5)
-    out = kept_causal_attention(q, q[:, :1], q[:, :1], idx, count, 0.25, 2)
-    ref = kept_causal_attention_reference(q, q[:, :1], q[:, :1], idx, count, 0.25, 2)
+    keep = torch.rand(1, 8, generator=_gen("default")) < 0.5
+    plan = _paper_plan(keep, *keep_to_index(keep), 0.25, 2)
+    out = kept_causal_attention(q, q[:, :1], q[:, :1], plan)
+    ref = kept_causal_attention_reference(q, q[:, :1], q[:, :1], plan)
     assert torch.equal(out, ref) and out.transpose(1, 2).is_contiguous()
     with pytest.raises(ValueError, match="not available"):
-        kept_causal_attention(q, q, q, idx, count, 0.25, 1, backend="no_such_backend")
+        kept_causal_attention(q, q, q, plan._replace(n_rep=1), backend="no_such_backend")
 
 
 def test_traces_fullgraph_without_host_sync() -> None:
@@ -216,9 +228,9 @@ def test_traces_fullgraph_without_host_sync() -> None:
     torch._dynamo.reset()
     fn = torch.compile(kept_causal_attention, fullgraph=True, backend="eager")
     for pattern in ("random", "one_and_all"):
-        q, k, v, idx, count, _, scale, n_rep = _inputs((4, 2), 24, 16, torch.float32, pattern, _gen(pattern))
-        out = fn(q, k, v, idx, count, scale, n_rep, backend="sdpa_padded", use_triton=False)
-        ref = kept_causal_attention_reference(q, k, v, idx, count, scale, n_rep)
+        q, k, v, plan = _inputs((4, 2), 24, 16, torch.float32, pattern, _gen(pattern))
+        out = fn(q, k, v, plan, backend="sdpa_padded", use_triton=False)
+        ref = kept_causal_attention_reference(q, k, v, plan)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -239,11 +251,10 @@ def test_gpu_backend_matches_reference(backend: str, heads: tuple, pattern: str)
     if backend not in available_backends():
         pytest.skip(f"{backend} not available")
     n, d = 1000, 128  # not a multiple of any tile size
-    q, k, v, idx, count, keep, scale, n_rep = _inputs(
-        heads, n, d, torch.bfloat16, pattern, _gen(("gpu", backend, heads, pattern))
-    )
-    out = kept_causal_attention(q, k, v, idx, count, scale, n_rep, backend=backend)
-    ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
+    q, k, v, plan = _inputs(heads, n, d, torch.bfloat16, pattern, _gen(("gpu", backend, heads, pattern)))
+    out = kept_causal_attention(q, k, v, plan, backend=backend)
+    ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), plan)
+    keep = plan.keep
     assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
     assert _rel_err(out, ref) < 1e-2
     assert (out.transpose(1, 2)[~keep] == 0).all()
@@ -258,23 +269,21 @@ def test_gpu_backend_lse_matches_reference(backend: str, heads: tuple) -> None:
     """Every varlen backend's log-sum-exp (layout, natural log) against the fp32 reference."""
     if backend not in available_backends():
         pytest.skip(f"{backend} not available")
-    q, k, v, idx, count, keep, scale, n_rep = _inputs(
-        heads, 1000, 128, torch.bfloat16, "random", _gen(("lse", backend))
-    )
-    _check_kept_part(q, k, v, idx, count, keep, scale, n_rep, backend, None, dict(rtol=2e-2, atol=2e-2))
+    q, k, v, plan = _inputs(heads, 1000, 128, torch.bfloat16, "random", _gen(("lse", backend)))
+    _check_kept_part(q, k, v, plan, backend, None, dict(rtol=2e-2, atol=2e-2))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_default_backend_and_pack_kernels() -> None:
-    q, k, v, idx, count, _, scale, n_rep = _inputs((8, 2), 3000, 128, torch.bfloat16, "random", _gen("dflt"))
+    q, k, v, prefill = _inputs((8, 2), 3000, 128, torch.bfloat16, "random", _gen("dflt"))
     assert default_backend(q) == available_backends()[0]
-    plan = make_plan(idx, count)
-    total = int(count.sum())
+    plan = make_plan(prefill.idx, prefill.count)
+    total = int(prefill.count.sum())
     for x in (q, k):
         packed = pack_rows_triton(x.transpose(1, 2), plan)
         assert torch.equal(packed[:total], pack_rows_reference(x.transpose(1, 2), plan)[:total])
         assert (packed[total : total + _TAIL_ZERO_ROWS] == 0).all()
-    out = kept_causal_attention(q, k, v, idx, count, scale, n_rep)
-    ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), idx, count, scale, n_rep)
+    out = kept_causal_attention(q, k, v, prefill)
+    ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), prefill)
     assert _rel_err(out, ref) < 1e-2

@@ -10,7 +10,9 @@ from conftest import DEVICE
 
 import zipvl_compile
 from zipvl_compile import ZipVLConfig
+from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
 from zipvl_compile.runtime.kernels.local_attention import local_attention_reference, local_attention_triton
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
 from zipvl_compile.runtime.reference import dense_attention
 from zipvl_compile.testing import build_text
 
@@ -34,6 +36,10 @@ def _inputs(heads, n, d, dtype, g, pad=13, device="cpu"):
     return *(x.to(dtype).to(device) for x in (q, k, v)), keep.to(device), valid.to(device)
 
 
+def _plan(keep, valid, window, scale, n_rep) -> PrefillPlan:
+    return PrefillPlan("local", keep, *keep_to_index(keep), valid, window, 0, scale, n_rep)
+
+
 def _loop_reference(q, k, v, keep, valid, window, scale, n_rep):
     """One query at a time: softmax over {j <= i : valid_j and (keep_j or i - j < window)}; 0 at padding rows."""
     batch, hq, n, _ = q.shape
@@ -53,7 +59,7 @@ def _loop_reference(q, k, v, keep, valid, window, scale, n_rep):
 @pytest.mark.parametrize("window", [1, 5, 64])
 def test_reference_matches_per_query_loop(window: int) -> None:
     q, k, v, keep, valid = _inputs((4, 2), 40, 8, torch.float32, _gen(("loop", window)))
-    out = local_attention_reference(q, k, v, keep, valid, window, 0.3, 2)
+    out = local_attention_reference(q, k, v, _plan(keep, valid, window, 0.3, 2))
     torch.testing.assert_close(out, _loop_reference(q, k, v, keep, valid, window, 0.3, 2), atol=1e-5, rtol=1e-5)
     assert out.transpose(1, 2).is_contiguous()
 
@@ -66,8 +72,9 @@ def test_triton_matches_reference(dtype: torch.dtype, d: int, heads: tuple, wind
     g = _gen(("triton", dtype, heads, window))
     q, k, v, keep, valid = _inputs(heads, 150, d, dtype, g, device=DEVICE)
     n_rep = heads[0] // heads[1]
-    out = local_attention_triton(q, k, v, keep, valid, window, d**-0.5, n_rep)
-    want = local_attention_reference(q, k, v, keep, valid, window, d**-0.5, n_rep)
+    plan = _plan(keep, valid, window, d**-0.5, n_rep)
+    out = local_attention_triton(q, k, v, plan)
+    want = local_attention_reference(q, k, v, plan)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(out, want, **tol)
     assert (out[1, :, :13] == 0).all() and (out[0] != 0).any(dim=-1).all()
@@ -83,7 +90,7 @@ def test_op_window_keeps_selection_and_fills_every_valid_row() -> None:
     out, keep_w, ratio_w = OP(q, k, v, mask, **args, prefill_mode="local", local_window=8)
     assert torch.equal(keep, keep_w) and torch.equal(ratio, ratio_w)
     assert not keep[valid].all(), "the test needs non-kept tokens"
-    want = local_attention_reference(q, k, v, keep, valid, 8, 0.25, 2)
+    want = local_attention_reference(q, k, v, _plan(keep, valid, 8, 0.25, 2))
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     rows = out.abs().sum(dim=(1, 3)) > 0
     assert torch.equal(rows, valid)
@@ -154,6 +161,7 @@ def test_gpu_bf16_matches_reference(heads: tuple) -> None:
     g = _gen(("gpu", heads))
     q, k, v, keep, valid = _inputs(heads, 1000, 128, torch.bfloat16, g, pad=77, device="cuda")
     n_rep = heads[0] // heads[1]
-    out = local_attention_triton(q, k, v, keep, valid, 64, 128**-0.5, n_rep)
-    want = local_attention_reference(q, k, v, keep, valid, 64, 128**-0.5, n_rep)
+    plan = _plan(keep, valid, 64, 128**-0.5, n_rep)
+    out = local_attention_triton(q, k, v, plan)
+    want = local_attention_reference(q, k, v, plan)
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)

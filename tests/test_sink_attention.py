@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE
 
-from zipvl_compile.runtime.kernels.kept_attention import available_backends
+from zipvl_compile.runtime.kernels.kept_attention import available_backends, keep_to_index
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
 from zipvl_compile.runtime.kernels.sink_attention import (
     sink_attention,
     sink_attention_reference,
@@ -45,6 +46,11 @@ def _keep(pattern: str, valid: torch.Tensor, g: torch.Generator) -> torch.Tensor
     return torch.zeros_like(valid).scatter_(-1, last[:, None], True)
 
 
+def _plan(keep: torch.Tensor, valid: torch.Tensor, window: int, sinks: int, scale: float, n_rep: int) -> PrefillPlan:
+    """The "sinks" plan; keep may hold padding tokens, the kept list is that of keep & valid."""
+    return PrefillPlan("sinks", keep, *keep_to_index(keep & valid), valid, window, sinks, scale, n_rep)
+
+
 def _inputs(heads: tuple[int, int], n: int, d: int, dtype: torch.dtype, padding: str, pattern: str, g) -> tuple:
     """q, k, v [B, H, n, d] (transposed views of (B, n, H, d) memory, as the decoder's), keep, valid, scale,
     n_rep; B = 2, everything on DEVICE."""
@@ -61,7 +67,7 @@ def test_reference_matches_per_query_loop() -> None:
     window, sinks, n = 3, 2, 14
     q, k, v, keep, valid, scale, n_rep = _inputs((4, 2), n, 8, torch.float64, "left", "random", g)
     valid[1] = _valid("right", 2, n)[1].to(DEVICE)  # row 0 left-, row 1 right-padded
-    out = sink_attention_reference(q, k, v, keep, valid, window, sinks, scale, n_rep)
+    out = sink_attention_reference(q, k, v, _plan(keep, valid, window, sinks, scale, n_rep))
     expect = torch.zeros_like(out)
     for b in range(2):
         rank = valid[b].cumsum(0) - valid[b].long()
@@ -120,8 +126,9 @@ def test_triton_path_matches_reference(
 ) -> None:
     g = _gen((dtype, heads, n, window, sinks, padding, pattern, backend))
     q, k, v, keep, valid, scale, n_rep = _inputs(heads, n, 16, dtype, padding, pattern, g)
-    out = sink_attention(q, k, v, keep, valid, window, sinks, scale, n_rep, backend=backend, use_triton=True)
-    ref = sink_attention_reference(q.float(), k.float(), v.float(), keep, valid, window, sinks, scale, n_rep)
+    plan = _plan(keep, valid, window, sinks, scale, n_rep)
+    out = sink_attention(q, k, v, plan, backend=backend, use_triton=True)
+    ref = sink_attention_reference(q.float(), k.float(), v.float(), plan)
     assert out.shape == q.shape and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
@@ -137,8 +144,9 @@ def test_all_kept_equals_causal_dense(padding: str, backend: str) -> None:
     """Every valid token kept: the window and the sinks add nothing (all their keys are in the kept part), so
     each row's valid tokens get plain causal attention among themselves."""
     q, k, v, keep, valid, scale, n_rep = _inputs((4, 2), 40, 16, torch.float32, padding, "all", _gen(padding))
-    out = sink_attention(q, k, v, keep, valid, 8, 4, scale, n_rep, backend=backend, use_triton=True)
-    ref = sink_attention_reference(q, k, v, keep, valid, 8, 4, scale, n_rep)
+    plan = _plan(keep, valid, 8, 4, scale, n_rep)
+    out = sink_attention(q, k, v, plan, backend=backend, use_triton=True)
+    ref = sink_attention_reference(q, k, v, plan)
     for b in range(2):
         span = valid[b].nonzero()[:, 0]
         dense = F.scaled_dot_product_attention(
@@ -151,17 +159,17 @@ def test_all_kept_equals_causal_dense(padding: str, backend: str) -> None:
 
 def test_cpu_default_is_the_reference_and_bad_arguments_raise() -> None:
     q, k, v, keep, valid, scale, n_rep = _inputs((4, 2), 24, 16, torch.float32, "left", "random", _gen("cpu"))
+    plan = _plan(keep, valid, 8, 4, scale, n_rep)
     if not q.is_cuda:
-        out = sink_attention(q, k, v, keep, valid, 8, 4, scale, n_rep)
-        assert torch.equal(out, sink_attention_reference(q, k, v, keep, valid, 8, 4, scale, n_rep))
+        assert torch.equal(sink_attention(q, k, v, plan), sink_attention_reference(q, k, v, plan))
     with pytest.raises(ValueError, match="window >= 1"):
-        sink_attention(q, k, v, keep, valid, 0, 4, scale, n_rep)
+        sink_attention(q, k, v, plan._replace(window=0))
     with pytest.raises(ValueError, match="sinks >= 0"):
-        sink_attention(q, k, v, keep, valid, 8, -1, scale, n_rep)
+        sink_attention(q, k, v, plan._replace(sinks=-1))
     with pytest.raises(ValueError, match="keep must be bool"):
-        sink_attention(q, k, v, keep.int(), valid, 8, 4, scale, n_rep)
+        sink_attention(q, k, v, plan._replace(keep=keep.int()))
     with pytest.raises(ValueError, match="n_rep = 3"):
-        sink_attention(q, k, v, keep, valid, 8, 4, scale, 3)
+        sink_attention(q, k, v, plan._replace(n_rep=3))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,8 +186,9 @@ def test_gpu_sink_attention_matches_reference(backend: str | None, heads: tuple)
     n, d = 1000, 128  # not a multiple of any tile size
     g = _gen(("gpu", backend, heads))
     q, k, v, keep, valid, scale, n_rep = _inputs(heads, n, d, torch.bfloat16, "left", "random", g)
-    out = sink_attention(q, k, v, keep, valid, 64, 4, scale, n_rep, backend=backend)
-    ref = sink_attention_reference(q.float(), k.float(), v.float(), keep, valid, 64, 4, scale, n_rep)
+    plan = _plan(keep, valid, 64, 4, scale, n_rep)
+    out = sink_attention(q, k, v, plan, backend=backend)
+    ref = sink_attention_reference(q.float(), k.float(), v.float(), plan)
     assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
     assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
     assert (out.transpose(1, 2)[~valid] == 0).all()

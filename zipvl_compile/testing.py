@@ -119,38 +119,45 @@ _QWEN2_5_VL_VISION = dict(
 # Mllama's tower: VISION's sizes under its own name for the head count
 _MLLAMA_VISION = {("attention_heads" if k == "num_attention_heads" else k): v for k, v in VISION.items()}
 
+
+def _vlm(
+    model: type[T.PreTrainedModel],
+    vision: Callable[[], T.PretrainedConfig],
+    text: Callable[[], T.PretrainedConfig],
+    inputs: Callable[[], dict[str, torch.Tensor]],
+    **options: object,
+) -> _Vlm:
+    """The :class:`_Vlm` of ``model`` whose config is its config class built from fresh ``vision()`` and
+    ``text()`` configs and ``options``."""
+    return _Vlm(model, lambda: model.config_class(vision_config=vision(), text_config=text(), **options), inputs)
+
+
 VLMS = {
-    "llava": _Vlm(
+    "llava": _vlm(
         T.LlavaForConditionalGeneration,
-        lambda: T.LlavaConfig(
-            vision_config=T.CLIPVisionConfig(**VISION, projection_dim=32),
-            text_config=T.LlamaConfig(**TXT),
-            image_token_index=IMG,
-            image_seq_length=16,
-        ),
+        lambda: T.CLIPVisionConfig(**VISION, projection_dim=32),
+        lambda: T.LlamaConfig(**TXT),
         lambda: _image_prompt(16, (1, 3, 32, 32)),
+        image_token_index=IMG,
+        image_seq_length=16,
     ),
-    "llava_next": _Vlm(
+    "llava_next": _vlm(
         T.LlavaNextForConditionalGeneration,
-        lambda: T.LlavaNextConfig(
-            vision_config=T.CLIPVisionConfig(**VISION, projection_dim=32),
-            text_config=T.LlamaConfig(**TXT),
-            image_token_index=IMG,
-            image_grid_pinpoints=_PINPOINTS,
-            image_seq_length=16,
-        ),
+        lambda: T.CLIPVisionConfig(**VISION, projection_dim=32),
+        lambda: T.LlamaConfig(**TXT),
         lambda: _image_prompt(36, (1, 2, 3, 32, 32), image_sizes=torch.tensor([[32, 32]])),
+        image_token_index=IMG,
+        image_grid_pinpoints=_PINPOINTS,
+        image_seq_length=16,
     ),
-    "llava_onevision": _Vlm(
+    "llava_onevision": _vlm(
         T.LlavaOnevisionForConditionalGeneration,
-        lambda: T.LlavaOnevisionConfig(
-            vision_config=T.SiglipVisionConfig(**VISION),
-            text_config=T.Qwen2Config(**TXT),
-            image_token_index=IMG,
-            video_token_index=501,
-            image_grid_pinpoints=_PINPOINTS,
-        ),
+        lambda: T.SiglipVisionConfig(**VISION),
+        lambda: T.Qwen2Config(**TXT),
         lambda: _image_prompt(36, (1, 2, 3, 32, 32), image_sizes=torch.tensor([[32, 32]])),
+        image_token_index=IMG,
+        video_token_index=501,
+        image_grid_pinpoints=_PINPOINTS,
     ),
     "qwen2_vl": _Vlm(
         T.Qwen2VLForConditionalGeneration,
@@ -164,66 +171,56 @@ VLMS = {
         ),
         _qwen_vl_inputs,
     ),
-    "idefics3": _Vlm(
+    "idefics3": _vlm(
         T.Idefics3ForConditionalGeneration,
-        lambda: T.Idefics3Config(
-            vision_config=T.Idefics3VisionConfig(**VISION),
-            text_config=T.LlamaConfig(**TXT),
-            image_token_id=IMG,
-            scale_factor=2,
-        ),
+        lambda: T.Idefics3VisionConfig(**VISION),
+        lambda: T.LlamaConfig(**TXT),
         lambda: _image_prompt(4, (1, 1, 3, 32, 32)),
+        image_token_id=IMG,
+        scale_factor=2,
     ),
-    "gemma3": _Vlm(
+    "gemma3": _vlm(
         T.Gemma3ForConditionalGeneration,
-        lambda: T.Gemma3Config(
-            text_config=T.Gemma3TextConfig(**TXT, query_pre_attn_scalar=16, sliding_window=8),
-            vision_config=T.SiglipVisionConfig(**VISION),
-            mm_tokens_per_image=4,
-            boi_token_index=502,
-            eoi_token_index=503,
-            image_token_index=IMG,
-        ),
+        lambda: T.SiglipVisionConfig(**VISION),
+        lambda: T.Gemma3TextConfig(**TXT, query_pre_attn_scalar=16, sliding_window=8),
         _gemma3_inputs,
+        mm_tokens_per_image=4,
+        boi_token_index=502,
+        eoi_token_index=503,
+        image_token_index=IMG,
     ),
-    "paligemma": _Vlm(
+    "paligemma": _vlm(
         T.PaliGemmaForConditionalGeneration,
-        lambda: T.PaliGemmaConfig(
-            text_config=T.GemmaConfig(**TXT),
-            vision_config=T.SiglipVisionConfig(**VISION, projection_dim=64),
-            image_token_index=IMG,
-            vocab_size=V,
-            projection_dim=64,
-            hidden_size=64,
-        ),
+        lambda: T.SiglipVisionConfig(**VISION, projection_dim=64),
+        lambda: T.GemmaConfig(**TXT),
         _paligemma_inputs,
+        image_token_index=IMG,
+        vocab_size=V,
+        projection_dim=64,
+        hidden_size=64,
     ),
-    "internvl": _Vlm(
+    "internvl": _vlm(
         T.InternVLForConditionalGeneration,
-        lambda: T.InternVLConfig(
-            vision_config=T.InternVLVisionConfig(**dict(VISION, image_size=[32, 32], patch_size=[8, 8])),
-            text_config=T.Qwen2Config(**TXT),
-            image_token_id=IMG,
-            image_seq_length=4,
-            downsample_ratio=0.5,
-        ),
+        lambda: T.InternVLVisionConfig(**dict(VISION, image_size=[32, 32], patch_size=[8, 8])),
+        lambda: T.Qwen2Config(**TXT),
         lambda: _image_prompt(4, (1, 3, 32, 32)),
+        image_token_id=IMG,
+        image_seq_length=4,
+        downsample_ratio=0.5,
     ),
-    "mllama": _Vlm(
+    "mllama": _vlm(
         T.MllamaForConditionalGeneration,
-        lambda: T.MllamaConfig(
-            vision_config=T.MllamaVisionConfig(
-                **_MLLAMA_VISION,
-                num_global_layers=1,
-                vision_output_dim=64,
-                max_num_tiles=1,
-                intermediate_layers_indices=[0],
-                supported_aspect_ratios=[[1, 1]],
-            ),
-            text_config=T.MllamaTextConfig(**_MLLAMA_TEXT, num_hidden_layers=3, cross_attention_layers=[1]),
-            image_token_index=V,
+        lambda: T.MllamaVisionConfig(
+            **_MLLAMA_VISION,
+            num_global_layers=1,
+            vision_output_dim=64,
+            max_num_tiles=1,
+            intermediate_layers_indices=[0],
+            supported_aspect_ratios=[[1, 1]],
         ),
+        lambda: T.MllamaTextConfig(**_MLLAMA_TEXT, num_hidden_layers=3, cross_attention_layers=[1]),
         _mllama_inputs,
+        image_token_index=V,
     ),
 }
 

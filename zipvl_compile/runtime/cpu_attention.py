@@ -8,8 +8,9 @@ Same semantics, shapes and output layout as the plain-torch oracles of the Trito
 these are the CPU bodies of the sparse op. Shapes:
 
     q        [B, Hq, n, d]   RoPE applied; k, v [B, Hkv, n, d] un-expanded, Hq = Hkv * n_rep.
-    keep     bool [B, n]     the kept set (padding never kept); valid bool [B, n], False = padding.
-    idx      int64 [B, n]    kept positions ascending, then the others; count int64 [B] (kernels.kept_attention).
+    plan     :class:`~zipvl_compile.runtime.kernels.plan.PrefillPlan`, the rule: its ``mode``, the kept set as
+             ``keep`` (padding never kept) and ``idx`` / ``count``, ``valid``, ``window``, ``sinks``, ``scale``,
+             ``n_rep``.
     returns  [B, Hq, n, d]   in q's dtype, memory (B, n, Hq, d); zero at padding rows (and, for the kept-only
                              attention, at rows outside the kept set).
 
@@ -25,6 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
+
 # Queries per band block: each reads _BLOCK + window - 1 keys, so a smaller block wastes less of its band on keys
 # outside a query's window, a larger one runs fewer, larger matmuls.
 _BLOCK = 32
@@ -32,22 +35,6 @@ _BLOCK = 32
 # oracles n^2: measured on one core (9 query / 3 KV heads, d = 64, window 128), the oracle is faster up to n ~ 4
 # windows, this path from ~8 windows at any kept ratio (between the two it depends on the ratio).
 _MIN_WINDOWS = 8
-
-
-class Plan(NamedTuple):
-    """The attention rule of one sparse prefill: ``mode`` ("paper", "local" or "sinks"), the kept set as mask
-    ``keep`` and index list ``idx`` / ``count``, ``valid``, the local ``window``, the ``sinks`` count, the logit
-    ``scale`` and ``n_rep`` query heads per KV head (shapes in the module docstring)."""
-
-    mode: str
-    keep: torch.Tensor
-    idx: torch.Tensor
-    count: torch.Tensor
-    valid: torch.Tensor
-    window: int
-    sinks: int
-    scale: float
-    n_rep: int
 
 
 class Part(NamedTuple):
@@ -73,13 +60,13 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.view(index.shape[0], 1, -1, *([1] * (x.dim() - 3))).expand(shape))
 
 
-def _kept_keys(k: torch.Tensor, v: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kept_keys(k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kept [B, c] = idx[:, :c] with c = max(count), k and v at them as [B, Hq, c, d])."""
     kept = plan.idx[:, : max(int(plan.count.max()), 1)]
     return kept, _heads(_rows(k, kept), plan.n_rep), _heads(_rows(v, kept), plan.n_rep)
 
 
-def kept_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> Part:
+def kept_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> Part:
     """Causal attention among the kept tokens, by SDPA over the gathered kept rows, scattered to position order
     (out 0 and lse -inf at rows outside the kept set)."""
     batch, heads, n, _ = q.shape
@@ -98,7 +85,7 @@ def kept_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> 
     return Part(full_out, full_lse.scatter_(2, slots, lse))
 
 
-def kept_keys_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> Part:
+def kept_keys_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> Part:
     """Every query over the kept keys j <= i, by SDPA over the gathered kept keys (lse -inf where none)."""
     kept, k_kept, v_kept = _kept_keys(k, v, plan)
     real = torch.arange(kept.shape[1], device=q.device) < plan.count[:, None]
@@ -119,7 +106,7 @@ def _sink_positions(valid: torch.Tensor, sinks: int) -> torch.Tensor:
     return out.scatter(-1, slot, torch.arange(n, device=valid.device).expand_as(slot))[:, :sinks]
 
 
-def banded_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> Part:
+def banded_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> Part:
     """Attention of every query over its window keys i - window < j <= i and the first ``sinks`` valid keys
     before it (none in the local mode), valid keys only, less the kept keys the kept part holds: key j when
     keep[i] and keep[j] (sinks mode), when keep[j] (local mode)."""
@@ -183,7 +170,7 @@ def is_faster(mode: str, n: int, window: int) -> bool:
     return mode == "paper" or n >= _MIN_WINDOWS * window
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> torch.Tensor:
     """The sparse prefill attention of ``plan.mode`` on CPU tensors (module docstring): "paper", kept queries
     over the kept keys j <= i; "local", every valid query over the kept keys j <= i and its window; "sinks", kept
     queries over the kept keys and every valid query over its window and the sinks (the kernels' rules)."""

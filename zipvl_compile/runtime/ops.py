@@ -25,6 +25,7 @@ import torch
 
 from zipvl_compile.runtime import packed, stats
 from zipvl_compile.runtime import sparse as sparse_impl
+from zipvl_compile.runtime.kernels.decode import DecodeCall
 from zipvl_compile.runtime.kernels.decode import decode_attention as decode_attention_impl
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 from zipvl_compile.runtime.reference import dense_attention
@@ -332,7 +333,7 @@ def _decode_attention(
     hi_bits: int = 4,
     lo_bits: int = 2,
 ) -> torch.Tensor:
-    return decode_attention_impl(q, Segment(*hi), Segment(*lo), Tail(*tail), scale, n_rep, hi_bits, lo_bits)
+    return decode_attention_impl(q, DecodeCall(Segment(*hi), Segment(*lo), Tail(*tail), scale, n_rep, hi_bits, lo_bits))
 
 
 def _decode_attention_fake(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:

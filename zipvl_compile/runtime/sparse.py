@@ -28,6 +28,7 @@ from zipvl_compile.runtime import cpu_attention
 from zipvl_compile.runtime.kernels.device import wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import kept_causal_attention
 from zipvl_compile.runtime.kernels.local_attention import local_attention, local_mask
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
 from zipvl_compile.runtime.kernels.probe import probe_colsum
 from zipvl_compile.runtime.kernels.select import SelectResult, select_kept
 from zipvl_compile.runtime.kernels.sink_attention import sink_attention, sink_mask
@@ -202,16 +203,14 @@ def _attend(
     keep, window, sinks = kept.keep, attend.local_window, attend.sink_tokens
     scale, n_rep = geometry.scale, geometry.n_rep
     if geometry.is_causal and is_key_padding(attn_mask):
+        plan = PrefillPlan(attend.prefill_mode, keep, kept.idx, kept.count, valid, window, sinks, scale, n_rep)
         if not wants_triton(qkv.q, None) and cpu_attention.is_faster(attend.prefill_mode, keep.shape[1], window):
-            plan = cpu_attention.Plan(
-                attend.prefill_mode, keep, kept.idx, kept.count, valid, window, sinks, scale, n_rep
-            )
             return cpu_attention.prefill_attention(*qkv, plan)
         if attend.prefill_mode == "local":
-            return local_attention(*qkv, keep, valid, window, scale, n_rep)
+            return local_attention(*qkv, plan)
         if attend.prefill_mode == "sinks":
-            return sink_attention(*qkv, keep, valid, window, sinks, scale, n_rep, kept_index=(kept.idx, kept.count))
-        return kept_causal_attention(*qkv, kept.idx, kept.count, scale, n_rep)
+            return sink_attention(*qkv, plan)
+        return kept_causal_attention(*qkv, plan)
     batch, n = keep.shape
     if attend.prefill_mode == "local":
         rows, pair = valid, local_mask(keep, valid, window)

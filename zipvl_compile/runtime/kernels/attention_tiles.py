@@ -20,16 +20,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
+
 
 def masked_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, scale: float, n_rep: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, plan: PrefillPlan
 ) -> torch.Tensor:
-    """fp32 SDPA of q [B, Hq, n, d] over k, v [B, Hkv, n, d] (Hq = Hkv * n_rep) under the bool ``mask``
-    [B, 1, n, n]; zeros at the rows where ``valid`` [B, n] is False (also dropping the NaN of rows without an
-    allowed key). Returns [B, Hq, n, d] in q's dtype, memory (B, n, Hq, d)."""
-    k, v = (x.float().repeat_interleave(n_rep, dim=1) for x in (k, v))
-    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale)
-    out = torch.where(valid[:, None, :, None], out, 0.0).to(q.dtype)
+    """fp32 SDPA of q [B, Hq, n, d] over k, v [B, Hkv, n, d] (Hq = Hkv * plan.n_rep, logits times
+    ``plan.scale``) under the bool ``mask`` [B, 1, n, n]; zeros at the rows where ``plan.valid`` [B, n] is False
+    (also dropping the NaN of rows without an allowed key). Returns [B, Hq, n, d] in q's dtype, memory
+    (B, n, Hq, d)."""
+    k, v = (x.float().repeat_interleave(plan.n_rep, dim=1) for x in (k, v))
+    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=plan.scale)
+    out = torch.where(plan.valid[:, None, :, None], out, 0.0).to(q.dtype)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 

@@ -60,6 +60,20 @@ from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail
 
 
+class DecodeCall(NamedTuple):
+    """What a decode attention call reads besides q: the packed cache of one layer, ``hi`` / ``lo``
+    (:class:`Segment` at ``hi_bits`` / ``lo_bits``) and the ``tail`` (:class:`Tail`, q's dtype), the logit
+    ``scale`` and ``n_rep`` query heads per KV head."""
+
+    hi: Segment
+    lo: Segment
+    tail: Tail
+    scale: float
+    n_rep: int
+    hi_bits: int
+    lo_bits: int
+
+
 class Tuning(NamedTuple):
     """Launch tuning of a segment path: split-K target in programs per SM (several waves even out splits of
     unequal length), warps per program, software-pipelining depth."""
@@ -595,13 +609,7 @@ def num_splits_for(
 
 def decode_attention_triton(
     q: torch.Tensor,
-    hi: Segment,
-    lo: Segment,
-    tail: Tail,
-    scale: float,
-    n_rep: int,
-    hi_bits: int,
-    lo_bits: int,
+    call: DecodeCall,
     num_splits: tuple[int, int, int] | None = None,
     fma: bool | None = None,
     num_warps: int | None = None,
@@ -617,6 +625,7 @@ def decode_attention_triton(
     software-pipelining depth; asm: the inline-PTX code unpacking of the tensor-core path (default on CUDA).
     Segment tensors are made contiguous (a no-op for cache buffers). Returns [B, Hq, 1, d] in q's dtype.
     """
+    hi, lo, tail, n_rep = call.hi, call.lo, call.tail, call.n_rep
     B, Hq, q_len, d = q.shape
     H = hi.k_codes.shape[1]
     if q_len != 1 or Hq != H * n_rep or d not in (16, 32, 64, 128, 256):
@@ -664,9 +673,9 @@ def decode_attention_triton(
         den_ws,
         H,
         n_rep,
-        scale * math.log2(math.e),
-        HI_BITS=hi_bits,
-        LO_BITS=lo_bits,
+        call.scale * math.log2(math.e),
+        HI_BITS=call.hi_bits,
+        LO_BITS=call.lo_bits,
         D=d,
         NP=max(16, triton.next_power_of_2(n_rep)),
         BLOCK=GROUP,
@@ -681,22 +690,13 @@ def decode_attention_triton(
     return out
 
 
-def decode_attention(
-    q: torch.Tensor,
-    hi: Segment,
-    lo: Segment,
-    tail: Tail,
-    scale: float,
-    n_rep: int,
-    hi_bits: int,
-    lo_bits: int,
-    use_triton: bool | None = None,
-) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, call: DecodeCall, use_triton: bool | None = None) -> torch.Tensor:
     """Decode attention over the packed cache: Triton on CUDA (or when ``use_triton``), else the CPU path
     (:mod:`~zipvl_compile.runtime.kernels.decode_cpu`, tested against the reference).
 
-    q [B, H*n_rep, 1, d]; hi/lo: :class:`~zipvl_compile.runtime.layout.Segment` at hi_bits/lo_bits; tail:
-    :class:`~zipvl_compile.runtime.layout.Tail` (q's dtype). Returns [B, H*n_rep, 1, d] in q's dtype.
+    q [B, H*n_rep, 1, d]; call: the cache, scale and head grouping (:class:`DecodeCall`). Returns
+    [B, H*n_rep, 1, d] in q's dtype.
     """
-    impl = decode_attention_triton if wants_triton(q, use_triton) else decode_attention_cpu
-    return impl(q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)
+    if wants_triton(q, use_triton):
+        return decode_attention_triton(q, call)
+    return decode_attention_cpu(q, call.hi, call.lo, call.tail, call.scale, call.n_rep, call.hi_bits, call.lo_bits)

@@ -3,9 +3,9 @@
 Shapes and dtypes shared by every function here:
     q       [B, Hq, n, d]   fp16/bf16 (fp32 too off the varlen kernels), RoPE applied.
     k, v    [B, Hkv, n, d]  un-expanded, Hq = Hkv * n_rep (query head h reads KV head h // n_rep).
-    idx     int64 [B, n]    idx[b, :count[b]] = the kept positions of row b, ascending; the rest of the row is
-                            arbitrary but in [0, n).
-    count   int [B]         kept tokens per row (0 <= count <= n), on q's device.
+    plan    :class:`~zipvl_compile.runtime.kernels.plan.PrefillPlan`; read here: ``scale``, ``n_rep`` and the
+            kept list ``idx`` int64 [B, n] (idx[b, :count[b]] = the kept positions of row b, ascending; the rest
+            of the row is arbitrary but in [0, n)) with ``count`` int [B] (0 <= count <= n, on q's device).
     returns [B, Hq, n, d]   in q's dtype: for a kept query i, softmax attention over the kept keys j <= i;
                             exact zeros at non-kept positions. Memory layout (B, n, Hq, d), i.e. the
                             ``transpose(1, 2)`` of a contiguous [B, n, Hq, d] tensor, on every backend:
@@ -53,8 +53,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from zipvl_compile.runtime.kernels.device import wants_triton
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
 
 _BLOCK_ROWS = 32  # packed / output rows per Triton program (one head per program)
 # Rows after the last valid packed row that the pack kernel zeroes: TMA-based kernels (FA4) load whole key
@@ -93,8 +95,9 @@ class PackedAttention(NamedTuple):
 
 
 class KeptPart(NamedTuple):
-    """Result of :func:`kept_causal_attention_lse`: the plan, the packed output [B*n, Hq, d] and its lse fp32
-    [B*n, Hq] (natural log, any strides); the kept query at position s of row b is packed row inv[b * n + s]."""
+    """Result of :func:`kept_causal_attention_lse`: its :class:`KeptPlan`, the packed output [B*n, Hq, d] and its
+    lse fp32 [B*n, Hq] (natural log, any strides); the kept query at position s of row b is packed row
+    inv[b * n + s]."""
 
     plan: KeptPlan
     out: torch.Tensor
@@ -130,25 +133,23 @@ def _kept_causal_mask(idx: torch.Tensor, count: torch.Tensor) -> tuple[torch.Ten
 
 
 def kept_causal_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: float, n_rep: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan
 ) -> torch.Tensor:
     """Plain torch, O(n^2) memory (CPU / tests): SDPA in fp32 with the mask keep_i & keep_j & (j <= i).
 
     Returns a contiguous [B, Hq, n, d] tensor in q's dtype, zeros at non-kept rows.
     """
-    keep, mask = _kept_causal_mask(idx, count)
-    k, v = (x.float().repeat_interleave(n_rep, dim=1) for x in (k, v))
-    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale)
+    keep, mask = _kept_causal_mask(plan.idx, plan.count)
+    k, v = (x.float().repeat_interleave(plan.n_rep, dim=1) for x in (k, v))
+    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=plan.scale)
     return torch.where(keep[:, None, :, None], out, 0.0).to(q.dtype)
 
 
-def kept_lse_reference(
-    q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: float, n_rep: int
-) -> torch.Tensor:
+def kept_lse_reference(q: torch.Tensor, k: torch.Tensor, plan: PrefillPlan) -> torch.Tensor:
     """Plain torch, O(n^2) memory: fp32 [B, Hq, n], natural-log log-sum-exp of the scaled scores of each kept
     query over the kept keys j <= i; -inf at non-kept rows."""
-    _, mask = _kept_causal_mask(idx, count)
-    scores = q.float() @ k.float().repeat_interleave(n_rep, dim=1).transpose(-1, -2) * scale
+    _, mask = _kept_causal_mask(plan.idx, plan.count)
+    scores = q.float() @ k.float().repeat_interleave(plan.n_rep, dim=1).transpose(-1, -2) * plan.scale
     return scores.masked_fill(~mask, float("-inf")).logsumexp(dim=-1)
 
 
@@ -380,13 +381,12 @@ def _run_fa4(qp, kp, vp, plan: KeptPlan, max_seqlen: int, scale: float, n_rep: i
     with return_lse (releases before that keyword compute it only under autograd)."""
     fn = _fa4_varlen()
     extra = {"return_lse": True} if with_lse and "return_lse" in _keyword_names(fn) else {}
-    cu = plan.cu_seqlens
     out, lse = fn(
         qp,
         kp,
         vp,
-        cu_seqlens_q=cu,
-        cu_seqlens_k=cu,
+        cu_seqlens_q=plan.cu_seqlens,
+        cu_seqlens_k=plan.cu_seqlens,
         max_seqlen_q=max_seqlen,
         max_seqlen_k=max_seqlen,
         softmax_scale=scale,
@@ -521,16 +521,8 @@ def varlen_attention(
 
 
 def kept_causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    idx: torch.Tensor,
-    count: torch.Tensor,
-    scale: float,
-    n_rep: int,
-    backend: str | None = None,
-    use_triton: bool | None = None,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, plan: PrefillPlan, backend: str | None = None, use_triton: bool | None = None
+) -> Tensor:
     """Causal attention among the kept tokens (module docstring: shapes, output layout, pipeline).
 
     backend: one of :func:`available_backends` (None: :func:`default_backend`). use_triton: the Triton
@@ -538,23 +530,15 @@ def kept_causal_attention(
     """
     backend = backend or default_backend(q)
     if backend == "reference":
-        out = kept_causal_attention_reference(q, k, v, idx, count, scale, n_rep)
+        out = kept_causal_attention_reference(q, k, v, plan)
         return out.transpose(1, 2).contiguous().transpose(1, 2)
-    plan, qp, kp, vp = pack_kept(q, k, v, idx, count, use_triton)
-    out = varlen_attention(qp, kp, vp, plan, q.shape[2], scale, n_rep, backend)
-    return unpack_kept(out, plan, use_triton)
+    packing, qp, kp, vp = pack_kept(q, k, v, plan.idx, plan.count, use_triton)
+    out = varlen_attention(qp, kp, vp, packing, q.shape[2], plan.scale, plan.n_rep, backend)
+    return unpack_kept(out, packing, use_triton)
 
 
 def kept_causal_attention_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    idx: torch.Tensor,
-    count: torch.Tensor,
-    scale: float,
-    n_rep: int,
-    backend: str | None = None,
-    use_triton: bool | None = None,
+    q: Tensor, k: Tensor, v: Tensor, plan: PrefillPlan, backend: str | None = None, use_triton: bool | None = None
 ) -> KeptPart:
     """:func:`kept_causal_attention` without the unpack: the packed output and its log-sum-exp (:class:`KeptPart`).
 
@@ -562,10 +546,10 @@ def kept_causal_attention_lse(
     """
     backend = backend or default_backend(q)
     if backend == "reference":
-        plan = make_plan(idx, count)
-        out = kept_causal_attention_reference(q, k, v, idx, count, scale, n_rep)
-        lse = kept_lse_reference(q, k, idx, count, scale, n_rep)
-        return KeptPart(plan, out.transpose(1, 2)[plan.batch, plan.pos], lse.transpose(1, 2)[plan.batch, plan.pos])
-    plan, qp, kp, vp = pack_kept(q, k, v, idx, count, use_triton)
-    part = _varlen_backend(backend)(qp, kp, vp, plan, q.shape[2], scale, n_rep, with_lse=True)
-    return KeptPart(plan, part.out, part.lse)
+        packing = make_plan(plan.idx, plan.count)
+        rows = packing.batch, packing.pos
+        out = kept_causal_attention_reference(q, k, v, plan).transpose(1, 2)[rows]
+        return KeptPart(packing, out, kept_lse_reference(q, k, plan).transpose(1, 2)[rows])
+    packing, qp, kp, vp = pack_kept(q, k, v, plan.idx, plan.count, use_triton)
+    part = _varlen_backend(backend)(qp, kp, vp, packing, q.shape[2], plan.scale, plan.n_rep, with_lse=True)
+    return KeptPart(packing, part.out, part.lse)

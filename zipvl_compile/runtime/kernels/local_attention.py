@@ -8,14 +8,14 @@ per query is |T| + w keys instead of n.
 Shapes and dtypes shared by every function here:
     q       [B, Hq, n, d]   fp16/bf16/fp32, RoPE applied; any strides.
     k, v    [B, Hkv, n, d]  un-expanded, Hq = Hkv * n_rep (query head h reads KV head h // n_rep).
-    keep    bool [B, n]     the kept set T (never padding).
-    valid   bool [B, n]     False = padding token.
-    window  int >= 1        w, the local window (the query itself included).
+    plan    :class:`~zipvl_compile.runtime.kernels.plan.PrefillPlan`; read here: the kept set T as ``keep``
+            (never padding) and as the list ``idx`` / ``count``, ``valid``, the local ``window`` w >= 1 (the
+            query itself included), ``scale`` and ``n_rep``.
     returns [B, Hq, n, d]   in q's dtype, memory (B, n, Hq, d) like SDPA's flash kernels return.
 
 Triton path (:func:`local_attention_triton`), grid (query blocks, B * Hq), one online softmax over two
 disjoint key ranges: (1) the kept keys far from the block, j <= i - w, read through the ascending kept-position
-list ``idx`` (:func:`keep_to_index`) up to the count of kept positions below the block's last query - w + 1
+list ``idx`` up to the count of kept positions below the block's last query - w + 1
 (``kept_before``, a prefix count on the device: no host sync); whole tiles that every row of the block may see
 skip the mask; (2) the dense window [block start - w + 1, block end]. Plain-torch reference:
 :func:`local_attention_reference` (O(n^2) memory).
@@ -30,17 +30,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from zipvl_compile.runtime.kernels.attention_tiles import (
-    attend_tile,
-    attend_window,
-    initial_state,
-    kv_rows,
-    masked_attention_reference,
-    normalised,
-    tile_ptrs,
-)
+from zipvl_compile.runtime.kernels import attention_tiles as tiles
 from zipvl_compile.runtime.kernels.device import wants_triton
-from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
 
 # Tiles, from a sweep of 33 configurations on an H100 (bf16, d = 128, n = 32k, r = 0.3 / 0.5, 28/4 and 32/32
 # heads): 128 queries x 32 keys, 4 warps, 3 stages was fastest in all four cases (6.3 ms at 28/4 heads,
@@ -62,18 +54,9 @@ def local_mask(keep: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Te
     return (near | far) & valid[:, None, None, :]
 
 
-def local_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor,
-    valid: torch.Tensor,
-    window: int,
-    scale: float,
-    n_rep: int,
-) -> torch.Tensor:
+def local_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> torch.Tensor:
     """Plain torch (fp32 SDPA with :func:`local_mask`); zeros at padding rows. Memory (B, n, Hq, d)."""
-    return masked_attention_reference(q, k, v, local_mask(keep, valid, window), valid, scale, n_rep)
+    return tiles.masked_attention_reference(q, k, v, local_mask(plan.keep, plan.valid, plan.window), plan)
 
 
 @triton.jit
@@ -109,9 +92,9 @@ def _local_attention_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     tile_ok = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(tile_ptrs(q_ptr, b, h.to(tl.int64), rows[:, None], d, q_strides), mask=tile_ok, other=0.0)
-    state = initial_state(BLOCK_M, BLOCK_D)
-    kv = kv_rows(k_ptr, v_ptr, b, kvh, d, k_strides, v_strides)
+    q = tl.load(tiles.tile_ptrs(q_ptr, b, h.to(tl.int64), rows[:, None], d, q_strides), mask=tile_ok, other=0.0)
+    state = tiles.initial_state(BLOCK_M, BLOCK_D)
+    kv = tiles.kv_rows(k_ptr, v_ptr, b, kvh, d, k_strides, v_strides)
     # (1) kept keys with position <= i - window: the first n_far entries of the ascending kept list; the
     # first n_all of them (position <= m0 - window) are seen by every row of the block: whole tiles of those
     # go unmasked
@@ -121,39 +104,29 @@ def _local_attention_kernel(
     all_end = (n_all // BLOCK_N) * BLOCK_N
     for s0 in range(0, all_end, BLOCK_N):
         pos = tl.load(idx_ptr + b * n + s0 + tl.arange(0, BLOCK_N))
-        state = attend_tile(q, kv, pos, None, d_ok, None, state, qk_scale)
+        state = tiles.attend_tile(q, kv, pos, None, d_ok, None, state, qk_scale)
     for s0 in range(all_end, n_far, BLOCK_N):
         slots = s0 + tl.arange(0, BLOCK_N)
         slot_ok = slots < n_far
         pos = tl.load(idx_ptr + b * n + slots, mask=slot_ok, other=0)
         allowed = slot_ok[None, :] & (pos[None, :] <= rows[:, None] - window)
-        state = attend_tile(q, kv, pos, slot_ok, d_ok, allowed, state, qk_scale)
+        state = tiles.attend_tile(q, kv, pos, slot_ok, d_ok, allowed, state, qk_scale)
     # (2) the window: every valid key j with i - window < j <= i
     start = tl.maximum(m0 - window + 1, 0)
-    state = attend_window(
+    state = tiles.attend_window(
         q, kv, state, rows, start, last_row + 1, window, valid_ptr + b * n, None, None, d_ok, qk_scale, BLOCK_N
     )
     _, l_i, acc = state
     row_valid = tl.load(valid_ptr + b * n + rows, mask=row_ok, other=0) != 0
-    out = normalised(acc, l_i, row_valid)
-    dst = tile_ptrs(out_ptr, b, rows[:, None].to(tl.int64), h.to(tl.int64), d, out_strides)
+    out = tiles.normalised(acc, l_i, row_valid)
+    dst = tiles.tile_ptrs(out_ptr, b, rows[:, None].to(tl.int64), h.to(tl.int64), d, out_strides)
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def local_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor,
-    valid: torch.Tensor,
-    window: int,
-    scale: float,
-    n_rep: int,
-) -> torch.Tensor:
+def local_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> torch.Tensor:
     """Triton :func:`local_attention_reference` (same shapes; fp32 accumulation). No host sync."""
     batch, heads, n, head_dim = q.shape
-    idx, _ = keep_to_index(keep)
-    before = F.pad(keep.to(torch.int32).cumsum(dim=-1, dtype=torch.int32), (1, 0))
+    before = F.pad(plan.keep.to(torch.int32).cumsum(dim=-1, dtype=torch.int32), (1, 0))
     out = q.new_empty(batch, n, heads, head_dim)
     block_d = triton.next_power_of_2(head_dim)
     block_m = _BLOCK_M if block_d <= 128 else _BLOCK_M // 2
@@ -162,15 +135,15 @@ def local_attention_triton(
         q,
         k,
         v,
-        idx,
+        plan.idx,
         before,
-        valid.to(torch.int8),
+        plan.valid.to(torch.int8),
         out,
         n,
         heads,
-        n_rep,
-        window,
-        scale * math.log2(math.e),
+        plan.n_rep,
+        plan.window,
+        plan.scale * math.log2(math.e),
         head_dim,
         (q.stride(), k.stride(), v.stride(), out.stride()),
         BLOCK_M=block_m,
@@ -183,20 +156,12 @@ def local_attention_triton(
 
 
 def local_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor,
-    valid: torch.Tensor,
-    window: int,
-    scale: float,
-    n_rep: int,
-    use_triton: bool | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan, use_triton: bool | None = None
 ) -> torch.Tensor:
     """Attention over the kept keys plus the local window (module docstring).
 
     use_triton: the Triton kernel (None: on CUDA; True on CPU needs TRITON_INTERPRET=1).
     """
     if wants_triton(q, use_triton):
-        return local_attention_triton(q, k, v, keep, valid, window, scale, n_rep)
-    return local_attention_reference(q, k, v, keep, valid, window, scale, n_rep)
+        return local_attention_triton(q, k, v, plan)
+    return local_attention_reference(q, k, v, plan)

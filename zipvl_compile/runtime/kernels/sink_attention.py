@@ -13,10 +13,10 @@ O(window + sinks) keys per query.
 Shapes and dtypes shared by every function here:
     q       [B, Hq, n, d]   fp16/bf16 (fp32 too off the varlen kernels), RoPE applied; any strides.
     k, v    [B, Hkv, n, d]  un-expanded, Hq = Hkv * n_rep (query head h reads KV head h // n_rep).
-    keep    bool [B, n]     the kept set T (a kept padding token counts as not kept).
-    valid   bool [B, n]     False = padding token.
-    window  int >= 1        the local window, the query itself included.
-    sinks   int >= 0        how many leading valid tokens every query sees.
+    plan    :class:`~zipvl_compile.runtime.kernels.plan.PrefillPlan`; read here: the kept set T as ``keep`` (a
+            kept padding token counts as not kept) and as the list ``idx`` / ``count`` of keep & valid,
+            ``valid``, the local ``window`` >= 1 (the query itself included), the ``sinks`` count >= 0 (how many
+            leading valid tokens every query sees), ``scale`` and ``n_rep``.
     returns [B, Hq, n, d]   in q's dtype, memory (B, n, Hq, d) (as :func:`kept_causal_attention` returns).
 
 Fast path (:func:`sink_attention`):
@@ -27,8 +27,8 @@ Fast path (:func:`sink_attention`):
    them. It runs one online softmax over the extra keys E_i = window keys [i - window + 1, i] and sink keys
    outside the window, minus, for a kept query, every kept key (those are in the kept part: no key is counted
    twice), then merges with the kept part of kept rows by log-sum-exp,
-   o = (o_T e^{lse_T} + o_E e^{lse_E}) / (e^{lse_T} + e^{lse_E}), reading o_T / lse_T through the plan's
-   ``inv`` (packed row of each position), and writes every output row once.
+   o = (o_T e^{lse_T} + o_E e^{lse_E}) / (e^{lse_T} + e^{lse_E}), reading o_T / lse_T through
+   ``kept.plan.inv`` (packed row of each position), and writes every output row once.
 No n x n tensor, no host sync, static shapes. Plain-torch reference: :func:`sink_attention_reference`.
 """
 
@@ -40,17 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from zipvl_compile.runtime.kernels.attention_tiles import (
-    attend_tile,
-    attend_window,
-    initial_state,
-    kv_rows,
-    masked_attention_reference,
-    normalised,
-    tile_ptrs,
-)
+from zipvl_compile.runtime.kernels import attention_tiles as tiles
 from zipvl_compile.runtime.kernels.device import wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import KeptPart, keep_to_index, kept_causal_attention_lse
+from zipvl_compile.runtime.kernels.plan import PrefillPlan
 
 # Tiles: a program's tile has _ROWS stacked rows (n_rep heads, padded to a power of two, times BLOCK_M
 # positions; half as many rows for d > 128: the fp32 accumulator lives in registers). A block of BLOCK_M
@@ -65,17 +58,9 @@ _NUM_WARPS = 4
 _NUM_STAGES = 3
 
 
-def _check_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor,
-    valid: torch.Tensor,
-    window: int,
-    sinks: int,
-    n_rep: int,
-) -> None:
+def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> None:
     """Raise ValueError naming the first bad argument."""
+    n_rep, window, sinks = plan.n_rep, plan.window, plan.sinks
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
             f"sink attention wants q [B, Hq, n, d], k = v [B, Hkv, n, d]; got {q.shape}, {k.shape}, {v.shape}"
@@ -83,7 +68,7 @@ def _check_args(
     batch, heads, n, head_dim = q.shape
     if k.shape != (batch, heads // max(n_rep, 1), n, head_dim) or n_rep < 1 or heads % n_rep:
         raise ValueError(f"sink attention: q {tuple(q.shape)} and k {tuple(k.shape)} do not match n_rep = {n_rep}")
-    for name, mask in (("keep", keep), ("valid", valid)):
+    for name, mask in (("keep", plan.keep), ("valid", plan.valid)):
         if mask.dtype != torch.bool or mask.shape != (batch, n):
             raise ValueError(
                 f"sink attention: {name} must be bool [{batch}, {n}], got {mask.dtype} {tuple(mask.shape)}"
@@ -108,20 +93,10 @@ def sink_mask(keep: torch.Tensor, valid: torch.Tensor, window: int, sinks: int) 
     return valid[:, None, None, :] & (gap >= 0) & (both_kept | (gap < window) | sink)
 
 
-def sink_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor,
-    valid: torch.Tensor,
-    window: int,
-    sinks: int,
-    scale: float,
-    n_rep: int,
-) -> torch.Tensor:
+def sink_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> torch.Tensor:
     """Plain torch, O(n^2) memory: fp32 SDPA with :func:`sink_mask`; zeros at padding rows. Memory (B, n, Hq, d)."""
-    _check_args(q, k, v, keep, valid, window, sinks, n_rep)
-    return masked_attention_reference(q, k, v, sink_mask(keep, valid, window, sinks), valid, scale, n_rep)
+    _check_args(q, k, v, plan)
+    return tiles.masked_attention_reference(q, k, v, sink_mask(plan.keep, plan.valid, plan.window, plan.sinks), plan)
 
 
 @triton.jit
@@ -167,15 +142,15 @@ def _sink_merge_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     tile_ok = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(tile_ptrs(q_ptr, b, head[:, None], pos64[:, None], d, q_strides), mask=tile_ok, other=0.0)
+    q = tl.load(tiles.tile_ptrs(q_ptr, b, head[:, None], pos64[:, None], d, q_strides), mask=tile_ok, other=0.0)
     row_valid = tl.load(valid_ptr + b * n + pos, mask=row_ok, other=0) != 0
     row_keep = tl.load(keep_ptr + b * n + pos, mask=row_ok, other=0) != 0
-    state = initial_state(HEADS * BLOCK_M, BLOCK_D)
-    kv = kv_rows(k_ptr, v_ptr, b, kvh, d, k_strides, v_strides)
+    state = tiles.initial_state(HEADS * BLOCK_M, BLOCK_D)
+    kv = tiles.kv_rows(k_ptr, v_ptr, b, kvh, d, k_strides, v_strides)
     # (1) the window keys i - window < j <= i, less the kept keys of kept queries
     end = tl.minimum(m0 + BLOCK_M, n)
     start = tl.maximum(m0 - window + 1, 0)
-    state = attend_window(
+    state = tiles.attend_window(
         q, kv, state, pos, start, end, window, valid_ptr + b * n, keep_ptr + b * n, row_keep, d_ok, qk_scale, BLOCK_N
     )
     # (2) the sink keys before the window (i - j >= window), less the kept keys of kept queries
@@ -187,7 +162,7 @@ def _sink_merge_kernel(
         key_keep = tl.load(keep_ptr + b * n + sink_pos, mask=present, other=0) != 0
         gap = pos[:, None] - sink_pos[None, :]
         allowed = present[None, :] & (gap >= window) & ~(row_keep[:, None] & key_keep[None, :])
-        state = attend_tile(q, kv, sink_pos, present, d_ok, allowed, state, qk_scale)
+        state = tiles.attend_tile(q, kv, sink_pos, present, d_ok, allowed, state, qk_scale)
     m_i, l_i, acc = state
     # (3) merge with the kept part (base 2): weights 2^(lse_T - top) and l_i 2^(m_i - top), top the larger
     # exponent; a kept valid query sees itself in the kept part, any other valid query in its window, so top
@@ -210,8 +185,8 @@ def _sink_merge_kernel(
     w_extra = tl.math.exp2(m_i - top)
     num = out_kept * w_kept[:, None] + acc * w_extra[:, None]
     den = w_kept + l_i * w_extra
-    out = normalised(num, den, row_valid)
-    dst = tile_ptrs(out_ptr, b, pos64[:, None], head[:, None], d, out_strides)
+    out = tiles.normalised(num, den, row_valid)
+    dst = tiles.tile_ptrs(out_ptr, b, pos64[:, None], head[:, None], d, out_strides)
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -224,36 +199,28 @@ def sink_positions(valid: torch.Tensor, sinks: int) -> torch.Tensor:
 
 
 def sink_merge_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor,
-    valid: torch.Tensor,
-    window: int,
-    sinks: int,
-    scale: float,
-    n_rep: int,
-    kept: KeptPart,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan, kept: KeptPart
 ) -> torch.Tensor:
     """The window + sinks + merge kernel (module docstring, step 2) -> [B, Hq, n, d], memory (B, n, Hq, d).
 
-    ``keep`` must already exclude padding and match ``kept`` (:func:`kept_causal_attention_lse` of the same
-    kept set); the kept part of a kept query is read from ``kept.out`` / ``kept.lse`` at row ``kept.plan.inv``.
+    ``plan.keep`` must already exclude padding and match ``kept`` (:func:`kept_causal_attention_lse` of the
+    same plan); the kept part of a kept query is read from ``kept.out`` / ``kept.lse`` at row ``kept.plan.inv``.
     """
     batch, heads, n, head_dim = q.shape
+    n_rep, sinks = plan.n_rep, plan.sinks
     block_d = triton.next_power_of_2(head_dim)
     group = triton.next_power_of_2(n_rep)
     rows = _ROWS if block_d <= 128 else _ROWS // 2
     block_m = max(1, rows // group)
-    sink_pos = sink_positions(valid, sinks)
+    sink_pos = sink_positions(plan.valid, sinks)
     out = q.new_empty(batch, n, heads, head_dim)
     grid = (triton.cdiv(n, block_m), batch * (heads // n_rep))
     _sink_merge_kernel[grid](
         q,
         k,
         v,
-        keep.to(torch.int8),
-        valid.to(torch.int8),
+        plan.keep.to(torch.int8),
+        plan.valid.to(torch.int8),
         sink_pos,
         kept.plan.inv,
         kept.out,
@@ -262,9 +229,9 @@ def sink_merge_triton(
         n,
         heads // n_rep,
         n_rep,
-        window,
+        plan.window,
         sinks,
-        scale * math.log2(math.e),
+        plan.scale * math.log2(math.e),
         head_dim,
         (q.stride(), k.stride(), v.stride(), out.stride(), kept.out.stride(), kept.lse.stride()),
         BLOCK_M=block_m,
@@ -282,26 +249,18 @@ def sink_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    keep: torch.Tensor,
-    valid: torch.Tensor,
-    window: int,
-    sinks: int,
-    scale: float,
-    n_rep: int,
+    plan: PrefillPlan,
     backend: str | None = None,
     use_triton: bool | None = None,
-    kept_index: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention over the kept keys, the local window and the sinks (module docstring). No host sync.
 
     backend: the kept part's backend (:func:`kept_causal_attention_lse`; None: its default). use_triton: the
     fast path (None: on CUDA; True on CPU needs TRITON_INTERPRET=1); otherwise :func:`sink_attention_reference`.
-    kept_index: (idx, count) of ``keep & valid`` in kernels.kept_attention's convention, when the caller has it.
     """
-    _check_args(q, k, v, keep, valid, window, sinks, n_rep)
+    _check_args(q, k, v, plan)
     if not wants_triton(q, use_triton):
-        return sink_attention_reference(q, k, v, keep, valid, window, sinks, scale, n_rep)
-    keep = keep & valid
-    idx, count = kept_index if kept_index is not None else keep_to_index(keep)
-    kept = kept_causal_attention_lse(q, k, v, idx, count, scale, n_rep, backend, use_triton)
-    return sink_merge_triton(q, k, v, keep, valid, window, sinks, scale, n_rep, kept)
+        return sink_attention_reference(q, k, v, plan)
+    plan = plan._replace(keep=plan.keep & plan.valid)
+    kept = kept_causal_attention_lse(q, k, v, plan, backend, use_triton)
+    return sink_merge_triton(q, k, v, plan, kept)
