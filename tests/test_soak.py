@@ -97,16 +97,20 @@ MAX_RECORDINGS = 16  # (cache class, batch) pairs the calls can reach, bounded w
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_soak_gpu_cuda_graphs():
+    from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
 
     torch._dynamo.reset()
     zipvl_compile.reset_report()
+    counters.clear()
     model, reference = build_text("llama").cuda(), build_text("llama").cuda()
     zipvl_compile.compile(model, tau=1.0, hi_bits=16, lo_bits=16, recompress_interval=50, mode="reduce-overhead")
     soak = _soak(model, reference, GPU_CALLS, "cuda")
     manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
     recorded = sum(len(nodes) for nodes in manager.roots.values()) if manager is not None else 0
-    print(f"CUDA graph recordings: {recorded}; {soak}")
+    graphs = [(g.graph_id, g.kind, g.cudagraphs) for g in model.zipvl_report.graphs]
+    print(f"CUDA graph recordings: {recorded}; {soak}; graphs {graphs}; skips {dict(counters['inductor'])}")
     assert soak.graphs <= MAX_GRAPHS
+    assert counters["inductor"]["cudagraph_skips"] == 0
     assert 1 <= recorded <= min(MAX_RECORDINGS, soak.pool_keys)
     assert soak.memory_growth_mib < 16

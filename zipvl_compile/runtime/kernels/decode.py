@@ -353,13 +353,13 @@ def _codes_f32(words, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, 
 
 @triton.jit
 def _segment_partial_fma(
-    q_ptr,
-    qh,
-    qk_scale,
     seg,
     share,
     out,
     ws,
+    q_ptr,
+    qh,
+    qk_scale,
     BITS: tl.constexpr,
     D: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -419,15 +419,8 @@ def _tail_partial(
     qh,
     row_ok,
     qk_scale,
-    kt,
-    vt,
-    tpos_ptr,
-    tlen_ptr,
-    R,
-    b,
-    bh,
-    split,
-    n_splits,
+    tail,
+    share,
     out,
     ws,
     D: tl.constexpr,
@@ -435,6 +428,8 @@ def _tail_partial(
     BLOCK: tl.constexpr,
 ):
     """Partial state of this split's share of the model-dtype tail (kt/vt [B, H, R, D], tpos [B, R])."""
+    kt, vt, tpos_ptr, tlen_ptr = tail  # a Tail's pointers, in field order
+    R, b, bh, split, n_splits = share  # capacity, sequence, (sequence, KV head), this split of n_splits
     DT = kt.dtype.element_ty
     chan = tl.arange(0, D)
     q = tl.load(q_ptr + qh[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0).to(DT)
@@ -521,7 +516,7 @@ def _decode_partial_kernel(
     if j < S_HI:
         hi = (hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill)
         if FMA:
-            _segment_partial_fma(q_ptr, qh0, qk_scale, hi, (C_HI, b, bh, j, S_HI), out, ws0, HI_BITS, D, BLOCK, ASM)
+            _segment_partial_fma(hi, (C_HI, b, bh, j, S_HI), out, ws0, q_ptr, qh0, qk_scale, HI_BITS, D, BLOCK, ASM)
         else:
             _segment_partial(
                 q_ptr, qh, row_ok, qk_scale, hi, (C_HI, b, bh, j, S_HI), out, ws, HI_BITS, D, NP, BLOCK, F32, ASM
@@ -530,33 +525,15 @@ def _decode_partial_kernel(
         lo = (lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill)
         if FMA:
             _segment_partial_fma(
-                q_ptr, qh0, qk_scale, lo, (C_LO, b, bh, j - S_HI, S_LO), out, ws0, LO_BITS, D, BLOCK, ASM
+                lo, (C_LO, b, bh, j - S_HI, S_LO), out, ws0, q_ptr, qh0, qk_scale, LO_BITS, D, BLOCK, ASM
             )
         else:
             _segment_partial(
                 q_ptr, qh, row_ok, qk_scale, lo, (C_LO, b, bh, j - S_HI, S_LO), out, ws, LO_BITS, D, NP, BLOCK, F32, ASM
             )
     else:
-        _tail_partial(
-            q_ptr,
-            qh,
-            row_ok,
-            qk_scale,
-            kt,
-            vt,
-            tpos,
-            tlen,
-            R,
-            b,
-            bh,
-            j - S_HI - S_LO,
-            n_splits - S_HI - S_LO,
-            out,
-            ws,
-            D,
-            NP,
-            BLOCK,
-        )
+        share = (R, b, bh, j - S_HI - S_LO, n_splits - S_HI - S_LO)
+        _tail_partial(q_ptr, qh, row_ok, qk_scale, (kt, vt, tpos, tlen), share, out, ws, D, NP, BLOCK)
 
 
 @triton.jit
