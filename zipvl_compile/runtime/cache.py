@@ -108,7 +108,8 @@ class Plan(NamedTuple):
 
     def nbytes(self, batch: int, heads: int, d: int, hi_bits: int, lo_bits: int, dtype_size: int) -> int:
         """Bytes a layer allocates under this plan during the prefill (both segments at their worst case):
-        an upper bound of what it holds afterwards."""
+        an upper bound of what it holds afterwards (a pooled layer: of what this call needs; it may keep more
+        from a larger earlier call of its class)."""
         segments = sum(_segment_nbytes(batch, heads, self.segment_slots, d, bits) for bits in (hi_bits, lo_bits))
         tail = batch * self.tail_slots * (2 * heads * d * dtype_size + 4) + 4 * batch
         return segments + tail + 8
