@@ -9,6 +9,7 @@ import torch
 import zipvl_compile
 from zipvl_compile import ZipVLCache
 from zipvl_compile.runtime.cache import Plan
+from zipvl_compile.runtime.layout import GROUP, Segment, Tail, round_up
 from zipvl_compile.testing import build_text
 
 OPTIONS = dict(tau=0.9, min_keep=4, inner="eager", recompress_interval=8)
@@ -57,6 +58,11 @@ def test_calls_of_a_class_reuse_the_buffers_without_recompiling():
     ]
 
 
+def _prefill_need(seg: Segment, n: int, reserve: int) -> int:
+    """Slots the prefill of ``n`` tokens filled in the fullest row of ``seg``, plus ``reserve``."""
+    return round_up(int(((seg.pos >= 0) & (seg.pos < n)).sum(1).max()), GROUP) + reserve
+
+
 def test_a_larger_call_of_the_class_grows_the_buffers_once():
     torch._dynamo.reset()
     zipvl_compile.reset_report()
@@ -65,11 +71,13 @@ def test_a_larger_call_of_the_class_grows_the_buffers_once():
     small = _pointers(model)
     _generate(model, _ids(130, seed=1))
     grown = _pointers(model)
-    _generate(model, _ids(70, seed=2))
-    assert small.keys() == grown.keys() and small != grown and _pointers(model) == grown
     cache = next(iter(model.zipvl_cache_pool.caches.values()))
     plan = Plan.of(130, 130 + NEW, 8)
-    assert all(layer.hi.capacity == plan.prompt_slots + plan.reserve for _, layer in cache.packed_layers())
+    for _, layer in cache.packed_layers():  # hi outgrew the first call's: sized by this call's need
+        assert layer.hi.capacity == plan.pooled_slots(_prefill_need(layer.hi, 130, plan.reserve)) < plan.segment_slots
+        assert _prefill_need(layer.lo, 130, plan.reserve) <= layer.lo.capacity < plan.segment_slots
+    _generate(model, _ids(70, seed=2))
+    assert small.keys() == grown.keys() and small != grown and _pointers(model) == grown
 
 
 def test_pooled_reset_empties_the_buffers_in_place():
@@ -78,16 +86,25 @@ def test_pooled_reset_empties_the_buffers_in_place():
     cache.prepare(1, 30, torch.float32, torch.device("cpu"))
     with torch.no_grad():
         model(input_ids=_ids(30, seed=0, batch=1), past_key_values=cache)
-    layer = cache.packed_layers()[0][1]
+        model(input_ids=_ids(1, seed=1, batch=1), past_key_values=cache)  # the first decode step compacts
+    layer = cache.packed_layers()[-1][1]
     before = [t.data_ptr() for t in layer.buffers()]
     cache.reset()
-    fresh = ZipVLCache(model, max_cache_len=80)
-    fresh.prepare(1, 30, torch.float32, torch.device("cpu"))
-    assert [t.data_ptr() for t in layer.buffers()] == before
-    for held, new in zip(layer.buffers(), fresh.packed_layers()[0][1].buffers(), strict=True):
+    assert [t.data_ptr() for t in layer.buffers()] == before and layer.spare == (layer.hi, layer.lo)
+    batch, heads, _, d = layer.tail.k.shape
+    empty = [
+        *Segment.empty(batch, heads, layer.hi.capacity, d, 4, torch.device("cpu")),
+        *Segment.empty(batch, heads, layer.lo.capacity, d, 2, torch.device("cpu")),
+        *Tail.empty(batch, heads, layer.tail.slots, d, torch.float32, torch.device("cpu")),
+        torch.zeros((), dtype=torch.int64),
+    ]
+    for held, new in zip(layer.buffers(), empty, strict=True):
         assert torch.equal(held, new)
+    cache.prepare(1, 30, torch.float32, torch.device("cpu"))
     with torch.no_grad():
         model(input_ids=_ids(30, seed=0, batch=1), past_key_values=cache)
+        model(input_ids=_ids(1, seed=1, batch=1), past_key_values=cache)
+    assert [t.data_ptr() for t in layer.buffers()] == before and layer.spare is None  # the same call: room
     with pytest.raises(ValueError, match="empty cache"):
         cache.prepare(1, 30, torch.float32, torch.device("cpu"))
 

@@ -87,11 +87,11 @@ class CachePool:
     tokens, packed or not), reset and reused by later calls of the same key, at most :data:`POOL_SIZE` kept.
 
     Reuse keeps every buffer: static and sliding layers zero theirs, packed layers (``pooled=True``) empty theirs
-    in place and keep them for the next prefill when it fits them (:meth:`ZipVLLayer.allocate`: the same
-    batch, and segment and tail slots at least the call's :class:`~zipvl_compile.runtime.cache.Plan`), else
-    reallocate once, larger. So calls of a key write into the same tensors: no recompile, and CUDA graphs record
-    once per key and buffer size; nothing is allocated per call. Cost: packed segments keep the prefill's worst
-    case (both segments sized for the whole prompt) instead of being compacted to the kept set.
+    in place and compact the next prefill into them when they have room (:meth:`ZipVLLayer.compact`), else
+    reallocate once, larger. So calls of a key decode from the same tensors: no recompile, and CUDA graphs
+    record once per key and buffer size. Cost: a packed segment holds the most any call of its key has needed
+    (:meth:`~zipvl_compile.runtime.cache.Plan.pooled_slots`), and each prefill allocates its worst-case
+    segments for the time of the forward.
     """
 
     def __init__(self, model: torch.nn.Module, config: ZipVLConfig) -> None:

@@ -3,8 +3,21 @@
 Per layer (:class:`ZipVLLayer`), static-shape buffers allocated at the prefill (the prompt length fixes the
 capacity): two quantised segments, ``hi`` (the prefill's kept set T at ``hi_bits``) and ``lo`` (the other
 tokens at ``lo_bits``), and a model-dtype ``tail`` of decode tokens not yet quantised (layout:
-:mod:`zipvl_compile.runtime.layout`). How much each buffer gets is one policy, :class:`Plan` (the size classes
-and the reserves of docs/architecture.md, "Capacity").
+:mod:`zipvl_compile.runtime.layout`).
+
+How much each buffer gets is one policy, :class:`Plan` with :func:`size_class` (docs/method.md, "Capacity
+and compaction"). The prefill writes into segments sized for its worst case (every prompt token in either
+one) plus a reserve of one group-rounded block per recompression still to come; once the kept set is known
+each segment is compacted to the slots its fullest row filled plus that reserve, so after the prefill a layer
+holds its tokens' packed bytes plus the empty slots up to its fullest row's last 64-slot group, the reserve,
+and a tail of at most ``recompress_interval`` tokens in the model dtype. A pooled layer (the caches of
+``zipvl_compile.compile``'s pool) compacts the same way into the segments of its class's earlier calls when
+they have room, else into new ones of :meth:`Plan.pooled_slots` (the need in whole groups, at most 12.5%
+more from 1024 slots on): the calls of a class then decode from the same tensors. Its cost: each segment
+holds the most any call of its class has needed so far (so a small call after a large one holds more than
+its own need, at most the larger call's), and during a prefill the new segments exist next to the kept ones
+(compiled: worst case for two layers at a time, compacted for the others) until they move in after the
+forward (:meth:`ZipVLLayer.compact`).
 
 Writes go through zipvl ops, so eager and compiled models both work:
 - prefill (the layer is empty): ``zipvl.kv_write_`` quantises the prompt's K/V; ``update`` returns them
@@ -23,18 +36,25 @@ sequence). ``hi_bits == lo_bits == 16`` stores unquantised static buffers (exact
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer, StaticSlidingWindowLayer
 
 from zipvl_compile.runtime import ops
 from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail, clear_, nbytes, round_up
+from zipvl_compile.runtime.packed import shrunk_slots
 
 STORED_BITS = (*QUANT_BITS, 16)  # 16 = unquantised (model dtype), only as hi_bits = lo_bits = 16
 CLASS_STEP = 256  # size classes: multiples of 256 slots below 4096 ...
 CLASS_FRACTION = 16  # ... then multiples of 1/16 of the next power of two (at most 12.5% more than asked)
 TAIL_STEP = 16  # the tail's slots: the tokens still to come rounded up to 16, at most the interval
+
+
+def _rounded(n: int, step: int) -> int:
+    """``n`` rounded up to a multiple of ``step``, or of 1/:data:`CLASS_FRACTION` of the next power of two when
+    that is larger (so at most 12.5% more than ``n`` above ``CLASS_FRACTION * step``)."""
+    return round_up(n, max(step, (1 << max(n - 1, 0).bit_length()) // CLASS_FRACTION))
 
 
 def size_class(n: int) -> int:
@@ -48,8 +68,7 @@ def size_class(n: int) -> int:
     """
     if n < 1:
         raise ValueError(f"zipvl: a cache must hold at least one token, got {n}")
-    step = max(CLASS_STEP, (1 << (n - 1).bit_length()) // CLASS_FRACTION)
-    return round_up(n, step)
+    return _rounded(n, CLASS_STEP)
 
 
 class Plan(NamedTuple):
@@ -60,6 +79,9 @@ class Plan(NamedTuple):
     can still happen (the tail holds the first ``interval`` decode tokens, so ``ceil(to_come / R) - 1``);
     tail_slots: the tail, no larger than the tokens still to come (rounded up to :data:`TAIL_STEP`) or the
     interval, whichever is smaller (a tail shorter than the interval never fills, so blocks stay ``R`` long).
+
+    The prefill writes into segments of :attr:`segment_slots`; then each keeps the slots its rows filled plus
+    the reserve (``zipvl.kv_shrink``), a pooled one that rounded up to :meth:`pooled_slots`.
     """
 
     prompt_slots: int
@@ -73,11 +95,22 @@ class Plan(NamedTuple):
         tail = min(interval, round_up(max(to_come, 1), TAIL_STEP))
         return cls(round_up(n, GROUP), blocks * round_up(interval, GROUP), tail)
 
+    @property
+    def segment_slots(self) -> int:
+        """Slots of each segment during the prefill: the worst case plus the reserve."""
+        return self.prompt_slots + self.reserve
+
+    def pooled_slots(self, need: int) -> int:
+        """Slots of a pooled segment that must keep ``need`` slots (filled + reserve, a multiple of GROUP):
+        ``need`` rounded up to a multiple of GROUP, or of 1/:data:`CLASS_FRACTION` of the next power of two
+        when that is larger (at most 12.5% more, from 1024 slots on), never more than :attr:`segment_slots`."""
+        return min(_rounded(need, GROUP), self.segment_slots)
+
     def nbytes(self, batch: int, heads: int, d: int, hi_bits: int, lo_bits: int, dtype_size: int) -> int:
-        """Bytes a layer allocates under this plan before compaction (both segments at their worst case):
-        an upper bound of what it holds afterwards."""
-        slots = self.prompt_slots + self.reserve
-        segments = sum(_segment_nbytes(batch, heads, slots, d, bits) for bits in (hi_bits, lo_bits))
+        """Bytes a layer allocates under this plan during the prefill (both segments at their worst case):
+        an upper bound of what it holds afterwards (a pooled layer: of what this call needs; it may keep more
+        from a larger earlier call of its class)."""
+        segments = sum(_segment_nbytes(batch, heads, self.segment_slots, d, bits) for bits in (hi_bits, lo_bits))
         tail = batch * self.tail_slots * (2 * heads * d * dtype_size + 4) + 4 * batch
         return segments + tail + 8
 
@@ -121,6 +154,20 @@ def check_cache_options(hi_bits: int, lo_bits: int, recompress_interval: int, pa
         )
     if not isinstance(recompress_interval, int) or isinstance(recompress_interval, bool) or recompress_interval < 1:
         raise ValueError(f"zipvl: invalid option recompress_interval={recompress_interval!r}; allowed: an integer >= 1")
+
+
+class Held(NamedTuple):
+    """The two segments a pooled layer keeps from one call for the next (:meth:`ZipVLLayer.reset`)."""
+
+    hi: Segment
+    lo: Segment
+
+
+def _mark_static(tensors: list[torch.Tensor]) -> None:
+    """Mark each tensor not yet marked as a static address for CUDA graphs (unguarded)."""
+    for tensor in tensors:
+        if not hasattr(tensor, "_dynamo_static_input_type"):
+            torch._dynamo.mark_static_address(tensor)
 
 
 WINDOWED = ("sliding_attention", "chunked_attention")  # transformers caches both as a sliding-window layer
@@ -181,7 +228,7 @@ class ZipVLLayer(CacheLayerMixin):
     ) -> None:
         """max_cache_len: the length of the dense view (a size class, a guarded shape of decode graphs);
         budget: the tokens this layer must hold (prompt + decode), default ``max_cache_len``: it sizes the
-        reserves (:class:`Plan`); pooled: keep the buffers across :meth:`reset` (see :meth:`allocate`)."""
+        reserves (:class:`Plan`); pooled: keep the buffers across :meth:`reset` (see :meth:`compact`)."""
         super().__init__()
         self.max_cache_len = max_cache_len
         self.budget = max_cache_len if budget is None else budget
@@ -193,79 +240,101 @@ class ZipVLLayer(CacheLayerMixin):
         self.prompt_len = 0
         self.compacted = True
         self.pooled = pooled
+        self.spare: Held | None = None  # pooled: the segments of the last call, kept by reset for the next one
 
     def plan(self, prompt_len: int) -> Plan:
         return Plan.of(prompt_len, self.budget, self.interval)
 
     def capacity(self, prompt_len: int) -> int:
         """Slots of one segment at the prefill: the whole prompt plus the decode reserve (:class:`Plan`)."""
-        plan = self.plan(prompt_len)
-        return plan.prompt_slots + plan.reserve
+        return self.plan(prompt_len).segment_slots
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, n, d = key_states.shape
         self.allocate(batch, heads, n, d, key_states.dtype, key_states.device)
 
     def allocate(self, batch: int, heads: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Buffers for a prefill of ``n`` tokens of K/V ``[batch, heads, n, d]`` in ``dtype`` (:class:`Plan`).
-
-        A pooled layer keeps the buffers it holds when they fit (same batch, heads, head dim, dtype and device,
-        segments and tail at least the plan's slots): every prefill of its pool's class then writes into the
-        same tensors, so decode graphs keep their shapes and CUDA graphs their addresses. Larger slots than the
-        plan change nothing but masked empty slots (writes start at group boundaries, the tail recompresses
-        when full, and no plan's tail shorter than the interval can fill). A pooled layer is never compacted
-        (its shapes must not follow the kept set); its buffers are marked static at allocation.
-        """
+        """Buffers for a prefill of ``n`` tokens of K/V ``[batch, heads, n, d]`` in ``dtype`` (:class:`Plan`):
+        both segments at their worst case, to be compacted once the kept set is known (:meth:`compact`), and
+        the tail, which a pooled layer keeps when it fits (:meth:`prepare_tail`)."""
         plan = self.plan(n)
-        cap = plan.prompt_slots + plan.reserve
-        if not (self.pooled and self._fits(batch, heads, d, dtype, device, cap, plan.tail_slots)):
-            self.hi = Segment.empty(batch, heads, cap, d, self.hi_bits, device)
-            self.lo = Segment.empty(batch, heads, cap, d, self.lo_bits, device)
+        self.hi = Segment.empty(batch, heads, plan.segment_slots, d, self.hi_bits, device)
+        self.lo = Segment.empty(batch, heads, plan.segment_slots, d, self.lo_bits, device)
+        if not (self.pooled and self._tail_fits(batch, heads, d, dtype, device, plan.tail_slots)):
             self.tail = Tail.empty(batch, heads, plan.tail_slots, d, dtype, device)
             self.length = self.length.to(device)
         self.prompt_len = n
-        self.compacted = self.pooled
+        self.compacted = False
         self.dtype, self.device = dtype, device
         self.is_initialized = True
-        if self.pooled and not torch.compiler.is_compiling():
-            self.mark_static()
 
-    def _fits(
-        self, batch: int, heads: int, d: int, dtype: torch.dtype, device: torch.device, cap: int, tail_slots: int
-    ) -> bool:
-        """Whether the buffers held serve a plan of ``cap`` segment slots and ``tail_slots`` tail slots."""
+    def prepare_tail(self, batch: int, heads: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Outside graphs, for a pooled layer before its prefill (arguments as :meth:`allocate`): allocate the tail
+        unless the one held fits (same batch, heads, head dim, dtype and device, at least the plan's slots: a
+        longer tail changes nothing, as no plan's tail shorter than the interval can fill), and mark it and the
+        length static, so that the prefill graph finds the same inputs on every call of the pool."""
+        plan = self.plan(n)
+        if not self._tail_fits(batch, heads, d, dtype, device, plan.tail_slots):
+            self.tail = Tail.empty(batch, heads, plan.tail_slots, d, dtype, device)
+            self.length = self.length.to(device)
+        _mark_static([*self.tail, self.length])
+
+    def _tail_fits(self, batch: int, heads: int, d: int, dtype: torch.dtype, device: torch.device, slots: int) -> bool:
+        """Whether the tail held serves a plan of ``slots`` tail slots for K/V ``[batch, heads, *, d]``."""
         if self.tail is None:
             return False
-        same = self.tail.k.shape[:2] == (batch, heads) and self.tail.k.shape[3] == d
-        same = same and self.tail.k.dtype == dtype and self.tail.k.device == torch.device(device)
-        return same and self.hi.capacity >= cap and self.lo.capacity >= cap and self.tail.slots >= tail_slots
+        k = self.tail.k
+        same = k.shape[:2] == (batch, heads) and k.shape[3] == d and k.dtype == dtype
+        return same and k.device == torch.device(device) and self.tail.slots >= slots
 
     def compact(self) -> None:
-        """Shrink each segment to the slots the prefill filled plus the decode blocks' reserve (``zipvl.kv_shrink``).
+        """Cut each segment to the slots its rows filled plus the decode blocks' reserve, once the kept set is known.
 
         The prefill sizes both segments for the worst case (every token kept, or none); the kept set is known
         after its write. :class:`ZipVLCache` compacts a layer as soon as the next layer's prefill begins (inside
-        the prefill graph when compiled), so at most two layers hold worst-case segments at a time; the last
-        layer is compacted by :meth:`ZipVLCache.compact` after the forward.
+        the prefill graph when compiled: ``zipvl.kv_shrink``), so at most two layers hold worst-case segments at a
+        time; the last layer is compacted by :meth:`ZipVLCache.compact` after the forward.
+
+        A pooled layer ends in the segments of its last call (:attr:`spare`, kept by :meth:`reset`) whenever they
+        have room, else in new ones of :meth:`Plan.pooled_slots` (a larger call of the class grows them once):
+        outside graphs (inside one it is only cut; :meth:`ZipVLCache.compact` finishes after the forward). So
+        the calls of a pool's class decode from the same tensors of the same shapes: no recompile, and CUDA
+        graphs record once. Cost: each segment holds the most that a call of its class has needed so far.
         """
         if self.compacted or not self.is_initialized:
             return
         reserve = self.plan(self.prompt_len).reserve
+        if self.pooled and not torch.compiler.is_compiling():
+            spare_hi, spare_lo = self.spare or (None, None)
+            self.hi = self._moved(self.hi, spare_hi, reserve, self.hi_bits)
+            self.lo = self._moved(self.lo, spare_lo, reserve, self.lo_bits)
+            self.spare = None
+            self.compacted = True
+            return
         self.hi = Segment(*ops.kv_shrink(list(self.hi), reserve=reserve))
         self.lo = Segment(*ops.kv_shrink(list(self.lo), reserve=reserve))
-        self.compacted = True
+        self.compacted = not self.pooled
+
+    def _moved(self, seg: Segment, spare: Segment | None, reserve: int, bits: int) -> Segment:
+        """``seg``'s filled slots plus ``reserve``, in ``spare`` when it has room for them (same batch, heads,
+        head dim and device; emptied by :meth:`reset`), else in a new segment of :meth:`Plan.pooled_slots`."""
+        need = shrunk_slots(seg, reserve)
+        batch, heads, _, _ = seg.k_codes.shape
+        d, device = seg.k_scale.shape[3], seg.pos.device
+        fits = spare is not None and spare.k_scale.shape[:2] == (batch, heads) and spare.k_scale.shape[3] == d
+        if not (fits and spare.pos.device == device and spare.capacity >= need):
+            spare = Segment.empty(batch, heads, self.plan(self.prompt_len).pooled_slots(need), d, bits, device)
+        for into, tensor, shape in zip(spare, seg, seg.cut_shapes(need), strict=True):
+            window = tuple(map(slice, shape))
+            into[window].copy_(tensor[window])
+        return spare
 
     def mark_static(self) -> None:
         """Mark the buffers as static addresses (outside graphs): decode graphs mutate them in place, which CUDA
-        graphs allow only for static inputs (unguarded: a new cache re-records, it does not recompile).
-
-        Once per set of buffers: every allocation (prefill, compaction) replaces ``hi``, and all buffers are
-        marked together, so a marked ``hi[0]`` means nothing is left to mark (this runs after every forward).
-        """
-        if not self.is_initialized or hasattr(self.hi.k_codes, "_dynamo_static_input_type"):
-            return
-        for buf in self.buffers():
-            torch._dynamo.mark_static_address(buf)
+        graphs allow only for static inputs (unguarded: a new cache re-records, it does not recompile). Each
+        buffer once (this runs after every forward)."""
+        if self.is_initialized:
+            _mark_static(self.buffers())
 
     def buffers(self) -> list[torch.Tensor]:
         return [*self.hi, *self.lo, *self.tail, self.length]
@@ -326,13 +395,14 @@ class ZipVLLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         """Forget the cached tokens; the next update is a prefill. A pooled layer empties its buffers in place
-        (same tensors, as a fresh allocation holds them); any other frees them (the prefill allocates anew)."""
+        (same tensors, as a fresh allocation holds them) and keeps its segments as :attr:`spare` for the next
+        prefill's to end in (:meth:`compact`); any other frees them (the prefill allocates anew)."""
         self.is_initialized = False
-        if self.pooled and self.tail is not None:
+        if self.pooled and self.compacted and self.hi is not None:
             for part in (self.hi, self.lo, self.tail):
                 clear_(part)
+            self.spare = Held(self.hi, self.lo)
             self.length.zero_()
-            self.compacted = True
             return
         self.hi = self.lo = self.tail = None
         self.length = torch.zeros((), dtype=torch.int64, device=self.length.device)
@@ -360,8 +430,8 @@ class ZipVLCache(Cache):
     ``packed=False`` keeps full layers as transformers' dynamic layers instead (model dtype, exactly the tokens
     held), with ``dense_reason`` saying why: :meth:`for_prompt` chooses it when packing would not pay.
     ``pooled=True`` (the caches of ``zipvl_compile.compile``'s pool): packed layers keep their buffers across
-    :meth:`reset` and are never compacted (:meth:`ZipVLLayer.allocate`; :meth:`prepare` allocates them ahead
-    of the prefill).
+    :meth:`reset`, and their next prefill compacts into them when they have room (:meth:`ZipVLLayer.compact`;
+    :meth:`prepare` allocates the tails ahead of the prefill).
     """
 
     def __init__(
@@ -404,25 +474,21 @@ class ZipVLCache(Cache):
 
     @classmethod
     def for_prompt(
-        cls,
-        model: torch.nn.Module,
-        batch: int,
-        prompt_len: int,
-        max_new_tokens: int,
-        hi_bits: int = 4,
-        lo_bits: int = 2,
-        recompress_interval: int = 100,
-        pooled: bool = False,
+        cls, model: torch.nn.Module, batch: int, prompt_len: int, max_new_tokens: int, **options: Any
     ) -> ZipVLCache:
-        """The cache ``generate`` gets for ``batch`` prompts of ``prompt_len`` tokens: packed unless the packed
-        layers' worst case (:meth:`Plan.nbytes`) would hold as many bytes as the model's own dense cache."""
+        """The cache ``generate`` gets for ``batch`` prompts of ``prompt_len`` tokens and ``max_new_tokens`` new
+        ones; ``options``: the constructor's (``hi_bits``, ``lo_bits``, ``recompress_interval``, ``pooled``).
+        Packed unless the packed layers' worst case (:meth:`Plan.nbytes`) would hold as many bytes as the
+        model's own dense cache."""
         budget = prompt_len + max_new_tokens
+        cache = cls(model, budget, **options)
         config = model.config.get_text_config(decoder=True)
         dtype = next(model.parameters()).dtype
-        args = hi_bits, lo_bits, recompress_interval
-        pays = hi_bits == 16 or packed_pays(config, batch, prompt_len, budget, *args, dtype)
-        reason = None if pays else f"{prompt_len} + {max_new_tokens} tokens: packing would not hold fewer bytes"
-        return cls(model, budget, *args, packed=pays, dense_reason=reason, pooled=pooled)
+        bits = cache.hi_bits, cache.lo_bits, cache.recompress_interval
+        if cache.hi_bits == 16 or packed_pays(config, batch, prompt_len, budget, *bits, dtype):
+            return cache
+        reason = f"{prompt_len} + {max_new_tokens} tokens: packing would not hold fewer bytes"
+        return cls(model, budget, **options, packed=False, dense_reason=reason)
 
     def set_budget(self, max_cache_len: int) -> None:
         """Make an empty cache (just :meth:`reset`) hold ``max_cache_len`` tokens, of the same size class."""
@@ -433,15 +499,15 @@ class ZipVLCache(Cache):
             layer.budget = max_cache_len
 
     def prepare(self, batch: int, prompt_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate (or keep, when they fit) every packed layer's buffers for a prefill of ``batch`` prompts of
-        ``prompt_len`` tokens with K/V in ``dtype`` on ``device``, outside graphs: a compiled prefill then
-        writes into existing tensors from the first call on, so it is traced once for every call of the pool.
-        Only an empty cache (new, or just :meth:`reset`)."""
+        """Allocate (or keep, when it fits) every packed layer's tail for a prefill of ``batch`` prompts of
+        ``prompt_len`` tokens with K/V in ``dtype`` on ``device``, outside graphs (:meth:`ZipVLLayer.prepare_tail`):
+        a compiled prefill then finds the same inputs from the first call on (its worst-case segments it
+        allocates itself), so it is traced once for every call of the pool. Only an empty cache (new, or just
+        :meth:`reset`)."""
         for _, layer in self.packed_layers():
             if layer.is_initialized:
                 raise ValueError("zipvl: ZipVLCache.prepare needs an empty cache (reset it first)")
-            layer.allocate(batch, self.model_key.kv_heads, prompt_len, self.model_key.head_dim, dtype, device)
-            layer.is_initialized = False
+            layer.prepare_tail(batch, self.model_key.kv_heads, prompt_len, self.model_key.head_dim, dtype, device)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object

@@ -39,7 +39,7 @@ def _unflatten_layer(static: tuple, children: list[Any]) -> ZipVLLayer:
     layer = ZipVLLayer.__new__(ZipVLLayer)
     for name, value in zip(_LAYER_STATIC, static, strict=True):
         setattr(layer, name, value)
-    layer.keys = layer.values = None
+    layer.keys = layer.values = layer.spare = None  # a rebuilt pooled layer keeps no spare segments
     layer.hi, layer.lo, layer.tail, layer.length = children
     return layer
 
