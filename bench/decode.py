@@ -64,7 +64,7 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=4096,
 )
-ZIPVL = dict(hi_bits=4, lo_bits=2, force_ratio=0.5)
+ZIPVL = dict(hi_bits=4, lo_bits=2, force_ratio=0.5, dense_below=0)  # the r = 0.5 split at every context
 
 
 def _sync(device: str) -> None:

@@ -83,7 +83,7 @@ def main() -> None:
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     kv_dense = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (prompt + new) * head_dim * 2
     del hf_cache
-    zipvl_compile.compile(model, tau=0.975, force_ratio=args.ratio, hi_bits=4, lo_bits=2, inner="eager")
+    zipvl_compile.compile(model, tau=0.975, force_ratio=args.ratio, dense_below=0, hi_bits=4, lo_bits=2, inner="eager")
     zipvl_compile.reset_report()
     _generate(model, ids, 2)  # compile the prefill and decode graphs outside the measurement
     zipvl_compile.reset_report()

@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=float, default=2000)
     parser.add_argument("--prefill-modes", nargs="*", default=["sinks"], help="zipvl prefill_mode values to time")
     parser.add_argument("--local-window", type=int, default=128, help="zipvl's local_window option")
+    parser.add_argument(
+        "--dense-below", type=int, default=None, help="zipvl's dense_below option (default: the device's crossover)"
+    )
     args = parser.parse_args()
     import zipvl_compile
 
@@ -114,10 +117,12 @@ def main() -> None:
         model.set_attn_implementation("sdpa")
         for mode in args.prefill_modes:
             row: dict = {"n": n, "ratio": args.ratio, "prefill_mode": mode, "local_window": args.local_window}
+            row["dense_below"] = args.dense_below
             row.update(baselines)
             torch._dynamo.reset()
             zipvl_compile.reset_report()
             options = {"inner": "eager", "force_ratio": args.ratio, "tau": 0.975, "prefill_mode": mode}
+            options["dense_below"] = args.dense_below
             compiled = torch.compile(
                 model, backend="zipvl", dynamic=False, options={**options, "local_window": args.local_window}
             )
@@ -134,6 +139,7 @@ def main() -> None:
         "ratio",
         "prefill_mode",
         "local_window",
+        "dense_below",
         "zipvl_kept_ratio",
         "hf_sdpa_ms",
         "hf_fa4_ms",

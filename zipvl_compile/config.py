@@ -43,6 +43,8 @@ class ZipVLConfig:
     inner: the compiler run on the rewritten graph.
     seed: seed of the random probes.
     cudagraphs: capture the compiled graphs in CUDA graphs (also set by ``mode="reduce-overhead"``).
+    dense_below: prompts shorter than this many tokens take dense prefill attention, every token kept (and
+        stored at hi_bits); None: the crossover measured for the device (runtime.sparse.DENSE_BELOW); 0: never.
     force_ratio: BENCHMARK-ONLY. 0 = off; 0 < r <= 1 keeps round(r * n) tokens per layer instead of Eq. 6
         (probing and selection still run): random weights have no sparse structure for tau to find.
     """
@@ -64,6 +66,7 @@ class ZipVLConfig:
     seed: int = 0
     cudagraphs: bool = False
     force_ratio: float = 0.0
+    dense_below: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -100,6 +103,12 @@ class ZipVLConfig:
             self.force_ratio,
             "0 (off) or 0 < r <= 1",
         )
+        _check(
+            self.dense_below is None or (_is_int(self.dense_below) and self.dense_below >= 0),
+            "dense_below",
+            self.dense_below,
+            "None (the device's measured crossover) or an integer >= 0",
+        )
         _check(isinstance(self.cudagraphs, bool), "cudagraphs", self.cudagraphs, "True or False")
         _check(
             isinstance(self.dense_layers, tuple) and all(_is_int(i) and i >= 0 for i in self.dense_layers),
@@ -124,6 +133,7 @@ class ZipVLConfig:
             "tau": float(self.tau),
             "min_keep": self.min_keep,
             "force_ratio": float(self.force_ratio),
+            "dense_below": -1 if self.dense_below is None else self.dense_below,
             "score_norm": self.score_norm,
             "prefill_mode": self.prefill_mode,
             "local_window": self.local_window,

@@ -45,7 +45,7 @@ class LayerStats:
 
     layer: int
     slot: int | None = None  # runtime.stats slot written by zipvl.sparse_attention
-    stats: torch.Tensor | None = None  # float32 [2]: (mean r, mean r^2) over the batch of the last prefill
+    stats: torch.Tensor | None = None  # float32 [3]: (mean r, mean r^2, ran dense as too short) of the last prefill
     hi_tokens: int | None = None
     lo_tokens: int | None = None
 
@@ -53,8 +53,13 @@ class LayerStats:
         """(mean kept ratio, mean squared kept ratio) of the last sparse prefill, None before any."""
         if self.stats is None:
             return None
-        mean, mean_sq = self.stats.tolist()
+        mean, mean_sq, _ = self.stats.tolist()
         return None if mean < 0 else (mean, mean_sq)
+
+    @property
+    def too_short(self) -> bool:
+        """The last prefill ran dense: its prompt was shorter than the ``dense_below`` option."""
+        return self.stats is not None and self.stats[2].item() > 0
 
 
 @dataclasses.dataclass
@@ -202,6 +207,10 @@ class CompileReport:
         moments = {i: s.ratio_moments() for i, s in sorted(self.layers.items())}
         return {i: m[0] for i, m in moments.items() if m is not None}
 
+    def dense_by_length(self) -> list[int]:
+        """The layers whose last prefill ran dense because the prompt was shorter than ``dense_below``."""
+        return [i for i, s in sorted(self.layers.items()) if s.too_short]
+
     def flop_reduction(self) -> dict[int, float]:
         """Prefill attention-FLOP reduction per layer, 1 - mean(r^2) over the batch."""
         moments = {i: s.ratio_moments() for i, s in sorted(self.layers.items())}
@@ -249,6 +258,10 @@ class CompileReport:
             lines.append("  " + ", ".join(f"L{i}: {r:.3f} ({flops[i]:.1%})" for i, r in ratios.items()))
             mean = sum(ratios.values()) / len(ratios)
             lines.append(f"  mean kept ratio {mean:.3f}, mean FLOP reduction {sum(flops.values()) / len(flops):.1%}")
+            short = self.dense_by_length()
+            if short:
+                layers = "all layers" if len(short) == len(ratios) else "L" + ", L".join(map(str, short))
+                lines.append(f"  dense prefill in {layers}: the prompt is shorter than dense_below (sparse cannot win)")
         for g in self.recompiles():
             lines.append(
                 f"recompiled: graph {g.graph_id} ({g.kind}, {g.compile_id}): {g.recompile_reason.splitlines()[0]}"

@@ -52,6 +52,7 @@ _FLAGS = {
     "local_window": "local_window",
     "sink_tokens": "sink_tokens",
     "prefill_mode": "prefill_mode",
+    "dense_below": "dense_below",
 }
 # Integer flags whose default is ZipVLConfig's: (option, metavar, help without the default)
 _CONFIG_INT_FLAGS = (
@@ -102,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         default = getattr(_DEFAULTS, option)
         flag = "--" + option.replace("_", "-")
         p.add_argument(flag, type=int, default=default, metavar=metavar, help=f"{what} (default {default})")
+    p.add_argument(
+        "--dense-below",
+        type=int,
+        metavar="N",
+        help="prompts shorter than N tokens take dense prefill attention (default: the device's measured "
+        "crossover, 4096 on a CPU, 8192 on CUDA, so the default prompt runs dense on a CPU; 0: always sparse)",
+    )
     p.add_argument(
         "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate, greedy (default 64)"
     )
@@ -199,6 +207,7 @@ def _options(args: argparse.Namespace, device: str) -> dict[str, Any]:
         "prefill_mode": args.prefill_mode,
         "local_window": args.local_window,
         "sink_tokens": args.sink_tokens,
+        "dense_below": args.dense_below,
     }
     if args.tiny_vlm:
         options.update(TINY_OPTIONS)

