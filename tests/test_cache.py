@@ -84,7 +84,7 @@ def test_recompression_at_interval_boundary(steps):
 def test_reset_and_reuse_without_recompile():
     _reset()
     model = build_text("llama")
-    zipvl_compile.compile(model, tau=0.9, inner="eager", min_keep=4)
+    zipvl_compile.compile(model, tau=0.9, inner="eager", min_keep=4, dense_below=0)
     cache = ZipVLCache(model, max_cache_len=40)
     with torch.no_grad():
         for i in range(3):
@@ -97,7 +97,7 @@ def test_reset_and_reuse_without_recompile():
 def test_kv_bytes_equal_allocated_bytes():
     _reset()
     model = build_text("qwen2")
-    zipvl_compile.compile(model, tau=0.8, inner="eager", min_keep=4)
+    zipvl_compile.compile(model, tau=0.8, inner="eager", min_keep=4, dense_below=0)
     with torch.no_grad():
         model.generate(input_ids=_ids(200), max_new_tokens=6, do_sample=False)
     rep = zipvl_compile.report()
@@ -138,7 +138,7 @@ def test_simulate_mode_matches_packed_cache():
     ids = _ids(70, batch=2, seed=3)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
-    opts = dict(inner="eager", tau=0.8, min_keep=4, n_probe_recent=8, n_probe_random=8)
+    opts = dict(inner="eager", tau=0.8, dense_below=0, min_keep=4, n_probe_recent=8, n_probe_random=8)
     logits = []
     for mode in ("simulate", "packed"):
         _reset()
@@ -189,7 +189,9 @@ def test_prefill_compacts_each_layer_once_the_next_begins(inner):
     reference = T.LlamaForCausalLM(model.config).eval()
     reference.load_state_dict(model.state_dict())
     ids = _ids(300)
-    forward = torch.compile(model.forward, backend="zipvl", options={"tau": 0.9, "min_keep": 4, "inner": inner})
+    forward = torch.compile(
+        model.forward, backend="zipvl", options={"tau": 0.9, "min_keep": 4, "dense_below": 0, "inner": inner}
+    )
     caches = [ZipVLCache(m, max_cache_len=310) for m in (model, reference)]
     with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         forward(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=caches[0])
@@ -216,7 +218,7 @@ def test_prefill_compaction_with_dynamic_lengths():
     (caches given by the caller: the pool's caches are never compacted)."""
     _reset()
     model = build_text("llama")
-    zipvl_compile.compile(model, tau=0.9, min_keep=4, inner="eager")
+    zipvl_compile.compile(model, tau=0.9, min_keep=4, dense_below=0, inner="eager")
     with torch.no_grad():
         for n, new in ((40, 3), (57, 6), (75, 4)):
             cache = ZipVLCache(model, max_cache_len=n + new)
@@ -235,8 +237,8 @@ def test_prefill_compaction_through_inductor():
     """The data-dependent kv_shrink inside prefill graphs compiled by Inductor (static, then dynamic lengths)."""
     _reset()
     compiled, reference = build_text("llama"), build_text("llama")
-    zipvl_compile.compile(compiled, tau=0.9, min_keep=4, inner="inductor")
-    zipvl_compile.compile(reference, tau=0.9, min_keep=4, inner="eager")
+    zipvl_compile.compile(compiled, tau=0.9, min_keep=4, dense_below=0, inner="inductor")
+    zipvl_compile.compile(reference, tau=0.9, min_keep=4, dense_below=0, inner="eager")
     with torch.no_grad():
         for n in (40, 57):
             ids = _ids(n, seed=n)

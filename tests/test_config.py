@@ -28,6 +28,8 @@ from zipvl_compile import ZipVLConfig
         ("cudagraphs", "yes", "True or False"),
         ("score_norm", "zipcache", "n_minus_j"),
         ("local_window", -1, ">= 1"),
+        ("dense_below", -1, "None (the device's measured crossover)"),
+        ("dense_below", 2.5, "an integer >= 0"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(key, value, allowed):

@@ -10,7 +10,7 @@ import zipvl_compile
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-OPTIONS = dict(tau=0.9, min_keep=4, hi_bits=4, lo_bits=2, recompress_interval=8)
+OPTIONS = dict(tau=0.9, dense_below=0, min_keep=4, hi_bits=4, lo_bits=2, recompress_interval=8)
 
 
 def _model() -> torch.nn.Module:

@@ -144,7 +144,9 @@ def test_backend_passes_local_window_to_the_op() -> None:
         torch._dynamo.reset()
         zipvl_compile.reset_report()
         mode = dict(prefill_mode="local", local_window=window) if window else dict(prefill_mode="paper")
-        options = dict(inner="eager", tau=0.6, min_keep=2, n_probe_recent=4, n_probe_random=4, kv_mode="off", **mode)
+        options = dict(
+            inner="eager", dense_below=0, tau=0.6, min_keep=2, n_probe_recent=4, n_probe_random=4, kv_mode="off", **mode
+        )
         forward = torch.compile(model.forward, backend="zipvl", options=options)
         with torch.no_grad():
             logits[window] = forward(input_ids=ids).logits

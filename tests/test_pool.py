@@ -12,7 +12,7 @@ from zipvl_compile.runtime.cache import Plan
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail, round_up
 from zipvl_compile.testing import build_text
 
-OPTIONS = dict(tau=0.9, min_keep=4, inner="eager", recompress_interval=8)
+OPTIONS = dict(tau=0.9, dense_below=0, min_keep=4, inner="eager", recompress_interval=8)
 NEW = 12
 
 

@@ -56,6 +56,29 @@ def test_planted_structure_kept_set_exact(hq, hkv, dtype):
     )
 
 
+@pytest.mark.parametrize(("dense_below", "dense"), [(41, True), (40, False), (0, False), (-1, True)])
+def test_prompts_shorter_than_dense_below_run_dense(dense_below, dense):
+    """n = 40 below the limit: exact dense attention, every valid token kept, and the stats slot says so (-1 is
+    the device's default, 4096 on a CPU); at or above it the sparse path selects."""
+    from zipvl_compile.runtime import stats
+
+    q, k, v = _qkv(2, 4, 2, 40, 16)
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    mask[1, ..., :6] = False
+    slot, moments = stats.new_slot(q.device)
+    out, keep, ratio = OP(
+        q, k, v, mask, is_causal=True, scale=0.25, n_rep=2, stats_slot=slot, **_args(tau=0.5, dense_below=dense_below)
+    )
+    assert torch.equal(keep, mask[:, 0, 0]) is dense  # every valid token kept iff dense
+    assert moments[2].item() == float(dense)
+    if dense:
+        want = dense_attention(q, k, v, mask, True, 0.25, 2).masked_fill(~mask[:, 0, 0, None, :, None], 0)
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+        assert torch.equal(ratio, torch.ones(2))
+    else:
+        assert (ratio < 1).all()
+
+
 @pytest.mark.parametrize("n", [5, 12, 40])
 def test_tau_one_equals_dense(n):
     q, k, v = _qkv(2, 4, 2, n, 16)

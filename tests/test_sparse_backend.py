@@ -17,7 +17,7 @@ def _run(options, name="llama", n=60, attn="sdpa"):
     ids = torch.randint(3, 500, (2, n), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :11] = 0
-    model.forward = torch.compile(model.forward, backend="zipvl", options=dict(inner="eager", **options))
+    model.forward = torch.compile(model.forward, backend="zipvl", options=dict(inner="eager", dense_below=0, **options))
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     return out, zipvl_compile.report()
@@ -55,7 +55,9 @@ def test_reset_report_keeps_live_graph_stats():
     torch._dynamo.reset()
     zipvl_compile.reset_report()
     model = build_text("qwen2")
-    model.forward = torch.compile(model.forward, backend="zipvl", options={"inner": "eager", "tau": 0.7})
+    model.forward = torch.compile(
+        model.forward, backend="zipvl", options={"inner": "eager", "tau": 0.7, "dense_below": 0}
+    )
     ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model(input_ids=ids)

@@ -20,7 +20,7 @@ from zipvl_compile.testing import build_text
 
 WORLD = 2
 N_NEW = 2  # prefill + one decode step: two compiled graphs per process
-OPTIONS = dict(inner="eager", tau=0.8, min_keep=4, n_probe_recent=8, n_probe_random=8, kv_mode="off")
+OPTIONS = dict(inner="eager", dense_below=0, tau=0.8, min_keep=4, n_probe_recent=8, n_probe_random=8, kv_mode="off")
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
 

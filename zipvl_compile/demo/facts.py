@@ -38,6 +38,7 @@ def collect(
                 "layer": i,
                 "kept_ratio": ratios.get(i),
                 "flop_reduction": flops.get(i),
+                "dense_by_length": stats is not None and stats.too_short,
                 "hi_tokens": None if stats is None else stats.hi_tokens,
                 "lo_tokens": None if stats is None else stats.lo_tokens,
             }

@@ -82,6 +82,11 @@ def _layers(facts: dict[str, Any]) -> list[str]:
     if facts["mean_kept_ratio"] is not None:
         rows.append(("mean", f"{facts['mean_kept_ratio']:.3f}", f"{facts['mean_flop_reduction']:.1%}", "", ""))
     table = _table(rows) if len(rows) > 1 else ["  no decoder layer ran a sparse prefill"]
+    if any(lay["dense_by_length"] for lay in facts["layers"]):
+        table.append(
+            f"  dense prefill: the {facts['prompt_tokens']}-token prompt is shorter than dense_below, where sparse "
+            "prefill stops paying on this device (--dense-below 0 runs it sparse)"
+        )
     return ["", "--- per decoder layer (last prefill) ---", *table]
 
 
