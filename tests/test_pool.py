@@ -117,3 +117,18 @@ def test_16_16_tau_1_pool_reuse_matches_the_uncompiled_model():
     for i, n in enumerate((50, 36)):
         ids = _ids(n, seed=10 + i)
         assert torch.equal(_generate(model, ids), _generate(plain, ids)), n
+
+
+def test_pooled_dense_layers_are_static_before_the_prefill():
+    """16/16 bits keeps every layer a stock static one: the pool initialises them outside graphs, so transformers
+    marks their buffers static (a CUDA graph of the decode step may then write them in place)."""
+    torch._dynamo.reset()
+    zipvl_compile.reset_report()
+    model = zipvl_compile.compile(build_text("llama"), **dict(OPTIONS, tau=1.0, hi_bits=16, lo_bits=16))
+    cache = model.zipvl_cache_pool.take(2, 30, NEW)
+    assert not cache.packed_layers() and cache.layers
+    for layer in cache.layers:
+        assert layer.is_initialized and layer.keys.shape[:2] == (2, model.config.num_key_value_heads)
+        for tensor in (layer.keys, layer.values, layer.cumulative_length):
+            assert getattr(tensor, "_dynamo_static_input_type", None) is not None
+    _generate(model, _ids(30, 0))  # the prefill writes into them

@@ -502,12 +502,19 @@ class ZipVLCache(Cache):
         """Allocate (or keep, when it fits) every packed layer's tail for a prefill of ``batch`` prompts of
         ``prompt_len`` tokens with K/V in ``dtype`` on ``device``, outside graphs (:meth:`ZipVLLayer.prepare_tail`):
         a compiled prefill then finds the same inputs from the first call on (its worst-case segments it
-        allocates itself), so it is traced once for every call of the pool. Only an empty cache (new, or just
-        :meth:`reset`)."""
+        allocates itself), so it is traced once for every call of the pool. Stock static layers (the dense ones)
+        are initialised here too, because transformers marks their buffers static only outside graphs: allocated
+        inside the prefill graph, their in-place writes would keep the decode step out of CUDA graphs. Only an
+        empty cache (new, or just :meth:`reset`)."""
+        heads, head_dim = self.model_key.kv_heads, self.model_key.head_dim
         for _, layer in self.packed_layers():
             if layer.is_initialized:
                 raise ValueError("zipvl: ZipVLCache.prepare needs an empty cache (reset it first)")
-            layer.prepare_tail(batch, self.model_key.kv_heads, prompt_len, self.model_key.head_dim, dtype, device)
+            layer.prepare_tail(batch, heads, prompt_len, head_dim, dtype, device)
+        like = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=device)
+        for layer in self.layers:
+            if isinstance(layer, StaticLayer) and not layer.is_initialized:
+                layer.lazy_initialization(like, like)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
