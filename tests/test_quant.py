@@ -13,6 +13,7 @@ from conftest import DEVICE
 from zipvl_compile.runtime import layout as L
 from zipvl_compile.runtime import quant as Q
 from zipvl_compile.runtime.kernels import quant as K
+from zipvl_compile.runtime.kernels import quant_cpu as C
 from zipvl_compile.runtime.kernels import quant_reference as R
 from zipvl_compile.runtime.layout import Segment
 
@@ -328,6 +329,31 @@ def test_write_segment(bits: int) -> None:
         _check_write(state, ref, k, v, take, src_pos, bits)
         state = ref
     assert state[7].tolist() == [256, 256]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_cpu_write_matches_reference(bits: int) -> None:
+    """The CPU path of write_segment_ (staging cut to the written slots, padding by repeated tokens, word
+    packing, per-row copies) writes the reference's bytes: batch 3, fills at, inside and past the capacity's
+    end, one row taking nothing, fp16 and strided inputs."""
+    gen = torch.Generator().manual_seed(40 + bits)
+    batch, heads, d, capacity = 3, 2, 64, 256
+    for fill, t, fractions, dtype in (
+        ([0, 64, 192], 150, [0.8, 0.0, 0.5], torch.float32),
+        ([128, 0, 256], 200, [0.3, 1.0, 0.6], torch.float16),
+        ([64, 64, 0], 70, [1.0, 0.1, 0.9], torch.float32),
+    ):
+        state = _segment(gen, batch, heads, capacity, d, bits, fill=fill)
+        k = _strided(_keys(gen, (batch, heads, t, d), dtype))
+        v = _values(gen, (batch, heads, t, d), dtype)
+        take = _take(gen, t, fractions)
+        src_pos = torch.randperm(4 * t, generator=gen)[: batch * t].view(batch, t)
+        ref = [b.clone() for b in state]
+        R.write_segment_reference_(Segment(*ref), k, v, take, src_pos, bits)
+        cpu = [b.clone() for b in state]
+        C.write_segment_cpu_(Segment(*cpu), k, v, take, src_pos, bits)
+        for a, b in zip(ref, cpu, strict=True):
+            assert _same_bits(a, b)
 
 
 def test_write_segment_round_trip() -> None:

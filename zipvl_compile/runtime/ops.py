@@ -28,6 +28,7 @@ from zipvl_compile.runtime import sparse as sparse_impl
 from zipvl_compile.runtime.kernels.decode import DecodeCall
 from zipvl_compile.runtime.kernels.decode import decode_attention as decode_attention_impl
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail
+from zipvl_compile.runtime.packed import Bits
 from zipvl_compile.runtime.reference import dense_attention
 from zipvl_compile.runtime.sparse import QKV, Geometry, Prefill, Probes
 
@@ -246,15 +247,14 @@ def _kv_write(
     keep: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     *,
-    hi_bits: int = 4,
-    lo_bits: int = 2,
+    bits: Bits,
 ) -> None:
-    packed.write_tokens_(Segment(*hi), Segment(*lo), k, v, pos, keep, valid, hi_bits, lo_bits)
+    packed.write_tokens_(Segment(*hi), Segment(*lo), k, v, pos, keep, valid, bits.hi_bits, bits.lo_bits)
 
 
 kv_write_ = define_op("kv_write_", _kv_write, _no_result, mutates_args=("hi", "lo"), triton=True)
 """zipvl::kv_write_(hi (mutated), lo (mutated), k, v [B,H,t,d], pos int [B,t], keep bool [B,t]?, valid bool
-[B,t]?, *, hi_bits, lo_bits): quantise a prefill's tokens into the packed segments (runtime.packed.write_tokens_;
+[B,t]?, *, Bits (hi_bits, lo_bits)): quantise a prefill's tokens into the packed segments (runtime.packed.write_tokens_;
 keep None = every valid token kept)."""
 
 
@@ -354,10 +354,9 @@ def _kv_simulate(
     keep: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     *,
-    hi_bits: int = 4,
-    lo_bits: int = 2,
+    bits: Bits,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return packed.simulate(k, v, keep, valid, hi_bits, lo_bits)
+    return packed.simulate(k, v, keep, valid, bits.hi_bits, bits.lo_bits)
 
 
 def _kv_simulate_fake(k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object):
@@ -365,5 +364,5 @@ def _kv_simulate_fake(k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs:
 
 
 kv_simulate = define_op("kv_simulate", _kv_simulate, _kv_simulate_fake, triton=True)
-"""zipvl::kv_simulate(k, v [B,H,t,d], keep?, valid?, *, hi_bits, lo_bits) -> (k', v'): the prefill K/V as the
+"""zipvl::kv_simulate(k, v [B,H,t,d], keep?, valid?, *, Bits (hi_bits, lo_bits)) -> (k', v'): the prefill K/V as the
 packed cache would hold them (quantised and dequantised), for kv_mode="simulate" on a stock cache."""

@@ -8,11 +8,22 @@ fixed-shape and free of host syncs (except :func:`shrink`): a block is recompres
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail, round_up
 from zipvl_compile.runtime.quant import dequantize, write_segment_
 from zipvl_compile.runtime.selection import select_tokens
+
+
+class Bits(NamedTuple):
+    """The bit widths of a layer's segments, ``hi`` (kept tokens) and ``lo`` (the others): the ``hi_bits`` /
+    ``lo_bits`` options of the prefill ops ``zipvl.kv_write_`` and ``zipvl.kv_simulate`` (the per-step ops take
+    them flat: gathering a structure costs tens of microseconds per call on the CPU)."""
+
+    hi_bits: int = 4
+    lo_bits: int = 2
 
 
 def write_tokens_(

@@ -3,7 +3,8 @@
 Layout: :mod:`zipvl_compile.runtime.layout`. Arithmetic and references:
 :mod:`zipvl_compile.runtime.kernels.quant_reference`. Triton twins (same signatures, ``_triton`` suffix):
 :mod:`zipvl_compile.runtime.kernels.quant`. ``use_triton`` overrides the choice (tests run the kernels on CPU
-tensors under the Triton interpreter).
+tensors under the Triton interpreter). Without Triton, a segment write on CPU tensors takes the CPU path
+:mod:`zipvl_compile.runtime.kernels.quant_cpu` (the reference's bits, host reads and written slots only).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from zipvl_compile.runtime.kernels import quant as kernels
 from zipvl_compile.runtime.kernels import quant_reference as reference
 from zipvl_compile.runtime.kernels.device import wants_triton
+from zipvl_compile.runtime.kernels.quant_cpu import write_segment_cpu_
 from zipvl_compile.runtime.layout import Segment
 
 
@@ -61,5 +63,10 @@ def write_segment_(
     use_triton: bool | None = None,
 ) -> None:
     """See :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_`."""
-    impl = kernels.write_segment_triton_ if wants_triton(k_new, use_triton) else reference.write_segment_reference_
+    if wants_triton(k_new, use_triton):
+        impl = kernels.write_segment_triton_
+    elif k_new.device.type == "cpu":
+        impl = write_segment_cpu_
+    else:
+        impl = reference.write_segment_reference_
     impl(seg, k_new, v_new, take, src_pos, bits)

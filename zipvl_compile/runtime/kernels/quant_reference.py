@@ -36,16 +36,17 @@ from zipvl_compile.runtime.layout import (
 
 KEY_SHRINK_STEPS = 7  # 2-bit key ranges tried per group and channel: min/max shrunk by j/32 of it at each end
 SCALE_FLOOR = 1e-8  # divisor floor for zero-range groups (below the smallest fp16 subnormal, 6e-8)
+SEARCH_BLOCK = 1 << 20  # elements of x scored per candidate at once by the 2-bit range search
 
 
-def _params(x_min: torch.Tensor, x_max: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def range_params(x_min: torch.Tensor, x_max: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 min/max (x_min > x_max marks an empty group) -> float16 (scale, zero)."""
     empty = x_min > x_max
     x_min, x_max = x_min.masked_fill(empty, 0.0), x_max.masked_fill(empty, 0.0)
     return ((x_max - x_min) * (1.0 / max_code(bits))).to(torch.float16), x_min.to(torch.float16)
 
 
-def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def range_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """fp32 x and broadcastable fp16 params -> uint8 codes (see the module docstring for the rounding)."""
     y = (x - zero.float()) / scale.float().clamp_min(SCALE_FLOOR)
     return torch.floor(y + 0.5).clamp_(0, max_code(bits)).to(torch.uint8)
@@ -66,41 +67,58 @@ def quantize_keys_reference(
     ok = valid.view(batch, 1, t // GROUP, GROUP, 1)
     x_min = x.masked_fill(~ok, float("inf")).amin(3)
     x_max = x.masked_fill(~ok, float("-inf")).amax(3)
-    scale, zero = _best_key_params(x, ok, x_min, x_max, bits) if bits == 2 else _params(x_min, x_max, bits)
-    codes = _codes(x, scale[:, :, :, None], zero[:, :, :, None], bits).masked_fill_(~ok, 0)
+    if bits == 2:
+        scale, zero = best_key_params(x.masked_fill(~ok, 0.0), ok, x_min, x_max, bits)
+    else:
+        scale, zero = range_params(x_min, x_max, bits)
+    codes = range_codes(x, scale[:, :, :, None], zero[:, :, :, None], bits).masked_fill_(~ok, 0)
     return pack_codes(codes.flatten(2, 3), bits), scale, zero
 
 
-def _best_key_params(
+def best_key_params(
     x: torch.Tensor, ok: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float16 (scale, zero) ``[..., d]`` of the least-squared-error shrunk range (module docstring; 2 bits).
+    """float16 (scale, zero) ``[..., n, d]`` of the least-squared-error shrunk range (module docstring; 2 bits).
 
-    x fp32 ``[..., G, d]``, ok bool broadcastable to it; x_min / x_max fp32 ``[..., d]`` the valid min/max.
+    x fp32 ``[..., n, G, d]`` (n groups), finite everywhere (its invalid slots count for nothing but must be
+    finite: zeros, or copies of valid slots); ok bool broadcastable to it; x_min / x_max fp32 ``[..., n, d]`` the
+    valid min/max. The KEY_SHRINK_STEPS candidates are scored together (stacked on a new leading axis, over
+    blocks of groups of at most :data:`SEARCH_BLOCK` elements per candidate); the first least error wins, as a
+    scan keeping strict improvements picks.
     """
-
-    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        # codes by the reciprocal and a zero shifted by half a step: floor((x - (z - s/2)) * (1/s)), so the
-        # Triton twin computes the same bits without a per-element division and with nothing a GPU could
-        # fuse into a multiply-add (s/2 and code * s are exact); the stored codes still use the division
-        s, z = scale.float(), zero.float()
-        inv = 1.0 / s.clamp_min(SCALE_FLOOR)
-        shifted = z - s * 0.5
-        codes = torch.floor((x - shifted[..., None, :]) * inv[..., None, :]).clamp_(0, max_code(bits))
-        y = codes * s[..., None, :] + z[..., None, :]
-        return (y - x).masked_fill(~ok, 0.0).double().square().sum(-2)
-
     unit = torch.where(x_min <= x_max, (x_max - x_min) * (1.0 / 32.0), 0.0)
-    delta = torch.zeros_like(x_min)
-    scale, zero = _params(x_min, x_max, bits)
-    best = (error(scale, zero), scale, zero)
+    lows, highs, delta = [x_min], [x_max], torch.zeros_like(x_min)
     for _ in range(1, KEY_SHRINK_STEPS):
-        delta = delta + unit
-        scale, zero = _params(x_min + delta, x_max - delta, bits)
-        err = error(scale, zero)
-        better = err < best[0]
-        best = tuple(torch.where(better, new, old) for new, old in zip((err, scale, zero), best, strict=True))
-    return best[1], best[2]
+        delta = delta + unit  # repeated adds, as the Triton twin builds them (not j * unit)
+        lows.append(x_min + delta)
+        highs.append(x_max - delta)
+    scales, zeros = range_params(torch.stack(lows), torch.stack(highs), bits)  # [S, ..., n, d]
+    per_group = x[..., 0, :, :].numel()
+    block = max(1, SEARCH_BLOCK // per_group)
+    ok = ok.expand(*ok.shape[:-3], x.shape[-3], *ok.shape[-2:])
+    err = torch.cat(
+        [
+            _range_error(*parts, bits)
+            for parts in zip(x.split(block, -3), ok.split(block, -3), scales.split(block, -2), zeros.split(block, -2))
+        ],
+        dim=-2,
+    )
+    best = err.argmin(0, keepdim=True)  # the first of equal errors
+    return scales.gather(0, best)[0], zeros.gather(0, best)[0]
+
+
+def _range_error(x: torch.Tensor, ok: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp64 ``[S, ..., d]``: the squared error over the valid slots of x ``[..., G, d]`` of each candidate's
+    (scale, zero) float16 ``[S, ..., d]``.
+
+    Codes by the reciprocal and a zero shifted by half a step, ``floor((x - (z - s/2)) * (1/s))``, so that the
+    Triton twin computes the same bits without a per-element division and with nothing a GPU could fuse into a
+    multiply-add (s/2 and code * s are exact); the stored codes still use the division.
+    """
+    s, z = scale.float()[..., None, :], zero.float()[..., None, :]
+    err = torch.sub(x, z - s * 0.5).mul_(1.0 / s.clamp_min(SCALE_FLOOR)).floor_().clamp_(0, max_code(bits))
+    err = err.mul_(s).add_(z).sub_(x).mul_(ok).double()
+    return err.mul_(err).sum(-2)
 
 
 def quantize_values_reference(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,8 +127,8 @@ def quantize_values_reference(v: torch.Tensor, bits: int) -> tuple[torch.Tensor,
     Per token over the whole head dim.
     """
     x = v.float()
-    scale, zero = _params(x.amin(-1), x.amax(-1), bits)
-    return pack_codes(_codes(x, scale[..., None], zero[..., None], bits), bits), scale, zero
+    scale, zero = range_params(x.amin(-1), x.amax(-1), bits)
+    return pack_codes(range_codes(x, scale[..., None], zero[..., None], bits), bits), scale, zero
 
 
 def dequantize_keys_reference(
