@@ -28,7 +28,7 @@ from zipvl_compile.runtime import sparse as sparse_impl
 from zipvl_compile.runtime.kernels.decode import DecodeCall
 from zipvl_compile.runtime.kernels.decode import decode_attention as decode_attention_impl
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail
-from zipvl_compile.runtime.packed import Bits
+from zipvl_compile.runtime.packed import KV, Bits
 from zipvl_compile.runtime.reference import dense_attention
 from zipvl_compile.runtime.sparse import QKV, Geometry, Prefill, Probes
 
@@ -139,11 +139,11 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _sparse_outputs(outputs: sparse_impl.Outputs, stats_slot: int, short: bool) -> sparse_impl.Outputs:
+def _outputs(outputs: sparse_impl.Outputs, prefill: Prefill, stats_slot: int) -> sparse_impl.Outputs:
     """(out, keep, ratio) of a sparse prefill as the ops return them; the ratio, and whether the prompt was too
-    short for the sparse path, are stored in ``stats_slot``."""
+    short for the sparse path (``prefill.selection.too_short``), are stored in ``stats_slot``."""
     out, keep, ratio = outputs
-    stats.record_ratio(stats_slot, ratio, short)
+    stats.record_ratio(stats_slot, ratio, prefill.selection.too_short(out))
     return _bshd(out), keep, ratio
 
 
@@ -180,8 +180,7 @@ def _sparse_attention(
     probes: Probes,
     stats_slot: int = -1,
 ) -> sparse_impl.Outputs:
-    outputs = sparse_impl.sparse_attention(qkv, attn_mask, probe_rows, probes, prefill)
-    return _sparse_outputs(outputs, stats_slot, prefill.selection.too_short(qkv.q))
+    return _outputs(sparse_impl.sparse_attention(qkv, attn_mask, probe_rows, probes, prefill), prefill, stats_slot)
 
 
 sparse_attention = define_op("sparse_attention", _sparse_attention, _sparse_fake)
@@ -225,8 +224,7 @@ def _sparse_attention_scored(
     prefill: Prefill,
     stats_slot: int = -1,
 ) -> sparse_impl.Outputs:
-    outputs = sparse_impl.sparse_attention_scored(qkv, colsum, seen, attn_mask, prefill)
-    return _sparse_outputs(outputs, stats_slot, prefill.selection.too_short(qkv.q))
+    return _outputs(sparse_impl.sparse_attention_scored(qkv, colsum, seen, attn_mask, prefill), prefill, stats_slot)
 
 
 sparse_attention_scored = define_op("sparse_attention_scored", _sparse_attention_scored, _sparse_fake)
@@ -308,10 +306,9 @@ def _kv_dense_view(
     tail: list[torch.Tensor],
     *,
     length: int = 0,
-    hi_bits: int = 4,
-    lo_bits: int = 2,
+    bits: Bits,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return packed.dense_view(Segment(*hi), Segment(*lo), Tail(*tail), length, hi_bits, lo_bits)
+    return packed.dense_view(Segment(*hi), Segment(*lo), Tail(*tail), length, bits.hi_bits, bits.lo_bits)
 
 
 def _kv_dense_view_fake(hi: list, lo: list, tail: list[torch.Tensor], *, length: int = 0, **kwargs: object):
@@ -349,18 +346,13 @@ of one query over every valid slot of the packed cache, dequantising in the kern
 
 
 def _kv_simulate(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-    *,
-    bits: Bits,
+    kv: KV, keep: torch.Tensor | None = None, valid: torch.Tensor | None = None, *, bits: Bits
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return packed.simulate(k, v, keep, valid, bits.hi_bits, bits.lo_bits)
+    return packed.simulate(kv.k, kv.v, keep, valid, bits.hi_bits, bits.lo_bits)
 
 
-def _kv_simulate_fake(k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object):
-    return torch.empty_like(k), torch.empty_like(v)
+def _kv_simulate_fake(kv: KV, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(kv.k), torch.empty_like(kv.v)
 
 
 kv_simulate = define_op("kv_simulate", _kv_simulate, _kv_simulate_fake, triton=True)

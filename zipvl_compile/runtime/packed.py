@@ -19,11 +19,19 @@ from zipvl_compile.runtime.selection import select_tokens
 
 class Bits(NamedTuple):
     """The bit widths of a layer's segments, ``hi`` (kept tokens) and ``lo`` (the others): the ``hi_bits`` /
-    ``lo_bits`` options of the prefill ops ``zipvl.kv_write_`` and ``zipvl.kv_simulate`` (the per-step ops take
-    them flat: gathering a structure costs tens of microseconds per call on the CPU)."""
+    ``lo_bits`` options of ``zipvl.kv_write_``, ``zipvl.kv_simulate`` and ``zipvl.kv_dense_view`` (the eager path's
+    view). The ops a compiled decode step runs take them flat: gathering a structure costs tens of microseconds per
+    call on the CPU."""
 
     hi_bits: int = 4
     lo_bits: int = 2
+
+
+class KV(NamedTuple):
+    """A prefill's keys and values, each [B, H, t, d] in the model's dtype."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 def write_tokens_(
