@@ -50,6 +50,20 @@ def test_decode_graph_inlines_the_zipvl_kernels():
     assert len(prefill) == 1  # sparse prefill stays an extern op (library attention kernels)
 
 
+def _assert_same_greedy_tokens(got: torch.Tensor, want, what: str) -> None:
+    """``got`` [B, L] equals the reference's ``want.sequences``, or first differs at a step whose reference logits
+    nearly tie between the two tokens (within 2^-5 of the largest logit: two separately compiled bf16 graphs may
+    autotune different reduction orders, and a near-tie then flips; the sequences diverge after it)."""
+    diff = (got != want.sequences).any(0).nonzero()
+    if diff.numel() == 0:
+        return
+    t = diff[0].item()
+    logits = want.scores[t - (want.sequences.shape[1] - len(want.scores))].float()
+    rows = (got[:, t] != want.sequences[:, t]).nonzero()[:, 0]
+    gap = logits[rows, want.sequences[rows, t]] - logits[rows, got[rows, t]]
+    assert (gap <= logits[rows].abs().amax(-1) / 32).all(), f"{what}: step {t} differs by {gap.tolist()} logits"
+
+
 def test_reduce_overhead_captures_decode_in_a_cuda_graph():
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
@@ -63,9 +77,9 @@ def test_reduce_overhead_captures_decode_in_a_cuda_graph():
     pointers = []
     with torch.no_grad():
         for i in range(3):
-            want = plain.generate(**_prompt(i))
+            want = plain.generate(**_prompt(i), output_scores=True, return_dict_in_generate=True)
             got = graphed.generate(**_prompt(i))
-            assert torch.equal(got, want)
+            _assert_same_greedy_tokens(got, want, f"prompt {i}")
             if i == 0:
                 compiled = len(graphs)
             (cache,) = graphed.zipvl_cache_pool.caches.values()
