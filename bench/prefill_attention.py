@@ -144,7 +144,7 @@ def probe_select_fn(t: Inputs) -> tuple[Callable[[], Any], dict[str, Callable[[]
     from zipvl_compile.config import ZipVLConfig
     from zipvl_compile.runtime.kernels.probe import probe_colsum
     from zipvl_compile.runtime.kernels.select import select_kept
-    from zipvl_compile.runtime.selection import choose_probes
+    from zipvl_compile.runtime.kernels.select_reference import choose_probes
 
     cfg = ZipVLConfig()
     q, k, _ = t.bhsd()
@@ -426,7 +426,7 @@ def sweep_length(name: str, heads: tuple[int, int, int], n: int, dtype: torch.dt
     from zipvl_compile.config import ZipVLConfig
     from zipvl_compile.runtime.kernels.probe import ProbeArgs, probe_colsum_from_lse, probe_lse
     from zipvl_compile.runtime.kernels.select import select_kept
-    from zipvl_compile.runtime.selection import choose_probes
+    from zipvl_compile.runtime.kernels.select_reference import choose_probes
 
     cfg = ZipVLConfig()
     t = Inputs.random(heads, n, dtype, device)

@@ -17,7 +17,7 @@ from conftest import DEVICE
 from zipvl_compile.runtime.kernels import select
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
 from zipvl_compile.runtime.kernels.select import SelectResult, select_kept
-from zipvl_compile.runtime.selection import select_tokens
+from zipvl_compile.runtime.kernels.select_reference import select_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

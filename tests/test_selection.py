@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from zipvl_compile.runtime.selection import _mul32, _random_keys, choose_probes, select_tokens
+from zipvl_compile.runtime.kernels.select_reference import _mul32, _random_keys, choose_probes, select_tokens
 
 
 def _gen(seed: int) -> torch.Generator:

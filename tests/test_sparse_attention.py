@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import zipvl_compile  # noqa: F401  (registers the ops)
+from zipvl_compile.runtime.kernels.select_reference import select_tokens
 from zipvl_compile.runtime.reference import causal_mask, dense_attention
-from zipvl_compile.runtime.selection import select_tokens
 
 OP = torch.ops.zipvl.sparse_attention
 

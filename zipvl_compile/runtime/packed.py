@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import torch
 
+from zipvl_compile.runtime.kernels.select_reference import select_tokens
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail, round_up
 from zipvl_compile.runtime.quant import dequantize, write_segment_
-from zipvl_compile.runtime.selection import select_tokens
 
 
 class Bits(NamedTuple):

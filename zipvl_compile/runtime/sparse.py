@@ -31,9 +31,9 @@ from zipvl_compile.runtime.kernels.local_attention import local_attention, local
 from zipvl_compile.runtime.kernels.plan import PrefillPlan
 from zipvl_compile.runtime.kernels.probe import probe_colsum
 from zipvl_compile.runtime.kernels.select import SelectResult, select_kept
+from zipvl_compile.runtime.kernels.select_reference import choose_probes
 from zipvl_compile.runtime.kernels.sink_attention import sink_attention, sink_mask
 from zipvl_compile.runtime.reference import causal_mask, dense_attention
-from zipvl_compile.runtime.selection import choose_probes
 
 PREFILL_MODES = ("paper", "local", "sinks")
 
@@ -82,7 +82,7 @@ class Geometry(NamedTuple):
 
 
 class Probes(NamedTuple):
-    """Which rows probe the keys (:func:`~zipvl_compile.runtime.selection.choose_probes`): the last
+    """Which rows probe the keys (:func:`~zipvl_compile.runtime.kernels.select_reference.choose_probes`): the last
     ``n_probe_recent`` valid rows plus ``n_probe_random`` random ones drawn with ``seed``."""
 
     n_probe_recent: int = 64
@@ -91,7 +91,8 @@ class Probes(NamedTuple):
 
 
 class Selection(NamedTuple):
-    """How the kept set is chosen from the probe scores (:func:`~zipvl_compile.runtime.selection.select_tokens`).
+    """How the kept set is chosen from the probe scores
+    (:func:`~zipvl_compile.runtime.kernels.select_reference.select_tokens`).
 
     tau: Eq. 6 mass fraction; min_keep: floor on the kept count; force_ratio: benchmark-only fixed ratio (0 =
     off); dense_below: prompts shorter than this run dense, every token kept (-1: :data:`DENSE_BELOW` of the

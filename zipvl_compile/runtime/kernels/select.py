@@ -1,6 +1,6 @@
 """Kept-set selection (ZipVL Eqs. 6-8) without a sort: a radix threshold search per batch row.
 
-:func:`select_kept` computes what :func:`~zipvl_compile.runtime.selection.select_tokens` followed by
+:func:`select_kept` computes what :func:`~zipvl_compile.runtime.kernels.select_reference.select_tokens` followed by
 :func:`~zipvl_compile.runtime.kernels.kept_attention.keep_to_index` compute (those two stay the plain-torch
 reference), in one Triton launch with one program per batch row, no host sync and fixed output shapes (with
 ``force_ratio`` > 0, a benchmark-only mode, p is rounded by two small torch ops beside it).
@@ -42,7 +42,7 @@ from torch.library import wrap_triton
 
 from zipvl_compile.runtime.kernels.device import wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
-from zipvl_compile.runtime.selection import select_tokens
+from zipvl_compile.runtime.kernels.select_reference import select_tokens
 
 _BLOCK = 2048  # positions per tile
 _DIGIT_BITS = 2  # bits decided per search pass: 2**_DIGIT_BITS - 1 candidates per pass, 32 / _DIGIT_BITS passes
@@ -300,7 +300,7 @@ def select_kept(
 ) -> SelectResult:
     """Kept set of one layer as mask, ratio, index list and count (see the module docstring).
 
-    Same selection as :func:`~zipvl_compile.runtime.selection.select_tokens` (its docstring defines it),
+    Same selection as :func:`~zipvl_compile.runtime.kernels.select_reference.select_tokens` (its docstring defines it),
     with Eq. 6's p computed from exact (fp64) sums; ``use_triton`` as in ``kernels/device.py`` (None: Triton
     on CUDA tensors, else ``select_tokens`` + ``keep_to_index``).
     """
