@@ -63,12 +63,18 @@ def _is_structure(hint: object) -> bool:
     return isinstance(hint, type) and issubclass(hint, tuple) and hasattr(hint, "_field_defaults")
 
 
+@functools.cache
+def _fields(hint: type) -> dict[str, object]:
+    """A structure's field hints, resolved once (``typing.get_type_hints`` costs tens of microseconds a call)."""
+    return typing.get_type_hints(hint)
+
+
 def _spread(param: inspect.Parameter, hint: object) -> list[inspect.Parameter]:
     """The op arguments a body parameter stands for: itself, or a structure's fields (nested ones in turn), of
     the parameter's kind; keyword-only fields need defaults."""
     if not _is_structure(hint):
         return [param.replace(annotation=hint)]
-    fields = typing.get_type_hints(hint)
+    fields = _fields(hint)
     if param.kind is param.KEYWORD_ONLY and set(hint._field_defaults) != set(fields):
         raise TypeError(f"zipvl: option structure {hint.__name__} needs a default for every field")
     return [
@@ -84,7 +90,7 @@ def _build(hint: object, name: str, values: dict[str, object]) -> object:
     """Argument ``name`` of type ``hint`` of a body, from the op's flat arguments ``values``."""
     if not _is_structure(hint):
         return values[name]
-    return hint(*(_build(field_hint, field, values) for field, field_hint in typing.get_type_hints(hint).items()))
+    return hint(*(_build(field_hint, field, values) for field, field_hint in _fields(hint).items()))
 
 
 def _gathering(fn: Callable, body: inspect.Signature, hints: dict, flat: inspect.Signature) -> Callable:
