@@ -14,6 +14,7 @@ from zipvl_compile.config import ZipVLConfig
 from zipvl_compile.passes.pass_manager import run_passes
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.report import GraphRecord, report
+from zipvl_compile.runtime import ops
 
 log = logging.getLogger("zipvl_compile")
 
@@ -63,7 +64,7 @@ def _use_cudagraphs(sites: Sequence[AttentionSite], config: ZipVLConfig, record:
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ZipVLConfig, cudagraphs: bool) -> Callable:
     if config.inner == "eager":
-        return gm.forward
+        return _call_bodies(gm).forward
     if config.inner == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
@@ -75,6 +76,18 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: ZipVLConfig
     pruned, used = _drop_unused_inputs(gm)
     compiled = compile_fx(pruned, [example_inputs[i] for i in used], config_patches={"triton.cudagraphs": True})
     return compiled if pruned is gm else lambda *args: compiled(*[args[i] for i in used])
+
+
+def _call_bodies(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (same submodules, own graph) that calls every zipvl op as its Python body
+    (``ops.BODIES``), for the eager inner compiler: the same computation without the dispatcher's round trip
+    (~0.1 ms per call on a CPU, three calls per layer and decode step). Dynamo's graph keeps the ops (what the
+    report and its readers see); other inner compilers keep them too: Inductor lowers or calls them itself."""
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in ops.BODIES:
+            node.target = ops.BODIES[node.target]
+    return fx.GraphModule(gm, graph)
 
 
 def _drop_unused_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int]]:

@@ -35,6 +35,11 @@ from zipvl_compile.runtime.sparse import QKV, Geometry, Prefill, Probes
 NAMESPACE = "zipvl"
 
 
+BODIES: dict[torch._ops.OpOverload, Callable] = {}
+"""Each op's Python body, called with the op's own arguments: what an eager graph may call without the dispatcher
+(a custom op's dispatch costs ~0.1 ms per call on a CPU, several times the body of the per-step cache ops)."""
+
+
 def define_op(
     name: str, impl: Callable, fake: Callable, mutates_args: Sequence[str] = (), triton: bool = False
 ) -> torch._ops.OpOverload:
@@ -56,7 +61,9 @@ def define_op(
     else:
         op = torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(impl)
     op.register_fake(fake)
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
+    overload = getattr(getattr(torch.ops, NAMESPACE), name).default
+    BODIES[overload] = impl
+    return overload
 
 
 def _is_structure(hint: object) -> bool:
