@@ -22,4 +22,5 @@ def record_ratio(slot: int, ratio: torch.Tensor, short: bool) -> None:
     """Store (mean r, mean r^2, short) of a batch of kept ratios ``ratio`` float32 [B] into ``slot``; ``short``:
     the prefill ran dense because the prompt was shorter than the op's ``dense_below``."""
     if slot >= 0:
-        _SLOTS[slot].copy_(torch.stack([ratio.mean(), (ratio * ratio).mean(), ratio.new_tensor(float(short))]))
+        _SLOTS[slot][:2].copy_(torch.stack([ratio.mean(), (ratio * ratio).mean()]))
+        _SLOTS[slot][2].fill_(float(short))  # a fill: no host-to-device copy (a blocking one syncs the stream)
