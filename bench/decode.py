@@ -67,6 +67,23 @@ TINY = dict(
 ZIPVL = dict(hi_bits=4, lo_bits=2, force_ratio=0.5, dense_below=0)  # the r = 0.5 split at every context
 
 
+def build_model(smoke: bool = False) -> T.LlamaForCausalLM:
+    """The benchmark's model, random weights (seed 0): Llama-3.2-1B shapes in bf16 on CUDA, or (``smoke``) a tiny
+    fp32 one on the CPU."""
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.device(device):
+        config = T.LlamaConfig(**(TINY if smoke else LLAMA_1B))
+        return T.LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def prompt(model: T.PreTrainedModel, batch: int, n: int) -> torch.Tensor:
+    """Random prompt ids [batch, n] on the model's device, seeded by (n, batch)."""
+    device = model.device.type
+    generator = torch.Generator(device).manual_seed(n + batch)
+    return torch.randint(3, model.config.vocab_size, (batch, n), device=device, generator=generator)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -112,41 +129,46 @@ def run_hf_quantized(model, ids: torch.Tensor, warmup: int, steps: int, backend:
     return _run_eager(model, ids, T.QuantizedCache(backend=backend, config=model.config, nbits=nbits), warmup, steps)
 
 
-def run_hf_static_compiled(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
-    batch, n = ids.shape
-    cache = T.StaticCache(config=model.config, max_cache_len=n + warmup + steps + 1)
+def static_stepper(model, ids: torch.Tensor, total: int) -> tuple[torch.Tensor, Callable, T.Cache]:
+    """HF StaticCache + ``torch.compile(mode="reduce-overhead")``: prefill ``ids`` [B, n]; returns (first tokens
+    [B, 1], step(tokens, pos) -> logits [B, vocab], cache) for ``total`` cached tokens at most."""
+    n = ids.shape[1]
+    cache = T.StaticCache(config=model.config, max_cache_len=total)
     forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-    positions = torch.arange(n + warmup + steps + 1, device=ids.device)
+    positions = torch.arange(total, device=ids.device)
     with torch.no_grad():
-        first = (
-            model(input_ids=ids, past_key_values=cache, cache_position=positions[:n], logits_to_keep=1)
-            .logits[:, -1]
-            .argmax(-1, keepdim=True)
-        )
-        step = lambda tok, pos: (
-            forward(input_ids=tok, past_key_values=cache, cache_position=positions[pos : pos + 1]).logits[:, -1].clone()
-        )
-        seconds, tokens = _decode(step, first, n, warmup, steps, ids.device.type)
+        first = model(input_ids=ids, past_key_values=cache, cache_position=positions[:n], logits_to_keep=1)
+    step = lambda tok, pos: (
+        forward(input_ids=tok, past_key_values=cache, cache_position=positions[pos : pos + 1]).logits[:, -1].clone()
+    )
+    return first.logits[:, -1].argmax(-1, keepdim=True), step, cache
+
+
+def run_hf_static_compiled(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
+    first, step, cache = static_stepper(model, ids, ids.shape[1] + warmup + steps + 1)
+    with torch.no_grad():
+        seconds, tokens = _decode(step, first, ids.shape[1], warmup, steps, ids.device.type)
     return dict(seconds=seconds, tokens=tokens, kv_bytes=cache_nbytes(cache))
 
 
-def run_zipvl(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
-    n = ids.shape[1]
-    cache = zipvl_compile.ZipVLCache(
-        model, max_cache_len=n + warmup + steps + 1, **{k: ZIPVL[k] for k in ("hi_bits", "lo_bits")}
-    )
+def zipvl_stepper(model, ids: torch.Tensor, total: int) -> tuple[torch.Tensor, Callable, T.Cache]:
+    """The packed ZipVLCache (:data:`ZIPVL`), decode compiled by the zipvl backend (Inductor + CUDA graphs on CUDA);
+    returns what :func:`static_stepper` does."""
+    cache = zipvl_compile.ZipVLCache(model, max_cache_len=total, **{k: ZIPVL[k] for k in ("hi_bits", "lo_bits")})
     prefill = torch.compile(model.forward, backend="zipvl", options=dict(ZIPVL, inner="eager"))
     graphs = dict(inner="inductor", cudagraphs=True) if ids.is_cuda else dict(inner="eager")  # reduce-overhead
     decode = torch.compile(model.forward, backend="zipvl", options=dict(ZIPVL, **graphs))
     with torch.no_grad():
-        first = (
-            prefill(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, logits_to_keep=1)
-            .logits[:, -1]
-            .argmax(-1, keepdim=True)
-        )
-        cache.compact()
-        step = lambda tok, pos: decode(input_ids=tok, past_key_values=cache).logits[:, -1].clone()
-        seconds, tokens = _decode(step, first, n, warmup, steps, ids.device.type)
+        first = prefill(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, logits_to_keep=1)
+    cache.compact()
+    step = lambda tok, pos: decode(input_ids=tok, past_key_values=cache).logits[:, -1].clone()
+    return first.logits[:, -1].argmax(-1, keepdim=True), step, cache
+
+
+def run_zipvl(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
+    first, step, cache = zipvl_stepper(model, ids, ids.shape[1] + warmup + steps + 1)
+    with torch.no_grad():
+        seconds, tokens = _decode(step, first, ids.shape[1], warmup, steps, ids.device.type)
     rep = zipvl_compile.report()
     rep.record_cache(cache)
     decode_ops = {s.op for s in rep.sites if s.kind == "decode"}
@@ -211,22 +233,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     contexts, batches, steps = ([200], [2], 6) if args.smoke else (args.contexts, args.batches, args.steps)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = T.LlamaForCausalLM._from_config(
-            T.LlamaConfig(**(TINY if args.smoke else LLAMA_1B)), dtype=dtype, attn_implementation="sdpa"
-        ).eval()
+    model = build_model(args.smoke)
     params = sum(p.numel() for p in model.parameters())
     rows, skipped = [], {}  # skipped: method -> the reason its earlier failure gave
     for n in contexts:
         for batch in batches:
-            ids = torch.randint(
-                3,
-                model.config.vocab_size,
-                (batch, n),
-                device=device,
-                generator=torch.Generator(device).manual_seed(n + batch),
-            )
+            ids = prompt(model, batch, n)
             row = {"context": n, "batch": batch}
             for name in args.methods:
                 began = time.perf_counter()

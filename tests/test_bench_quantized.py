@@ -1,4 +1,5 @@
-"""bench.decode's transformers QuantizedCache methods on the CPU: bytes held, tokens produced, skipped rows."""
+"""bench.decode's transformers QuantizedCache methods on the CPU (bytes held, tokens produced, skipped rows), and
+bench.profile_decode's smoke run."""
 
 from __future__ import annotations
 
@@ -71,3 +72,16 @@ def test_out_of_memory_is_retried_and_other_methods_still_raise(monkeypatch):
     monkeypatch.setitem(decode.METHODS, "hf_eager", oom)
     with pytest.raises(torch.OutOfMemoryError):
         decode.measure("hf_eager", None, torch.zeros(1, 1), WARMUP, STEPS, skipped)
+
+
+def test_profile_decode_smoke(monkeypatch, tmp_path):
+    """bench.profile_decode on the tiny CPU model: both methods decode, are timed and profiled on the host, and the
+    figures reach $OUT."""
+    from bench import profile_decode
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    result = profile_decode.main(["--smoke", "--steps", "2", "--warmup", "1", "--top", "5"])
+    for name in ("static", "zipvl"):
+        assert result[name]["wall_ms_per_step"] > 0
+        assert "function calls" in result[name]["host"]  # cProfile's header: the host profile ran
+    assert (tmp_path / "profile_decode.json").exists()

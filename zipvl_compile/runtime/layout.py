@@ -179,19 +179,24 @@ def valid_slots(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     return (pos >= 0) & (slot[None, :] < length[:, None])
 
 
-def staging_index(take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """take bool ``[B, t]`` -> (src int64 ``[B, tp]``, count int64 ``[B]``), tp = ceil(t / GROUP) * GROUP.
+class Staging(NamedTuple):
+    """Which tokens a segment write takes, in order: ``src`` int64 ``[B, tp]`` (tp a multiple of :data:`GROUP`),
+    ``src[b, s]`` the index of row b's s-th taken token for s < ``count[b]`` (int64 ``[B]``), t - 1 beyond (padding
+    staging slots: their rows are masked)."""
 
-    ``src[b, s]`` is the index of the s-th taken token of row b (in order) for s < count[b], and is
-    clamped to t - 1 beyond (those staging slots are padding). Computed on the device (cumsum +
-    searchsorted), fixed shapes, no host sync.
-    """
+    src: torch.Tensor
+    count: torch.Tensor
+
+
+def staging_index(take: torch.Tensor) -> Staging:
+    """take bool ``[B, t]`` -> its :class:`Staging`, tp = ceil(t / GROUP) * GROUP. Computed on the device (cumsum +
+    searchsorted), fixed shapes, no host sync."""
     batch, t = take.shape
     tp = round_up(t, GROUP)
     cum = take.to(torch.int64).cumsum(1)
     want = torch.arange(1, tp + 1, device=take.device, dtype=torch.int64).expand(batch, tp).contiguous()
     src = torch.searchsorted(cum, want).clamp_max_(t - 1)
-    return src, cum[:, -1].contiguous()
+    return Staging(src, cum[:, -1].contiguous())
 
 
 def written_slots(count: torch.Tensor) -> torch.Tensor:

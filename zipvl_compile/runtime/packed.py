@@ -12,7 +12,10 @@ from typing import NamedTuple
 
 import torch
 
-from zipvl_compile.runtime.kernels.select_reference import select_tokens
+from zipvl_compile.runtime.kernels import tail as tail_kernels
+from zipvl_compile.runtime.kernels import tail_reference
+from zipvl_compile.runtime.kernels.device import wants_triton
+from zipvl_compile.runtime.kernels.quant import write_staged_triton_
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail, round_up
 from zipvl_compile.runtime.quant import dequantize, write_segment_
 
@@ -58,14 +61,15 @@ def write_tokens_(
     write_segment_(lo, k, v, valid & ~take_hi, pos, lo_bits)
 
 
-def append_tail_(tail: Tail, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-    """Append one decode token per row (k/v [B, H, 1, d], pos int [B]) at slot ``tail.length``."""
-    slot = tail.length.long().clamp(max=tail.slots - 1)
-    index = slot[:, None, None, None].expand(-1, tail.k.shape[1], 1, tail.k.shape[3])
-    tail.k.scatter_(2, index, k.to(tail.k.dtype))
-    tail.v.scatter_(2, index, v.to(tail.v.dtype))
-    tail.pos.scatter_(1, slot[:, None], pos.to(tail.pos.dtype)[:, None])
-    tail.length.add_(1)
+def append_tail_(
+    tail: Tail, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, use_triton: bool | None = None
+) -> None:
+    """Append one decode token per row (k/v [B, H, 1, d], pos int [B]) at slot ``tail.length``
+    (:func:`~zipvl_compile.runtime.kernels.tail_reference.append_tail_reference_`; one Triton launch on CUDA;
+    ``use_triton`` as in :mod:`~zipvl_compile.runtime.kernels.device`)."""
+    triton = wants_triton(tail.k, use_triton)
+    impl = tail_kernels.append_tail_triton_ if triton else tail_reference.append_tail_reference_
+    impl(tail, k, v, pos)
 
 
 def recompress_(
@@ -78,25 +82,28 @@ def recompress_(
     tau: float,
     hi_bits: int,
     lo_bits: int,
+    use_triton: bool | None = None,
 ) -> None:
     """Quantise a full tail block (rows with ``tail.length == R``) and empty it; other rows are untouched.
 
-    With a query ``q`` [B, Hq, 1, d] the block is scored (Eqs. 6-8 on the block: one query, so every column is
-    seen once and Eq. 7 is the plain probability): its kept tokens go to ``hi``, the rest to ``lo``. Softmax is
-    taken over the block per head (the full-cache normaliser differs per head; the block's ranking within a
-    head does not). Without a query every token of the block is kept (``hi``).
+    With a query ``q`` [B, Hq, 1, d] the block is scored and split into the kept tokens (``hi``) and the rest
+    (``lo``); without one (or tau >= 1) every token of the block is kept
+    (:mod:`~zipvl_compile.runtime.kernels.tail_reference`). On CUDA the selection is one Triton launch and the
+    segment writes return at once in rows with nothing to take, so a step that recompresses nothing does
+    next to no work; on the CPU such a step returns before any (the predicate is read on the host, which syncs
+    nothing there). ``use_triton`` as in :mod:`~zipvl_compile.runtime.kernels.device`.
     """
     full = tail.length >= tail.slots
-    if not tail.k.is_cuda and not torch.compiler.is_compiling() and not bool(full.any()):
-        return  # on the CPU reading the predicate syncs nothing: skip the masked no-op write
-    valid = full[:, None] & (tail.pos >= 0)
-    keep = None
-    if q is not None:
-        keys = tail.k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else tail.k
-        logits = torch.matmul(q.float(), keys.float().transpose(-1, -2))[:, :, 0] * scale  # [B, Hq, R]
-        probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
-        keep, _ = select_tokens(probs.sum(dim=1), valid.to(torch.float32), valid, tau, 0)
-    write_tokens_(hi, lo, tail.k, tail.v, tail.pos, keep, valid, hi_bits, lo_bits)
+    if wants_triton(tail.k, use_triton) and tail.slots <= tail_kernels.MAX_SLOTS:
+        staged = tail_kernels.select_block_triton(tail, q, scale, n_rep, tau)
+        write_staged_triton_(hi, tail.k, tail.v, staged.hi, tail.pos, hi_bits)
+        write_staged_triton_(lo, tail.k, tail.v, staged.lo, tail.pos, lo_bits)
+    else:
+        if not tail.k.is_cuda and not torch.compiler.is_compiling() and not bool(full.any()):
+            return
+        take, _ = tail_reference.block_take(tail, q, scale, n_rep, tau)
+        write_segment_(hi, tail.k, tail.v, take.hi, tail.pos, hi_bits)
+        write_segment_(lo, tail.k, tail.v, take.lo, tail.pos, lo_bits)
     tail.pos.masked_fill_(full[:, None], -1)
     tail.length.masked_fill_(full, 0)
 

@@ -14,7 +14,7 @@ masked; packing needs ``d * bits % 8 == 0``), one program per (batch row x head,
 - ``_write_segment_kernel``: fused gather + quantise (keys and values) + pack + scatter of one 64-slot staging
   group of the taken tokens into the segment (grid ``(B * H, ceil(t / 64))``). The staging order (which
   token is the s-th taken one) comes from :func:`~zipvl_compile.runtime.layout.staging_index` on the
-  device; programs whose group holds no taken token store nothing; stores beyond the capacity are masked
+  device; programs whose group holds no taken token return at once; stores beyond the capacity are masked
   (dropped). The programs of head 0 also write ``pos``; torch advances ``fill`` afterwards.
 
 Inputs may be strided (k / v as views of a ``[B, T, H, d]`` projection); outputs and segment buffers are
@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from zipvl_compile.runtime.kernels.quant_reference import KEY_SHRINK_STEPS, SCALE_FLOOR
-from zipvl_compile.runtime.layout import GROUP, Segment, advance_fill_, max_code, staging_index
+from zipvl_compile.runtime.layout import GROUP, Segment, Staging, advance_fill_, max_code, staging_index
 
 _ROWS = GROUP  # slots per program
 _FLOOR = tl.constexpr(SCALE_FLOOR)  # globals read inside @triton.jit must be constexpr
@@ -302,11 +302,13 @@ def _write_segment_kernel(
 ):
     bh, grp, b, h = _program_rows(H)
     count = tl.load(count_ptr + b)
+    if grp * ROWS >= count:
+        return  # no taken token in this group: nothing to store (a decode step's recompression, mostly)
     fill = tl.load(fill_ptr + b)
     s = grp * ROWS + tl.arange(0, ROWS)  # staging slots of this group
     row_ok = s < count
     dest = fill + s
-    store_ok = (grp * ROWS < count) & (dest < C)
+    store_ok = dest < C
     src = tl.load(src_ptr + b * tp + s)
     k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, src, row_ok, stride_kt, stride_kd, d, BD)
     v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, src, row_ok, stride_vt, stride_vd, d, BD)
@@ -320,7 +322,7 @@ def _write_segment_kernel(
     chan = tl.arange(0, BD)
     dest_grp = fill // ROWS + grp
     param = (bh * (C // ROWS) + dest_grp) * d + chan
-    param_ok = (grp * ROWS < count) & (dest_grp < C // ROWS) & (chan < d)
+    param_ok = (dest_grp < C // ROWS) & (chan < d)
     tl.store(ks_ptr + param, k_scale, mask=param_ok)
     tl.store(kz_ptr + param, k_zero, mask=param_ok)
     pos = tl.load(src_pos_ptr + b * stride_pb + src * stride_pt, mask=row_ok, other=-1).to(tl.int32)
@@ -419,21 +421,29 @@ def write_segment_triton_(
 ) -> None:
     """Triton twin of :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_` (the
     segment's tensors must be contiguous)."""
+    write_staged_triton_(seg, k_new, v_new, staging_index(take), src_pos, bits)
+
+
+def write_staged_triton_(
+    seg: Segment, k_new: torch.Tensor, v_new: torch.Tensor, staging: Staging, src_pos: torch.Tensor, bits: int
+) -> None:
+    """:func:`write_segment_triton_` of the tokens ``staging`` lists (a :class:`~zipvl_compile.runtime.layout.Staging`
+    of k_new's t tokens, e.g. made by a kernel that selected them): the same write; a row with count 0 costs
+    its programs one load each."""
     if not all(buf.is_contiguous() for buf in seg):
         raise ValueError("segment buffers must be contiguous")
-    batch, heads, _, d = k_new.shape
+    batch, heads, t, d = k_new.shape
     capacity = seg.capacity
-    src, count = staging_index(take)
-    tp = src.shape[1]
+    tp = staging.src.shape[1]
     wrap_triton(_write_segment_kernel)[(batch * heads, tp // GROUP)](
         k_new,
         v_new,
-        src,
-        count,
+        staging.src,
+        staging.count,
         src_pos,
         *seg,
         heads,
-        take.shape[1],
+        t,
         capacity,
         d,
         tp,
@@ -444,4 +454,4 @@ def write_segment_triton_(
         BITS=bits,
         ROWS=_ROWS,
     )
-    advance_fill_(seg.fill, count, capacity)
+    advance_fill_(seg.fill, staging.count, capacity)
