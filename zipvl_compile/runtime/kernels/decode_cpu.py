@@ -12,9 +12,13 @@ as much as arithmetic:
   ``[B, H, n, d]`` (per step, never held), so the scores, the mask, the softmax and the weighted sum are one op
   each, with no concatenation or split;
 - query heads are grouped per KV head (``[B, H, n_rep, d]``), so keys and values are never repeated;
-- codes become floats through one lookup per byte in a table of its codes (``[256, 8 // bits]``), then one fused
-  multiply-add against the float16 parameters (read as fp32 on the fly, no conversion copies);
-- empty slots are masked in the scores and zeroed in the value block (their parameters may be NaN).
+- the key and value codes of a segment are unpacked together (one stack), by shifts and masks over wider
+  integer words (:func:`_codes`), then turned to fp32 in one pass;
+- keys are dequantised by one fused multiply-add per group against the float16 parameters (read as fp32 on the
+  fly); values by a multiply and an add with their per-token parameters, one broadcast operand each (so both
+  passes are vectorised);
+- empty slots are masked in the scores and their value parameters zeroed (they may be NaN), never the codes;
+  the tail's values are masked only where it has an empty slot below its length.
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ def _dequantize_(keys: torch.Tensor, values: torch.Tensor, seg: Segment, bits: i
     torch.mul(v_codes, v_scale, out=values).add_(v_zero)  # two passes of one broadcast operand each: vectorised
 
 
+class _Used(NamedTuple):
+    """A part of the cache (a segment or the tail) with used slots: its first ``n`` slots go to ``start``."""
+
+    pos: torch.Tensor  # int32 [B, C]
+    length: torch.Tensor  # int32 [B]: its fill (a segment) or length (the tail)
+    lengths: list[int]  # the same, read on the host
+    n: int  # the largest length of the batch
+    start: int  # offset of its slots in the key / value blocks
+
+
 def _head(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
     """The first ``n`` entries of ``t`` along ``dim`` (``t`` itself where it has no more: a view op saved)."""
     return t if t.shape[dim] == n else t.narrow(dim, 0, n)
@@ -83,16 +97,6 @@ def _empty_slots(parts: list[_Used]) -> torch.Tensor:
             slot = torch.arange(part.n, device=empty.device)
             _slots(empty, 1, part).logical_or_(slot >= part.length[:, None])
     return empty
-
-
-class _Used(NamedTuple):
-    """A part of the cache (a segment or the tail) with used slots: its first ``n`` slots go to ``start``."""
-
-    pos: torch.Tensor  # int32 [B, C]
-    length: torch.Tensor  # int32 [B]: its fill (a segment) or length (the tail)
-    lengths: list[int]  # the same, read on the host
-    n: int  # the largest length of the batch
-    start: int  # offset of its slots in the key / value blocks
 
 
 def decode_attention_cpu(
