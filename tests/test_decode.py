@@ -277,3 +277,22 @@ def test_bf16_gpu(n_rep, d):
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.cpu().float(), exp, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.cpu().float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_cpu_codes_match_layout(bits):
+    """The CPU path's word-shift unpacking gives the layout's codes, for every byte value and random bytes."""
+    from zipvl_compile.runtime.kernels.decode_cpu import _codes
+    from zipvl_compile.runtime.layout import unpack_codes
+
+    gen = torch.Generator().manual_seed(bits)
+    packed = torch.cat(
+        [
+            torch.arange(256, dtype=torch.uint8).view(2, 2, 8, 8),
+            torch.randint(0, 256, (2, 2, 8, 8), generator=gen, dtype=torch.uint8),
+        ],
+        2,
+    )
+    out = _codes(packed, bits)
+    assert out.dtype == torch.float32 and out.shape == (2, 2, 16, 8 * 8 // bits)
+    assert torch.equal(out, unpack_codes(packed, bits).float())
