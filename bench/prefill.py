@@ -45,7 +45,7 @@ TINY = dict(
 )
 
 
-def _register_fa4() -> bool:
+def register_fa4() -> bool:
     try:
         from flash_attn.cute import flash_attn_func
     except Exception:  # noqa: BLE001 - optional dependency, any import failure means "absent"
@@ -62,7 +62,7 @@ def _register_fa4() -> bool:
     return True
 
 
-def _model(config: dict, attn: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(config: dict, attn: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = T.Qwen2Config(**config)
     with torch.device(device):
@@ -70,15 +70,25 @@ def _model(config: dict, attn: str, device: str, dtype: torch.dtype) -> torch.nn
     return model
 
 
+def compile_zipvl(
+    model: torch.nn.Module, ratio: float, mode: str = "sinks", local_window: int = 128, dense_below: int | None = None
+) -> torch.nn.Module:
+    """``model`` compiled by the zipvl backend as this benchmark times it: inner compiler eager (only attention
+    differs from the baselines), tau 0.975, the kept ratio forced to ``ratio`` (random weights have no structure)."""
+    options = dict(inner="eager", force_ratio=ratio, tau=0.975, prefill_mode=mode, local_window=local_window)
+    return torch.compile(model, backend="zipvl", dynamic=False, options={**options, "dense_below": dense_below})
+
+
+def forward(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """One prefill forward of ``ids`` [1, n], no cache, the last logits only. An explicit all-ones attention_mask,
+    as generate passes: without one, HF adds a packed-sequence term to the in-graph mask (data dependent), which
+    the backend must keep as a full n x n mask (slow path)."""
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
+
+
 def _time(model, ids, reps: int) -> tuple[float, float | None]:
-    # an explicit all-ones attention_mask, as generate passes: without one, HF adds a packed-sequence term to
-    # the in-graph mask (data dependent), which the backend must keep as a full n x n mask (slow path)
-    mask = torch.ones_like(ids)
-
-    def run():
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-
+    run = lambda: forward(model, ids)
     run()  # warm-up (and compilation for zipvl)
     if ids.is_cuda:
         torch.cuda.synchronize()
@@ -105,9 +115,9 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     config, lengths = (TINY, [256, 512]) if args.smoke else (QWEN2_7B, args.lengths)
-    variants = ["sdpa"] + (["fa4"] if not args.smoke and _register_fa4() else [])
+    variants = ["sdpa"] + (["fa4"] if not args.smoke and register_fa4() else [])
     rows = []
-    model = _model(config, "sdpa", device, dtype)
+    model = build_model(config, "sdpa", device, dtype)
     for n in lengths:
         ids = torch.randint(0, config["vocab_size"], (1, n), device=device)
         baselines: dict = {}
@@ -121,11 +131,7 @@ def main() -> None:
             row.update(baselines)
             torch._dynamo.reset()
             zipvl_compile.reset_report()
-            options = {"inner": "eager", "force_ratio": args.ratio, "tau": 0.975, "prefill_mode": mode}
-            options["dense_below"] = args.dense_below
-            compiled = torch.compile(
-                model, backend="zipvl", dynamic=False, options={**options, "local_window": args.local_window}
-            )
+            compiled = compile_zipvl(model, args.ratio, mode, args.local_window, args.dense_below)
             row["zipvl_ms"], row["zipvl_peak_mb"] = _time(compiled, ids, args.rep_ms)
             ratios = zipvl_compile.report().kept_ratios()
             row["zipvl_kept_ratio"] = round(sum(ratios.values()) / max(1, len(ratios)), 4)

@@ -1,5 +1,5 @@
 """bench.decode's transformers QuantizedCache methods on the CPU (bytes held, tokens produced, skipped rows), and
-bench.profile_decode's smoke run."""
+bench.profile's smoke runs."""
 
 from __future__ import annotations
 
@@ -74,14 +74,17 @@ def test_out_of_memory_is_retried_and_other_methods_still_raise(monkeypatch):
         decode.measure("hf_eager", None, torch.zeros(1, 1), WARMUP, STEPS, skipped)
 
 
-def test_profile_decode_smoke(monkeypatch, tmp_path):
-    """bench.profile_decode on the tiny CPU model: both methods decode, are timed and profiled on the host, and the
-    figures reach $OUT."""
-    from bench import profile_decode
+@pytest.mark.parametrize(("what", "methods"), [("decode", ("static", "zipvl")), ("prefill", ("hf", "zipvl"))])
+def test_profile_smoke(monkeypatch, tmp_path, what, methods):
+    """bench.profile on the tiny CPU models: both methods run, are timed and profiled on the host, and the figures
+    reach $OUT; a method of the other mode is refused."""
+    from bench import profile
 
     monkeypatch.setenv("OUT", str(tmp_path))
-    result = profile_decode.main(["--smoke", "--steps", "2", "--warmup", "1", "--top", "5"])
-    for name in ("static", "zipvl"):
+    result = profile.main([what, "--smoke", "--steps", "2", "--warmup", "1", "--top", "5"])
+    for name in methods:
         assert result[name]["wall_ms_per_step"] > 0
         assert "function calls" in result[name]["host"]  # cProfile's header: the host profile ran
-    assert (tmp_path / "profile_decode.json").exists()
+    assert (tmp_path / f"profile_{what}.json").exists()
+    with pytest.raises(SystemExit):
+        profile.main([what, "--smoke", "--methods", "hf" if what == "decode" else "static"])
