@@ -22,6 +22,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from zipvl_compile.runtime import packed, stats
 from zipvl_compile.runtime import sparse as sparse_impl
@@ -56,14 +57,29 @@ def define_op(
     if len(set(names)) != len(names):
         raise TypeError(f"zipvl: {name} spreads into repeated argument names {names}")
     impl, fake = (_gathering(fn, body, hints, flat) for fn in (impl, fake))
-    if triton and torch.cuda.is_available():
+    eager = _direct_launches(impl)
+    if triton and torch.cuda.is_available():  # traced by Inductor: its launches must stay wrapped
         op = torch.library.triton_op(qualname, mutates_args=tuple(mutates_args))(impl)
     else:
-        op = torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(impl)
+        op = torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(eager)
     op.register_fake(fake)
     overload = getattr(getattr(torch.ops, NAMESPACE), name).default
-    BODIES[overload] = impl
+    BODIES[overload] = eager
     return overload
+
+
+def _direct_launches(fn: Callable) -> Callable:
+    """``fn`` with its ``wrap_triton`` launches going straight to the kernels. A custom op's body, and a body
+    called eagerly from ``BODIES``, only ever sees real tensors, where the dispatch of ``wrap_triton`` (a
+    higher-order op, there for tracing) costs up to ~1 ms of host time per launch: several per layer in the
+    sparse prefill (``triton_op`` does the same for its own eager calls)."""
+
+    @functools.wraps(fn)
+    def call(*args: object, **kwargs: object) -> object:
+        with set_wrap_triton_enabled(False):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _is_structure(hint: object) -> bool:
