@@ -25,6 +25,9 @@ def _graph():
         "packet": g.call_function(torch.ops.zipvl_test.bump_, (buf,)),
         "overload": g.call_function(torch.ops.zipvl_test.bump_.default, (buf,)),
         "dead_pure": g.call_function(torch.sin, (k,)),
+        "dead_and": g.call_function(operator.and_, (k, k)),  # a mask term HF builds: pure, despite its name
+        "dead_or": g.call_function(operator.or_, (k, k)),
+        "dead_iand": g.call_function(operator.iand, (buf, k)),  # in place: kept
     }
     g.output(k)
     return fx.GraphModule(torch.nn.Module(), g), nodes
@@ -32,9 +35,9 @@ def _graph():
 
 def test_safe_dce_keeps_mutations_and_drops_pure_dead_code():
     gm, nodes = _graph()
-    assert safe_dce(gm) == 1
+    assert safe_dce(gm) == 3
     left = set(gm.graph.nodes)
-    assert nodes["dead_pure"] not in left
-    for name in ("index_copy_", "add_", "setitem", "packet", "overload"):
+    assert not {nodes["dead_pure"], nodes["dead_and"], nodes["dead_or"]} & left
+    for name in ("index_copy_", "add_", "setitem", "packet", "overload", "dead_iand"):
         assert nodes[name] in left, name
         assert is_impure(nodes[name]), name
