@@ -21,7 +21,7 @@ from zipvl_compile import ZipVLConfig
         ("min_keep", 1.5, ">= 0"),
         ("recompress_interval", 0, ">= 1"),
         ("kv_mode", "fast", "packed"),
-        ("inner", "cudagraphs", "inductor"),
+        ("inner", "cudagraphs", "None (by device) or one of"),
         ("seed", "a", "integer"),
         ("dense_layers", [0, -1], "layer indices"),
         ("dense_layers", 3, "layer indices"),
@@ -69,3 +69,24 @@ def test_backend_registered_by_name():
     from torch._dynamo.backends.registry import lookup_backend
 
     assert lookup_backend("zipvl") is zipvl_compile.zipvl_backend
+
+
+def test_inner_compiler_by_device(monkeypatch):
+    """inner None (the default) means Inductor on CUDA and eager elsewhere; an explicit choice is kept; the backend
+    resolves it from the graph's inputs."""
+    from zipvl_compile import backend
+
+    assert (ZipVLConfig().inner_for("cuda"), ZipVLConfig().inner_for("cpu")) == ("inductor", "eager")
+    assert ZipVLConfig(inner="aot_eager").inner_for("cuda") == "aot_eager"
+    seen = []
+    inner_compile = backend._inner_compile
+
+    def spy(gm, example_inputs, config, cudagraphs):
+        seen.append(config.inner)
+        return inner_compile(gm, example_inputs, config, cudagraphs)
+
+    monkeypatch.setattr(backend, "_inner_compile", spy)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: torch.softmax(x, -1) * 2, backend="zipvl")
+    torch.testing.assert_close(fn(torch.ones(3)), torch.full((3,), 2 / 3))
+    assert seen == ["eager"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -32,6 +33,8 @@ def zipvl_backend(
     ``mode`` are validated here.
     """
     config = config or ZipVLConfig.from_options(options, mode)
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+    config = dataclasses.replace(config, inner=config.inner_for("cuda" if on_cuda else "cpu"))
     record = report().new_graph(len(gm.graph.nodes), config.summary())
     sites = run_passes(gm, config, record)
     return _inner_compile(gm, list(example_inputs), config, _use_cudagraphs(sites, config, record))

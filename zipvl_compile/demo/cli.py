@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(TINY_VLMS),
         help="a tiny random VLM with an image instead of a real model (no --model / --prompt)",
     )
-    p.add_argument("--inner", default="auto", help=argparse.SUPPRESS)  # auto: inductor on CUDA, eager on CPU
+    p.add_argument("--inner", default=None, help=argparse.SUPPRESS)  # None: the backend's choice by device
     return p
 
 
@@ -165,7 +165,7 @@ def _plan(args: argparse.Namespace) -> Plan:
     _check_args(args)
     device = _device(args)
     dtype = _dtype(args, device)
-    options = _options(args, device)
+    options = _options(args)
     return Plan(
         model=args.model,
         tiny_vlm=args.tiny_vlm,
@@ -193,17 +193,16 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--plot {str(args.plot)!r}: cannot write into {str(parent)!r}")
 
 
-def _options(args: argparse.Namespace, device: str) -> dict[str, Any]:
+def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The zipvl options, validated by ZipVLConfig; a bad one is reported with the flag it came from."""
     hi, sep, lo = args.bits.partition("/")
     if not (sep and hi.strip().isdigit() and lo.strip().isdigit()):
         raise UsageError(f"--bits {args.bits!r}: expected HI/LO bits, e.g. 4/2")
-    inner = args.inner if args.inner != "auto" else ("inductor" if device.startswith("cuda") else "eager")
     options = {
         "tau": args.tau,
         "hi_bits": int(hi),
         "lo_bits": int(lo),
-        "inner": inner,
+        "inner": args.inner,
         "prefill_mode": args.prefill_mode,
         "local_window": args.local_window,
         "sink_tokens": args.sink_tokens,
