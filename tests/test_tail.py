@@ -28,20 +28,23 @@ def _clone(part):
 
 @pytest.mark.parametrize("strided", [False, True])
 def test_append_matches_reference(strided: bool) -> None:
-    """Rows at an empty, a partly filled and a full tail (the last slot is overwritten), strided fp32 input."""
+    """Rows at an empty, a partly filled and a full tail (the last slot is overwritten); strided k/v and a position
+    expanded over the batch, or contiguous ones."""
     gen = torch.Generator().manual_seed(3)
     batch, heads, slots, d = 3, 3, 20, 64
     tail = _tail(gen, batch, heads, slots, d, [0, 7, slots])
     kv = torch.randn(batch, 1, 2 * heads, d, generator=gen).to(DEVICE)  # a projection's [B, t, 2H, d]
     k, v = (kv[:, :, :heads], kv[:, :, heads:]) if strided else (kv[:, :, :heads].clone(), kv[:, :, heads:].clone())
     k, v = k.transpose(1, 2), v.transpose(1, 2)
-    pos = torch.tensor([5, 900, 77], device=DEVICE)
+    # one position expanded over the batch (stride 0), as ZipVLCache.update passes it, or one per row
+    pos = torch.tensor([900], device=DEVICE).expand(batch) if strided else torch.tensor([5, 900, 77], device=DEVICE)
     ref, tri = _clone(tail), _clone(tail)
     R.append_tail_reference_(ref, k, v, pos)
     K.append_tail_triton_(tri, k, v, pos)
     for a, b in zip(ref, tri, strict=True):
         assert torch.equal(a, b)
     assert tri.length.tolist() == [1, 8, slots + 1]
+    assert tri.pos[torch.arange(batch), [0, 7, slots - 1]].tolist() == pos.tolist()
 
 
 def _check_selection(tail: Tail, q: torch.Tensor | None, n_rep: int, tau: float) -> R.BlockStaging:

@@ -5,8 +5,8 @@ batch row; a decode step that recompresses nothing costs the selection one load 
 segment writes that follow return at once for rows with nothing to take), where the torch composition it
 replaces ran its scoring, sorts, prefix sums and searches every step (a dozen kernels per layer).
 
-- ``_append_kernel``: k/v ``[B, H, 1, d]`` (any strides) into slot ``min(length, R - 1)`` of every head, pos,
-  then ``length += 1``.
+- ``_append_kernel``: k/v ``[B, H, 1, d]`` and pos ``[B]`` (any strides) into slot ``min(length, R - 1)`` of
+  every head, then ``length += 1``.
 - ``_select_block_kernel``: in a row whose tail is full (``length >= R``): per KV head, the tail keys
   ``[R, d]`` against each of its n_rep query rows on the CUDA cores (fp32 products, softmax over the valid
   slots), summed over heads into the column sums; Eq. 6's count from a sort of the sums and their prefix sums,
@@ -46,6 +46,7 @@ def _append_kernel(
     stride_vb,
     stride_vh,
     stride_vd,
+    stride_p,
     BH: tl.constexpr,
     BD: tl.constexpr,
 ):
@@ -60,7 +61,7 @@ def _append_kernel(
     dest = ((b * H + head[:, None]) * R + slot) * d + chan[None, :]
     tl.store(tk_ptr + dest, k.to(tk_ptr.dtype.element_ty), mask=ok)
     tl.store(tv_ptr + dest, v.to(tv_ptr.dtype.element_ty), mask=ok)
-    tl.store(tpos_ptr + b * R + slot, tl.load(pos_ptr + b).to(tl.int32))
+    tl.store(tpos_ptr + b * R + slot, tl.load(pos_ptr + b * stride_p).to(tl.int32))
     tl.store(length_ptr + b, length + 1)
 
 
@@ -170,6 +171,7 @@ def append_tail_triton_(tail: Tail, k: torch.Tensor, v: torch.Tensor, pos: torch
         v.stride(0),
         v.stride(1),
         v.stride(3),
+        pos.stride(0),  # 0 where the cache passes one position expanded over the batch
         BH=triton.next_power_of_2(heads),
         BD=triton.next_power_of_2(d),
     )
