@@ -111,3 +111,13 @@ def test_recompress_paths_write_the_same_bytes() -> None:
     new_hi, new_lo, new_tail = results[1]
     assert new_tail.length.tolist() == [0, 40, 0] and torch.equal(new_tail.pos[1], tail.pos[1])
     assert new_hi.fill[1] == new_lo.fill[1] == 0 and new_hi.fill[0] > GROUP and new_lo.fill[2] > 2 * GROUP
+
+
+def test_kernels_refuse_a_strided_tail() -> None:
+    tail = _tail(torch.Generator().manual_seed(1), 2, 2, 8, 64, [8, 8])
+    strided = tail._replace(k=tail.k.transpose(2, 3).contiguous().transpose(2, 3))
+    kv = torch.zeros(2, 2, 1, 64, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.append_tail_triton_(strided, kv, kv, torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.select_block_triton(strided, None, 0.125, 1, 0.9)

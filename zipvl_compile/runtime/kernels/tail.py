@@ -153,9 +153,15 @@ def _select_block_kernel(
     _store_staging(lo_src_ptr, lo_count_ptr, b, slot_ok & ~keep, TP, TPP, R, RP)
 
 
+def _check_contiguous(tail: Tail) -> None:
+    if not all(t.is_contiguous() for t in tail):
+        raise ValueError("the tail's buffers must be contiguous (the kernels address them as [B, H, R, d])")
+
+
 def append_tail_triton_(tail: Tail, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
     """Triton twin of :func:`~zipvl_compile.runtime.kernels.tail_reference.append_tail_reference_` (the tail's
     tensors contiguous)."""
+    _check_contiguous(tail)
     batch, heads, _, d = k.shape
     wrap_triton(_append_kernel)[(batch,)](
         k,
@@ -179,7 +185,8 @@ def append_tail_triton_(tail: Tail, k: torch.Tensor, v: torch.Tensor, pos: torch
 
 def select_block_triton(tail: Tail, q: torch.Tensor | None, scale: float, n_rep: int, tau: float) -> BlockStaging:
     """Triton twin of :func:`~zipvl_compile.runtime.kernels.tail_reference.select_block_reference` (R at most
-    :data:`MAX_SLOTS`)."""
+    :data:`MAX_SLOTS`; the tail's tensors contiguous)."""
+    _check_contiguous(tail)
     batch, heads, slots, d = tail.k.shape
     if slots > MAX_SLOTS:
         raise ValueError(f"select_block_triton: a tail of {slots} slots exceeds {MAX_SLOTS}")
