@@ -135,13 +135,10 @@ def is_getitem(node: fx.Node) -> bool:
     return is_function(node, operator.getitem)
 
 
-_AUGMENTED = ("iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow", "ilshift", "irshift")
-INPLACE_FUNCTIONS = {operator.setitem, torch.Tensor.copy_, torch.Tensor.index_copy_, operator.iand, operator.ior}
-INPLACE_FUNCTIONS |= {operator.ixor, *(getattr(operator, name) for name in _AUGMENTED)}  # ``x op= y`` mutates x
-PURE_OPERATORS = {operator.and_, operator.or_, operator.not_}
-"""``&``, ``|`` and ``not`` as Dynamo records them: pure, their trailing underscore only avoids Python keywords (the
-in-place forms are ``operator.iand`` / ``ior``). Taken for in-place ops, they kept HF's dead n x n mask
-construction alive in every prefill graph (three n x n boolean tensors per forward)."""
+_AUGMENTED = "iadd isub imul imatmul itruediv ifloordiv imod ipow ilshift irshift iand ior ixor".split()
+INPLACE_FUNCTIONS = {operator.setitem, torch.Tensor.copy_, torch.Tensor.index_copy_} | {
+    getattr(operator, name) for name in _AUGMENTED
+}  # ``x op= y`` on a tensor mutates x; the rest of ``operator`` is pure (``and_`` / ``or_`` included)
 
 
 def is_impure(node: fx.Node) -> bool:
@@ -159,8 +156,8 @@ def is_impure(node: fx.Node) -> bool:
         if isinstance(target, torch._ops.OpOverload):
             return target._schema.is_mutable
         name = getattr(target, "__name__", "")
-        if name.endswith("_") and not name.startswith("_") and target not in PURE_OPERATORS:
-            return True
+        if name.endswith("_") and not name.startswith("_") and getattr(operator, name, None) is not target:
+            return True  # torch's in-place convention; ``operator.and_`` / ``or_`` only avoid Python keywords
     return node.is_impure()
 
 

@@ -1,9 +1,10 @@
 """Triton kernels of the decode tail: one launch appends a token, one selects and stages a full block.
 
 Contracts and oracles: :mod:`zipvl_compile.runtime.kernels.tail_reference`. Both kernels run one program per
-batch row; a decode step that recompresses nothing costs the selection one load and a few stores per row (the
-segment writes that follow return at once for rows with nothing to take), where the torch composition it
-replaces ran its scoring, sorts, prefix sums and searches every step (a dozen kernels per layer).
+batch row; a decode step that recompresses nothing costs the selection a load of the row's R positions and
+the stores of its empty staging (the segment writes that follow return at once for rows with nothing to take),
+where the torch composition it replaces ran its scoring, sorts, prefix sums and searches every step (a dozen
+kernels per layer).
 
 - ``_append_kernel``: k/v ``[B, H, 1, d]`` and pos ``[B]`` (any strides) into slot ``min(length, R - 1)`` of
   every head, then ``length += 1``.
