@@ -67,8 +67,12 @@ def append_tail_(
     """Append one decode token per row (k/v [B, H, 1, d], pos int [B]) at slot ``tail.length``
     (:func:`~zipvl_compile.runtime.kernels.tail_reference.append_tail_reference_`; one Triton launch on CUDA;
     ``use_triton`` as in :mod:`~zipvl_compile.runtime.kernels.device`)."""
-    triton = wants_triton(tail.k, use_triton)
-    impl = tail_kernels.append_tail_triton_ if triton else tail_reference.append_tail_reference_
+    if wants_triton(tail.k, use_triton):
+        impl = tail_kernels.append_tail_triton_
+    elif tail.k.is_cuda or torch.compiler.is_compiling():
+        impl = tail_reference.append_tail_reference_
+    else:
+        impl = tail_reference.append_tail_cpu_  # same bits, fewer ops per step
     impl(tail, k, v, pos)
 
 
@@ -93,14 +97,16 @@ def recompress_(
     next to no work; on the CPU such a step returns before any (the predicate is read on the host, which syncs
     nothing there). ``use_triton`` as in :mod:`~zipvl_compile.runtime.kernels.device`.
     """
+    triton = wants_triton(tail.k, use_triton) and tail.slots <= tail_kernels.MAX_SLOTS
+    if not triton and not tail.k.is_cuda and not torch.compiler.is_compiling():
+        if max(tail.length.tolist(), default=0) < tail.slots:  # nothing to recompress: one host read, no device op
+            return
     full = tail.length >= tail.slots
-    if wants_triton(tail.k, use_triton) and tail.slots <= tail_kernels.MAX_SLOTS:
+    if triton:
         staged = tail_kernels.select_block_triton(tail, q, scale, n_rep, tau)
         write_staged_triton_(hi, tail.k, tail.v, staged.hi, tail.pos, hi_bits)
         write_staged_triton_(lo, tail.k, tail.v, staged.lo, tail.pos, lo_bits)
     else:
-        if not tail.k.is_cuda and not torch.compiler.is_compiling() and not bool(full.any()):
-            return
         take, _ = tail_reference.block_take(tail, q, scale, n_rep, tau)
         write_segment_(hi, tail.k, tail.v, take.hi, tail.pos, hi_bits)
         write_segment_(lo, tail.k, tail.v, take.lo, tail.pos, lo_bits)

@@ -1,0 +1,69 @@
+"""The CPU path of the decode tail's per-step ops: the append's slice copies against the reference's scatters
+(bit for bit), and the recompression's early return on a step that recompresses nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zipvl_compile.runtime.kernels.tail_reference import append_tail_cpu_, append_tail_reference_
+from zipvl_compile.runtime.layout import Segment, Tail
+from zipvl_compile.runtime.packed import append_tail_, recompress_
+
+
+def _tail(lengths: list[int], slots: int, dtype: torch.dtype, seed: int) -> Tail:
+    """A tail of random K/V (B = len(lengths), H = 2, d = 8) with positions below each row's length."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    k, v = (torch.randn(batch, 2, slots, 8, generator=gen).to(dtype) for _ in range(2))
+    pos = torch.randint(0, 1000, (batch, slots), generator=gen, dtype=torch.int32)
+    pos[torch.arange(slots)[None, :] >= torch.tensor(lengths)[:, None]] = -1
+    return Tail(k, v, pos, torch.tensor(lengths, dtype=torch.int32))
+
+
+def _clone(tail: Tail) -> Tail:
+    return Tail(*(t.clone() for t in tail))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lengths",
+    [[5], [0], [11], [12], [3, 3, 3], [2, 7, 0], [12, 12]],  # 12 = a full tail: the last slot is overwritten
+)
+def test_append_cpu_matches_reference(dtype: torch.dtype, lengths: list[int]) -> None:
+    tail = _tail(lengths, 12, dtype, seed=len(lengths) + sum(lengths))
+    gen = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(len(lengths), 2, 1, 8, generator=gen) for _ in range(2))  # fp32, converted on the way in
+    pos = torch.tensor([700], dtype=torch.int64).expand(len(lengths))  # one position expanded over the batch
+    ref, out = _clone(tail), _clone(tail)
+    append_tail_reference_(ref, k, v, pos)
+    append_tail_cpu_(out, k, v, pos)
+    for name, a, b in zip(Tail._fields, out, ref, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert not torch.equal(out.k, tail.k)  # the append wrote something
+
+
+def test_append_dispatch_takes_cpu_path() -> None:
+    tail = _tail([4, 4], 8, torch.float32, seed=0)
+    ref, out = _clone(tail), _clone(tail)
+    k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    pos = torch.tensor([9, 10])
+    append_tail_reference_(ref, k, v, pos)
+    append_tail_(out, k, v, pos, use_triton=False)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
+def test_recompress_returns_early_only_when_no_row_is_full() -> None:
+    hi = Segment.empty(2, 2, 64, 8, 4, torch.device("cpu"))
+    lo = Segment.empty(2, 2, 64, 8, 2, torch.device("cpu"))
+    tail = _tail([3, 7], 8, torch.float32, seed=2)
+    before = _clone(tail)
+    recompress_(hi, lo, tail, None, 1.0, 1, 1.0, 4, 2, use_triton=False)
+    assert all(torch.equal(a, b) for a, b in zip(tail, before, strict=True))
+    assert int(hi.fill.max()) == 0 and int(lo.fill.max()) == 0
+    tail.length[1] = 8  # row 1 full: its block goes to hi (every token kept without a query), row 0 untouched
+    tail.pos[1] = torch.arange(8, dtype=torch.int32)
+    recompress_(hi, lo, tail, None, 1.0, 1, 1.0, 4, 2, use_triton=False)
+    assert hi.fill.tolist() == [0, 64] and tail.length.tolist() == [3, 0]
+    assert torch.equal(hi.pos[1, :8], torch.arange(8, dtype=torch.int32)) and bool((tail.pos[1] < 0).all())
+    assert torch.equal(tail.pos[0], before.pos[0])
