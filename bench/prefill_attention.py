@@ -3,7 +3,7 @@
     python -m bench.prefill_attention            # GPU, one invocation (a few minutes on an H100), bf16
     python -m bench.prefill_attention --smoke    # CPU check of the same code at tiny sizes, fp32
     TRITON_INTERPRET=1 python -m bench.prefill_attention --smoke   # ... with the Triton stages interpreted
-    python -m bench.prefill_attention --sweep-probe   # probe / select launch parameters only (n = 32k, 64k)
+    python -m bench.prefill_attention --sweep-probe   # probe / select / sinks-merge launch parameters only
 
 For each shape (Qwen2-7B: 28 query / 4 KV heads; LLaVA-Next-7B: 32 / 32; d = 128) and length n, B = 1:
 - dense causal attention with every dense backend present: FlashAttention-4
@@ -28,9 +28,12 @@ Every measurement is guarded: a backend that fails records its error and the run
 
 ``--sweep-probe`` times instead, per shape and n (default 32k and 64k), each stage of the probe and the
 selection apart (pass 1 = ``probe_lse``: the row log-sum-exps and their split merge; pass 2 =
-``probe_colsum_from_lse``: the column sums and seen; select = ``select_kept``, eager and from a CUDA graph) for
-a small grid of ``ProbeTiles``, against the best dense backend of the same run; each configuration's output is
-checked against the default configuration's. Prints a table; writes $OUT/prefill_probe_sweep.json.
+``probe_colsum_from_lse``: the column sums and seen) for a small grid of ``ProbeTiles``; select =
+``select_kept_triton`` for a grid of ``SelectTiles``; merge = ``sink_merge_triton`` (the sinks mode's window +
+sinks + merge kernel, at r = 0.3, ``--sink-window`` and ``--sinks``) for a grid of ``SinkTiles``; each eager
+and from a CUDA graph (``graph_ms``: the GPU time without the launch overhead), against the best dense backend
+of the same run; each configuration's output is checked against the default configuration's (select: against
+the plain-torch reference). Prints a table; writes $OUT/prefill_probe_sweep.json.
 """
 
 from __future__ import annotations
@@ -415,17 +418,70 @@ def _probe_grid() -> dict[str, Any]:
     }
 
 
+def _select_grid() -> dict[str, Any]:
+    """The SelectTiles of the sweep by name (the first is the default)."""
+    from zipvl_compile.runtime.kernels.select import DEFAULT_SELECT_TILES, SelectTiles
+
+    return {
+        "default": DEFAULT_SELECT_TILES,
+        "b1024_w4": SelectTiles(block=1024, num_warps=4),
+        "b4096_w16": SelectTiles(block=4096, num_warps=16),
+        "b1024_d4_w8": SelectTiles(block=1024, digit_bits=4, num_warps=8),
+        "b512_d4_w4": SelectTiles(block=512, digit_bits=4, num_warps=4),
+        "b2048_w16": SelectTiles(num_warps=16),
+    }
+
+
+def _sink_grid() -> dict[str, Any]:
+    """The SinkTiles of the sweep by name (the first is the default)."""
+    from zipvl_compile.runtime.kernels.sink_attention import DEFAULT_SINK_TILES, SinkTiles
+
+    return {
+        "default": DEFAULT_SINK_TILES,
+        "bn64": SinkTiles(block_n=64),
+        "bn64_s2": SinkTiles(block_n=64, num_stages=2),
+        "r256_w8": SinkTiles(rows=256, num_warps=8),
+        "r256_bn64_w8_s2": SinkTiles(rows=256, block_n=64, num_warps=8, num_stages=2),
+        "r128_w8": SinkTiles(num_warps=8),
+        "r64_bn64": SinkTiles(rows=64, block_n=64),
+        "bn128_w8_s2": SinkTiles(block_n=128, num_warps=8, num_stages=2),
+    }
+
+
 def _sweep_row(base: dict[str, Any], stage: str, config: str, fn: Callable[[], Any], errors: dict[str, str]) -> dict:
-    """One sweep row: the stage's eager ms (and its % of dense), guarded."""
+    """One sweep row: the stage's eager ms (and its % of dense), guarded; on CUDA also from a CUDA graph."""
     ms = _guard(lambda: median_ms(fn), errors, f"{stage}/{config}")
-    return dict(base, stage=stage, config=config, ms=ms, pct_of_dense=_div(ms, base["dense_ms"], 100.0))
+    row = dict(base, stage=stage, config=config, ms=ms, pct_of_dense=_div(ms, base["dense_ms"], 100.0))
+    if torch.cuda.is_available() and ms is not None:
+        row["graph_ms"] = _guard(lambda: cuda_graph_ms(fn), errors, f"{stage}_graph/{config}")
+    return row
 
 
-def sweep_length(name: str, heads: tuple[int, int, int], n: int, dtype: torch.dtype, device: str) -> list[dict]:
-    """The probe / select stages at every configuration of the grids for one (shape, n)."""
+def _sweep_merge(t: Inputs, base: dict[str, Any], sinks: SinkOptions, errors: dict[str, str]) -> list[dict]:
+    """The merge stage at every configuration of :func:`_sink_grid`, r = 0.3, checked against the default."""
+    q, k, v = t.bhsd()
+    plan = random_kept(t, 0.3, seed=1)._replace(mode="sinks", window=sinks.window, sinks=sinks.sinks)
+    part = kept_causal_attention_lse(q, k, v, plan)
+    rows, expected = [], None
+    for config, tiles in _sink_grid().items():
+        merge = lambda tiles=tiles: sink_merge_triton(q, k, v, plan, part, tiles)
+        out = _guard(merge, errors, f"merge/{config}")
+        if out is None:
+            continue
+        expected = out if expected is None else expected
+        diff = float((out.float() - expected.float()).abs().max())
+        row = _sweep_row(base, "merge", config, merge, errors)
+        rows.append(dict(row, max_abs_diff=diff, matches_default=diff <= 2e-2))
+    return rows
+
+
+def sweep_length(
+    name: str, heads: tuple[int, int, int], n: int, dtype: torch.dtype, device: str, sinks: SinkOptions
+) -> list[dict]:
+    """The probe / select / merge stages at every configuration of the grids for one (shape, n)."""
     from zipvl_compile.config import ZipVLConfig
     from zipvl_compile.runtime.kernels.probe import ProbeArgs, probe_colsum_from_lse, probe_lse
-    from zipvl_compile.runtime.kernels.select import select_kept
+    from zipvl_compile.runtime.kernels.select import select_kept, select_kept_triton
     from zipvl_compile.runtime.kernels.select_reference import choose_probes
 
     cfg = ZipVLConfig()
@@ -464,13 +520,15 @@ def sweep_length(name: str, heads: tuple[int, int, int], n: int, dtype: torch.dt
     if expected is None:
         return rows
     colsum, seen = expected
-    call = lambda: select_kept(colsum, seen, valid, cfg.tau, cfg.min_keep)
     reference = select_kept(colsum, seen, valid, cfg.tau, cfg.min_keep, use_triton=False)
-    row = _sweep_row(base, "select", "default", call, errors)
-    row["graph_ms"] = _guard(lambda: cuda_graph_ms(call), errors, "select_graph/default")
-    row["keep_diff_vs_reference"] = int((call().keep ^ reference.keep).sum())
-    row["matches_default"] = row["keep_diff_vs_reference"] == 0
-    rows.append(row)
+    for config, tiles in _select_grid().items():
+        call = lambda tiles=tiles: select_kept_triton(colsum, seen, valid, cfg.tau, cfg.min_keep, tiles=tiles)
+        row = _sweep_row(base, "select", config, call, errors)
+        kept = _guard(call, errors, f"select_check/{config}")
+        row["keep_diff_vs_reference"] = None if kept is None else int((kept.keep ^ reference.keep).sum())
+        row["matches_default"] = row["keep_diff_vs_reference"] == 0
+        rows.append(row)
+    rows += _sweep_merge(t, base, sinks, errors)
     for row in rows:
         row["errors"] = dict(errors)
     print(f"  {name} n={n}: dense {base['dense_ms']} ms ({dense_backend}), {len(rows)} sweep rows", flush=True)
@@ -493,20 +551,29 @@ SWEEP_COLUMNS = [
 
 
 def run_sweep(
-    shapes: dict[str, tuple[int, int, int]], lengths: tuple[int, ...], dtype: torch.dtype, device: str
+    shapes: dict[str, tuple[int, int, int]],
+    lengths: tuple[int, ...],
+    dtype: torch.dtype,
+    device: str,
+    sinks: SinkOptions,
 ) -> list[dict]:
     """--sweep-probe: the sweep rows of every shape and length; prints the table, writes the JSON."""
     start = time.time()
     rows: list[dict] = []
     for name, heads in shapes.items():
         for n in lengths:
-            rows += sweep_length(name, heads, n, dtype, device)
+            rows += sweep_length(name, heads, n, dtype, device, sinks)
             if device == "cuda":
                 torch.cuda.empty_cache()
     best: dict[tuple, dict] = {}
+    gpu_ms = lambda row: row.get("graph_ms") or row["ms"]  # the GPU time where a CUDA graph measured it
     for row in rows:
         key = (row["shape"], row["n"], row["stage"])
-        if row["ms"] is not None and row.get("matches_default") and (key not in best or row["ms"] < best[key]["ms"]):
+        if (
+            row["ms"] is not None
+            and row.get("matches_default")
+            and (key not in best or gpu_ms(row) < gpu_ms(best[key]))
+        ):
             best[key] = row
     payload = dict(
         **_run_fields("prefill_probe_sweep", dtype),
@@ -519,8 +586,8 @@ def run_sweep(
     print(markdown_table(rows, SWEEP_COLUMNS))
     print("\nfastest matching configuration per stage:")
     for key, row in best.items():
-        pct = row["pct_of_dense"] or 0.0
-        print(f"  {'/'.join(map(str, key))}: {row['config']} {row['ms']:.4f} ms ({pct:.2f}% of dense)")
+        pct = 100.0 * gpu_ms(row) / row["dense_ms"] if row["dense_ms"] else 0.0
+        print(f"  {'/'.join(map(str, key))}: {row['config']} {gpu_ms(row):.4f} ms ({pct:.2f}% of dense)")
     print(f"\n{len(rows)} rows in {time.time() - start:.0f} s" + (f"; wrote {path}" if path else ""))
     return rows
 
@@ -568,7 +635,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--sink-window", type=int, default=128, help="local window of the sinks mode (>= 1)")
     parser.add_argument("--sinks", type=int, default=4, help="sink tokens of the sinks mode (>= 0)")
-    parser.add_argument("--sweep-probe", action="store_true", help="time the probe / select launch parameters only")
+    parser.add_argument(
+        "--sweep-probe", action="store_true", help="time the probe / select / sinks-merge launch parameters only"
+    )
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
@@ -583,7 +652,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shapes = {k: v for k, v in shapes.items() if not args.shapes or k in args.shapes}
     print(f"device {device_name()}, torch {torch.__version__}, {dtype}, kept backends {available_backends()}")
     if args.sweep_probe:
-        return run_sweep(shapes, tuple(args.lengths or (SMOKE_LENGTHS if args.smoke else SWEEP_LENGTHS)), dtype, device)
+        lengths = tuple(args.lengths or (SMOKE_LENGTHS if args.smoke else SWEEP_LENGTHS))
+        return run_sweep(shapes, lengths, dtype, device, sink_opts)
     lengths = args.lengths or (SMOKE_LENGTHS if args.smoke else LENGTHS)
 
     start = time.time()

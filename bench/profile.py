@@ -2,15 +2,18 @@
 
     python -m bench.profile decode [--context 8192] [--batch 1] [--methods static zipvl] [--steps 20]
     python -m bench.profile prefill [--length 32768] [--ratio 0.4] [--methods fa4 zipvl] [--steps 2]
-    python -m bench.profile {decode,prefill} --smoke    # tiny model on the CPU
+    python -m bench.profile op [--length 8192] [--steps 20]     # zipvl.sparse_attention alone
+    python -m bench.profile {decode,prefill,op} --smoke    # tiny sizes on the CPU
 
 ``decode``: bench.decode's model and setup (HF static cache + ``torch.compile(mode="reduce-overhead")``, or the
 packed ZipVLCache under the zipvl backend with CUDA graphs); a step is one greedy token. ``prefill``:
 bench.prefill's Qwen2-7B-shaped model and options (HF with FA4 when importable, else sdpa; or zipvl with the kept
-ratio forced to ``--ratio``); a step is one forward of the prompt. Per method, after ``--warmup`` steps
+ratio forced to ``--ratio``); a step is one forward of the prompt. ``op``: the whole ``zipvl.sparse_attention`` op
+called eagerly as ``bench.prefill_attention`` times it (Qwen2-7B shape, planted sparsity at ``--ratio``, tau
+0.975, sinks mode), beside dense attention (FA4 when importable, else SDPA). Per method, after ``--warmup`` steps
 (compilation, CUDA-graph recording): the wall time per step, then a ``torch.profiler`` trace of ``--steps``
 steps (kernels replayed from CUDA graphs included): kernels per step, GPU busy time per step, the kernels taking
-the most time; then ``cProfile`` of as many steps (host time per function, cumulative). Printed, and written to
+the most time; then ``cProfile`` of as many steps (host time per function, cumulative and own). Printed, and written to
 $OUT/profile_{decode,prefill}.json when $OUT is set.
 """
 
@@ -29,7 +32,7 @@ import torch
 from bench import decode, prefill
 from bench._timing import device_name, write_json
 
-METHODS = {"decode": ("static", "zipvl"), "prefill": ("hf", "zipvl")}
+METHODS = {"decode": ("static", "zipvl"), "prefill": ("hf", "zipvl"), "op": ("dense", "zipvl")}
 
 
 def _sync() -> None:
@@ -66,7 +69,8 @@ def profile(step: Callable[[], None], warmup: int, steps: int, top: int) -> dict
         ((sum(times) / steps, len(times) / steps, kernel) for kernel, times in kernels.items()), reverse=True
     )
     text = io.StringIO()
-    pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(top)
+    for order in ("cumulative", "tottime"):
+        pstats.Stats(host, stream=text).sort_stats(order).print_stats(top)
     return {
         "wall_ms_per_step": wall_ms,
         "kernels_per_step": sum(len(t) for t in kernels.values()) / steps,
@@ -120,25 +124,49 @@ def prefill_steps(args: argparse.Namespace) -> tuple[dict, dict[str, Callable[[]
     return facts, {name: makers[name] for name in args.methods or METHODS["prefill"]}
 
 
+def op_steps(args: argparse.Namespace) -> tuple[dict, dict[str, Callable[[], Callable[[], None]]]]:
+    """As :func:`decode_steps`, a step being one call of the op (or of dense attention) on one layer's inputs."""
+    from bench import prefill_attention as pa
+    from zipvl_compile.config import ZipVLConfig
+    from zipvl_compile.runtime import ops
+
+    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+    shape = pa.SHAPES["qwen2-7b"]
+    t = pa.planted(shape, 512 if args.smoke else args.length, args.ratio, dtype, device)
+    q, k, v = t.bhsd()
+    cfg = ZipVLConfig()
+    rows = ops.probe_rows(q, is_causal=True, **cfg.probe_kwargs())
+    kwargs = {**cfg.probe_kwargs(), **cfg.selection_kwargs(), "prefill_mode": "sinks"}
+    kwargs.update(is_causal=True, scale=t.scale, n_rep=t.n_rep)
+    backends = pa.dense_backends()
+    dense = backends.get("fa4") or next(iter(backends.values()))
+    makers = {
+        "dense": lambda: lambda: dense(t),
+        "zipvl": lambda: lambda: ops.sparse_attention(q, k, v, probe_rows=rows, **kwargs),
+    }
+    facts = {"length": q.shape[2], "ratio": args.ratio}
+    return facts, {name: makers[name] for name in args.methods or METHODS["op"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["decode", "prefill"])
+    parser.add_argument("what", choices=list(METHODS))
     parser.add_argument("--context", type=int, default=8192, help="decode: prompt tokens before the steps")
     parser.add_argument("--batch", type=int, default=1, help="decode: batch size")
-    parser.add_argument("--length", type=int, default=32768, help="prefill: prompt tokens")
-    parser.add_argument("--ratio", type=float, default=0.4, help="prefill: zipvl's forced kept ratio")
+    parser.add_argument("--length", type=int, default=32768, help="prefill, op: prompt tokens")
+    parser.add_argument("--ratio", type=float, default=0.4, help="prefill: zipvl's forced kept ratio; op: planted")
     parser.add_argument("--steps", type=int, default=None, help="profiled steps (default: decode 20, prefill 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: decode 8, prefill 1)")
     parser.add_argument("--top", type=int, default=30)
-    parser.add_argument("--methods", nargs="+", help="decode: static, zipvl; prefill: hf, zipvl (default: both)")
+    parser.add_argument("--methods", nargs="+", help="decode: static, zipvl; prefill: hf, zipvl; op: dense, zipvl")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     args = parser.parse_args(argv)
     known = METHODS[args.what]
     if not set(args.methods or ()) <= set(known):
         parser.error(f"{args.what} methods are {', '.join(known)}, got {' '.join(args.methods)}")
-    steps, warmup = (20, 8) if args.what == "decode" else (2, 1)
+    steps, warmup = {"decode": (20, 8), "prefill": (2, 1), "op": (20, 3)}[args.what]
     args.steps, args.warmup = args.steps or steps, args.warmup or warmup
-    facts, makers = (decode_steps if args.what == "decode" else prefill_steps)(args)
+    facts, makers = {"decode": decode_steps, "prefill": prefill_steps, "op": op_steps}[args.what](args)
     result = {"device": device_name(), "torch": torch.__version__, **facts}
     for name, make in makers.items():
         torch._dynamo.reset()

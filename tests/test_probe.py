@@ -216,21 +216,21 @@ def test_kernel_bf16_gpu(case: tuple) -> None:
 
 
 def test_bench_sweep_smoke(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """The ``--sweep-probe`` path of bench.prefill_attention end to end at a tiny size (two probe
-    configurations, one call per timing): every stage has rows, every configuration matches the default and
-    the selection its reference."""
+    """The ``--sweep-probe`` path of bench.prefill_attention end to end at a tiny size (two configurations of
+    each grid, one call per timing): every stage has rows, every configuration matches the default and the
+    selection its reference."""
     import json
 
     from bench import prefill_attention as bench
 
-    grid = bench._probe_grid()
-    monkeypatch.setattr(bench, "_probe_grid", lambda: dict(list(grid.items())[:2]))
+    for grid in ("_probe_grid", "_select_grid", "_sink_grid"):
+        configs = getattr(bench, grid)()
+        monkeypatch.setattr(bench, grid, lambda configs=configs: dict(list(configs.items())[:2]))
     monkeypatch.setattr(bench, "median_ms", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setenv("OUT", str(tmp_path))
-    rows = bench.main(["--sweep-probe", "--smoke", "--lengths", "64", "--shapes", "tiny-gqa"])
-    assert {row["stage"] for row in rows} == {"probe_pass1", "probe_pass2", "select"}
-    assert len(rows) == 5 and all(row["matches_default"] and not row["errors"] for row in rows)
+    rows = bench.main(["--sweep-probe", "--smoke", "--lengths", "64", "--shapes", "tiny-gqa", "--sink-window", "8"])
+    stages = ("probe_pass1", "probe_pass2", "select", "merge")
+    assert {row["stage"] for row in rows} == set(stages)
+    assert len(rows) == 8 and all(row["matches_default"] and not row["errors"] for row in rows)
     payload = json.loads((tmp_path / "prefill_probe_sweep.json").read_text())
-    assert len(payload["rows"]) == 5 and set(payload["best"]) == {
-        f"tiny-gqa/64/{s}" for s in ("probe_pass1", "probe_pass2", "select")
-    }
+    assert len(payload["rows"]) == 8 and set(payload["best"]) == {f"tiny-gqa/64/{s}" for s in stages}

@@ -14,9 +14,14 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from zipvl_compile.runtime.kernels import select
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
-from zipvl_compile.runtime.kernels.select import SelectResult, select_kept
+from zipvl_compile.runtime.kernels.select import (
+    DEFAULT_SELECT_TILES,
+    SelectResult,
+    SelectTiles,
+    select_kept,
+    select_kept_triton,
+)
 from zipvl_compile.runtime.kernels.select_reference import select_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -92,10 +97,20 @@ def _oracle(
 
 
 def _check(
-    colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0
+    colsum: torch.Tensor,
+    seen: torch.Tensor,
+    valid: torch.Tensor,
+    tau: float,
+    min_keep: int,
+    force_ratio: float = 0.0,
+    tiles: SelectTiles = DEFAULT_SELECT_TILES,
 ) -> SelectResult:
-    """The kernel equals the exact oracle; the float32 reference equals it off the rounding boundary."""
-    out = select_kept(colsum, seen, valid, tau, min_keep, force_ratio, use_triton=True)
+    """The kernel (launched with ``tiles``) equals the exact oracle; the float32 reference equals it off the
+    rounding boundary."""
+    if tiles == DEFAULT_SELECT_TILES:
+        out = select_kept(colsum, seen, valid, tau, min_keep, force_ratio, use_triton=True)
+    else:
+        out = select_kept_triton(colsum, seen, valid, tau, min_keep, force_ratio, tiles)
     expected = _oracle(colsum, seen, valid, tau, min_keep, force_ratio)
     batch, n = valid.shape
     assert out.keep.shape == out.idx.shape == (batch, n) and out.ratio.shape == out.count.shape == (batch,)
@@ -153,10 +168,9 @@ def test_short_rows(n: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["skewed", "integer"])
-def test_many_tiles(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_tiles(kind: str) -> None:
     """64-position tiles: running counts and tie ranks carried across tile boundaries."""
-    monkeypatch.setattr(select, "_BLOCK", 64)
-    _check(*_inputs(kind, 300, [(41, 0), (0, 0)], seed=5), 0.9, 20)
+    _check(*_inputs(kind, 300, [(41, 0), (0, 0)], seed=5), 0.9, 20, tiles=SelectTiles(block=64, num_warps=2))
 
 
 def test_long_row() -> None:
@@ -165,10 +179,17 @@ def test_long_row() -> None:
 
 
 @pytest.mark.parametrize("digit_bits", [1, 4])
-def test_digit_widths(digit_bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(select, "_DIGIT_BITS", digit_bits)
-    _check(*_inputs("integer", 90, PADS[:1], seed=digit_bits), 0.9, 10)
-    _check(*_inputs("skewed", 90, PADS[1:], seed=digit_bits), 0.975, 0)
+def test_digit_widths(digit_bits: int) -> None:
+    tiles = SelectTiles(digit_bits=digit_bits)
+    _check(*_inputs("integer", 90, PADS[:1], seed=digit_bits), 0.9, 10, tiles=tiles)
+    _check(*_inputs("skewed", 90, PADS[1:], seed=digit_bits), 0.975, 0, tiles=tiles)
+
+
+@pytest.mark.parametrize("bad", [SelectTiles(block=96), SelectTiles(digit_bits=3), SelectTiles(num_warps=3)])
+def test_bad_tiles(bad: SelectTiles) -> None:
+    colsum, seen, valid = _inputs("skewed", 64, PADS[:1], seed=1)
+    with pytest.raises(ValueError, match="SelectTiles"):
+        select_kept_triton(colsum, seen, valid, 0.9, 0, tiles=bad)
 
 
 @pytest.mark.parametrize("tau", [0.5, 0.75])

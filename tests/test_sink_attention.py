@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE
 
-from zipvl_compile.runtime.kernels.kept_attention import available_backends, keep_to_index
+from zipvl_compile.runtime.kernels.kept_attention import available_backends, keep_to_index, kept_causal_attention_lse
 from zipvl_compile.runtime.kernels.plan import PrefillPlan
 from zipvl_compile.runtime.kernels.sink_attention import (
+    SinkTiles,
     sink_attention,
     sink_attention_reference,
     sink_mask,
+    sink_merge_triton,
     sink_positions,
 )
 
@@ -136,6 +138,17 @@ def test_triton_path_matches_reference(
     rows = out.transpose(1, 2)
     assert (rows[~valid] == 0).all()
     assert (rows[valid] != 0).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("tiles", [SinkTiles(rows=64, block_n=16, num_warps=2), SinkTiles(rows=256, block_n=64)])
+def test_merge_tiles_match_reference(tiles: SinkTiles) -> None:
+    """Other launch tiles (more query blocks and key tiles per window, or fewer) give the reference's result."""
+    q, k, v, keep, valid, scale, n_rep = _inputs((4, 2), 150, 16, torch.float32, "left", "random", _gen(tiles))
+    plan = _plan(keep, valid, 40, 20, scale, n_rep)._replace(keep=keep & valid)
+    out = sink_merge_triton(q, k, v, plan, kept_causal_attention_lse(q, k, v, plan, "reference", True), tiles)
+    torch.testing.assert_close(out, sink_attention_reference(q, k, v, plan), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="SinkTiles.block_n"):
+        sink_merge_triton(q, k, v, plan, None, tiles._replace(block_n=24))
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa_padded"])

@@ -1,6 +1,6 @@
-"""Pieces shared by the prefill attention kernels of :mod:`local_attention` and :mod:`sink_attention`: the
-``@triton.jit`` tile helpers below and :func:`masked_attention_reference`, the plain-torch core of both
-references.
+"""Pieces shared by the prefill attention kernels of :mod:`local_attention` and :mod:`sink_attention` (and
+:func:`dot`, by :mod:`probe` too): the ``@triton.jit`` tile helpers below and :func:`masked_attention_reference`,
+the plain-torch core of both references.
 
 Both kernels run one online softmax in base 2 (scores pre-scaled by ``qk_scale = scale * log2(e)``) over key
 tiles gathered from rows of K and V, then divide by the running sum. These ``@triton.jit`` helpers are inlined
@@ -34,6 +34,15 @@ def masked_attention_reference(
     out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=plan.scale)
     out = torch.where(plan.valid[:, None, :, None], out, 0.0).to(q.dtype)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@triton.jit
+def dot(a, b):
+    """a [M, K] @ b [K, N] with fp32 accumulation; fp32 operands multiply exactly (tl.dot alone would round
+    them to tf32 on the GPU), 16-bit ones on the tensor cores as they are."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
 
 
 @triton.jit
@@ -72,7 +81,7 @@ def attend_tile(q, kv, keys, key_ok, d_ok, allowed, state, qk_scale):
     else:
         load_mask = key_ok[:, None] & d_ok[None, :]
     k = tl.load(k_ptrs, mask=load_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = dot(q, tl.trans(k)) * qk_scale
     if allowed is not None:
         s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -83,7 +92,7 @@ def attend_tile(q, kv, keys, key_ok, d_ok, allowed, state, qk_scale):
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     v = tl.load(v_ptrs, mask=load_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
 

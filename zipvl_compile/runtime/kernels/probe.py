@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from zipvl_compile.runtime.kernels.attention_tiles import dot
 from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
 
 _NEG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: exp2(m_old - m_new) stays NaN-free
@@ -141,14 +142,6 @@ def _key_valid(keys, j):
 
 
 @triton.jit
-def _dot(a, b):
-    """a [M, K] @ b [K, N] with fp32 accumulation; fp32 operands (fp32 or mixed inputs) multiply exactly."""
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _row_bounds(pos, n_keys):
     """(smallest probe position >= 0 of the tile (n_keys when none), largest position (-1 when none))."""
     return tl.min(tl.where(pos >= 0, pos, n_keys)), tl.max(pos)
@@ -191,12 +184,12 @@ def _key_tiles(
         k_ptrs = k_row + j[:, None] * stride_kn + dd[None, :] * stride_kd
         k = tl.load(k_ptrs, mask=(j[:, None] < n_keys) & (dd[None, :] < HEAD_DIM), other=0.0)
         if COLSUM:  # keys as the M of the dot: the column sums are row sums inside a warp
-            p = tl.exp2(_dot(k, tl.trans(q)) * qk_scale - m_i[None, :])  # [BLOCK_N, ROWS]
+            p = tl.exp2(dot(k, tl.trans(q)) * qk_scale - m_i[None, :])  # [BLOCK_N, ROWS]
             if MASKED:
                 p = tl.where(j[:, None] <= pos[None, :], p, 0.0)
             tl.store(out_ptr + j, tl.where(_key_valid(keys, j), tl.sum(p, axis=1), 0.0), mask=j < n_keys)
         else:
-            s = _dot(q, tl.trans(k))
+            s = dot(q, tl.trans(k))
             if MASKED:
                 s = tl.where((j[None, :] <= pos[:, None]) & _key_valid(keys, j)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # qk_scale > 0: max(s) * c = max(s * c)

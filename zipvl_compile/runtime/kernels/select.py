@@ -11,13 +11,15 @@ Shapes and dtypes:
     returns :class:`SelectResult`: keep bool [B, n], ratio float32 [B], idx int64 [B, n] (the kept positions
     ascending, then the others ascending), count int64 [B] (the kept count).
 
-How a row is processed (every pass is a loop over tiles of ``_BLOCK`` positions):
+How a row is processed (every pass is a loop over tiles of :attr:`SelectTiles.block` positions; each lane keeps
+its own partial counts and sums over the tiles, reduced across the program once per pass, so a pass costs one
+cross-warp reduction however long the row):
     1. one pass: order keys of the score s = colsum / seen (0 where seen == 0) and, for Eq. 6, of colsum go
        to int32 scratch rows (a key is the float32 bit pattern made monotone under signed int32 comparison;
        padding gets the smallest key, which no search candidate reaches); the valid count, the last valid
        position and the fp64 total of the valid colsum are summed on the way.
-    2. Eq. 6: a most-significant-digit-first radix search over the colsum keys (``_DIGIT_BITS`` bits per
-       pass, 32 / ``_DIGIT_BITS`` passes) finds the threshold t = the p-th largest value, as the largest key
+    2. Eq. 6: a most-significant-digit-first radix search over the colsum keys (``digit_bits`` bits per
+       pass, 32 / ``digit_bits`` passes) finds the threshold t = the p-th largest value, as the largest key
        whose "sum of values >= key" reaches tau * total; then p = count(> t) + the number of values equal
        to t needed to reach tau * total on top of sum(> t). Sums are fp64, so p is the exact smallest p
        whose p largest values hold tau of the mass (the reference's float32 prefix sums can differ from
@@ -44,15 +46,35 @@ from zipvl_compile.runtime.kernels.device import wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
 from zipvl_compile.runtime.kernels.select_reference import select_tokens
 
-_BLOCK = 2048  # positions per tile
-_DIGIT_BITS = 2  # bits decided per search pass: 2**_DIGIT_BITS - 1 candidates per pass, 32 / _DIGIT_BITS passes
-_NUM_WARPS = 8
 _PADDING_KEY = tl.constexpr(-(2**31))  # the smallest int32: below every search candidate
 
 # how p (the Eq. 6 count) is found; a kernel constexpr
 _P_ALL = 0  # tau >= 1: every valid key
 _P_MASS = 1  # Eq. 6 by the threshold search
 _P_GIVEN = 2  # force_ratio > 0: p computed beside the kernel
+
+
+class SelectTiles(NamedTuple):
+    """Launch parameters of the selection kernel (every choice selects the same set): ``block`` positions per
+    tile (a power of two), ``digit_bits`` bits decided per search pass (a divisor of 32: 2**digit_bits - 1
+    candidates per pass, 32 / digit_bits passes), ``num_warps`` of the one program per batch row. The defaults:
+    the fastest of the H200 sweep at 8k and 32k (BENCHMARKS.md)."""
+
+    block: int = 4096
+    digit_bits: int = 2
+    num_warps: int = 16
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"SelectTiles.block must be a power of two >= 16, got {self.block}")
+        if self.digit_bits not in (1, 2, 4, 8):
+            raise ValueError(f"SelectTiles.digit_bits must divide 32 (1, 2, 4 or 8), got {self.digit_bits}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"SelectTiles.num_warps must be a power of two <= 32, got {self.num_warps}")
+
+
+DEFAULT_SELECT_TILES = SelectTiles()
 
 
 class SelectResult(NamedTuple):
@@ -97,18 +119,20 @@ def _radix_search(key_ptr, n, n_steps, target, BY_MASS: tl.constexpr, BLOCK: tl.
         above = tl.full([], 0, tl.int32)
     for _ in range(n_steps):
         cand = (low + digit.to(tl.int64) * width - (1 << 31)).to(tl.int32)  # lane 0 = low: known to pass
+        # per (lane, candidate) over the tiles, reduced across the program once per step
         if BY_MASS:
-            agg = tl.zeros([radix], tl.float64)
+            lane_agg = tl.zeros([BLOCK, radix], tl.float64)
         else:
-            agg = tl.zeros([radix], tl.int32)
+            lane_agg = tl.zeros([BLOCK, radix], tl.int32)
         for start in range(0, n, BLOCK):
             pos = start + lanes
             key = tl.load(key_ptr + pos, mask=pos < n, other=_PADDING_KEY)
             hit = key[:, None] >= cand[None, :]
             if BY_MASS:
-                agg += tl.sum(tl.where(hit, _key_value(key).to(tl.float64)[:, None], 0.0), axis=0)
+                lane_agg += tl.where(hit, _key_value(key).to(tl.float64)[:, None], 0.0)
             else:
-                agg += tl.sum(hit.to(tl.int32), axis=0)
+                lane_agg += hit.to(tl.int32)
+        agg = tl.sum(lane_agg, axis=0)
         passing = (agg >= target) | (digit == 0)  # agg falls as the candidate rises: a prefix of the lanes
         d = tl.sum(passing.to(tl.int32)) - 1
         above = tl.where(d + 1 < radix, tl.sum(tl.where(digit == d + 1, agg, 0)), above)
@@ -148,9 +172,9 @@ def _select_kernel(
     n_steps: tl.constexpr = 32 // DIGIT_BITS
 
     # 1. order keys, valid count, last valid position, total mass
-    n_valid = tl.full([], 0, tl.int32)
-    last = tl.full([], -1, tl.int32)
-    total = tl.full([], 0.0, tl.float64)
+    lane_valid = tl.zeros([BLOCK], tl.int32)  # per-lane partial results, reduced once after each pass
+    lane_last = tl.full([BLOCK], -1, tl.int32)
+    lane_total = tl.zeros([BLOCK], tl.float64)
     for start in range(0, n, BLOCK):
         pos = start + lanes
         ok = tl.load(valid_ptr + row + pos, mask=pos < n, other=0) != 0
@@ -158,11 +182,14 @@ def _select_kernel(
         seen = tl.load(seen_ptr + row + pos, mask=ok, other=0.0)
         score = tl.where(seen > 0, tl.math.div_rn(colsum, tl.maximum(seen, 1.0)), 0.0)
         tl.store(score_key_ptr + row + pos, tl.where(ok, _order_key(score), _PADDING_KEY), mask=pos < n)
-        n_valid += tl.sum(ok.to(tl.int32))
-        last = tl.maximum(last, tl.max(tl.where(ok, pos, -1)))
+        lane_valid += ok.to(tl.int32)
+        lane_last = tl.maximum(lane_last, tl.where(ok, pos, -1))
         if P_MODE == 1:
             tl.store(mass_key_ptr + row + pos, tl.where(ok, _order_key(colsum), _PADDING_KEY), mask=pos < n)
-            total += tl.sum(colsum.to(tl.float64))
+            lane_total += colsum.to(tl.float64)
+    n_valid = tl.sum(lane_valid)
+    last = tl.max(lane_last)
+    total = tl.sum(lane_total)
     tl.debug_barrier()  # the scratch rows written above are read by other threads of this program below
 
     # 2. Eq. 6 threshold: the largest t with sum(colsum >= t) >= tau * total (tau as float32, like the reference)
@@ -172,18 +199,21 @@ def _select_kernel(
 
     # 3. rank of the last valid token in score order; counts of colsum above / at the Eq. 6 threshold
     last_key = tl.load(score_key_ptr + row + tl.maximum(last, 0))
-    rank_last = tl.full([], 0, tl.int32)
-    mass_ge = tl.full([], 0, tl.int32)
-    mass_gt = tl.full([], 0, tl.int32)
+    lane_rank = tl.zeros([BLOCK], tl.int32)
+    lane_ge = tl.zeros([BLOCK], tl.int32)
+    lane_gt = tl.zeros([BLOCK], tl.int32)
     for start in range(0, n, BLOCK):
         pos = start + lanes
         key = tl.load(score_key_ptr + row + pos, mask=pos < n, other=_PADDING_KEY)
         before = (key > last_key) | ((key == last_key) & (pos < last))
-        rank_last += tl.sum((before & (key != _PADDING_KEY)).to(tl.int32))
+        lane_rank += (before & (key != _PADDING_KEY)).to(tl.int32)
         if P_MODE == 1:
             mkey = tl.load(mass_key_ptr + row + pos, mask=pos < n, other=_PADDING_KEY)
-            mass_ge += tl.sum(((mkey >= mass_t) & (mkey != _PADDING_KEY)).to(tl.int32))
-            mass_gt += tl.sum(((mkey > mass_t) & (mkey != _PADDING_KEY)).to(tl.int32))
+            lane_ge += ((mkey >= mass_t) & (mkey != _PADDING_KEY)).to(tl.int32)
+            lane_gt += ((mkey > mass_t) & (mkey != _PADDING_KEY)).to(tl.int32)
+    rank_last = tl.sum(lane_rank)
+    mass_ge = tl.sum(lane_ge)
+    mass_gt = tl.sum(lane_gt)
 
     if P_MODE == 0:
         p = n_valid
@@ -246,11 +276,16 @@ def _check(colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, min_ke
 
 
 def select_kept_triton(
-    colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, tau: float, min_keep: int, force_ratio: float = 0.0
+    colsum: torch.Tensor,
+    seen: torch.Tensor,
+    valid: torch.Tensor,
+    tau: float,
+    min_keep: int,
+    force_ratio: float = 0.0,
+    tiles: SelectTiles = DEFAULT_SELECT_TILES,
 ) -> SelectResult:
-    """Triton implementation of :func:`select_kept` (same arguments and result)."""
-    if 32 % _DIGIT_BITS:
-        raise ValueError(f"_DIGIT_BITS must divide 32, got {_DIGIT_BITS}")
+    """Triton implementation of :func:`select_kept` (same arguments and result; ``tiles``: its launch)."""
+    tiles.check()
     batch, n = colsum.shape
     colsum, seen, valid = colsum.contiguous(), seen.contiguous(), valid.contiguous()
     if force_ratio > 0:
@@ -282,9 +317,9 @@ def select_kept_triton(
         float(tau),
         int(min_keep),
         P_MODE=p_mode,
-        BLOCK=_BLOCK,
-        DIGIT_BITS=_DIGIT_BITS,
-        num_warps=_NUM_WARPS,
+        BLOCK=tiles.block,
+        DIGIT_BITS=tiles.digit_bits,
+        num_warps=tiles.num_warps,
     )
     return SelectResult(keep.to(torch.bool), ratio, idx, count)
 
