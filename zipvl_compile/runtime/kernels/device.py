@@ -1,4 +1,5 @@
-"""What the kernels ask of the device: whether a call runs its Triton kernel, and how many SMs there are.
+"""What the kernels ask of the device: whether a call runs its Triton kernel, how many SMs there are, and
+whether a launch parameter is a size a kernel can take (:func:`check_power_of_two`).
 
 Every public kernel entry point takes ``use_triton: bool | None``: None means "Triton on CUDA tensors, the
 plain-torch reference elsewhere"; True on CPU tensors runs the kernel under the Triton interpreter (it needs
@@ -31,3 +32,10 @@ def sm_count(device: torch.device) -> int:
 @functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def check_power_of_two(owner: str, name: str, value: int, least: int = 1) -> None:
+    """Raise ValueError naming ``owner.name`` unless ``value`` is a power of two >= ``least`` (tile sizes and warp
+    counts of the kernels' launch parameters)."""
+    if value < least or value & (value - 1):
+        raise ValueError(f"{owner}.{name} must be a power of two >= {least}, got {value}")

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from zipvl_compile.runtime.kernels.attention_tiles import dot
-from zipvl_compile.runtime.kernels.device import sm_count, wants_triton
+from zipvl_compile.runtime.kernels.device import check_power_of_two, sm_count, wants_triton
 
 _NEG = tl.constexpr(-1.0e30)  # finite "-inf" for running maxima: exp2(m_old - m_new) stays NaN-free
 _SCAN = tl.constexpr(1024)  # key-validity bytes read per step when a pass-1 program looks for padding
@@ -70,9 +70,7 @@ class ProbeTiles:
 
     def __post_init__(self) -> None:
         for name in ("rows", "block_n"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"ProbeTiles.{name} must be a power of two >= 16, got {value}")
+            check_power_of_two("ProbeTiles", name, getattr(self, name), least=16)
         for name in ("lse_warps", "lse_stages", "colsum_warps", "colsum_stages", "programs_per_sm"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ProbeTiles.{name} must be >= 1, got {getattr(self, name)}")

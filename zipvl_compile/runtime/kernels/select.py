@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from zipvl_compile.runtime.kernels.device import wants_triton
+from zipvl_compile.runtime.kernels.device import check_power_of_two, wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
 from zipvl_compile.runtime.kernels.select_reference import select_tokens
 
@@ -66,12 +66,10 @@ class SelectTiles(NamedTuple):
 
     def check(self) -> None:
         """Raise ValueError naming the first bad field."""
-        if self.block < 16 or self.block & (self.block - 1):
-            raise ValueError(f"SelectTiles.block must be a power of two >= 16, got {self.block}")
+        check_power_of_two("SelectTiles", "block", self.block, least=16)
         if self.digit_bits not in (1, 2, 4, 8):
             raise ValueError(f"SelectTiles.digit_bits must divide 32 (1, 2, 4 or 8), got {self.digit_bits}")
-        if self.num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"SelectTiles.num_warps must be a power of two <= 32, got {self.num_warps}")
+        check_power_of_two("SelectTiles", "num_warps", self.num_warps)
 
 
 DEFAULT_SELECT_TILES = SelectTiles()

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from zipvl_compile.runtime.kernels import attention_tiles as tiles
-from zipvl_compile.runtime.kernels.device import wants_triton
+from zipvl_compile.runtime.kernels.device import check_power_of_two, wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import KeptPart, keep_to_index, kept_causal_attention_lse
 from zipvl_compile.runtime.kernels.plan import PrefillPlan
 
@@ -67,11 +67,10 @@ class SinkTiles(NamedTuple):
     def check(self) -> None:
         """Raise ValueError naming the first bad field."""
         for name in ("rows", "block_n"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"SinkTiles.{name} must be a power of two >= 16, got {value}")
-        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
-            raise ValueError(f"SinkTiles: num_warps a power of two <= 16 and num_stages >= 1, got {self}")
+            check_power_of_two("SinkTiles", name, getattr(self, name), least=16)
+        check_power_of_two("SinkTiles", "num_warps", self.num_warps)
+        if self.num_stages < 1:
+            raise ValueError(f"SinkTiles.num_stages must be >= 1, got {self.num_stages}")
 
 
 DEFAULT_SINK_TILES = SinkTiles()
