@@ -79,11 +79,17 @@ def bytes_read(B: int, H: int, n_rep: int, n: int, d: int, elt: int) -> int:
 
 
 def variants_for(n_rep: int) -> list[dict]:
-    """The tuning grid timed by ``--variants``: both segment paths where both apply, warps, programs per SM."""
-    grid = [dict(fma=False, num_warps=4, programs_per_sm=p, num_stages=st) for p in (4, 8, 16) for st in (2, 3, 4)]
+    """The tuning grid timed by ``--variants``: every segment path that applies, warps, programs per SM."""
+    grid = [dict(path="dot", num_warps=4, programs_per_sm=p, num_stages=st) for p in (4, 8, 16) for st in (2, 3, 4)]
+    grid += [
+        dict(path="swap", num_warps=w, programs_per_sm=p, num_stages=st)
+        for w in (2, 4)
+        for p in (4, 8, 16)
+        for st in (2, 3)
+    ]
     if n_rep == 1:
         grid += [
-            dict(fma=True, num_warps=w, programs_per_sm=p, num_stages=st)
+            dict(path="fma", num_warps=w, programs_per_sm=p, num_stages=st)
             for w in (2, 4, 8)
             for p in (8, 16, 32)
             for st in (1, 2)
@@ -123,7 +129,7 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, variants: b
     q, call = args["q"], dec.DecodeCall(**{name: value for name, value in args.items() if name != "q"})
     fn = lambda: dec.decode_attention_triton(q, call)
     out = fn()
-    pps = dec.tuning(n_rep == 1).programs_per_sm
+    pps = dec.tuning(dec.default_path(n_rep)).programs_per_sm
     splits = sum(dec.num_splits_for(B, H, n // 2, n // 2, R, sm_count(torch.device(device)), pps))
     err = float("nan")
     if B * H * n_rep * n * d * 4 <= 2**30:  # the fp32 reference fits comfortably
@@ -192,10 +198,9 @@ def markdown(rows: list[dict]) -> str:
         head = "| n | B | heads | path | warps | programs/SM | stages | µs | vs policy | max diff |"
         lines += ["", head, "|" + "---|" * 10]
         for r, v in tuned:
-            path = "fma" if v["fma"] else "dot"
             lines.append(
-                f"| {r['n']} | {r['B']} | {r['Hq']}/{r['H']} | {path} | {v['num_warps']} | {v['programs_per_sm']} | "
-                f"{v['num_stages']} | {v['us']:.1f} | {r['triton_graph_us'] / v['us']:.2f}x | "
+                f"| {r['n']} | {r['B']} | {r['Hq']}/{r['H']} | {v['path']} | {v['num_warps']} | "
+                f"{v['programs_per_sm']} | {v['num_stages']} | {v['us']:.1f} | {r['triton_graph_us'] / v['us']:.2f}x | "
                 f"{v['max_diff_vs_policy']:.1e} |"
             )
     return "\n".join(lines)

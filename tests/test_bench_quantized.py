@@ -1,5 +1,5 @@
 """bench.decode's transformers QuantizedCache methods on the CPU (bytes held, tokens produced, skipped rows), and
-bench.profile's smoke runs."""
+bench.breakdown's smoke runs."""
 
 from __future__ import annotations
 
@@ -74,17 +74,19 @@ def test_out_of_memory_is_retried_and_other_methods_still_raise(monkeypatch):
         decode.measure("hf_eager", None, torch.zeros(1, 1), WARMUP, STEPS, skipped)
 
 
-@pytest.mark.parametrize(("what", "methods"), [("decode", ("static", "zipvl")), ("prefill", ("hf", "zipvl"))])
-def test_profile_smoke(monkeypatch, tmp_path, what, methods):
-    """bench.profile on the tiny CPU models: both methods run, are timed and profiled on the host, and the figures
-    reach $OUT; a method of the other mode is refused."""
-    from bench import profile
+@pytest.mark.parametrize(
+    ("what", "methods"), [("decode", ("static", "zipvl")), ("prefill", ("hf", "zipvl")), ("op", ("dense", "zipvl"))]
+)
+def test_breakdown_smoke(monkeypatch, tmp_path, what, methods):
+    """bench.breakdown on the tiny CPU models: both methods run, are timed and profiled on the host, and the figures
+    reach $OUT; a method of another mode is refused."""
+    from bench import breakdown
 
     monkeypatch.setenv("OUT", str(tmp_path))
-    result = profile.main([what, "--smoke", "--steps", "2", "--warmup", "1", "--top", "5"])
+    result = breakdown.main([what, "--smoke", "--steps", "2", "--warmup", "1", "--top", "5"])
     for name in methods:
         assert result[name]["wall_ms_per_step"] > 0
         assert "function calls" in result[name]["host"]  # cProfile's header: the host profile ran
-    assert (tmp_path / f"profile_{what}.json").exists()
+    assert (tmp_path / f"breakdown_{what}.json").exists()
     with pytest.raises(SystemExit):
-        profile.main([what, "--smoke", "--methods", "hf" if what == "decode" else "static"])
+        breakdown.main([what, "--smoke", "--methods", "hf" if what == "decode" else "static"])

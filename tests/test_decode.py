@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from zipvl_compile.runtime.kernels.decode import DecodeCall, decode_attention, decode_attention_triton
+from zipvl_compile.runtime.kernels.decode import PATHS, DecodeCall, decode_attention, decode_attention_triton
 from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
 from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
 from zipvl_compile.runtime.layout import Segment, Tail
@@ -173,6 +173,19 @@ def test_kernel_matches_reference(dtype, bits, n_rep):
     torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])
+@pytest.mark.parametrize("n_rep,d", [(1, 64), (4, 64), (7, 32), (2, 16)])
+def test_swap_path_matches_reference(dtype, bits, n_rep, d):
+    """The tensor-core path with the codes as the big operand (d = 16 at 2 bits: 4-byte rows, below tl.dot's
+    16, through the multiply-sum fallback)."""
+    args, _ = make_case(n_rep=n_rep, bits=bits, dtype=dtype, d=d, seed=n_rep + 10 * bits[0] + d)
+    ref = decode_attention_reference(**args)
+    out = decode_attention_triton(*split(to_device(args)), num_splits=(2, 3, 1), path="swap")
+    assert out.dtype == dtype and out.shape == args["q"].shape
+    torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
+
+
 @pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])
 @pytest.mark.parametrize("n_rep", [1, 7])
 def test_reference_matches_dense(bits, n_rep):
@@ -243,22 +256,25 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="Hq = H\\*n_rep"):
         decode_attention_triton(*split({**args, "n_rep": 3}))
     with pytest.raises(ValueError, match="CUDA-core path serves n_rep = 1"):
-        decode_attention_triton(*split(args), fma=True)
+        decode_attention_triton(*split(args), path="fma")
+    with pytest.raises(ValueError, match="path must be one of"):
+        decode_attention_triton(*split(args), path="mma")
 
 
-@pytest.mark.parametrize("fma", [True, False])
-def test_both_paths_serve_one_head(fma):
-    """n_rep = 1 runs the CUDA-core path by default; the tensor-core path must give the same result there."""
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_serves_one_head(path):
+    """n_rep = 1 runs the CUDA-core path by default; the tensor-core paths must give the same result there."""
     args, _ = make_case(n_rep=1, seed=5)
     ref = decode_attention_reference(**args)
-    out = decode_attention_triton(*split(to_device(args)), num_splits=(2, 1, 1), fma=fma)
+    out = decode_attention_triton(*split(to_device(args)), num_splits=(2, 1, 1), path=path)
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", [None, "swap"])
 @pytest.mark.parametrize("n_rep,d", [(1, 128), (7, 128), (4, 64), (2, 256)])
-def test_bf16_gpu(n_rep, d):
+def test_bf16_gpu(n_rep, d, path):
     args, dense = make_case(
         dtype=torch.bfloat16,
         n_rep=n_rep,
@@ -273,7 +289,8 @@ def test_bf16_gpu(n_rep, d):
     )
     exp = dense_attention(args["q"], dense, n_rep, args["scale"]).float()
     ref = decode_attention_reference(**args)
-    out = decode_attention(*split(to_device(args, "cuda")))
+    q, call = split(to_device(args, "cuda"))
+    out = decode_attention(q, call) if path is None else decode_attention_triton(q, call, path=path)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.cpu().float(), exp, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.cpu().float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -18,7 +18,7 @@ Implementations with the same contract:
   static shapes, the device's SM count and the path's programs per SM (:func:`num_splits_for`,
   :func:`tuning`). A block is one key group, so its key scale/zero are one ``[d]`` row, and dequantisation is
   folded into the small operands: ``q·k = (q*k_scale)·code + q·k_zero`` and ``p·v = (p*v_scale)·code +
-  (p·v_zero) 1``. Two segment paths:
+  (p·v_zero) 1``. Three segment paths (:data:`PATHS`; the policy, :func:`default_path`, picks the first two):
 
   - CUDA cores, for one query head per KV head (``n_rep = 1``, no padded rows): the codes are read as
     uint32 words; each word is repeated in registers and every code masked in place and ORed into the
@@ -30,6 +30,12 @@ Implementations with the same contract:
     (bits ``J*bits..`` of every byte = channels ``i*(8//bits) + J``), so byte tiles are used as they lie and
     queries and outputs are permuted instead; codes become fp16 ``1024 + code`` by ORing them into the
     mantissa (inline PTX on the GPU), the 1024 taken out through the zero-point term.
+  - Tensor cores with the operands swapped (``path="swap"``, any ``n_rep``): the codes are the big (M)
+    operand, ``scores^T = keys @ q^T`` and ``acc^T = codes_v^T @ (p * v_scale)``, so the code tiles go from
+    the pipelined shared-memory copy straight into the dot's register operand (keys dequantised in fp16 there,
+    value codes loaded transposed) and only the small ``p`` tile takes a trip through shared memory. Offline
+    sm_90 compiles: ~16 barriers per 64-slot block and thread against the queries-as-M path's 28-40, about
+    as many instructions (~900-1000). Not yet timed on a GPU, so not the policy.
 
   Each program keeps a running max / sum / accumulator per query head (base-2 online softmax, fp32) and
   writes them to a workspace; a second kernel merges all partials. fp32 inputs take exact fp32 operands so
@@ -83,9 +89,15 @@ class Tuning(NamedTuple):
     num_stages: int
 
 
-# per path, from the H200 sweep of bench/decode_attention.py --variants (BENCHMARKS.md)
-_DOT_TUNING = Tuning(programs_per_sm=8, num_warps=4, num_stages=3)
-_FMA_TUNING = Tuning(programs_per_sm=16, num_warps=4, num_stages=1)
+# The segment paths (module docstring): "fma" (CUDA cores, n_rep = 1), "dot" (tensor cores, the queries as the
+# big operand), "swap" (tensor cores, the codes as the big operand).
+PATHS = ("fma", "dot", "swap")
+# per path, from the H200 sweep of bench/decode_attention.py --variants (BENCHMARKS.md); "swap": not yet swept
+_TUNING = {
+    "fma": Tuning(programs_per_sm=16, num_warps=4, num_stages=1),
+    "dot": Tuning(programs_per_sm=8, num_warps=4, num_stages=3),
+    "swap": Tuning(programs_per_sm=8, num_warps=2, num_stages=2),
+}
 _MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
 
 
@@ -102,16 +114,17 @@ def _block_range(length, split, n_splits, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _online_update(s, m, den):
-    """Base-2 online softmax step. s [NP, BLOCK] scores (-inf = masked); m, den [NP] running max, sum.
+def _online_update(s, m, den, SLOTS: tl.constexpr):
+    """Base-2 online softmax step. s: scores of NP query heads over a block, slots along axis SLOTS ([NP, BLOCK]
+    for SLOTS = 1, [BLOCK, NP] for 0; -inf = masked); m, den [NP] running max, sum.
 
-    Returns (p, alpha, m_new, den_new): probabilities of this block, rescale factor of the old state.
+    Returns (p, alpha, m_new, den_new): probabilities of this block (s's shape), rescale factor of the old state.
     """
-    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_new = tl.maximum(m, tl.max(s, axis=SLOTS))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    return p, alpha, m_new, den * alpha + tl.sum(p, axis=1)
+    p = tl.exp2(s - tl.expand_dims(m_use, SLOTS))
+    return p, alpha, m_new, den * alpha + tl.sum(p, axis=SLOTS)
 
 
 @triton.jit
@@ -216,16 +229,22 @@ def _store_partial(out, ws, row_ok, m, den, acc, J: tl.constexpr, PER: tl.conste
 
 
 @triton.jit
-def _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, COLS: tl.constexpr, BLOCK: tl.constexpr):
+def _load_block(
+    kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, COLS: tl.constexpr, BLOCK: tl.constexpr, V_T: tl.constexpr = False
+):
     """Block ``blk`` (GROUP slots) of a segment: (valid bool [BLOCK], key and value codes [BLOCK, COLS] as
-    stored (bytes, or uint32 words), value scale and zero fp32 [BLOCK], masked to 0 on invalid slots so that
-    garbage params of empty slots never reach p)."""
+    stored (bytes, or uint32 words; with V_T the value codes transposed, [COLS, BLOCK], as loaded), value scale
+    and zero fp32 [BLOCK], masked to 0 on invalid slots so that garbage params of empty slots never reach p)."""
     slot = blk * BLOCK + tl.arange(0, BLOCK)
     slot_ok = slot < fill
     valid = tl.load(pos_ptr + b * C + slot, mask=slot_ok, other=-1) >= 0
     tile = (bh * C + slot[:, None]) * COLS + tl.arange(0, COLS)[None, :]
     k_code = tl.load(kc + tile, mask=slot_ok[:, None], other=0)
-    v_code = tl.load(vc + tile, mask=slot_ok[:, None], other=0)
+    if V_T:
+        tile_t = (bh * C + slot[None, :]) * COLS + tl.arange(0, COLS)[:, None]
+        v_code = tl.load(vc + tile_t, mask=slot_ok[None, :], other=0)
+    else:
+        v_code = tl.load(vc + tile, mask=slot_ok[:, None], other=0)
     v_s = tl.load(vs + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
     v_z = tl.load(vz + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
     return valid, k_code, v_code, v_s, v_z
@@ -247,12 +266,17 @@ def _segment_partial(
     BLOCK: tl.constexpr,
     F32: tl.constexpr,
     ASM: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
-    """Partial state of this split's share of one quantised segment, written to workspace rows ws.
+    """Partial state of this split's share of one quantised segment on the tensor cores, written to workspace
+    rows ws.
 
     Channels are handled as 8//BITS sub-planes (channel i*PER + J = bits J*BITS.. of byte i), so each
-    packed byte tile is loaded once and used as it lies: no reshape, and the [n_rep, KB] x [KB, 64] dots
-    take their operands straight from the bytes. Up to 4 sub-planes (2-bit codes).
+    packed byte tile is loaded once and used as it lies: no reshape. Up to 4 sub-planes (2-bit codes). The
+    queries are the big operand, [n_rep, KB] x [KB, 64] dots with the codes as the second operand, or with SWAP
+    the small one: scores^T [64, NP] = keys_J [64, KB] @ q_J^T (keys dequantised per sub-plane, one subtract and
+    one multiply-add per code) and acc_J^T [KB, NP] += codes_J^T [KB, 64] @ (p * v_scale) [64, NP], so the code
+    tiles feed the dots from registers.
     """
     kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr = seg  # a Segment's pointers, in field order
     C, b, bh, split, n_splits = share  # capacity, sequence, (sequence, KV head), this split of n_splits
@@ -261,52 +285,151 @@ def _segment_partial(
     OFFSET: tl.constexpr = 0.0 if F32 else 1024.0
     OP: tl.constexpr = tl.float32 if F32 else tl.float16
     DOT: tl.constexpr = KB >= 16
-    q0 = _load_q_plane(q_ptr, qh, row_ok, qk_scale, 0, PER, KB, D)
+    SLOTS: tl.constexpr = 0 if SWAP else 1  # the axis of the slots in the scores, p and the value operand
+    q0 = _q_operand(q_ptr, qh, row_ok, qk_scale, 0, PER, KB, D, OP, SWAP)
     if PER > 1:
-        q1 = _load_q_plane(q_ptr, qh, row_ok, qk_scale, 1, PER, KB, D)
+        q1 = _q_operand(q_ptr, qh, row_ok, qk_scale, 1, PER, KB, D, OP, SWAP)
     if PER > 2:
-        q2 = _load_q_plane(q_ptr, qh, row_ok, qk_scale, 2, PER, KB, D)
-        q3 = _load_q_plane(q_ptr, qh, row_ok, qk_scale, 3, PER, KB, D)
+        q2 = _q_operand(q_ptr, qh, row_ok, qk_scale, 2, PER, KB, D, OP, SWAP)
+        q3 = _q_operand(q_ptr, qh, row_ok, qk_scale, 3, PER, KB, D, OP, SWAP)
     m = tl.full([NP], float("-inf"), tl.float32)
     den = tl.zeros([NP], tl.float32)
-    a0 = tl.zeros([NP, KB], tl.float32)
-    a1 = tl.zeros([NP, KB], tl.float32)
-    a2 = tl.zeros([NP, KB], tl.float32)
-    a3 = tl.zeros([NP, KB], tl.float32)
+    if SWAP:
+        a0 = tl.zeros([KB, NP], tl.float32)
+        a1 = tl.zeros([KB, NP], tl.float32)
+        a2 = tl.zeros([KB, NP], tl.float32)
+        a3 = tl.zeros([KB, NP], tl.float32)
+    else:
+        a0 = tl.zeros([NP, KB], tl.float32)
+        a1 = tl.zeros([NP, KB], tl.float32)
+        a2 = tl.zeros([NP, KB], tl.float32)
+        a3 = tl.zeros([NP, KB], tl.float32)
     fill = tl.load(fill_ptr + b)
     first, last = _block_range(fill, split, n_splits, BLOCK)
     for blk in range(first, last):
-        valid, kbyte, vbyte, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, KB, BLOCK)
+        valid, kbyte, vbyte, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, KB, BLOCK, SWAP)
         # keys: a block is one quantisation group -> one [D] scale/zero row
         row = (bh * (C // BLOCK) + blk) * D + tl.arange(0, D)
         ks0, ks1, ks2, ks3 = _deinterleave(tl.load(ks + row), PER, KB)
         kz0, kz1, kz2, kz3 = _deinterleave(tl.load(kz + row), PER, KB)
-        s, const = _key_scores(q0, kbyte, ks0, kz0, 0, BITS, KB, F32, ASM)
+        s, const = _plane_scores(q0, kbyte, ks0, kz0, 0, BITS, KB, F32, ASM, SWAP)
         if PER > 1:
-            s1, c1 = _key_scores(q1, kbyte, ks1, kz1, 1, BITS, KB, F32, ASM)
+            s1, c1 = _plane_scores(q1, kbyte, ks1, kz1, 1, BITS, KB, F32, ASM, SWAP)
             s += s1
             const += c1
         if PER > 2:
-            s2, c2 = _key_scores(q2, kbyte, ks2, kz2, 2, BITS, KB, F32, ASM)
-            s3, c3 = _key_scores(q3, kbyte, ks3, kz3, 3, BITS, KB, F32, ASM)
+            s2, c2 = _plane_scores(q2, kbyte, ks2, kz2, 2, BITS, KB, F32, ASM, SWAP)
+            s3, c3 = _plane_scores(q3, kbyte, ks3, kz3, 3, BITS, KB, F32, ASM, SWAP)
             s += s2 + s3
             const += c2 + c3
-        s = tl.where(valid[None, :], s + const[:, None], float("-inf"))
-        p, alpha, m, den = _online_update(s, m, den)
-        pv = (p * v_s[None, :]).to(OP)
-        v_const = (tl.sum(p * v_z[None, :], axis=1) - OFFSET * tl.sum(pv.to(tl.float32), axis=1))[:, None]
-        a0 = a0 * alpha[:, None] + _mm(pv, _plane(vbyte, 0, BITS, F32, ASM), DOT) + v_const
+        if SWAP:  # the keys were dequantised: no constant
+            s = tl.where(valid[:, None], s, float("-inf"))
+        else:
+            s = tl.where(valid[None, :], s + const[:, None], float("-inf"))
+        p, alpha, m, den = _online_update(s, m, den, SLOTS)
+        pv = (p * tl.expand_dims(v_s, 1 - SLOTS)).to(OP)
+        v_const = tl.sum(p * tl.expand_dims(v_z, 1 - SLOTS), axis=SLOTS) - OFFSET * tl.sum(
+            pv.to(tl.float32), axis=SLOTS
+        )
+        v_const = tl.expand_dims(v_const, SLOTS)
+        a0 = _value_update(a0, alpha, pv, vbyte, v_const, 0, BITS, F32, ASM, DOT, SWAP)
         if PER > 1:
-            a1 = a1 * alpha[:, None] + _mm(pv, _plane(vbyte, 1, BITS, F32, ASM), DOT) + v_const
+            a1 = _value_update(a1, alpha, pv, vbyte, v_const, 1, BITS, F32, ASM, DOT, SWAP)
         if PER > 2:
-            a2 = a2 * alpha[:, None] + _mm(pv, _plane(vbyte, 2, BITS, F32, ASM), DOT) + v_const
-            a3 = a3 * alpha[:, None] + _mm(pv, _plane(vbyte, 3, BITS, F32, ASM), DOT) + v_const
-    _store_partial(out, ws, row_ok, m, den, a0, 0, PER, KB, D)
+            a2 = _value_update(a2, alpha, pv, vbyte, v_const, 2, BITS, F32, ASM, DOT, SWAP)
+            a3 = _value_update(a3, alpha, pv, vbyte, v_const, 3, BITS, F32, ASM, DOT, SWAP)
+    _store_partial(out, ws, row_ok, m, den, _head_rows(a0, SWAP), 0, PER, KB, D)
     if PER > 1:
-        _store_partial(out, ws, row_ok, m, den, a1, 1, PER, KB, D)
+        _store_partial(out, ws, row_ok, m, den, _head_rows(a1, SWAP), 1, PER, KB, D)
     if PER > 2:
-        _store_partial(out, ws, row_ok, m, den, a2, 2, PER, KB, D)
-        _store_partial(out, ws, row_ok, m, den, a3, 3, PER, KB, D)
+        _store_partial(out, ws, row_ok, m, den, _head_rows(a2, SWAP), 2, PER, KB, D)
+        _store_partial(out, ws, row_ok, m, den, _head_rows(a3, SWAP), 3, PER, KB, D)
+
+
+@triton.jit
+def _q_operand(
+    q_ptr,
+    qh,
+    row_ok,
+    qk_scale,
+    J: tl.constexpr,
+    PER: tl.constexpr,
+    KB: tl.constexpr,
+    D: tl.constexpr,
+    OP: tl.constexpr,
+    SWAP: tl.constexpr,
+):
+    """Sub-plane J of the queries as :func:`_segment_partial` uses it: fp32 [NP, KB] (:func:`_load_q_plane`), or
+    with SWAP the dot's second operand, [KB, NP] in the operand dtype OP."""
+    q = _load_q_plane(q_ptr, qh, row_ok, qk_scale, J, PER, KB, D)
+    if SWAP:
+        q = tl.trans(q).to(OP)
+    return q
+
+
+@triton.jit
+def _plane_scores(
+    qj,
+    kbyte,
+    k_s,
+    k_z,
+    J: tl.constexpr,
+    BITS: tl.constexpr,
+    KB: tl.constexpr,
+    F32: tl.constexpr,
+    ASM: tl.constexpr,
+    SWAP: tl.constexpr,
+):
+    """Scores of sub-plane J and their per-head constant: :func:`_key_scores` ([NP, BLOCK], [NP]), or with SWAP
+    dequantised keys [BLOCK, KB] @ qj [KB, NP] -> [BLOCK, NP] and no constant (0)."""
+    if SWAP:
+        r = _mm(_key_plane(kbyte, k_s, k_z, J, BITS, F32, ASM), qj, KB >= 16), 0.0
+    else:
+        r = _key_scores(qj, kbyte, k_s, k_z, J, BITS, KB, F32, ASM)
+    return r
+
+
+@triton.jit
+def _value_update(
+    acc,
+    alpha,
+    pv,
+    vbyte,
+    v_const,
+    J: tl.constexpr,
+    BITS: tl.constexpr,
+    F32: tl.constexpr,
+    ASM: tl.constexpr,
+    DOT: tl.constexpr,
+    SWAP: tl.constexpr,
+):
+    """The accumulator of sub-plane J after one block: acc [NP, KB] rescaled by alpha [NP] plus pv [NP, BLOCK] @
+    codes [BLOCK, KB] plus v_const [NP, 1]; with SWAP all transposed (vbyte [KB, BLOCK] as loaded)."""
+    if SWAP:
+        r = acc * alpha[None, :] + _mm(_plane(vbyte, J, BITS, F32, ASM), pv, DOT) + v_const
+    else:
+        r = acc * alpha[:, None] + _mm(pv, _plane(vbyte, J, BITS, F32, ASM), DOT) + v_const
+    return r
+
+
+@triton.jit
+def _head_rows(acc, SWAP: tl.constexpr):
+    """An accumulator as [NP, KB] (one row per query head)."""
+    if SWAP:
+        acc = tl.trans(acc)
+    return acc
+
+
+@triton.jit
+def _key_plane(kbyte, k_s, k_z, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr):
+    """Sub-plane J of a key byte tile [BLOCK, KB], dequantised in the operand dtype: code * k_scale + k_zero
+    (k_s / k_z [KB] float16: this group's parameters at channels i*(8//BITS) + J)."""
+    code = _plane(kbyte, J, BITS, F32, ASM)
+    if F32:
+        key = code * k_s.to(tl.float32)[None, :] + k_z.to(tl.float32)[None, :]
+    else:  # 1024 + code, exact in fp16: the subtraction is exact too
+        key = (code - 1024.0).to(tl.float16) * k_s[None, :] + k_z[None, :]
+    return key.to(code.dtype)
 
 
 @triton.jit
@@ -446,9 +569,32 @@ def _tail_partial(
         k = tl.load(kt + offs, mask=slot_ok[:, None], other=0.0).to(DT)
         v = tl.load(vt + offs, mask=valid[:, None], other=0.0).to(DT)  # holes may hold garbage
         s = (tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale).to(tl.float32)
-        p, alpha, m, den = _online_update(tl.where(valid[None, :], s, float("-inf")), m, den)
+        p, alpha, m, den = _online_update(tl.where(valid[None, :], s, float("-inf")), m, den, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision="ieee")
     _store_partial(out, ws, row_ok, m, den, acc, 0, 1, D, D)
+
+
+@triton.jit
+def _segment_share(
+    rows,
+    seg,
+    share,
+    out,
+    BITS: tl.constexpr,
+    D: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    F32: tl.constexpr,
+    ASM: tl.constexpr,
+    PATH: tl.constexpr,
+):
+    """One split's share of a segment on PATH (see :func:`_decode_partial_kernel`); rows: the program's query
+    pointer, query-head rows, their mask and workspace rows, the first head and its row, qk_scale."""
+    q_ptr, qh, row_ok, ws, qh0, ws0, qk_scale = rows
+    if PATH == 0:
+        _segment_partial_fma(seg, share, out, ws0, q_ptr, qh0, qk_scale, BITS, D, BLOCK, ASM)
+    else:
+        _segment_partial(q_ptr, qh, row_ok, qk_scale, seg, share, out, ws, BITS, D, NP, BLOCK, F32, ASM, PATH == 2)
 
 
 @triton.jit
@@ -492,12 +638,13 @@ def _decode_partial_kernel(
     BLOCK: tl.constexpr,
     F32: tl.constexpr,
     ASM: tl.constexpr,
-    FMA: tl.constexpr,
+    PATH: tl.constexpr,
 ):
     """Program (b, h, j): partial softmax state of query heads h*n_rep .. h*n_rep + n_rep - 1 over one share
     of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split. A segment
-    share runs on the CUDA cores when FMA (one query head per KV head; codes passed as uint32 words), else on
-    the tensor cores serving the n_rep heads of the KV head at once.
+    share runs on PATH (an index of :data:`PATHS`): 0, the CUDA cores (one query head per KV head; codes
+    passed as uint32 words); 1 or 2, the tensor cores serving the n_rep heads of the KV head at once, the
+    queries (1) or the codes (2) as the big operand.
 
     Writes acc_ws fp32 [B, Hq, S, D] (unnormalised), m_ws / den_ws fp32 [B, Hq, S] (base-2 max, sum).
     """
@@ -513,24 +660,13 @@ def _decode_partial_kernel(
     qh0 = b * H * n_rep + h * n_rep  # FMA (n_rep = 1): the one query head, its workspace row
     ws0 = qh0.to(tl.int64) * n_splits + j
     out = (m_ws, den_ws, acc_ws)
+    rows = (q_ptr, qh, row_ok, ws, qh0, ws0, qk_scale)
     if j < S_HI:
         hi = (hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill)
-        if FMA:
-            _segment_partial_fma(hi, (C_HI, b, bh, j, S_HI), out, ws0, q_ptr, qh0, qk_scale, HI_BITS, D, BLOCK, ASM)
-        else:
-            _segment_partial(
-                q_ptr, qh, row_ok, qk_scale, hi, (C_HI, b, bh, j, S_HI), out, ws, HI_BITS, D, NP, BLOCK, F32, ASM
-            )
+        _segment_share(rows, hi, (C_HI, b, bh, j, S_HI), out, HI_BITS, D, NP, BLOCK, F32, ASM, PATH)
     elif j < S_HI + S_LO:
         lo = (lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill)
-        if FMA:
-            _segment_partial_fma(
-                lo, (C_LO, b, bh, j - S_HI, S_LO), out, ws0, q_ptr, qh0, qk_scale, LO_BITS, D, BLOCK, ASM
-            )
-        else:
-            _segment_partial(
-                q_ptr, qh, row_ok, qk_scale, lo, (C_LO, b, bh, j - S_HI, S_LO), out, ws, LO_BITS, D, NP, BLOCK, F32, ASM
-            )
+        _segment_share(rows, lo, (C_LO, b, bh, j - S_HI, S_LO), out, LO_BITS, D, NP, BLOCK, F32, ASM, PATH)
     else:
         share = (R, b, bh, j - S_HI - S_LO, n_splits - S_HI - S_LO)
         _tail_partial(q_ptr, qh, row_ok, qk_scale, (kt, vt, tpos, tlen), share, out, ws, D, NP, BLOCK)
@@ -553,9 +689,14 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
     tl.store(out_ptr + row * D + chan, out.to(out_ptr.dtype.element_ty))
 
 
-def tuning(fma: bool) -> Tuning:
-    """The policy's launch tuning of the CUDA-core (``fma``) or the tensor-core path."""
-    return _FMA_TUNING if fma else _DOT_TUNING
+def default_path(n_rep: int) -> str:
+    """The policy's segment path for ``n_rep`` query heads per KV head."""
+    return "fma" if n_rep == 1 else "dot"
+
+
+def tuning(path: str) -> Tuning:
+    """The policy's launch tuning of a segment path (one of :data:`PATHS`)."""
+    return _TUNING[path]
 
 
 def num_splits_for(
@@ -588,7 +729,7 @@ def decode_attention_triton(
     q: torch.Tensor,
     call: DecodeCall,
     num_splits: tuple[int, int, int] | None = None,
-    fma: bool | None = None,
+    path: str | None = None,
     num_warps: int | None = None,
     programs_per_sm: int | None = None,
     num_stages: int | None = None,
@@ -597,9 +738,10 @@ def decode_attention_triton(
     """Split-K Triton decode attention; arguments as :func:`decode_attention`.
 
     Tuning (defaults: the policy; the benchmark sweeps them): num_splits: splits (hi, lo, tail) per (sequence,
-    KV head), default :func:`num_splits_for` with ``programs_per_sm``; fma: the CUDA-core segment path, default
-    for ``n_rep == 1`` (it serves one query head per KV head); num_warps / num_stages: warps per program,
-    software-pipelining depth; asm: the inline-PTX code unpacking of the tensor-core path (default on CUDA).
+    KV head), default :func:`num_splits_for` with ``programs_per_sm``; path: the segment path, one of
+    :data:`PATHS` (default :func:`default_path`; "fma" serves one query head per KV head); num_warps /
+    num_stages: warps per program, software-pipelining depth; asm: the inline-PTX code unpacking of the
+    tensor-core paths (default on CUDA).
     Segment tensors are made contiguous (a no-op for cache buffers). Returns [B, Hq, 1, d] in q's dtype.
     """
     hi, lo, tail, n_rep = call.hi, call.lo, call.tail, call.n_rep
@@ -612,10 +754,13 @@ def decode_attention_triton(
         )
     c_hi, c_lo, R = hi.capacity, lo.capacity, tail.slots
     sms = sm_count(q.device)
-    fma = n_rep == 1 if fma is None else fma
+    path = path or default_path(n_rep)
+    if path not in PATHS:
+        raise ValueError(f"decode_attention: path must be one of {PATHS}, got {path!r}")
+    fma = path == "fma"
     if fma and n_rep != 1:
         raise ValueError(f"decode_attention: the CUDA-core path serves n_rep = 1, got {n_rep}")
-    policy = tuning(fma)
+    policy = tuning(path)
     programs_per_sm = programs_per_sm or policy.programs_per_sm
     s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, sms, programs_per_sm)
     S = s_hi + s_lo + s_tail
@@ -658,7 +803,7 @@ def decode_attention_triton(
         BLOCK=GROUP,
         F32=q.dtype == torch.float32,
         ASM=(q.is_cuda if asm is None else asm) and q.dtype != torch.float32,
-        FMA=fma,
+        PATH=PATHS.index(path),
         num_warps=num_warps or max(policy.num_warps, 8 if d == 256 else 1),
         num_stages=num_stages or policy.num_stages,
     )

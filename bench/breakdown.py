@@ -1,9 +1,9 @@
 """Where the time goes: GPU kernels and host functions of a decode step or a prefill, zipvl beside its baseline.
 
-    python -m bench.profile decode [--context 8192] [--batch 1] [--methods static zipvl] [--steps 20]
-    python -m bench.profile prefill [--length 32768] [--ratio 0.4] [--methods fa4 zipvl] [--steps 2]
-    python -m bench.profile op [--length 8192] [--steps 20]     # zipvl.sparse_attention alone
-    python -m bench.profile {decode,prefill,op} --smoke    # tiny sizes on the CPU
+    python -m bench.breakdown decode [--context 8192] [--batch 1] [--methods static zipvl] [--steps 20]
+    python -m bench.breakdown prefill [--length 32768] [--ratio 0.4] [--methods fa4 zipvl] [--steps 2]
+    python -m bench.breakdown op [--length 8192] [--steps 20]     # zipvl.sparse_attention alone
+    python -m bench.breakdown {decode,prefill,op} --smoke    # tiny sizes on the CPU
 
 ``decode``: bench.decode's model and setup (HF static cache + ``torch.compile(mode="reduce-overhead")``, or the
 packed ZipVLCache under the zipvl backend with CUDA graphs); a step is one greedy token. ``prefill``:
@@ -14,7 +14,7 @@ called eagerly as ``bench.prefill_attention`` times it (Qwen2-7B shape, planted 
 (compilation, CUDA-graph recording): the wall time per step, then a ``torch.profiler`` trace of ``--steps``
 steps (kernels replayed from CUDA graphs included): kernels per step, GPU busy time per step, the kernels taking
 the most time; then ``cProfile`` of as many steps (host time per function, cumulative and own). Printed, and written to
-$OUT/profile_{decode,prefill}.json when $OUT is set.
+$OUT/breakdown_{decode,prefill,op}.json when $OUT is set.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         for row in res["top_kernels"]:
             print(f"   {row['us_per_step']:9.1f} us {row['per_step']:6.1f}x  {row['name']}")
         print(res["host"])
-        write_json(f"profile_{args.what}.json", result)
+        write_json(f"breakdown_{args.what}.json", result)
     return result
 
 
