@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from zipvl_compile.runtime.kernels.plan import PrefillPlan
+from zipvl_compile.runtime.kernels.sink_attention import sink_positions
 
 # Queries per band block: each reads _BLOCK + window - 1 keys, so a smaller block wastes less of its band on keys
 # outside a query's window, a larger one runs fewer, larger matmuls.
@@ -97,15 +98,6 @@ def kept_keys_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Pref
     return Part(out.float(), torch.where(seen.any(dim=-1)[:, None, :], lse.float(), float("-inf")))
 
 
-def _sink_positions(valid: torch.Tensor, sinks: int) -> torch.Tensor:
-    """int64 [B, sinks]: the first ``sinks`` valid positions of each row, -1 past a row's valid count."""
-    n = valid.shape[-1]
-    rank = valid.to(torch.int64).cumsum(dim=-1) - 1
-    slot = torch.where(valid & (rank < sinks), rank, sinks)
-    out = torch.full((valid.shape[0], sinks + 1), -1, dtype=torch.int64, device=valid.device)
-    return out.scatter(-1, slot, torch.arange(n, device=valid.device).expand_as(slot))[:, :sinks]
-
-
 def banded_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan) -> Part:
     """Attention of every query over its window keys i - window < j <= i and the first ``sinks`` valid keys
     before it (none in the local mode), valid keys only, less the kept keys the kept part holds: key j when
@@ -120,7 +112,7 @@ def banded_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Prefill
     # band keys of block b: positions b * block - window + 1 + t, t < span (unfold of the front-padded keys)
     k_band, v_band = (F.pad(x.float(), (0, 0, window - 1, pad)).unfold(2, span, block) for x in (k, v))
     key_pos = torch.arange(blocks, device=q.device)[:, None] * block - window + 1 + torch.arange(span, device=q.device)
-    sink_pos = _sink_positions(valid, sinks)
+    sink_pos = sink_positions(valid, sinks)[:, :sinks]
     k_sink, v_sink = (_rows(x.float(), sink_pos.clamp(min=0))[:, :, None].transpose(-1, -2) for x in (k, v))
     keys = torch.cat([k_sink.expand(-1, -1, blocks, -1, -1), k_band], dim=-1)  # [B, Hkv, blocks, d, sinks + span]
     values = torch.cat([v_sink.expand(-1, -1, blocks, -1, -1), v_band], dim=-1).transpose(-1, -2)

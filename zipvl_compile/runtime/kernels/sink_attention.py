@@ -43,7 +43,7 @@ import triton.language as tl
 
 from zipvl_compile.runtime.kernels import attention_tiles as tiles
 from zipvl_compile.runtime.kernels.device import check_power_of_two, wants_triton
-from zipvl_compile.runtime.kernels.kept_attention import KeptPart, keep_to_index, kept_causal_attention_lse
+from zipvl_compile.runtime.kernels.kept_attention import KeptPart, kept_causal_attention_lse
 from zipvl_compile.runtime.kernels.plan import PrefillPlan
 
 _MAX_SINK_BLOCK = 64  # the sinks are read in tiles of up to this many keys (at least 16, the smallest tl.dot)
@@ -217,9 +217,11 @@ def _sink_merge_kernel(
 def sink_positions(valid: torch.Tensor, sinks: int) -> torch.Tensor:
     """int64 [B, max(sinks, 1)]: the positions of the first ``sinks`` valid tokens of each row, ascending, -1
     where a row has fewer valid tokens (and in the one column of sinks = 0)."""
-    idx, count = keep_to_index(valid)
-    slots = torch.arange(max(sinks, 1), device=valid.device)
-    return torch.where((slots < count[:, None]) & (slots < sinks), idx[:, : max(sinks, 1)], -1)
+    batch, n = valid.shape
+    seen = valid.to(torch.int64).cumsum(dim=-1)  # valid tokens at or before each position: non-decreasing
+    rank = torch.arange(1, max(sinks, 1) + 1, device=valid.device).expand(batch, -1)
+    pos = torch.searchsorted(seen, rank)  # the first position holding the rank-th valid token (n: none)
+    return torch.where((pos < n) & (rank <= sinks), pos, -1)
 
 
 def sink_merge_triton(
