@@ -425,10 +425,13 @@ def _select_grid() -> dict[str, Any]:
     return {
         "default": DEFAULT_SELECT_TILES,
         "b1024_w4": SelectTiles(block=1024, num_warps=4),
-        "b4096_w16": SelectTiles(block=4096, num_warps=16),
         "b1024_d4_w8": SelectTiles(block=1024, digit_bits=4, num_warps=8),
         "b512_d4_w4": SelectTiles(block=512, digit_bits=4, num_warps=4),
-        "b2048_w16": SelectTiles(num_warps=16),
+        "b2048_w16": SelectTiles(block=2048, num_warps=16),
+        "b2048_w8": SelectTiles(block=2048, num_warps=8),
+        "prefetch": SelectTiles(prefetch=True),
+        "b2048_w8_prefetch": SelectTiles(block=2048, num_warps=8, prefetch=True),
+        "b1024_w8_prefetch": SelectTiles(block=1024, num_warps=8, prefetch=True),
     }
 
 

@@ -167,10 +167,14 @@ def test_short_rows(n: int) -> None:
     _check(colsum, seen, valid, 0.5, 64)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("kind", ["skewed", "integer"])
-def test_many_tiles(kind: str) -> None:
-    """64-position tiles: running counts and tie ranks carried across tile boundaries."""
-    _check(*_inputs(kind, 300, [(41, 0), (0, 0)], seed=5), 0.9, 20, tiles=SelectTiles(block=64, num_warps=2))
+def test_many_tiles(kind: str, prefetch: bool) -> None:
+    """64-position tiles: running counts and tie ranks carried across tile boundaries (and, with prefetch, each
+    search pass's tile loaded one tile ahead, the last load past n masked)."""
+    tiles = SelectTiles(block=64, num_warps=2, prefetch=prefetch)
+    _check(*_inputs(kind, 300, [(41, 0), (0, 0)], seed=5), 0.9, 20, tiles=tiles)
+    _check(*_inputs(kind, 256, [(0, 0)], seed=6), 0.975, 0, tiles=tiles)  # n a multiple of the tile
 
 
 def test_long_row() -> None:
@@ -180,7 +184,7 @@ def test_long_row() -> None:
 
 @pytest.mark.parametrize("digit_bits", [1, 4])
 def test_digit_widths(digit_bits: int) -> None:
-    tiles = SelectTiles(digit_bits=digit_bits)
+    tiles = SelectTiles(digit_bits=digit_bits, prefetch=digit_bits == 4)
     _check(*_inputs("integer", 90, PADS[:1], seed=digit_bits), 0.9, 10, tiles=tiles)
     _check(*_inputs("skewed", 90, PADS[1:], seed=digit_bits), 0.975, 0, tiles=tiles)
 

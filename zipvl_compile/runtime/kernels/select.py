@@ -57,12 +57,14 @@ _P_GIVEN = 2  # force_ratio > 0: p computed beside the kernel
 class SelectTiles(NamedTuple):
     """Launch parameters of the selection kernel (every choice selects the same set): ``block`` positions per
     tile (a power of two), ``digit_bits`` bits decided per search pass (a divisor of 32: 2**digit_bits - 1
-    candidates per pass, 32 / digit_bits passes), ``num_warps`` of the one program per batch row. The defaults:
-    the fastest of the H200 sweep at 8k and 32k (BENCHMARKS.md)."""
+    candidates per pass, 32 / digit_bits passes), ``num_warps`` of the one program per batch row, ``prefetch``:
+    the search passes load each tile one tile ahead (not yet timed: off by default). The defaults: the fastest of
+    the H200 sweep at 8k and 32k (BENCHMARKS.md)."""
 
     block: int = 4096
     digit_bits: int = 2
     num_warps: int = 16
+    prefetch: bool = False
 
     def check(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -98,13 +100,24 @@ def _key_value(key):
 
 
 @triton.jit
-def _radix_search(key_ptr, n, n_steps, target, BY_MASS: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr):
+def _radix_search(
+    key_ptr,
+    n,
+    n_steps,
+    target,
+    BY_MASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    DIGIT_BITS: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
     """Threshold search over the int32 keys key_ptr[0:n] -> (t, agg(keys > t)).
 
     agg(S) = the number of keys in S, or with BY_MASS the fp64 sum of their values. After 32 / DIGIT_BITS
     steps t is the largest key with agg(keys >= t) >= target (the caller guarantees agg(all keys) >=
     target); after fewer steps only its leading bits are searched (0 steps: t = the smallest int32, agg 0).
-    Padding keys never count. The candidates are kept as int64 in unsigned order (key + 2**31).
+    Padding keys never count. The candidates are kept as int64 in unsigned order (key + 2**31). PREFETCH:
+    each tile's load is issued one tile ahead (registers), so that its latency overlaps the work on the tile
+    before it.
     """
     radix: tl.constexpr = 1 << DIGIT_BITS
     digit = tl.arange(0, radix)
@@ -122,9 +135,16 @@ def _radix_search(key_ptr, n, n_steps, target, BY_MASS: tl.constexpr, BLOCK: tl.
             lane_agg = tl.zeros([BLOCK, radix], tl.float64)
         else:
             lane_agg = tl.zeros([BLOCK, radix], tl.int32)
+        if PREFETCH:
+            ahead = tl.load(key_ptr + lanes, mask=lanes < n, other=_PADDING_KEY)
         for start in range(0, n, BLOCK):
-            pos = start + lanes
-            key = tl.load(key_ptr + pos, mask=pos < n, other=_PADDING_KEY)
+            if PREFETCH:
+                key = ahead
+                pos = start + BLOCK + lanes
+                ahead = tl.load(key_ptr + pos, mask=pos < n, other=_PADDING_KEY)
+            else:
+                pos = start + lanes
+                key = tl.load(key_ptr + pos, mask=pos < n, other=_PADDING_KEY)
             hit = key[:, None] >= cand[None, :]
             if BY_MASS:
                 lane_agg += tl.where(hit, _key_value(key).to(tl.float64)[:, None], 0.0)
@@ -157,6 +177,7 @@ def _select_kernel(
     P_MODE: tl.constexpr,
     BLOCK: tl.constexpr,
     DIGIT_BITS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One program per batch row b (see the module docstring); all [B, n] tensors contiguous.
 
@@ -193,7 +214,7 @@ def _select_kernel(
     # 2. Eq. 6 threshold: the largest t with sum(colsum >= t) >= tau * total (tau as float32, like the reference)
     target = tl.cast(tau, tl.float32).to(tl.float64) * total  # a launcher may pass tau as fp64
     if P_MODE == 1:
-        mass_t, mass_above = _radix_search(mass_key_ptr + row, n, n_steps, target, True, BLOCK, DIGIT_BITS)
+        mass_t, mass_above = _radix_search(mass_key_ptr + row, n, n_steps, target, True, BLOCK, DIGIT_BITS, PREFETCH)
 
     # 3. rank of the last valid token in score order; counts of colsum above / at the Eq. 6 threshold
     last_key = tl.load(score_key_ptr + row + tl.maximum(last, 0))
@@ -234,7 +255,7 @@ def _select_kernel(
 
     # 4. the q-th largest score (all valid keys when q >= n_valid: no search)
     score_t, score_above = _radix_search(
-        score_key_ptr + row, n, tl.where(q < n_valid, n_steps, 0), q, False, BLOCK, DIGIT_BITS
+        score_key_ptr + row, n, tl.where(q < n_valid, n_steps, 0), q, False, BLOCK, DIGIT_BITS, PREFETCH
     )
     ties_wanted = q - score_above
 
@@ -317,6 +338,7 @@ def select_kept_triton(
         P_MODE=p_mode,
         BLOCK=tiles.block,
         DIGIT_BITS=tiles.digit_bits,
+        PREFETCH=tiles.prefetch,
         num_warps=tiles.num_warps,
     )
     return SelectResult(keep.to(torch.bool), ratio, idx, count)
