@@ -96,7 +96,7 @@ PATHS = ("fma", "dot", "swap")
 _TUNING = {
     "fma": Tuning(programs_per_sm=16, num_warps=4, num_stages=1),
     "dot": Tuning(programs_per_sm=8, num_warps=4, num_stages=3),
-    "swap": Tuning(programs_per_sm=8, num_warps=2, num_stages=2),
+    "swap": Tuning(programs_per_sm=8, num_warps=4, num_stages=3),  # the offline-compiled launch: no spills
 }
 _MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
 
