@@ -69,11 +69,16 @@ def append_tail_(
     ``use_triton`` as in :mod:`~zipvl_compile.runtime.kernels.device`)."""
     if wants_triton(tail.k, use_triton):
         impl = tail_kernels.append_tail_triton_
-    elif tail.k.is_cuda or torch.compiler.is_compiling():
-        impl = tail_reference.append_tail_reference_
-    else:
+    elif _host_reads_are_free(tail.k):
         impl = tail_reference.append_tail_cpu_  # same bits, fewer ops per step
+    else:
+        impl = tail_reference.append_tail_reference_
     impl(tail, k, v, pos)
+
+
+def _host_reads_are_free(x: torch.Tensor) -> bool:
+    """Reading a value of ``x`` on the host syncs nothing and breaks no trace: a CPU tensor, run eagerly."""
+    return not x.is_cuda and not torch.compiler.is_compiling()
 
 
 def recompress_(
@@ -98,9 +103,8 @@ def recompress_(
     nothing there). ``use_triton`` as in :mod:`~zipvl_compile.runtime.kernels.device`.
     """
     triton = wants_triton(tail.k, use_triton) and tail.slots <= tail_kernels.MAX_SLOTS
-    if not triton and not tail.k.is_cuda and not torch.compiler.is_compiling():
-        if max(tail.length.tolist(), default=0) < tail.slots:  # nothing to recompress: one host read, no device op
-            return
+    if not triton and _host_reads_are_free(tail.k) and max(tail.length.tolist(), default=0) < tail.slots:
+        return  # nothing to recompress: one host read, no device op
     full = tail.length >= tail.slots
     if triton:
         staged = tail_kernels.select_block_triton(tail, q, scale, n_rep, tau)
