@@ -80,20 +80,15 @@ def bytes_read(B: int, H: int, n_rep: int, n: int, d: int, elt: int) -> int:
 
 def variants_for(n_rep: int) -> list[dict]:
     """The tuning grid timed by ``--variants``: every segment path that applies, warps, programs per SM."""
-    grid = [dict(path="dot", num_warps=4, programs_per_sm=p, num_stages=st) for p in (4, 8, 16) for st in (2, 3, 4)]
+    grid = [dict(path="dot", num_warps=4, programs_per_sm=8, num_stages=3)]
     grid += [
         dict(path="swap", num_warps=w, programs_per_sm=p, num_stages=st)
-        for w in (2, 4)
+        for w in (1, 2, 4)
         for p in (4, 8, 16)
-        for st in (2, 3)
+        for st in (1, 2, 3)
     ]
     if n_rep == 1:
-        grid += [
-            dict(path="fma", num_warps=w, programs_per_sm=p, num_stages=st)
-            for w in (2, 4, 8)
-            for p in (8, 16, 32)
-            for st in (1, 2)
-        ]
+        grid += [dict(path="fma", num_warps=4, programs_per_sm=p, num_stages=1) for p in (8, 16, 32)]
     return grid
 
 
@@ -210,6 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; CPU via the Triton interpreter")
     parser.add_argument("--variants", action="store_true", help="also time the tuning grid of each shape")
+    parser.add_argument("--heads", choices=("all", "mha", "gqa"), default="all", help="which head layouts to time")
     opts = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not opts.smoke:
@@ -220,7 +216,8 @@ def main() -> None:
     if opts.smoke:
         grid = [(B, H, n_rep, n, 32) for n in (256, 512) for B in (1, 2) for H, n_rep in ((2, 1), (1, 3))]
     else:
-        grid = [(B, H, n_rep, n, D) for n in (8192, 32768, 131072) for B in (1, 8) for H, n_rep in ((32, 1), (4, 7))]
+        layouts = {"all": ((32, 1), (4, 7)), "mha": ((32, 1),), "gqa": ((4, 7),)}[opts.heads]
+        grid = [(B, H, n_rep, n, D) for n in (8192, 32768, 131072) for B in (1, 8) for H, n_rep in layouts]
     title = (
         f"decode attention, {torch.cuda.get_device_name() if cuda else 'CPU (interpreter)'}, "
         f"bits {HI_BITS}/{LO_BITS} at r = 0.5, tail {TAIL_LEN}, torch {torch.__version__}"

@@ -18,34 +18,38 @@ Implementations with the same contract:
   static shapes, the device's SM count and the path's programs per SM (:func:`num_splits_for`,
   :func:`tuning`). A block is one key group, so its key scale/zero are one ``[d]`` row, and dequantisation is
   folded into the small operands: ``q·k = (q*k_scale)·code + q·k_zero`` and ``p·v = (p*v_scale)·code +
-  (p·v_zero) 1``. Three segment paths (:data:`PATHS`; the policy, :func:`default_path`, picks the first two):
+  (p·v_zero) 1``. Three segment paths (:data:`PATHS`; the policy, :func:`default_path`, picks "fma" for
+  ``n_rep = 1`` and "swap" otherwise):
 
   - CUDA cores, for one query head per KV head (``n_rep = 1``, no padded rows): the codes are read as
     uint32 words; each word is repeated in registers and every code masked in place and ORed into the
     mantissa of 2^23 (one ``lop3`` and one add per code, exact; its power-of-two place is folded into q
     and the output). Scores are multiply-sums over channels per slot; the value accumulator is kept per
     (slot lane, channel), reduced once after the loop and rescaled only when the running max grows.
-  - Tensor cores, for ``n_rep > 1``: per block the packed bytes are loaded once and serve all ``n_rep``
-    query heads with ``tl.dot`` (rows padded to 16). Channels are handled as ``8 // bits`` sub-planes
-    (bits ``J*bits..`` of every byte = channels ``i*(8//bits) + J``), so byte tiles are used as they lie and
-    queries and outputs are permuted instead; codes become fp16 ``1024 + code`` by ORing them into the
-    mantissa (inline PTX on the GPU), the 1024 taken out through the zero-point term.
-  - Tensor cores with the operands swapped (``path="swap"``, any ``n_rep``): the codes are the big (M)
-    operand, ``scores^T = keys @ q^T`` and ``acc^T = codes_v^T @ (p * v_scale)``, so the code tiles go from
-    the pipelined shared-memory copy straight into the dot's register operand (keys dequantised in fp16 there,
-    value codes loaded transposed) and only the small ``p`` tile takes a trip through shared memory. Offline
-    sm_90 compiles: ~16 barriers per 64-slot block and thread against the queries-as-M path's 28-40, about
-    as many instructions (~900-1000). Not yet timed on a GPU, so not the policy.
+  - Tensor cores with the queries as the big operand (``path="dot"``, kept for comparison): per block the
+    packed bytes are loaded once and serve all ``n_rep`` query heads with ``tl.dot`` (rows padded to 16).
+    Channels are handled as ``8 // bits`` sub-planes (bits ``J*bits..`` of every byte = channels
+    ``i*(8//bits) + J``), so byte tiles are used as they lie and queries and outputs are permuted instead;
+    codes become fp16 ``1024 + code`` by ORing them into the mantissa (inline PTX on the GPU), the 1024
+    taken out through the zero-point term.
+  - Tensor cores with the operands swapped (``path="swap"``, the policy for ``n_rep > 1``): the codes are
+    the big (M) operand, ``scores^T = keys @ q^T`` and ``acc^T = codes_v^T @ (p * v_scale)``, so the code
+    tiles go from the pipelined shared-memory copy straight into the dot's register operand (keys
+    dequantised in fp16 there, value codes loaded transposed) and only the small ``p`` tile takes a trip
+    through shared memory; the query heads are the small N operand, padded to 8 only. Two warps per
+    program (Ampere-style MMA) beat four (the Hopper warp-group MMA) on the H200.
 
   Each program keeps a running max / sum / accumulator per query head (base-2 online softmax, fp32) and
-  writes them to a workspace; a second kernel merges all partials. fp32 inputs take exact fp32 operands so
-  that tests can be tight.
+  writes them to a workspace; a second kernel merges all partials, a chunk of them at a time. fp32 inputs
+  take exact fp32 operands so that tests can be tight.
 
 Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): the CUDA-core path
-runs 1.27-1.90x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at about a
-third of the bandwidth SDPA reaches: it is bound by instructions (about 3 per code: mask-or, add, FMA), not
-bytes. The tensor-core path (GQA) is still slower than SDPA (0.44-0.83x): layout conversions through shared
-memory and barriers per block, 220 registers.
+runs 1.25-1.94x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at about 40%
+of the bandwidth SDPA reaches: it is bound by instructions (about 3 per code: mask-or, add, FMA), not bytes.
+The swapped tensor-core path (GQA 28/4) runs 1.04-1.33x faster than SDPA from 32k or at B = 8 and 0.85x at 8k
+B = 1 (13 µs against 11: launch-bound), at 22-29% of SDPA's bandwidth: bound by issue at low occupancy (255 registers,
+about 1100 instructions per 64-slot block and thread, of which the transposed value-code loads are byte-wide
+shared loads and byte permutes).
 
 Shapes: q ``[B, Hq, 1, d]`` with ``Hq = H * n_rep`` (query head ``h * n_rep + r`` reads KV head ``h``);
 output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 4, 8}.
@@ -92,12 +96,16 @@ class Tuning(NamedTuple):
 # The segment paths (module docstring): "fma" (CUDA cores, n_rep = 1), "dot" (tensor cores, the queries as the
 # big operand), "swap" (tensor cores, the codes as the big operand).
 PATHS = ("fma", "dot", "swap")
-# per path, from the H200 sweep of bench/decode_attention.py --variants (BENCHMARKS.md); "swap": not yet swept
+# per path, from the H200 sweeps of bench/decode_attention.py --variants (BENCHMARKS.md)
 _TUNING = {
     "fma": Tuning(programs_per_sm=16, num_warps=4, num_stages=1),
     "dot": Tuning(programs_per_sm=8, num_warps=4, num_stages=3),
-    "swap": Tuning(programs_per_sm=8, num_warps=4, num_stages=3),  # the offline-compiled launch: no spills
+    "swap": Tuning(programs_per_sm=8, num_warps=2, num_stages=2),
 }
+# query-head rows per program, padded: the queries-as-M path needs 16 (the smallest MMA M); with the queries as
+# the small N operand 8 do (offline sm_90 SASS at n_rep <= 8: 21-23% fewer instructions per block than with 16)
+_MIN_ROWS = {"fma": 16, "dot": 16, "swap": 8}
+_MERGE_CHUNK = 64  # partial states merged at a time (the merge kernel keeps [_MERGE_CHUNK, d] fp32 in registers)
 _MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
 
 
@@ -674,24 +682,32 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: tl.constexpr):
-    """Program (b*Hq + head): merge the S partial states of one query head into out [D] (out's dtype)."""
+    """Program (b*Hq + head): merge the S partial states of one query head into out [D] (out's dtype), SP
+    partials at a time (a whole [S, D] tile would not fit in registers at hundreds of splits): the largest
+    max first, then one pass of weighted sums."""
     row = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, SP)
-    sp_ok = sp < S
     chan = tl.arange(0, D)
-    m = tl.load(m_ws + row * S + sp, mask=sp_ok, other=float("-inf"))
-    den = tl.load(den_ws + row * S + sp, mask=sp_ok, other=0.0)
-    acc = tl.load(acc_ws + (row * S + sp)[:, None] * D + chan[None, :], mask=sp_ok[:, None], other=0.0)
-    m_all = tl.max(m, axis=0)
-    w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))
-    total = tl.sum(w * den, axis=0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + row * D + chan, out.to(out_ptr.dtype.element_ty))
+    m_all = tl.max(tl.full([SP], float("-inf"), tl.float32), axis=0)
+    for s0 in range(0, S, SP):
+        sp = s0 + tl.arange(0, SP)
+        m_all = tl.maximum(m_all, tl.max(tl.load(m_ws + row * S + sp, mask=sp < S, other=float("-inf")), axis=0))
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    total = tl.zeros([SP], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, S, SP):
+        sp = s0 + tl.arange(0, SP)
+        sp_ok = sp < S
+        w = tl.exp2(tl.load(m_ws + row * S + sp, mask=sp_ok, other=float("-inf")) - m_all)
+        total += w * tl.load(den_ws + row * S + sp, mask=sp_ok, other=0.0)
+        part = tl.load(acc_ws + (row * S + sp)[:, None] * D + chan[None, :], mask=sp_ok[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * part, axis=0)
+    total = tl.sum(total, axis=0)
+    tl.store(out_ptr + row * D + chan, (acc / tl.where(total > 0.0, total, 1.0)).to(out_ptr.dtype.element_ty))
 
 
 def default_path(n_rep: int) -> str:
     """The policy's segment path for ``n_rep`` query heads per KV head."""
-    return "fma" if n_rep == 1 else "dot"
+    return "fma" if n_rep == 1 else "swap"
 
 
 def tuning(path: str) -> Tuning:
@@ -799,7 +815,7 @@ def decode_attention_triton(
         HI_BITS=call.hi_bits,
         LO_BITS=call.lo_bits,
         D=d,
-        NP=max(16, triton.next_power_of_2(n_rep)),
+        NP=max(_MIN_ROWS[path], triton.next_power_of_2(n_rep)),
         BLOCK=GROUP,
         F32=q.dtype == torch.float32,
         ASM=(q.is_cuda if asm is None else asm) and q.dtype != torch.float32,
@@ -808,7 +824,8 @@ def decode_attention_triton(
         num_stages=num_stages or policy.num_stages,
     )
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
-    wrap_triton(_decode_merge_kernel)[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=triton.next_power_of_2(S))
+    merge_chunk = min(triton.next_power_of_2(S), _MERGE_CHUNK)
+    wrap_triton(_decode_merge_kernel)[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=merge_chunk)
     return out
 
 
