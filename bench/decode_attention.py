@@ -80,8 +80,7 @@ def bytes_read(B: int, H: int, n_rep: int, n: int, d: int, elt: int) -> int:
 
 def variants_for(n_rep: int) -> list[dict]:
     """The tuning grid timed by ``--variants``: every segment path that applies, warps, programs per SM."""
-    grid = [dict(path="dot", num_warps=4, programs_per_sm=8, num_stages=3)]
-    grid += [
+    grid = [
         dict(path="swap", num_warps=w, programs_per_sm=p, num_stages=st)
         for w in (1, 2, 4)
         for p in (4, 8, 16)

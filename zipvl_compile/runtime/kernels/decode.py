@@ -18,7 +18,7 @@ Implementations with the same contract:
   static shapes, the device's SM count and the path's programs per SM (:func:`num_splits_for`,
   :func:`tuning`). A block is one key group, so its key scale/zero are one ``[d]`` row, and dequantisation is
   folded into the small operands: ``q·k = (q*k_scale)·code + q·k_zero`` and ``p·v = (p*v_scale)·code +
-  (p·v_zero) 1``. Three segment paths (:data:`PATHS`; the policy, :func:`default_path`, picks "fma" for
+  (p·v_zero) 1``. Two segment paths (:data:`PATHS`; the policy, :func:`default_path`, picks "fma" for
   ``n_rep = 1`` and "swap" otherwise):
 
   - CUDA cores, for one query head per KV head (``n_rep = 1``, no padded rows): the codes are read as
@@ -26,18 +26,18 @@ Implementations with the same contract:
     mantissa of 2^23 (one ``lop3`` and one add per code, exact; its power-of-two place is folded into q
     and the output). Scores are multiply-sums over channels per slot; the value accumulator is kept per
     (slot lane, channel), reduced once after the loop and rescaled only when the running max grows.
-  - Tensor cores with the queries as the big operand (``path="dot"``, kept for comparison): per block the
-    packed bytes are loaded once and serve all ``n_rep`` query heads with ``tl.dot`` (rows padded to 16).
+  - Tensor cores, for ``n_rep > 1`` (``path="swap"``): per block the packed bytes are loaded once and serve
+    all ``n_rep`` query heads. The codes are the big (M) operand, ``scores^T = keys @ q^T`` and ``acc^T =
+    codes_v^T @ (p * v_scale)``, so the code tiles go from the pipelined shared-memory copy straight into the
+    dot's register operand (keys dequantised in fp16 there, value codes loaded transposed) and only the small
+    ``p`` tile takes a trip through shared memory; the query heads are the small N operand, padded to 8.
     Channels are handled as ``8 // bits`` sub-planes (bits ``J*bits..`` of every byte = channels
     ``i*(8//bits) + J``), so byte tiles are used as they lie and queries and outputs are permuted instead;
     codes become fp16 ``1024 + code`` by ORing them into the mantissa (inline PTX on the GPU), the 1024
-    taken out through the zero-point term.
-  - Tensor cores with the operands swapped (``path="swap"``, the policy for ``n_rep > 1``): the codes are
-    the big (M) operand, ``scores^T = keys @ q^T`` and ``acc^T = codes_v^T @ (p * v_scale)``, so the code
-    tiles go from the pipelined shared-memory copy straight into the dot's register operand (keys
-    dequantised in fp16 there, value codes loaded transposed) and only the small ``p`` tile takes a trip
-    through shared memory; the query heads are the small N operand, padded to 8 only. Two warps per
-    program (Ampere-style MMA) beat four (the Hopper warp-group MMA) on the H200.
+    subtracted exactly before the key's multiply-add and taken out of the values through the zero-point
+    term. Two warps per program (Ampere-style MMA) beat four (the Hopper warp-group MMA) on the H200, and
+    this path beat the one with the queries as the big operand (rows padded to 16, layout conversions
+    through shared memory) at every GQA shape of the sweep (BENCHMARKS.md).
 
   Each program keeps a running max / sum / accumulator per query head (base-2 online softmax, fp32) and
   writes them to a workspace; a second kernel merges all partials, a chunk of them at a time. fp32 inputs
@@ -93,18 +93,18 @@ class Tuning(NamedTuple):
     num_stages: int
 
 
-# The segment paths (module docstring): "fma" (CUDA cores, n_rep = 1), "dot" (tensor cores, the queries as the
-# big operand), "swap" (tensor cores, the codes as the big operand).
-PATHS = ("fma", "dot", "swap")
+# The segment paths (module docstring): "fma" (CUDA cores, n_rep = 1), "swap" (tensor cores, the codes as the big
+# operand).
+PATHS = ("fma", "swap")
 # per path, from the H200 sweeps of bench/decode_attention.py --variants (BENCHMARKS.md)
 _TUNING = {
     "fma": Tuning(programs_per_sm=16, num_warps=4, num_stages=1),
-    "dot": Tuning(programs_per_sm=8, num_warps=4, num_stages=3),
     "swap": Tuning(programs_per_sm=8, num_warps=2, num_stages=2),
 }
-# query-head rows per program, padded: the queries-as-M path needs 16 (the smallest MMA M); with the queries as
-# the small N operand 8 do (offline sm_90 SASS at n_rep <= 8: 21-23% fewer instructions per block than with 16)
-_MIN_ROWS = {"fma": 16, "dot": 16, "swap": 8}
+# query-head rows per program, padded: on the tensor-core path the queries are the small N operand of the dots,
+# whose smallest MMA size is 8 (offline sm_90 SASS at n_rep <= 8: 21-23% fewer instructions per block than 16);
+# the CUDA-core path uses the rows only in its tail, where 16 compiled to fewer instructions
+_MIN_ROWS = {"fma": 16, "swap": 8}
 _MERGE_CHUNK = 64  # partial states merged at a time (the merge kernel keeps [_MERGE_CHUNK, d] fp32 in registers)
 _MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
 
@@ -182,26 +182,6 @@ def _plane(byte, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl
 
 
 @triton.jit
-def _key_scores(
-    qj, kbyte, k_s, k_z, J: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr
-):
-    """Scores of sub-plane J: (qj*k_scale)·codes [NP, BLOCK] and its per-row constant [NP] (zero point).
-
-    qj [NP, KB] fp32: queries at channels i*(8//BITS) + J (times scale*log2 e); kbyte [BLOCK, KB] uint8;
-    k_s / k_z [KB] float16: this group's key scale / zero at those channels.
-    """
-    k_s = k_s.to(tl.float32)
-    k_z = k_z.to(tl.float32)
-    if F32:
-        qk = qj * k_s[None, :]
-        const = tl.sum(qj * k_z[None, :], axis=1)
-    else:  # subtract the 1024 offset of the codes with the rounded operand, exactly as the dot sees it
-        qk = (qj * k_s[None, :]).to(tl.float16)
-        const = tl.sum(qj * k_z[None, :], axis=1) - 1024.0 * tl.sum(qk.to(tl.float32), axis=1)
-    return _mm(qk, tl.trans(_plane(kbyte, J, BITS, F32, ASM)), KB >= 16), const
-
-
-@triton.jit
 def _deinterleave(x, PER: tl.constexpr, KB: tl.constexpr):
     """[KB*PER] -> its PER sub-planes x[i*PER + J] (four tensors; unused ones repeat)."""
     if PER == 1:
@@ -274,17 +254,16 @@ def _segment_partial(
     BLOCK: tl.constexpr,
     F32: tl.constexpr,
     ASM: tl.constexpr,
-    SWAP: tl.constexpr,
 ):
     """Partial state of this split's share of one quantised segment on the tensor cores, written to workspace
     rows ws.
 
     Channels are handled as 8//BITS sub-planes (channel i*PER + J = bits J*BITS.. of byte i), so each
     packed byte tile is loaded once and used as it lies: no reshape. Up to 4 sub-planes (2-bit codes). The
-    queries are the big operand, [n_rep, KB] x [KB, 64] dots with the codes as the second operand, or with SWAP
-    the small one: scores^T [64, NP] = keys_J [64, KB] @ q_J^T (keys dequantised per sub-plane, one subtract and
-    one multiply-add per code) and acc_J^T [KB, NP] += codes_J^T [KB, 64] @ (p * v_scale) [64, NP], so the code
-    tiles feed the dots from registers.
+    codes are the big operand of both dots, the NP query heads the small one: scores^T [BLOCK, NP] = keys_J
+    [BLOCK, KB] @ q_J^T (keys dequantised per sub-plane, one subtract and one multiply-add per code) and
+    acc_J^T [KB, NP] += codes_J^T [KB, BLOCK] @ (p * v_scale) [BLOCK, NP], so the code tiles feed the dots
+    from registers.
     """
     kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr = seg  # a Segment's pointers, in field order
     C, b, bh, split, n_splits = share  # capacity, sequence, (sequence, KV head), this split of n_splits
@@ -293,108 +272,56 @@ def _segment_partial(
     OFFSET: tl.constexpr = 0.0 if F32 else 1024.0
     OP: tl.constexpr = tl.float32 if F32 else tl.float16
     DOT: tl.constexpr = KB >= 16
-    SLOTS: tl.constexpr = 0 if SWAP else 1  # the axis of the slots in the scores, p and the value operand
-    q0 = _q_operand(q_ptr, qh, row_ok, qk_scale, 0, PER, KB, D, OP, SWAP)
+    q0 = _q_operand(q_ptr, qh, row_ok, qk_scale, 0, PER, KB, D, OP)
     if PER > 1:
-        q1 = _q_operand(q_ptr, qh, row_ok, qk_scale, 1, PER, KB, D, OP, SWAP)
+        q1 = _q_operand(q_ptr, qh, row_ok, qk_scale, 1, PER, KB, D, OP)
     if PER > 2:
-        q2 = _q_operand(q_ptr, qh, row_ok, qk_scale, 2, PER, KB, D, OP, SWAP)
-        q3 = _q_operand(q_ptr, qh, row_ok, qk_scale, 3, PER, KB, D, OP, SWAP)
+        q2 = _q_operand(q_ptr, qh, row_ok, qk_scale, 2, PER, KB, D, OP)
+        q3 = _q_operand(q_ptr, qh, row_ok, qk_scale, 3, PER, KB, D, OP)
     m = tl.full([NP], float("-inf"), tl.float32)
     den = tl.zeros([NP], tl.float32)
-    if SWAP:
-        a0 = tl.zeros([KB, NP], tl.float32)
-        a1 = tl.zeros([KB, NP], tl.float32)
-        a2 = tl.zeros([KB, NP], tl.float32)
-        a3 = tl.zeros([KB, NP], tl.float32)
-    else:
-        a0 = tl.zeros([NP, KB], tl.float32)
-        a1 = tl.zeros([NP, KB], tl.float32)
-        a2 = tl.zeros([NP, KB], tl.float32)
-        a3 = tl.zeros([NP, KB], tl.float32)
+    a0 = tl.zeros([KB, NP], tl.float32)
+    a1 = tl.zeros([KB, NP], tl.float32)
+    a2 = tl.zeros([KB, NP], tl.float32)
+    a3 = tl.zeros([KB, NP], tl.float32)
     fill = tl.load(fill_ptr + b)
     first, last = _block_range(fill, split, n_splits, BLOCK)
     for blk in range(first, last):
-        valid, kbyte, vbyte, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, KB, BLOCK, SWAP)
+        valid, kbyte, vbyte, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, KB, BLOCK, True)
         # keys: a block is one quantisation group -> one [D] scale/zero row
         row = (bh * (C // BLOCK) + blk) * D + tl.arange(0, D)
         ks0, ks1, ks2, ks3 = _deinterleave(tl.load(ks + row), PER, KB)
         kz0, kz1, kz2, kz3 = _deinterleave(tl.load(kz + row), PER, KB)
-        s, const = _plane_scores(q0, kbyte, ks0, kz0, 0, BITS, KB, F32, ASM, SWAP)
+        s = _mm(_key_plane(kbyte, ks0, kz0, 0, BITS, F32, ASM), q0, DOT)
         if PER > 1:
-            s1, c1 = _plane_scores(q1, kbyte, ks1, kz1, 1, BITS, KB, F32, ASM, SWAP)
-            s += s1
-            const += c1
+            s += _mm(_key_plane(kbyte, ks1, kz1, 1, BITS, F32, ASM), q1, DOT)
         if PER > 2:
-            s2, c2 = _plane_scores(q2, kbyte, ks2, kz2, 2, BITS, KB, F32, ASM, SWAP)
-            s3, c3 = _plane_scores(q3, kbyte, ks3, kz3, 3, BITS, KB, F32, ASM, SWAP)
-            s += s2 + s3
-            const += c2 + c3
-        if SWAP:  # the keys were dequantised: no constant
-            s = tl.where(valid[:, None], s, float("-inf"))
-        else:
-            s = tl.where(valid[None, :], s + const[:, None], float("-inf"))
-        p, alpha, m, den = _online_update(s, m, den, SLOTS)
-        pv = (p * tl.expand_dims(v_s, 1 - SLOTS)).to(OP)
-        v_const = tl.sum(p * tl.expand_dims(v_z, 1 - SLOTS), axis=SLOTS) - OFFSET * tl.sum(
-            pv.to(tl.float32), axis=SLOTS
-        )
-        v_const = tl.expand_dims(v_const, SLOTS)
-        a0 = _value_update(a0, alpha, pv, vbyte, v_const, 0, BITS, F32, ASM, DOT, SWAP)
+            s += _mm(_key_plane(kbyte, ks2, kz2, 2, BITS, F32, ASM), q2, DOT)
+            s += _mm(_key_plane(kbyte, ks3, kz3, 3, BITS, F32, ASM), q3, DOT)
+        p, alpha, m, den = _online_update(tl.where(valid[:, None], s, float("-inf")), m, den, 0)
+        pv = (p * v_s[:, None]).to(OP)
+        v_const = tl.sum(p * v_z[:, None], axis=0) - OFFSET * tl.sum(pv.to(tl.float32), axis=0)
+        a0 = _value_update(a0, alpha, pv, vbyte, v_const, 0, BITS, F32, ASM, DOT)
         if PER > 1:
-            a1 = _value_update(a1, alpha, pv, vbyte, v_const, 1, BITS, F32, ASM, DOT, SWAP)
+            a1 = _value_update(a1, alpha, pv, vbyte, v_const, 1, BITS, F32, ASM, DOT)
         if PER > 2:
-            a2 = _value_update(a2, alpha, pv, vbyte, v_const, 2, BITS, F32, ASM, DOT, SWAP)
-            a3 = _value_update(a3, alpha, pv, vbyte, v_const, 3, BITS, F32, ASM, DOT, SWAP)
-    _store_partial(out, ws, row_ok, m, den, _head_rows(a0, SWAP), 0, PER, KB, D)
+            a2 = _value_update(a2, alpha, pv, vbyte, v_const, 2, BITS, F32, ASM, DOT)
+            a3 = _value_update(a3, alpha, pv, vbyte, v_const, 3, BITS, F32, ASM, DOT)
+    _store_partial(out, ws, row_ok, m, den, tl.trans(a0), 0, PER, KB, D)
     if PER > 1:
-        _store_partial(out, ws, row_ok, m, den, _head_rows(a1, SWAP), 1, PER, KB, D)
+        _store_partial(out, ws, row_ok, m, den, tl.trans(a1), 1, PER, KB, D)
     if PER > 2:
-        _store_partial(out, ws, row_ok, m, den, _head_rows(a2, SWAP), 2, PER, KB, D)
-        _store_partial(out, ws, row_ok, m, den, _head_rows(a3, SWAP), 3, PER, KB, D)
+        _store_partial(out, ws, row_ok, m, den, tl.trans(a2), 2, PER, KB, D)
+        _store_partial(out, ws, row_ok, m, den, tl.trans(a3), 3, PER, KB, D)
 
 
 @triton.jit
 def _q_operand(
-    q_ptr,
-    qh,
-    row_ok,
-    qk_scale,
-    J: tl.constexpr,
-    PER: tl.constexpr,
-    KB: tl.constexpr,
-    D: tl.constexpr,
-    OP: tl.constexpr,
-    SWAP: tl.constexpr,
+    q_ptr, qh, row_ok, qk_scale, J: tl.constexpr, PER: tl.constexpr, KB: tl.constexpr, D: tl.constexpr, OP: tl.constexpr
 ):
-    """Sub-plane J of the queries as :func:`_segment_partial` uses it: fp32 [NP, KB] (:func:`_load_q_plane`), or
-    with SWAP the dot's second operand, [KB, NP] in the operand dtype OP."""
-    q = _load_q_plane(q_ptr, qh, row_ok, qk_scale, J, PER, KB, D)
-    if SWAP:
-        q = tl.trans(q).to(OP)
-    return q
-
-
-@triton.jit
-def _plane_scores(
-    qj,
-    kbyte,
-    k_s,
-    k_z,
-    J: tl.constexpr,
-    BITS: tl.constexpr,
-    KB: tl.constexpr,
-    F32: tl.constexpr,
-    ASM: tl.constexpr,
-    SWAP: tl.constexpr,
-):
-    """Scores of sub-plane J and their per-head constant: :func:`_key_scores` ([NP, BLOCK], [NP]), or with SWAP
-    dequantised keys [BLOCK, KB] @ qj [KB, NP] -> [BLOCK, NP] and no constant (0)."""
-    if SWAP:
-        r = _mm(_key_plane(kbyte, k_s, k_z, J, BITS, F32, ASM), qj, KB >= 16), 0.0
-    else:
-        r = _key_scores(qj, kbyte, k_s, k_z, J, BITS, KB, F32, ASM)
-    return r
+    """Sub-plane J of the queries as the dots' second operand: [KB, NP] in the operand dtype OP (from
+    :func:`_load_q_plane`)."""
+    return tl.trans(_load_q_plane(q_ptr, qh, row_ok, qk_scale, J, PER, KB, D)).to(OP)
 
 
 @triton.jit
@@ -409,23 +336,10 @@ def _value_update(
     F32: tl.constexpr,
     ASM: tl.constexpr,
     DOT: tl.constexpr,
-    SWAP: tl.constexpr,
 ):
-    """The accumulator of sub-plane J after one block: acc [NP, KB] rescaled by alpha [NP] plus pv [NP, BLOCK] @
-    codes [BLOCK, KB] plus v_const [NP, 1]; with SWAP all transposed (vbyte [KB, BLOCK] as loaded)."""
-    if SWAP:
-        r = acc * alpha[None, :] + _mm(_plane(vbyte, J, BITS, F32, ASM), pv, DOT) + v_const
-    else:
-        r = acc * alpha[:, None] + _mm(pv, _plane(vbyte, J, BITS, F32, ASM), DOT) + v_const
-    return r
-
-
-@triton.jit
-def _head_rows(acc, SWAP: tl.constexpr):
-    """An accumulator as [NP, KB] (one row per query head)."""
-    if SWAP:
-        acc = tl.trans(acc)
-    return acc
+    """The accumulator of sub-plane J after one block: acc [KB, NP] rescaled by alpha [NP] plus codes_J^T
+    [KB, BLOCK] (vbyte as loaded, transposed) @ pv [BLOCK, NP] plus v_const [NP]."""
+    return acc * alpha[None, :] + _mm(_plane(vbyte, J, BITS, F32, ASM), pv, DOT) + v_const[None, :]
 
 
 @triton.jit
@@ -602,7 +516,7 @@ def _segment_share(
     if PATH == 0:
         _segment_partial_fma(seg, share, out, ws0, q_ptr, qh0, qk_scale, BITS, D, BLOCK, ASM)
     else:
-        _segment_partial(q_ptr, qh, row_ok, qk_scale, seg, share, out, ws, BITS, D, NP, BLOCK, F32, ASM, PATH == 2)
+        _segment_partial(q_ptr, qh, row_ok, qk_scale, seg, share, out, ws, BITS, D, NP, BLOCK, F32, ASM)
 
 
 @triton.jit
@@ -651,8 +565,7 @@ def _decode_partial_kernel(
     """Program (b, h, j): partial softmax state of query heads h*n_rep .. h*n_rep + n_rep - 1 over one share
     of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split. A segment
     share runs on PATH (an index of :data:`PATHS`): 0, the CUDA cores (one query head per KV head; codes
-    passed as uint32 words); 1 or 2, the tensor cores serving the n_rep heads of the KV head at once, the
-    queries (1) or the codes (2) as the big operand.
+    passed as uint32 words); 1, the tensor cores serving the n_rep heads of the KV head at once.
 
     Writes acc_ws fp32 [B, Hq, S, D] (unnormalised), m_ws / den_ws fp32 [B, Hq, S] (base-2 max, sum).
     """
@@ -757,7 +670,7 @@ def decode_attention_triton(
     KV head), default :func:`num_splits_for` with ``programs_per_sm``; path: the segment path, one of
     :data:`PATHS` (default :func:`default_path`; "fma" serves one query head per KV head); num_warps /
     num_stages: warps per program, software-pipelining depth; asm: the inline-PTX code unpacking of the
-    tensor-core paths (default on CUDA).
+    tensor-core path (default on CUDA).
     Segment tensors are made contiguous (a no-op for cache buffers). Returns [B, Hq, 1, d] in q's dtype.
     """
     hi, lo, tail, n_rep = call.hi, call.lo, call.tail, call.n_rep
