@@ -67,3 +67,43 @@ def test_recompress_returns_early_only_when_no_row_is_full() -> None:
     assert hi.fill.tolist() == [0, 64] and tail.length.tolist() == [3, 0]
     assert torch.equal(hi.pos[1, :8], torch.arange(8, dtype=torch.int32)) and bool((tail.pos[1] < 0).all())
     assert torch.equal(tail.pos[0], before.pos[0])
+
+
+@pytest.mark.parametrize("tail_len", [1, 40])
+@pytest.mark.parametrize("lo_fill", [0, 64])
+def test_decode_cpu_at_demo_shapes(tail_len: int, lo_fill: int) -> None:
+    """The CPU decode path against the reference at the CPU demo's shapes (3 KV heads, n_rep 3, d 64, fp32): hi
+    filled to 384 slots of which 330 hold tokens (the rest random codes and NaN value parameters), lo at 2 bits
+    empty or one group, a tail of 100 slots with NaN keys and values past its length."""
+    from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
+    from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
+    from zipvl_compile.runtime.layout import pack_codes
+
+    gen = torch.Generator().manual_seed(tail_len + lo_fill)
+    heads, d, cpu = 3, 64, torch.device("cpu")
+
+    def segment(capacity: int, fill: int, tokens: int, bits: int) -> Segment:
+        seg = Segment.empty(1, heads, capacity, d, bits, cpu)
+        for codes in (seg.k_codes, seg.v_codes):
+            codes.copy_(pack_codes(torch.randint(0, 1 << bits, (1, heads, capacity, d), generator=gen), bits))
+        for param in (seg.k_scale, seg.k_zero, seg.v_scale, seg.v_zero):
+            param.copy_(torch.rand(param.shape, generator=gen) + 0.1)
+        seg.v_scale[:, :, tokens:] = float("nan")
+        seg.v_zero[:, :, tokens:] = float("nan")
+        seg.pos[0, :tokens] = torch.randperm(1000, generator=gen)[:tokens].to(torch.int32)
+        seg.fill.fill_(fill)
+        return seg
+
+    hi, lo = segment(512, 384, 330, 4), segment(128, lo_fill, lo_fill, 2)
+    tail = Tail.empty(1, heads, 100, d, torch.float32, cpu)
+    tail.k.copy_(torch.randn(tail.k.shape, generator=gen))
+    tail.v.copy_(torch.randn(tail.v.shape, generator=gen))
+    tail.k[:, :, tail_len:] = float("nan")
+    tail.v[:, :, tail_len:] = float("nan")
+    tail.pos[0, :tail_len] = torch.arange(tail_len, dtype=torch.int32) + 1000
+    tail.length.fill_(tail_len)
+    args = dict(q=torch.randn(1, heads * 3, 1, d, generator=gen), hi=hi, lo=lo, tail=tail, scale=d**-0.5, n_rep=3)
+    out = decode_attention_cpu(**args, hi_bits=4, lo_bits=2)
+    ref = decode_attention_reference(**args, hi_bits=4, lo_bits=2)
+    assert out.isfinite().all() and ref.abs().mean() > 0.05
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
