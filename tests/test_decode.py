@@ -202,10 +202,12 @@ CPU_TOL[torch.bfloat16] = dict(atol=1.6e-2, rtol=1.6e-2)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])
 @pytest.mark.parametrize("n_rep", [1, 4, 7])
-def test_cpu_path_matches_reference(dtype, bits, n_rep):
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_path_matches_reference(dtype, bits, n_rep, native):
+    """Both CPU bodies: the C kernel and the torch ops."""
     args, _ = make_case(n_rep=n_rep, bits=bits, dtype=dtype, seed=n_rep + 10 * bits[0] + 1)
     ref = decode_attention_reference(**args)
-    out = decode_attention_cpu(**args)
+    out = decode_attention_cpu(**args, native=native)
     assert out.dtype == dtype and out.shape == args["q"].shape
     assert ref.abs().mean() > 0.1
     torch.testing.assert_close(out.float(), ref.float(), **CPU_TOL[dtype])  # both in fp32, one rounding to dtype
@@ -230,7 +232,8 @@ def test_edge_cases(name):
     ref = decode_attention_reference(**args)
     exp = dense_attention(args["q"], dense, args["n_rep"], args["scale"])
     torch.testing.assert_close(ref.double(), exp, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(decode_attention_cpu(**args).double(), exp, atol=1e-5, rtol=1e-5)
+    for native in (True, False):
+        torch.testing.assert_close(decode_attention_cpu(**args, native=native).double(), exp, atol=1e-5, rtol=1e-5)
     out = decode_attention_triton(*split(to_device(args)), num_splits=(2, 1, 2))
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 

@@ -71,7 +71,8 @@ def test_recompress_returns_early_only_when_no_row_is_full() -> None:
 
 @pytest.mark.parametrize("tail_len", [1, 40])
 @pytest.mark.parametrize("lo_fill", [0, 64])
-def test_decode_cpu_at_demo_shapes(tail_len: int, lo_fill: int) -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_decode_cpu_at_demo_shapes(tail_len: int, lo_fill: int, native: bool) -> None:
     """The CPU decode path against the reference at the CPU demo's shapes (3 KV heads, n_rep 3, d 64, fp32): hi
     filled to 384 slots of which 330 hold tokens (the rest random codes and NaN value parameters), lo at 2 bits
     empty or one group, a tail of 100 slots with NaN keys and values past its length."""
@@ -103,7 +104,48 @@ def test_decode_cpu_at_demo_shapes(tail_len: int, lo_fill: int) -> None:
     tail.pos[0, :tail_len] = torch.arange(tail_len, dtype=torch.int32) + 1000
     tail.length.fill_(tail_len)
     args = dict(q=torch.randn(1, heads * 3, 1, d, generator=gen), hi=hi, lo=lo, tail=tail, scale=d**-0.5, n_rep=3)
-    out = decode_attention_cpu(**args, hi_bits=4, lo_bits=2)
+    out = decode_attention_cpu(**args, hi_bits=4, lo_bits=2, native=native)
     ref = decode_attention_reference(**args, hi_bits=4, lo_bits=2)
     assert out.isfinite().all() and ref.abs().mean() > 0.05
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_native_kernel_builds_where_a_compiler_is() -> None:
+    """Where a C compiler is on the path the CPU decode step runs the C kernel (a silent fallback would hide a
+    broken build)."""
+    import shutil
+
+    from zipvl_compile.runtime.kernels import decode_native
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    assert decode_native.library() is not None
+
+
+def test_native_kernel_falls_back_and_refuses_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A failed build leaves the torch body (logged); inputs the kernel does not take go to the torch body by
+    default and raise a clear error when the kernel is required."""
+    from zipvl_compile.runtime.kernels import decode_native
+    from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
+
+    heads, d = 2, 12  # a head dim the kernel does not take (not a multiple of 8)
+    hi, lo = (
+        Segment.empty(1, heads, 64, d, 4, torch.device("cpu")),
+        Segment.empty(1, heads, 64, d, 2, torch.device("cpu")),
+    )
+    tail = Tail.empty(1, heads, 8, d, torch.float32, torch.device("cpu"))
+    tail.k.normal_(), tail.v.normal_(), tail.length.fill_(3), tail.pos[0, :3].copy_(torch.arange(3))
+    args = dict(q=torch.randn(1, heads, 1, d), hi=hi, lo=lo, tail=tail, scale=0.3, n_rep=1, hi_bits=4, lo_bits=2)
+    assert not decode_native.applies(args["q"], hi, lo, tail)
+    assert torch.equal(decode_attention_cpu(**args), decode_attention_cpu(**args, native=False))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        decode_attention_cpu(**args, native=True)
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setenv("ZIPVL_CACHE_DIR", str(tmp_path))
+    decode_native.library.cache_clear()
+    try:
+        assert decode_native.library() is None
+        with pytest.raises(RuntimeError, match="not available"):
+            decode_native.decode_attention_native(**args)
+    finally:
+        decode_native.library.cache_clear()

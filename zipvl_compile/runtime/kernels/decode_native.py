@@ -1,0 +1,352 @@
+"""Decode attention over the packed cache on the CPU as one C function, compiled at first use.
+
+Same contract as :func:`~zipvl_compile.runtime.kernels.decode_reference.decode_attention_reference` (its oracle)
+and :func:`~zipvl_compile.runtime.kernels.decode_cpu.decode_attention_cpu` (which calls it where it applies):
+q ``[B, H*n_rep, 1, d]``; ``hi`` / ``lo``: :class:`~zipvl_compile.runtime.layout.Segment` at ``hi_bits`` /
+``lo_bits``; ``tail``: :class:`~zipvl_compile.runtime.layout.Tail` in q's dtype (fp32, bf16 or fp16). Returns
+``[B, H*n_rep, 1, d]`` in q's dtype, computed in fp32.
+
+Why C: a decode step on the CPU is small (a few hundred slots per head at the demo's prompt), so a torch body
+pays for its ~45 ops' dispatch (~10 µs each inside a step on a 2-core machine) far more than for arithmetic; a
+dense model reads its cache with one SDPA call. Here each (sequence, KV head) is one pass over the codes: the key
+scale is folded into the query per 64-slot group (``q·k = (q*k_scale)·code + q·k_zero``), scores of the
+``n_rep`` query heads are kept for the valid slots only, one softmax, then one pass over the value codes
+(``p·v = (p*v_scale)·code + p·v_zero``). Empty slots (pos < 0, or at or past the fill / length) are skipped, so
+their parameters (possibly NaN) and codes are never read. Inner loops over channels are vectorised by the C
+compiler's vector extensions (``-O3 -march=native``; no fast-math).
+
+The library is built with the C compiler of ``$CC`` (else ``cc`` / ``gcc`` on the path) into
+``$ZIPVL_CACHE_DIR`` (default ``~/.cache/zipvl_compile``), named by a hash of the source, the compiler and the
+machine, and loaded with ``ctypes``. Without a compiler (or if the build fails) :func:`library` returns None
+and the CPU path keeps its torch body; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from zipvl_compile.runtime.layout import GROUP, Segment, Tail, max_code
+
+log = logging.getLogger("zipvl_compile")
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static float half_to_float(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, 2);
+    return (float)x;
+}
+
+static void load_row(const void *base, int64_t index, int64_t d, int dtype, float *out) {
+    if (dtype == F32) {
+        memcpy(out, (const float *)base + index * d, (size_t)d * sizeof(float));
+    } else if (dtype == BF16) {
+        const uint16_t *row = (const uint16_t *)base + index * d;
+        for (int64_t c = 0; c < d; c++) {
+            uint32_t bits = (uint32_t)row[c] << 16;
+            memcpy(out + c, &bits, 4);
+        }
+    } else {
+        const uint16_t *row = (const uint16_t *)base + index * d;
+        for (int64_t c = 0; c < d; c++) out[c] = half_to_float(row[c]);
+    }
+}
+
+static void store_row(void *base, int64_t index, int64_t d, int dtype, const float *row) {
+    if (dtype == F32) {
+        memcpy((float *)base + index * d, row, (size_t)d * sizeof(float));
+        return;
+    }
+    uint16_t *out = (uint16_t *)base + index * d;
+    for (int64_t c = 0; c < d; c++) {
+        uint32_t bits;
+        memcpy(&bits, row + c, 4);
+        if (dtype == BF16) {
+            /* round to nearest even (a NaN stays a NaN) */
+            out[c] = (bits & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((bits >> 16) | 0x40u)
+                                                       : (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+        } else {
+            _Float16 h = (_Float16)row[c];
+            memcpy(out + c, &h, 2);
+        }
+    }
+}
+
+/* codes of one slot -> floats, channel c at byte c / (8 / bits), shift (c % (8 / bits)) * bits */
+static void unpack(const uint8_t *bytes, int64_t d, int bits, float *out) {
+    if (bits == 8) {
+        for (int64_t c = 0; c < d; c++) out[c] = (float)bytes[c];
+    } else if (bits == 4) {
+        for (int64_t i = 0; i < d / 2; i++) {
+            out[2 * i] = (float)(bytes[i] & 15);
+            out[2 * i + 1] = (float)(bytes[i] >> 4);
+        }
+    } else {
+        for (int64_t i = 0; i < d / 4; i++) {
+            out[4 * i] = (float)(bytes[i] & 3);
+            out[4 * i + 1] = (float)((bytes[i] >> 2) & 3);
+            out[4 * i + 2] = (float)((bytes[i] >> 4) & 3);
+            out[4 * i + 3] = (float)(bytes[i] >> 6);
+        }
+    }
+}
+
+typedef float v8 __attribute__((vector_size(32))); /* GCC / clang vector extension: 8 fp32 lanes */
+
+static v8 load8(const float *x) {
+    v8 v;
+    memcpy(&v, x, sizeof v);
+    return v;
+}
+
+/* d a multiple of 8; two accumulators, the lanes summed in registers */
+static float dot(const float *a, const float *b, int64_t d) {
+    v8 s0 = {0}, s1 = {0};
+    int64_t c = 0;
+    for (; c + 16 <= d; c += 16) {
+        s0 += load8(a + c) * load8(b + c);
+        s1 += load8(a + c + 8) * load8(b + c + 8);
+    }
+    if (c < d) s0 += load8(a + c) * load8(b + c);
+    s0 += s1;
+    return ((s0[0] + s0[4]) + (s0[1] + s0[5])) + ((s0[2] + s0[6]) + (s0[3] + s0[7]));
+}
+
+static void axpy(float *acc, float w, const float *x, int64_t d) {
+    for (int64_t c = 0; c < d; c += 8) {
+        v8 y = load8(acc + c) + w * load8(x + c);
+        memcpy(acc + c, &y, sizeof y);
+    }
+}
+
+typedef struct {
+    const uint8_t *k_codes, *v_codes;
+    const uint16_t *k_scale, *k_zero, *v_scale, *v_zero;
+    const int32_t *pos, *fill;
+    int64_t capacity, bits;
+} segment_t;
+
+/* ptrs: q, out, hi (8 fields in Segment order), lo (8), tail k, v, pos, length.
+   ints: B, H, n_rep, d, dtype, hi capacity, hi bits, lo capacity, lo bits, tail slots, key group size.
+   Returns 0, or -1 when scratch memory cannot be allocated. */
+int zipvl_decode(void **ptrs, const int64_t *ints, double scale) {
+    const int64_t B = ints[0], H = ints[1], n_rep = ints[2], d = ints[3], R = ints[9], GROUP = ints[10];
+    const int dtype = (int)ints[4];
+    segment_t seg[2];
+    for (int s = 0; s < 2; s++) {
+        void **p = ptrs + 2 + 8 * s;
+        seg[s] = (segment_t){p[0], p[3], p[1], p[2], p[4], p[5], p[6], p[7], ints[5 + 2 * s], ints[6 + 2 * s]};
+    }
+    const void *tk = ptrs[18], *tv = ptrs[19];
+    const int32_t *tpos = ptrs[20], *tlen = ptrs[21];
+    const int64_t slots = seg[0].capacity + seg[1].capacity + R;
+    /* scratch: q rows, q*k_scale rows, k constant, one slot's floats, accumulators, scores, slot sources */
+    float *mem = malloc(sizeof(float) * (size_t)(n_rep * (3 * d + 3 + slots) + d));
+    int64_t *where = malloc(sizeof(int64_t) * (size_t)(slots > 0 ? slots : 1));
+    if (!mem || !where) {
+        free(mem);
+        free(where);
+        return -1;
+    }
+    float *qs = mem, *qk = qs + n_rep * d, *acc = qk + n_rep * d, *row = acc + n_rep * d;
+    float *kconst = row + d, *vconst = kconst + n_rep, *den = vconst + n_rep, *score = den + n_rep;
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t bh = b * H + h;
+            for (int64_t r = 0; r < n_rep; r++) {
+                load_row(ptrs[0], bh * n_rep + r, d, dtype, qs + r * d);
+                for (int64_t c = 0; c < d; c++) qs[r * d + c] *= (float)scale;
+            }
+            int64_t n = 0; /* valid slots seen; where[i] = source * 2^40 + slot */
+            for (int s = 0; s < 2; s++) {
+                const segment_t *g = &seg[s];
+                const int64_t cap = g->capacity, kb = d * g->bits / 8;
+                int64_t fill = g->fill[b] < cap ? g->fill[b] : cap, group = -1;
+                for (int64_t t = 0; t < fill; t++) {
+                    if (g->pos[b * cap + t] < 0) continue;
+                    if (t / GROUP != group) { /* the key parameters of this slot's group, folded into q */
+                        group = t / GROUP;
+                        const int64_t prow = (bh * (cap / GROUP) + group) * d;
+                        for (int64_t c = 0; c < d; c++) row[c] = half_to_float(g->k_zero[prow + c]);
+                        for (int64_t r = 0; r < n_rep; r++) {
+                            kconst[r] = dot(qs + r * d, row, d);
+                            for (int64_t c = 0; c < d; c++)
+                                qk[r * d + c] = qs[r * d + c] * half_to_float(g->k_scale[prow + c]);
+                        }
+                    }
+                    unpack(g->k_codes + (bh * cap + t) * kb, d, (int)g->bits, row);
+                    for (int64_t r = 0; r < n_rep; r++) score[r * slots + n] = dot(qk + r * d, row, d) + kconst[r];
+                    where[n++] = ((int64_t)s << 40) | t;
+                }
+            }
+            const int64_t len = tlen[b] < R ? tlen[b] : R;
+            for (int64_t t = 0; t < len; t++) {
+                if (tpos[b * R + t] < 0) continue;
+                load_row(tk, bh * R + t, d, dtype, row);
+                for (int64_t r = 0; r < n_rep; r++) score[r * slots + n] = dot(qs + r * d, row, d);
+                where[n++] = ((int64_t)2 << 40) | t;
+            }
+            for (int64_t r = 0; r < n_rep; r++) { /* softmax over the valid slots */
+                float *sc = score + r * slots, top = -INFINITY, sum = 0.0f;
+                for (int64_t i = 0; i < n; i++) top = sc[i] > top ? sc[i] : top;
+                for (int64_t i = 0; i < n; i++) sc[i] = expf(sc[i] - top);
+                for (int64_t i = 0; i < n; i++) sum += sc[i];
+                den[r] = sum;
+                vconst[r] = 0.0f;
+            }
+            memset(acc, 0, sizeof(float) * (size_t)(n_rep * d));
+            for (int64_t i = 0; i < n; i++) {
+                const int s = (int)(where[i] >> 40);
+                const int64_t t = where[i] & (((int64_t)1 << 40) - 1);
+                if (s == 2) {
+                    load_row(tv, bh * R + t, d, dtype, row);
+                    for (int64_t r = 0; r < n_rep; r++) axpy(acc + r * d, score[r * slots + i], row, d);
+                    continue;
+                }
+                const segment_t *g = &seg[s];
+                const int64_t slot = bh * g->capacity + t;
+                const float v_scale = half_to_float(g->v_scale[slot]), v_zero = half_to_float(g->v_zero[slot]);
+                unpack(g->v_codes + slot * (d * g->bits / 8), d, (int)g->bits, row);
+                for (int64_t r = 0; r < n_rep; r++) {
+                    const float p = score[r * slots + i];
+                    axpy(acc + r * d, p * v_scale, row, d);
+                    vconst[r] += p * v_zero;
+                }
+            }
+            for (int64_t r = 0; r < n_rep; r++) {
+                const float inv = den[r] > 0.0f ? 1.0f / den[r] : 0.0f, add = den[r] > 0.0f ? vconst[r] : 0.0f;
+                for (int64_t c = 0; c < d; c++) row[c] = (acc[r * d + c] + add) * inv;
+                store_row(ptrs[1], bh * n_rep + r, d, dtype, row);
+            }
+        }
+    }
+    free(mem);
+    free(where);
+    return 0;
+}
+"""
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q / tail / output dtypes, the C enum's order
+# a Segment's fields in order (the layout): codes, key scale / zero, codes, value scale / zero, pos, fill
+_SEGMENT_DTYPES = (
+    torch.uint8,
+    torch.float16,
+    torch.float16,
+    torch.uint8,
+    torch.float16,
+    torch.float16,
+    torch.int32,
+    torch.int32,
+)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _machine() -> str:
+    """What ``-march=native`` depends on: the architecture and, on Linux, the CPU's model and flags."""
+    text = platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return text
+    return text + "".join(line for line in info if line.startswith(("model name", "flags")))[:4096]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (built once per source, compiler and machine; cached on disk), or None when it cannot
+    be built here (logged)."""
+    cc = _compiler()
+    if cc is None:
+        log.info("zipvl: no C compiler found ($CC, cc, gcc): the CPU decode path runs its torch body")
+        return None
+    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11"]
+    key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _machine()]).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("ZIPVL_CACHE_DIR") or Path.home() / ".cache" / "zipvl_compile")
+    target = folder / f"decode_{key}.so"
+    try:
+        if not target.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                src, out = Path(tmp) / "decode.c", Path(tmp) / "decode.so"
+                src.write_text(_SOURCE)
+                subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True)
+                os.replace(out, target)  # atomic: concurrent builders each publish a whole file
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = err.stderr.decode(errors="replace")[-500:] if isinstance(err, subprocess.CalledProcessError) else err
+        log.info("zipvl: the C decode kernel did not build (%s): the CPU decode path runs its torch body", detail)
+        return None
+    lib.zipvl_decode.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_double]
+    lib.zipvl_decode.restype = ctypes.c_int
+    return lib
+
+
+def applies(q: torch.Tensor, hi: Segment, lo: Segment, tail: Tail) -> bool:
+    """Whether :func:`decode_attention_native` takes these inputs: plain contiguous CPU tensors (no subclass,
+    no autograd) in the layout's dtypes, q and the tail in one of fp32 / bf16 / fp16, a head dim that is a multiple
+    of 8 (the kernel's vector width)."""
+    tensors = [q, *hi, *lo, *tail]
+    wanted = [q.dtype, *(_SEGMENT_DTYPES * 2), q.dtype, q.dtype, torch.int32, torch.int32]
+    return (
+        q.dtype in _DTYPES
+        and q.dim() == 4
+        and q.shape[-1] % 8 == 0
+        and all(t.dtype == dtype for t, dtype in zip(tensors, wanted, strict=True))
+        and all(type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        and not any(t.requires_grad for t in tensors)
+    )
+
+
+def decode_attention_native(
+    q: torch.Tensor, hi: Segment, lo: Segment, tail: Tail, scale: float, n_rep: int, hi_bits: int, lo_bits: int
+) -> torch.Tensor:
+    """Decode attention over hi + lo + tail with the C kernel (module docstring); the inputs must pass
+    :func:`applies` and :func:`library` must not be None. Returns [B, Hq, 1, d] in q's dtype; a row with no valid
+    key returns zeros."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(
+            "zipvl: the C decode kernel is not available on this machine (no C compiler, or its build failed)"
+        )
+    if not applies(q, hi, lo, tail):
+        raise ValueError(
+            "zipvl: the C decode kernel takes contiguous CPU tensors in the cache layout's dtypes, q and the tail in "
+            "fp32 / bf16 / fp16 and a head dim that is a multiple of 8"
+        )
+    batch, hq, _, d = q.shape
+    heads = tail.k.shape[1]
+    if hq != heads * n_rep:
+        raise ValueError(f"decode_attention: q has {hq} heads, the cache {heads} KV heads; need Hq = H*n_rep")
+    if any(seg.capacity % GROUP for seg in (hi, lo)):
+        raise ValueError(f"decode_attention: segment capacities {hi.capacity}, {lo.capacity} not multiples of {GROUP}")
+    for bits in (hi_bits, lo_bits):
+        max_code(bits)
+    out = torch.empty_like(q)
+    ptrs = [q, out, *hi, *lo, *tail]
+    ints = [batch, heads, n_rep, d, _DTYPES[q.dtype], hi.capacity, hi_bits, lo.capacity, lo_bits, tail.slots, GROUP]
+    status = lib.zipvl_decode(
+        (ctypes.c_void_p * len(ptrs))(*(t.data_ptr() for t in ptrs)), (ctypes.c_int64 * len(ints))(*ints), scale
+    )
+    if status:
+        raise MemoryError("zipvl: the C decode kernel could not allocate its scratch memory")
+    return out
