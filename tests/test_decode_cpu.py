@@ -129,14 +129,22 @@ def test_native_kernel_falls_back_and_refuses_clearly(monkeypatch: pytest.Monkey
     from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
 
     heads, d = 2, 12  # a head dim the kernel does not take (not a multiple of 8)
-    hi, lo = (
-        Segment.empty(1, heads, 64, d, 4, torch.device("cpu")),
-        Segment.empty(1, heads, 64, d, 2, torch.device("cpu")),
-    )
-    tail = Tail.empty(1, heads, 8, d, torch.float32, torch.device("cpu"))
-    tail.k.normal_(), tail.v.normal_(), tail.length.fill_(3), tail.pos[0, :3].copy_(torch.arange(3))
+    cpu = torch.device("cpu")
+    hi, lo = Segment.empty(1, heads, 64, d, 4, cpu), Segment.empty(1, heads, 64, d, 2, cpu)
+    tail = Tail.empty(1, heads, 8, d, torch.float32, cpu)
+    tail.k.normal_()
+    tail.v.normal_()
+    tail.length.fill_(3)
+    tail.pos[0, :3] = torch.arange(3, dtype=torch.int32)
     args = dict(q=torch.randn(1, heads, 1, d), hi=hi, lo=lo, tail=tail, scale=0.3, n_rep=1, hi_bits=4, lo_bits=2)
-    assert not decode_native.applies(args["q"], hi, lo, tail)
+    assert "multiple of 8" in decode_native.refusal(args["q"], hi, lo, tail, 1, 4, 2)
+    good = dict(args, q=torch.randn(1, heads, 1, 16), tail=Tail.empty(1, heads, 8, 16, torch.float32, cpu))
+    good["hi"], good["lo"] = Segment.empty(1, heads, 64, 16, 4, cpu), Segment.empty(1, heads, 64, 16, 2, cpu)
+    assert decode_native.refusal(good["q"], good["hi"], good["lo"], good["tail"], 1, 4, 2) is None
+    assert "do not match" in decode_native.refusal(good["q"], good["hi"], good["lo"], good["tail"], 2, 4, 2)
+    assert "do not match" in decode_native.refusal(good["q"], good["hi"], good["lo"], good["tail"], 1, 2, 2)
+    with pytest.raises(ValueError, match="do not match"):
+        decode_native.decode_attention_native(**dict(good, n_rep=2))
     assert torch.equal(decode_attention_cpu(**args), decode_attention_cpu(**args, native=False))
     with pytest.raises(ValueError, match="multiple of 8"):
         decode_attention_cpu(**args, native=True)

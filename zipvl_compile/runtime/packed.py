@@ -14,7 +14,7 @@ import torch
 
 from zipvl_compile.runtime.kernels import tail as tail_kernels
 from zipvl_compile.runtime.kernels import tail_reference
-from zipvl_compile.runtime.kernels.device import wants_triton
+from zipvl_compile.runtime.kernels.device import host_reads_are_free, wants_triton
 from zipvl_compile.runtime.kernels.quant import write_staged_triton_
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail, round_up
 from zipvl_compile.runtime.quant import dequantize, write_segment_
@@ -69,16 +69,11 @@ def append_tail_(
     ``use_triton`` as in :mod:`~zipvl_compile.runtime.kernels.device`)."""
     if wants_triton(tail.k, use_triton):
         impl = tail_kernels.append_tail_triton_
-    elif _host_reads_are_free(tail.k):
+    elif host_reads_are_free(tail.k):
         impl = tail_reference.append_tail_cpu_  # same bits, fewer ops per step
     else:
         impl = tail_reference.append_tail_reference_
     impl(tail, k, v, pos)
-
-
-def _host_reads_are_free(x: torch.Tensor) -> bool:
-    """Reading a value of ``x`` on the host syncs nothing and breaks no trace: a CPU tensor, run eagerly."""
-    return not x.is_cuda and not torch.compiler.is_compiling()
 
 
 def recompress_(
@@ -103,7 +98,7 @@ def recompress_(
     nothing there). ``use_triton`` as in :mod:`~zipvl_compile.runtime.kernels.device`.
     """
     triton = wants_triton(tail.k, use_triton) and tail.slots <= tail_kernels.MAX_SLOTS
-    if not triton and _host_reads_are_free(tail.k) and max(tail.length.tolist(), default=0) < tail.slots:
+    if not triton and host_reads_are_free(tail.k) and max(tail.length.tolist(), default=0) < tail.slots:
         return  # nothing to recompress: one host read, no device op
     full = tail.length >= tail.slots
     if triton:

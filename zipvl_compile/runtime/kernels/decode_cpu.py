@@ -120,8 +120,11 @@ def decode_attention_cpu(
     takes the inputs; True: required; False: the torch body below). Returns [B, Hq, 1, d] in q's dtype; a row with
     no valid key returns zeros.
     """
-    if native or (native is None and decode_native.library() is not None and decode_native.applies(q, hi, lo, tail)):
+    if native:
         return decode_native.decode_attention_native(q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)
+    lib = decode_native.library() if native is None else None
+    if lib is not None and decode_native.refusal(q, hi, lo, tail, n_rep, hi_bits, lo_bits) is None:
+        return decode_native.launch(lib, q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)
     batch, hq, _, d = q.shape
     heads = tail.k.shape[1]
     if hq != heads * n_rep:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from zipvl_compile.runtime.layout import GROUP, Segment, Tail, max_code
+from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail
 
 log = logging.getLogger("zipvl_compile")
 
@@ -245,6 +245,7 @@ int zipvl_decode(void **ptrs, const int64_t *ints, double scale) {
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q / tail / output dtypes, the C enum's order
 # a Segment's fields in order (the layout): codes, key scale / zero, codes, value scale / zero, pos, fill
+_POS = (torch.int32, torch.int32)  # the tail's pos and length
 _SEGMENT_DTYPES = (
     torch.uint8,
     torch.float16,
@@ -301,51 +302,81 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def applies(q: torch.Tensor, hi: Segment, lo: Segment, tail: Tail) -> bool:
-    """Whether :func:`decode_attention_native` takes these inputs: plain contiguous CPU tensors (no subclass,
-    no autograd) in the layout's dtypes, q and the tail in one of fp32 / bf16 / fp16, a head dim that is a multiple
-    of 8 (the kernel's vector width)."""
-    tensors = [q, *hi, *lo, *tail]
-    wanted = [q.dtype, *(_SEGMENT_DTYPES * 2), q.dtype, q.dtype, torch.int32, torch.int32]
-    return (
-        q.dtype in _DTYPES
-        and q.dim() == 4
-        and q.shape[-1] % 8 == 0
-        and all(t.dtype == dtype for t, dtype in zip(tensors, wanted, strict=True))
-        and all(type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-        and not any(t.requires_grad for t in tensors)
+def refusal(
+    q: torch.Tensor, hi: Segment, lo: Segment, tail: Tail, n_rep: int, hi_bits: int, lo_bits: int
+) -> str | None:
+    """Why :func:`decode_attention_native` cannot take these inputs, or None when it can: plain contiguous CPU
+    tensors (no subclass, no autograd) of the layout's dtypes and shapes (the C function trusts them), q and the
+    tail in one of fp32 / bf16 / fp16, bits in the layout's widths, a head dim that is a multiple of 8 (the
+    kernel's vector width)."""
+    tensors = (q, *hi, *lo, *tail)
+    if q.dtype not in _DTYPES or q.dim() != 4:
+        return f"q must be [B, Hq, 1, d] in fp32 / bf16 / fp16, got {q.dtype} {tuple(q.shape)}"
+    if tuple(t.dtype for t in tensors) != (q.dtype, *_SEGMENT_DTYPES, *_SEGMENT_DTYPES, q.dtype, q.dtype, *_POS):
+        return "the cache tensors are not in the layout's dtypes (or the tail not in q's)"
+    if hi_bits not in QUANT_BITS or lo_bits not in QUANT_BITS:
+        return f"bits must be in {QUANT_BITS}, got {hi_bits} / {lo_bits}"
+    batch, hq, q_len, d = q.shape
+    heads, c_hi, c_lo, slots = hq // max(n_rep, 1), hi.pos.shape[-1], lo.pos.shape[-1], tail.pos.shape[-1]
+    shapes = (
+        (batch, heads * n_rep, 1, d),
+        *_segment_shapes(batch, heads, c_hi, d, hi_bits),
+        *_segment_shapes(batch, heads, c_lo, d, lo_bits),
+        *((batch, heads, slots, d),) * 2,
+        (batch, slots),
+        (batch,),
     )
+    if d % 8 or c_hi % GROUP or c_lo % GROUP or n_rep < 1 or tuple(t.shape for t in tensors) != shapes:
+        return (
+            f"q {tuple(q.shape)} with n_rep {n_rep} and the cache's shapes do not match the layout (head dim a "
+            f"multiple of 8, segment capacities multiples of {GROUP})"
+        )
+    if not all(type(t) is torch.Tensor and t.is_cpu and t.is_contiguous() and not t.requires_grad for t in tensors):
+        return "the C decode kernel takes contiguous CPU tensors that do not require grad (no tensor subclass)"
+    return None
+
+
+def _segment_shapes(batch: int, heads: int, capacity: int, d: int, bits: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a :class:`Segment`'s fields, in order (the layout)."""
+    codes, groups = (batch, heads, capacity, d * bits // 8), (batch, heads, capacity // GROUP, d)
+    return codes, groups, groups, codes, (batch, heads, capacity), (batch, heads, capacity), (batch, capacity), (batch,)
 
 
 def decode_attention_native(
     q: torch.Tensor, hi: Segment, lo: Segment, tail: Tail, scale: float, n_rep: int, hi_bits: int, lo_bits: int
 ) -> torch.Tensor:
-    """Decode attention over hi + lo + tail with the C kernel (module docstring); the inputs must pass
-    :func:`applies` and :func:`library` must not be None. Returns [B, Hq, 1, d] in q's dtype; a row with no valid
-    key returns zeros."""
+    """Decode attention over hi + lo + tail with the C kernel (module docstring). Raises RuntimeError where
+    :func:`library` could not build it, ValueError with :func:`refusal`'s reason for inputs it does not take.
+    Returns [B, Hq, 1, d] in q's dtype; a row with no valid key returns zeros."""
     lib = library()
     if lib is None:
-        raise RuntimeError(
-            "zipvl: the C decode kernel is not available on this machine (no C compiler, or its build failed)"
-        )
-    if not applies(q, hi, lo, tail):
-        raise ValueError(
-            "zipvl: the C decode kernel takes contiguous CPU tensors in the cache layout's dtypes, q and the tail in "
-            "fp32 / bf16 / fp16 and a head dim that is a multiple of 8"
-        )
+        raise RuntimeError("zipvl: the C decode kernel is not available here (no C compiler, or its build failed)")
+    reason = refusal(q, hi, lo, tail, n_rep, hi_bits, lo_bits)
+    if reason is not None:
+        raise ValueError(f"zipvl: decode_attention_native: {reason}")
+    return launch(lib, q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)
+
+
+def launch(
+    lib: ctypes.CDLL,
+    q: torch.Tensor,
+    hi: Segment,
+    lo: Segment,
+    tail: Tail,
+    scale: float,
+    n_rep: int,
+    hi_bits: int,
+    lo_bits: int,
+) -> torch.Tensor:
+    """The C call itself, on inputs :func:`refusal` accepted (unchecked: the C function trusts them)."""
     batch, hq, _, d = q.shape
-    heads = tail.k.shape[1]
-    if hq != heads * n_rep:
-        raise ValueError(f"decode_attention: q has {hq} heads, the cache {heads} KV heads; need Hq = H*n_rep")
-    if any(seg.capacity % GROUP for seg in (hi, lo)):
-        raise ValueError(f"decode_attention: segment capacities {hi.capacity}, {lo.capacity} not multiples of {GROUP}")
-    for bits in (hi_bits, lo_bits):
-        max_code(bits)
     out = torch.empty_like(q)
     ptrs = [q, out, *hi, *lo, *tail]
-    ints = [batch, heads, n_rep, d, _DTYPES[q.dtype], hi.capacity, hi_bits, lo.capacity, lo_bits, tail.slots, GROUP]
+    ints = [batch, hq // n_rep, n_rep, d, _DTYPES[q.dtype], hi.capacity, hi_bits, lo.capacity, lo_bits, tail.slots]
     status = lib.zipvl_decode(
-        (ctypes.c_void_p * len(ptrs))(*(t.data_ptr() for t in ptrs)), (ctypes.c_int64 * len(ints))(*ints), scale
+        (ctypes.c_void_p * len(ptrs))(*(t.data_ptr() for t in ptrs)),
+        (ctypes.c_int64 * (len(ints) + 1))(*ints, GROUP),
+        scale,
     )
     if status:
         raise MemoryError("zipvl: the C decode kernel could not allocate its scratch memory")

@@ -1,5 +1,6 @@
-"""What the kernels ask of the device: whether a call runs its Triton kernel, how many SMs there are, and
-whether a launch parameter is a size a kernel can take (:func:`check_power_of_two`).
+"""What the kernels ask of the device: whether a call runs its Triton kernel, how many SMs there are, whether a
+host read of a tensor's value costs nothing (:func:`host_reads_are_free`), and whether a launch parameter is a
+size a kernel can take (:func:`check_power_of_two`).
 
 Every public kernel entry point takes ``use_triton: bool | None``: None means "Triton on CUDA tensors, the
 plain-torch reference elsewhere"; True on CPU tensors runs the kernel under the Triton interpreter (it needs
@@ -20,6 +21,11 @@ INTERPRETER_SMS = 132
 def wants_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
     """Whether a kernel entry point called on ``x`` runs its Triton kernel (see the module docstring)."""
     return x.is_cuda if use_triton is None else use_triton
+
+
+def host_reads_are_free(x: torch.Tensor) -> bool:
+    """Reading a value of ``x`` on the host syncs nothing and breaks no trace: a CPU tensor, run eagerly."""
+    return not x.is_cuda and not torch.compiler.is_compiling()
 
 
 def sm_count(device: torch.device) -> int:
