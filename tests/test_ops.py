@@ -28,3 +28,33 @@ def test_eager_bodies_launch_kernels_directly() -> None:
     torch.testing.assert_close(ops.BODIES[PROBE](x, scale=3.0), 3 * x)
     assert SEEN == [False, False]
     assert is_wrap_triton_enabled()
+
+
+def test_binder_matches_signature_bind() -> None:
+    """The eager bodies' argument binder gives Signature.bind's arguments (defaults applied) and its errors."""
+    import inspect
+
+    import pytest
+
+    from zipvl_compile.runtime.ops import _binder
+
+    kind = inspect.Parameter
+    sig = inspect.Signature(
+        [kind("a", kind.POSITIONAL_OR_KEYWORD), kind("b", kind.POSITIONAL_OR_KEYWORD, default=2)]
+        + [kind("c", kind.KEYWORD_ONLY), kind("d", kind.KEYWORD_ONLY, default=4)]
+    )
+    bind = _binder(sig)
+    for args, kwargs in [
+        ((1,), {"c": 3}),
+        ((1, 5), {"c": 3, "d": 6}),
+        ((), {"a": 1, "c": 3}),
+        ((1,), {"b": 7, "c": 3}),
+    ]:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        assert bind(args, kwargs) == dict(bound.arguments)
+    for args, kwargs in [((1, 2, 3), {"c": 3}), ((1,), {}), ((1,), {"c": 3, "e": 0}), ((1,), {"a": 1, "c": 3})]:
+        with pytest.raises(TypeError):
+            sig.bind(*args, **kwargs)
+        with pytest.raises(TypeError):
+            bind(args, kwargs)

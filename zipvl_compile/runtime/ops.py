@@ -116,17 +116,50 @@ def _build(hint: object, name: str, values: dict[str, object]) -> object:
     return hint(*(_build(field_hint, field, values) for field, field_hint in _fields(hint).items()))
 
 
+def _binder(sig: inspect.Signature) -> Callable[[tuple, dict], dict[str, object]]:
+    """``sig.bind(*args, **kwargs)`` with its defaults applied, as a dict: the same arguments and the same
+    TypeErrors, at a small fraction of the cost (``Signature.bind`` takes ~30 µs for an op's ~40 arguments, paid
+    by every eager call: three per layer and decode step)."""
+    params = list(sig.parameters.values())
+    if any(p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+
+        def exact(args: tuple, kwargs: dict) -> dict[str, object]:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return dict(bound.arguments)
+
+        return exact
+    positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+    required = [p.name for p in params if p.default is p.empty]
+
+    def bind(args: tuple, kwargs: dict) -> dict[str, object]:
+        if len(args) > len(positional):
+            raise TypeError(f"too many positional arguments: {len(args)} for {len(positional)}")
+        arguments = dict(zip(positional, args))
+        for name, value in kwargs.items():
+            if name in arguments or name not in sig.parameters:
+                raise TypeError(f"{'multiple values for' if name in arguments else 'unexpected'} argument {name!r}")
+            arguments[name] = value
+        if missing := [name for name in required if name not in arguments]:
+            raise TypeError(f"missing required argument(s): {', '.join(missing)}")
+        return {name: arguments[name] if name in arguments else defaults[name] for name in sig.parameters}
+
+    return bind
+
+
 def _gathering(fn: Callable, body: inspect.Signature, hints: dict, flat: inspect.Signature) -> Callable:
     """``fn`` called with the op's flat arguments (signature ``flat``), gathered into the parameters of ``body``."""
     if not any(_is_structure(hints[name]) for name in body.parameters):
         return fn
 
+    bind = _binder(flat)
+    keyword = {p.name for p in body.parameters.values() if p.kind is p.KEYWORD_ONLY}
+
     @functools.wraps(fn)
     def call(*args: object, **kwargs: object) -> object:
-        bound = flat.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = {name: _build(hints[name], name, bound.arguments) for name in body.parameters}
-        keyword = {p.name for p in body.parameters.values() if p.kind is p.KEYWORD_ONLY}
+        arguments = bind(args, kwargs)
+        values = {name: _build(hints[name], name, arguments) for name in body.parameters}
         return fn(*(v for n, v in values.items() if n not in keyword), **{n: values[n] for n in keyword})
 
     call.__signature__ = flat
