@@ -115,17 +115,17 @@ def test_native_kernel_builds_where_a_compiler_is() -> None:
     broken build)."""
     import shutil
 
-    from zipvl_compile.runtime.kernels import decode_native
+    from zipvl_compile.runtime.kernels import native
 
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler on this machine")
-    assert decode_native.library() is not None
+    assert native.library() is not None
 
 
 def test_native_kernel_falls_back_and_refuses_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A failed build leaves the torch body (logged); inputs the kernel does not take go to the torch body by
     default and raise a clear error when the kernel is required."""
-    from zipvl_compile.runtime.kernels import decode_native
+    from zipvl_compile.runtime.kernels import native
     from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
 
     heads, d = 2, 12  # a head dim the kernel does not take (not a multiple of 8)
@@ -137,23 +137,23 @@ def test_native_kernel_falls_back_and_refuses_clearly(monkeypatch: pytest.Monkey
     tail.length.fill_(3)
     tail.pos[0, :3] = torch.arange(3, dtype=torch.int32)
     args = dict(q=torch.randn(1, heads, 1, d), hi=hi, lo=lo, tail=tail, scale=0.3, n_rep=1, hi_bits=4, lo_bits=2)
-    assert "multiple of 8" in decode_native.refusal(args["q"], hi, lo, tail, 1, 4, 2)
+    assert "multiple of 8" in native.refusal(args["q"], hi, lo, tail, 1, 4, 2)
     good = dict(args, q=torch.randn(1, heads, 1, 16), tail=Tail.empty(1, heads, 8, 16, torch.float32, cpu))
     good["hi"], good["lo"] = Segment.empty(1, heads, 64, 16, 4, cpu), Segment.empty(1, heads, 64, 16, 2, cpu)
-    assert decode_native.refusal(good["q"], good["hi"], good["lo"], good["tail"], 1, 4, 2) is None
-    assert "do not match" in decode_native.refusal(good["q"], good["hi"], good["lo"], good["tail"], 2, 4, 2)
-    assert "do not match" in decode_native.refusal(good["q"], good["hi"], good["lo"], good["tail"], 1, 2, 2)
+    assert native.refusal(good["q"], good["hi"], good["lo"], good["tail"], 1, 4, 2) is None
+    assert "do not match" in native.refusal(good["q"], good["hi"], good["lo"], good["tail"], 2, 4, 2)
+    assert "do not match" in native.refusal(good["q"], good["hi"], good["lo"], good["tail"], 1, 2, 2)
     with pytest.raises(ValueError, match="do not match"):
-        decode_native.decode_attention_native(**dict(good, n_rep=2))
+        native.decode_attention_native(**dict(good, n_rep=2))
     assert torch.equal(decode_attention_cpu(**args), decode_attention_cpu(**args, native=False))
     with pytest.raises(ValueError, match="multiple of 8"):
         decode_attention_cpu(**args, native=True)
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     monkeypatch.setenv("ZIPVL_CACHE_DIR", str(tmp_path))
-    decode_native.library.cache_clear()
+    native.library.cache_clear()
     try:
-        assert decode_native.library() is None
+        assert native.library() is None
         with pytest.raises(RuntimeError, match="not available"):
-            decode_native.decode_attention_native(**args)
+            native.decode_attention_native(**args)
     finally:
-        decode_native.library.cache_clear()
+        native.library.cache_clear()

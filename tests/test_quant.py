@@ -332,7 +332,8 @@ def test_write_segment(bits: int) -> None:
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_cpu_write_matches_reference(bits: int) -> None:
+@pytest.mark.parametrize("native", [None, False])
+def test_cpu_write_matches_reference(bits: int, native: bool | None) -> None:
     """The CPU path of write_segment_ (staging cut to the written slots, padding by repeated tokens, word
     packing, per-row copies) writes the reference's bytes: batch 3, fills at, inside and past the capacity's
     end, one row taking nothing, fp16 and strided inputs."""
@@ -351,7 +352,7 @@ def test_cpu_write_matches_reference(bits: int) -> None:
         ref = [b.clone() for b in state]
         R.write_segment_reference_(Segment(*ref), k, v, take, src_pos, bits)
         cpu = [b.clone() for b in state]
-        C.write_segment_cpu_(Segment(*cpu), k, v, take, src_pos, bits)
+        C.write_segment_cpu_(Segment(*cpu), k, v, take, src_pos, bits, native=native)
         for a, b in zip(ref, cpu, strict=True):
             assert _same_bits(a, b)
 

@@ -1,6 +1,6 @@
 """Decode attention over the packed cache on the CPU: the reference's result with far less work per step.
 
-Where a C compiler is at hand the step is one C function (:mod:`~zipvl_compile.runtime.kernels.decode_native`,
+Where a C compiler is at hand the step is one C function (:mod:`~zipvl_compile.runtime.kernels.native`,
 ~5x faster than the torch body below at the CPU demo's shapes); the torch body is the path without one.
 
 Same contract as :func:`zipvl_compile.runtime.kernels.decode_reference.decode_attention_reference` (its oracle):
@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from zipvl_compile.runtime.kernels import decode_native
+from zipvl_compile.runtime.kernels import native as native_kernels
 from zipvl_compile.runtime.layout import GROUP, Segment, Tail, max_code
 
 
@@ -116,15 +116,15 @@ def decode_attention_cpu(
 ) -> torch.Tensor:
     """Decode attention over hi + lo + tail; see the module docstring for the arguments.
 
-    native: the C kernel of :mod:`~zipvl_compile.runtime.kernels.decode_native` (None: wherever it is built and
+    native: the C kernel of :mod:`~zipvl_compile.runtime.kernels.native` (None: wherever it is built and
     takes the inputs; True: required; False: the torch body below). Returns [B, Hq, 1, d] in q's dtype; a row with
     no valid key returns zeros.
     """
     if native:
-        return decode_native.decode_attention_native(q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)
-    lib = decode_native.library() if native is None else None
-    if lib is not None and decode_native.refusal(q, hi, lo, tail, n_rep, hi_bits, lo_bits) is None:
-        return decode_native.launch(lib, q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)
+        return native_kernels.decode_attention_native(q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)
+    lib = native_kernels.library() if native is None else None
+    if lib is not None and native_kernels.refusal(q, hi, lo, tail, n_rep, hi_bits, lo_bits) is None:
+        return native_kernels.launch(lib, q, hi, lo, tail, scale, n_rep, hi_bits, lo_bits)
     batch, hq, _, d = q.shape
     heads = tail.k.shape[1]
     if hq != heads * n_rep:

@@ -1,5 +1,9 @@
 """The packed-segment write on the CPU: the reference's bits with far less work per call.
 
+At 4 and 8 bits, where a C compiler is at hand, the write is one C function
+(:mod:`~zipvl_compile.runtime.kernels.native`); the torch body below serves 2 bits (the range search) and a
+machine without a compiler.
+
 Same contract as :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_` (its oracle,
 bit for bit) and the same arithmetic (its ``range_params`` / ``range_codes`` / ``best_key_params``). What it
 saves, against the reference:
@@ -21,15 +25,30 @@ import sys
 
 import torch
 
+from zipvl_compile.runtime.kernels import native as native_kernels
 from zipvl_compile.runtime.kernels.quant_reference import best_key_params, range_codes, range_params
 from zipvl_compile.runtime.layout import GROUP, Segment, advance_fill_, max_code, written_slots
 
 
 def write_segment_cpu_(
-    seg: Segment, k_new: torch.Tensor, v_new: torch.Tensor, take: torch.Tensor, src_pos: torch.Tensor, bits: int
+    seg: Segment,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    take: torch.Tensor,
+    src_pos: torch.Tensor,
+    bits: int,
+    native: bool | None = None,
 ) -> None:
     """Append the taken tokens of k_new / v_new ``[B, H, t, d]`` (take bool ``[B, t]``, src_pos int ``[B, t]``)
-    to ``seg`` in place; see :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_`."""
+    to ``seg`` in place; see :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_`.
+
+    native: the C write of :mod:`~zipvl_compile.runtime.kernels.native` (None: wherever it is built and takes the
+    inputs, i.e. at 4 and 8 bits; True: required; False: the torch body below)."""
+    if native:
+        return native_kernels.write_segment_native_(seg, k_new, v_new, take, src_pos, bits)
+    lib = native_kernels.library() if native is None else None
+    if lib is not None and native_kernels.write_refusal(seg, k_new, v_new, take, src_pos, bits) is None:
+        return native_kernels.launch_write(lib, seg, k_new, v_new, take, src_pos, bits)
     batch, heads, t, d = k_new.shape
     count = take.sum(1)
     slots = int(written_slots(count).max())

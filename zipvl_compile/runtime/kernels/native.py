@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from zipvl_compile.runtime.kernels.quant_reference import SCALE_FLOOR
 from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail
 
 log = logging.getLogger("zipvl_compile")
@@ -241,6 +242,125 @@ int zipvl_decode(void **ptrs, const int64_t *ints, double scale) {
     free(where);
     return 0;
 }
+
+static float load_elem(const void *base, int64_t index, int dtype) {
+    if (dtype == F32) return ((const float *)base)[index];
+    uint16_t h = ((const uint16_t *)base)[index];
+    if (dtype == F16) return half_to_float(h);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static uint16_t to_half_bits(float x) {
+    _Float16 h = (_Float16)x;
+    uint16_t bits;
+    memcpy(&bits, &h, 2);
+    return bits;
+}
+
+/* the reference's arithmetic (kernels/quant_reference.py): zero = fp16(min), scale = fp16((max - min) * fp32(1 /
+   (2^bits - 1))), code = clamp(floor((x - zero) / max(scale, SCALE_FLOOR) + 0.5), 0, 2^bits - 1) in fp32 */
+static void range_params(float lo, float hi, int bits, uint16_t *scale, uint16_t *zero) {
+    *scale = to_half_bits((hi - lo) * (float)(1.0 / ((1 << bits) - 1)));
+    *zero = to_half_bits(lo);
+}
+
+static uint8_t range_code(float x, uint16_t scale, uint16_t zero, int bits, float floor_) {
+    float s = half_to_float(scale), y = (x - half_to_float(zero)) / (s > floor_ ? s : floor_);
+    float code = floorf(y + 0.5f), top = (float)((1 << bits) - 1);
+    return (uint8_t)(code < 0.0f ? 0.0f : (code > top ? top : code));
+}
+
+static void pack(uint8_t *dst, const uint8_t *codes, int64_t d, int bits) {
+    const int per = 8 / bits;
+    for (int64_t i = 0; i < d / per; i++) {
+        uint8_t byte = 0;
+        for (int j = 0; j < per; j++) byte |= (uint8_t)(codes[i * per + j] << (j * bits));
+        dst[i] = byte;
+    }
+}
+
+/* Append the taken tokens of k_new / v_new [B, H, t, d] (any strides) to a segment written with range
+   parameters (4 or 8 bits: no range search).
+   ptrs: k_new, v_new, take (uint8 [B, t]), src_pos (int64 [B, t]), the segment's 8 fields.
+   ints: B, H, t, d, dtype, capacity, bits, GROUP, then k_new's 4 strides and v_new's 4 strides (elements).
+   scale_floor: the divisor floor of zero-range groups. Returns 0, or -1 when scratch memory cannot be allocated. */
+int zipvl_write(void **ptrs, const int64_t *ints, double scale_floor) {
+    const int64_t B = ints[0], H = ints[1], T = ints[2], d = ints[3], cap = ints[5], bits = ints[6], G = ints[7];
+    const int dtype = (int)ints[4];
+    const int64_t *ks = ints + 8, *vs = ints + 12, kb = d * bits / 8;
+    const float floor_ = (float)scale_floor;
+    const uint8_t *take = ptrs[2];
+    const int64_t *src_pos = ptrs[3];
+    uint8_t *k_codes = ptrs[4], *v_codes = ptrs[7];
+    uint16_t *k_scale = ptrs[5], *k_zero = ptrs[6], *v_scale = ptrs[8], *v_zero = ptrs[9];
+    int32_t *pos = ptrs[10], *fill = ptrs[11];
+    int64_t *src = malloc(sizeof(int64_t) * (size_t)(T > 0 ? T : 1));
+    float *lo = malloc(sizeof(float) * (size_t)(2 * d)), *x = malloc(sizeof(float) * (size_t)(G * d));
+    uint8_t *codes = malloc((size_t)(G * d));
+    if (!src || !lo || !x || !codes) {
+        free(src), free(lo), free(x), free(codes);
+        return -1;
+    }
+    float *hi = lo + d;
+    for (int64_t b = 0; b < B; b++) {
+        int64_t count = 0;
+        for (int64_t i = 0; i < T; i++)
+            if (take[b * T + i]) src[count++] = i;
+        const int64_t written = (count + G - 1) / G * G, start = fill[b];
+        const int64_t n = start >= cap ? 0 : (written < cap - start ? written : cap - start);
+        for (int64_t s = 0; s < n; s++) pos[b * cap + start + s] = s < count ? (int32_t)src_pos[b * T + src[s]] : -1;
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t bh = b * H + h;
+            for (int64_t g0 = 0; g0 < n; g0 += G) {
+                const int64_t m = count - g0 < G ? count - g0 : G; /* the group's taken tokens (>= 1) */
+                for (int64_t s = 0; s < m; s++) {
+                    const int64_t row = b * ks[0] + h * ks[1] + src[g0 + s] * ks[2];
+                    for (int64_t c = 0; c < d; c++) x[s * d + c] = load_elem(ptrs[0], row + c * ks[3], dtype);
+                }
+                for (int64_t c = 0; c < d; c++) lo[c] = hi[c] = x[c];
+                for (int64_t s = 1; s < m; s++)
+                    for (int64_t c = 0; c < d; c++) {
+                        lo[c] = x[s * d + c] < lo[c] ? x[s * d + c] : lo[c];
+                        hi[c] = x[s * d + c] > hi[c] ? x[s * d + c] : hi[c];
+                    }
+                const int64_t prow = (bh * (cap / G) + (start + g0) / G) * d;
+                for (int64_t c = 0; c < d; c++)
+                    range_params(lo[c], hi[c], (int)bits, k_scale + prow + c, k_zero + prow + c);
+                memset(codes, 0, (size_t)(G * d));
+                for (int64_t s = 0; s < m; s++)
+                    for (int64_t c = 0; c < d; c++)
+                        codes[s * d + c] =
+                            range_code(x[s * d + c], k_scale[prow + c], k_zero[prow + c], (int)bits, floor_);
+                for (int64_t s = 0; s < G; s++)
+                    pack(k_codes + (bh * cap + start + g0 + s) * kb, codes + s * d, d, (int)bits);
+            }
+            for (int64_t s = 0; s < n; s++) {
+                const int64_t slot = bh * cap + start + s;
+                memset(codes, 0, (size_t)d);
+                if (s < count) {
+                    float v_lo = INFINITY, v_hi = -INFINITY;
+                    for (int64_t c = 0; c < d; c++) {
+                        x[c] = load_elem(ptrs[1], b * vs[0] + h * vs[1] + src[s] * vs[2] + c * vs[3], dtype);
+                        v_lo = x[c] < v_lo ? x[c] : v_lo;
+                        v_hi = x[c] > v_hi ? x[c] : v_hi;
+                    }
+                    range_params(v_lo, v_hi, (int)bits, v_scale + slot, v_zero + slot);
+                    for (int64_t c = 0; c < d; c++)
+                        codes[c] = range_code(x[c], v_scale[slot], v_zero[slot], (int)bits, floor_);
+                } else {
+                    v_scale[slot] = v_zero[slot] = 0;
+                }
+                pack(v_codes + slot * kb, codes, d, (int)bits);
+            }
+        }
+        fill[b] = (int32_t)(start + written < cap ? start + written : cap);
+    }
+    free(src), free(lo), free(x), free(codes);
+    return 0;
+}
 """
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q / tail / output dtypes, the C enum's order
@@ -297,8 +417,9 @@ def library() -> ctypes.CDLL | None:
         detail = err.stderr.decode(errors="replace")[-500:] if isinstance(err, subprocess.CalledProcessError) else err
         log.info("zipvl: the C decode kernel did not build (%s): the CPU decode path runs its torch body", detail)
         return None
-    lib.zipvl_decode.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_double]
-    lib.zipvl_decode.restype = ctypes.c_int
+    for fn in (lib.zipvl_decode, lib.zipvl_write):
+        fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_double]
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -381,3 +502,73 @@ def launch(
     if status:
         raise MemoryError("zipvl: the C decode kernel could not allocate its scratch memory")
     return out
+
+
+def write_refusal(
+    seg: Segment, k_new: torch.Tensor, v_new: torch.Tensor, take: torch.Tensor, src_pos: torch.Tensor, bits: int
+) -> str | None:
+    """Why :func:`write_segment_native_` cannot take these inputs, or None when it can: 4 or 8 bits (the 2-bit
+    range search stays in torch), k_new / v_new ``[B, H, t, d]`` of one of fp32 / bf16 / fp16 (any strides), take
+    bool and src_pos int ``[B, t]``, a segment of the layout's dtypes and shapes, all plain CPU tensors that do not
+    require grad."""
+    if bits not in (4, 8):
+        return f"the C write takes 4 or 8 bits (range parameters, no range search), got {bits}"
+    if k_new.dim() != 4 or v_new.shape != k_new.shape or k_new.dtype not in _DTYPES or v_new.dtype != k_new.dtype:
+        return f"k_new / v_new must be one [B, H, t, d] in fp32 / bf16 / fp16, got {k_new.dtype} {tuple(k_new.shape)}"
+    batch, heads, t, d = k_new.shape
+    if (
+        take.dtype != torch.bool
+        or take.shape != (batch, t)
+        or src_pos.shape != (batch, t)
+        or src_pos.is_floating_point()
+    ):
+        return (
+            f"take must be bool and src_pos int [{batch}, {t}], got {take.dtype} {tuple(take.shape)}, {src_pos.dtype}"
+        )
+    if tuple(x.dtype for x in seg) != _SEGMENT_DTYPES:
+        return "the segment's tensors are not in the layout's dtypes"
+    capacity = seg.pos.shape[-1]
+    if capacity % GROUP or tuple(x.shape for x in seg) != _segment_shapes(batch, heads, capacity, d, bits):
+        return f"the segment's shapes do not match the layout for k_new {tuple(k_new.shape)} at {bits} bits"
+    tensors = (*seg, k_new, v_new, take, src_pos)
+    if not all(type(x) is torch.Tensor and x.is_cpu and not x.requires_grad for x in tensors):
+        return "the C write takes CPU tensors that do not require grad (no tensor subclass)"
+    if not all(x.is_contiguous() for x in seg):
+        return "the C write takes a contiguous segment"
+    return None
+
+
+def write_segment_native_(
+    seg: Segment, k_new: torch.Tensor, v_new: torch.Tensor, take: torch.Tensor, src_pos: torch.Tensor, bits: int
+) -> None:
+    """The segment write of :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_` (its
+    bits exactly) as one C function, at 4 or 8 bits. Raises RuntimeError where :func:`library` could not build it,
+    ValueError with :func:`write_refusal`'s reason for inputs it does not take."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("zipvl: the C kernels are not available here (no C compiler, or their build failed)")
+    reason = write_refusal(seg, k_new, v_new, take, src_pos, bits)
+    if reason is not None:
+        raise ValueError(f"zipvl: write_segment_native_: {reason}")
+    launch_write(lib, seg, k_new, v_new, take, src_pos, bits)
+
+
+def launch_write(
+    lib: ctypes.CDLL,
+    seg: Segment,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    take: torch.Tensor,
+    src_pos: torch.Tensor,
+    bits: int,
+) -> None:
+    """The C write itself, on inputs :func:`write_refusal` accepted (unchecked: the C function trusts them)."""
+    batch, heads, t, d = k_new.shape
+    take, src_pos = take.contiguous().view(torch.uint8), src_pos.to(torch.int64).contiguous()
+    ptrs = [k_new, v_new, take, src_pos, *seg]
+    ints = [batch, heads, t, d, _DTYPES[k_new.dtype], seg.capacity, bits, GROUP, *k_new.stride(), *v_new.stride()]
+    status = lib.zipvl_write(
+        (ctypes.c_void_p * len(ptrs))(*(x.data_ptr() for x in ptrs)), (ctypes.c_int64 * len(ints))(*ints), SCALE_FLOOR
+    )
+    if status:
+        raise MemoryError("zipvl: the C write could not allocate its scratch memory")
