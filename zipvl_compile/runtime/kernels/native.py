@@ -1,10 +1,14 @@
-"""Decode attention over the packed cache on the CPU as one C function, compiled at first use.
+"""The CPU paths' C functions, compiled at first use: decode attention over the packed cache, and the segment
+write at 4 and 8 bits.
 
-Same contract as :func:`~zipvl_compile.runtime.kernels.decode_reference.decode_attention_reference` (its oracle)
-and :func:`~zipvl_compile.runtime.kernels.decode_cpu.decode_attention_cpu` (which calls it where it applies):
-q ``[B, H*n_rep, 1, d]``; ``hi`` / ``lo``: :class:`~zipvl_compile.runtime.layout.Segment` at ``hi_bits`` /
-``lo_bits``; ``tail``: :class:`~zipvl_compile.runtime.layout.Tail` in q's dtype (fp32, bf16 or fp16). Returns
-``[B, H*n_rep, 1, d]`` in q's dtype, computed in fp32.
+:func:`decode_attention_native`: the contract of
+:func:`~zipvl_compile.runtime.kernels.decode_reference.decode_attention_reference` (its oracle), called by
+:func:`~zipvl_compile.runtime.kernels.decode_cpu.decode_attention_cpu` where it applies: q ``[B, H*n_rep, 1, d]``;
+``hi`` / ``lo``: :class:`~zipvl_compile.runtime.layout.Segment` at ``hi_bits`` / ``lo_bits``; ``tail``:
+:class:`~zipvl_compile.runtime.layout.Tail` in q's dtype (fp32, bf16 or fp16). Returns ``[B, H*n_rep, 1, d]`` in
+q's dtype, computed in fp32. :func:`write_segment_native_`: the bytes of
+:func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_` exactly (its arithmetic, written
+out in C), called by :func:`~zipvl_compile.runtime.kernels.quant_cpu.write_segment_cpu_` at 4 and 8 bits.
 
 Why C: a decode step on the CPU is small (a few hundred slots per head at the demo's prompt), so a torch body
 pays for its ~45 ops' dispatch (~10 µs each inside a step on a 2-core machine) far more than for arithmetic; a
@@ -13,7 +17,8 @@ scale is folded into the query per 64-slot group (``q·k = (q*k_scale)·code + q
 ``n_rep`` query heads are kept for the valid slots only, one softmax, then one pass over the value codes
 (``p·v = (p*v_scale)·code + p·v_zero``). Empty slots (pos < 0, or at or past the fill / length) are skipped, so
 their parameters (possibly NaN) and codes are never read. Inner loops over channels are vectorised by the C
-compiler's vector extensions (``-O3 -march=native``; no fast-math).
+compiler's vector extensions (``-O3 -march=native``; no fast-math). The C functions trust their inputs: every
+call is checked first (:func:`refusal`, :func:`write_refusal`: dtypes, shapes, plain contiguous CPU tensors).
 
 The library is built with the C compiler of ``$CC`` (else ``cc`` / ``gcc`` on the path) into
 ``$ZIPVL_CACHE_DIR`` (default ``~/.cache/zipvl_compile``), named by a hash of the source, the compiler and the
