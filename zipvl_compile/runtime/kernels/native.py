@@ -32,6 +32,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import operator
 import os
 import platform
 import shutil
@@ -438,7 +439,7 @@ def refusal(
     tensors = (q, *hi, *lo, *tail)
     if q.dtype not in _DTYPES or q.dim() != 4:
         return f"q must be [B, Hq, 1, d] in fp32 / bf16 / fp16, got {q.dtype} {tuple(q.shape)}"
-    if tuple(t.dtype for t in tensors) != (q.dtype, *_SEGMENT_DTYPES, *_SEGMENT_DTYPES, q.dtype, q.dtype, *_POS):
+    if tuple(map(_DTYPE, tensors)) != (q.dtype, *_SEGMENT_DTYPES, *_SEGMENT_DTYPES, q.dtype, q.dtype, *_POS):
         return "the cache tensors are not in the layout's dtypes (or the tail not in q's)"
     if hi_bits not in QUANT_BITS or lo_bits not in QUANT_BITS:
         return f"bits must be in {QUANT_BITS}, got {hi_bits} / {lo_bits}"
@@ -452,14 +453,27 @@ def refusal(
         (batch, slots),
         (batch,),
     )
-    if d % 8 or c_hi % GROUP or c_lo % GROUP or n_rep < 1 or tuple(t.shape for t in tensors) != shapes:
+    if d % 8 or c_hi % GROUP or c_lo % GROUP or n_rep < 1 or tuple(map(_SHAPE, tensors)) != shapes:
         return (
             f"q {tuple(q.shape)} with n_rep {n_rep} and the cache's shapes do not match the layout (head dim a "
             f"multiple of 8, segment capacities multiples of {GROUP})"
         )
-    if not all(type(t) is torch.Tensor and t.is_cpu and t.is_contiguous() and not t.requires_grad for t in tensors):
+    if not (_plain(tensors) and all(map(torch.Tensor.is_contiguous, tensors))):
         return "the C decode kernel takes contiguous CPU tensors that do not require grad (no tensor subclass)"
     return None
+
+
+_DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
+
+
+def _plain(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Plain CPU tensors (no subclass) that do not require grad: what a C function may read through data_ptr.
+    (``map`` over attribute getters: these checks run on every call, ~20 tensors.)"""
+    return (
+        set(map(type, tensors)) == {torch.Tensor}
+        and all(map(operator.attrgetter("is_cpu"), tensors))
+        and not any(map(operator.attrgetter("requires_grad"), tensors))
+    )
 
 
 def _segment_shapes(batch: int, heads: int, capacity: int, d: int, bits: int) -> tuple[tuple[int, ...], ...]:
@@ -530,15 +544,14 @@ def write_refusal(
         return (
             f"take must be bool and src_pos int [{batch}, {t}], got {take.dtype} {tuple(take.shape)}, {src_pos.dtype}"
         )
-    if tuple(x.dtype for x in seg) != _SEGMENT_DTYPES:
+    if tuple(map(_DTYPE, seg)) != _SEGMENT_DTYPES:
         return "the segment's tensors are not in the layout's dtypes"
     capacity = seg.pos.shape[-1]
-    if capacity % GROUP or tuple(x.shape for x in seg) != _segment_shapes(batch, heads, capacity, d, bits):
+    if capacity % GROUP or tuple(map(_SHAPE, seg)) != _segment_shapes(batch, heads, capacity, d, bits):
         return f"the segment's shapes do not match the layout for k_new {tuple(k_new.shape)} at {bits} bits"
-    tensors = (*seg, k_new, v_new, take, src_pos)
-    if not all(type(x) is torch.Tensor and x.is_cpu and not x.requires_grad for x in tensors):
+    if not _plain((*seg, k_new, v_new, take, src_pos)):
         return "the C write takes CPU tensors that do not require grad (no tensor subclass)"
-    if not all(x.is_contiguous() for x in seg):
+    if not all(map(torch.Tensor.is_contiguous, seg)):
         return "the C write takes a contiguous segment"
     return None
 
