@@ -157,3 +157,12 @@ def test_native_kernel_falls_back_and_refuses_clearly(monkeypatch: pytest.Monkey
             native.decode_attention_native(**args)
     finally:
         native.library.cache_clear()
+
+
+def test_decode_cpu_benchmark_runs() -> None:
+    """bench/decode_cpu.py runs and reports one row per lo fill, every time positive."""
+    from bench import decode_cpu
+
+    rows = decode_cpu.main(["--calls", "4"])
+    assert [row["lo_tokens"] for row in rows] == [0, 64]
+    assert all(row[key] > 0 for row in rows for key in ("c_kernel_us", "torch_body_us", "dense_step_us"))
