@@ -166,3 +166,22 @@ def test_decode_cpu_benchmark_runs() -> None:
     rows = decode_cpu.main(["--calls", "4"])
     assert [row["lo_tokens"] for row in rows] == [0, 64]
     assert all(row[key] > 0 for row in rows for key in ("c_kernel_us", "torch_body_us", "dense_step_us"))
+
+
+def test_native_kernel_cache_falls_back_to_a_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """An unusable cache folder (here a path that is a file) leaves the build to the temporary directory."""
+    import shutil
+
+    from zipvl_compile.runtime.kernels import native
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("ZIPVL_CACHE_DIR", str(blocker))
+    native.library.cache_clear()
+    try:
+        lib = native.library()
+        assert lib is not None and not str(lib._name).startswith(str(blocker))
+    finally:
+        native.library.cache_clear()

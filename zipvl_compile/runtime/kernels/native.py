@@ -400,33 +400,47 @@ def _machine() -> str:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source, compiler and machine; cached on disk), or None when it cannot
-    be built here (logged)."""
+    """The compiled C functions (built once per source, compiler and machine; cached on disk), or None when they
+    cannot be built here (logged). The cache folder is ``$ZIPVL_CACHE_DIR``, else ``~/.cache/zipvl_compile``, else
+    (a read-only home) a folder of the system's temporary directory."""
     cc = _compiler()
     if cc is None:
-        log.info("zipvl: no C compiler found ($CC, cc, gcc): the CPU decode path runs its torch body")
+        log.info("zipvl: no C compiler found ($CC, cc, gcc): the CPU paths run their torch bodies")
         return None
     flags = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11"]
     key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _machine()]).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("ZIPVL_CACHE_DIR") or Path.home() / ".cache" / "zipvl_compile")
-    target = folder / f"decode_{key}.so"
-    try:
-        if not target.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                src, out = Path(tmp) / "decode.c", Path(tmp) / "decode.so"
-                src.write_text(_SOURCE)
-                subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True)
-                os.replace(out, target)  # atomic: concurrent builders each publish a whole file
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = err.stderr.decode(errors="replace")[-500:] if isinstance(err, subprocess.CalledProcessError) else err
-        log.info("zipvl: the C decode kernel did not build (%s): the CPU decode path runs its torch body", detail)
-        return None
-    for fn in (lib.zipvl_decode, lib.zipvl_write):
-        fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_double]
-        fn.restype = ctypes.c_int
-    return lib
+    configured = os.environ.get("ZIPVL_CACHE_DIR")
+    folders = [Path(configured)] if configured else [Path.home() / ".cache" / "zipvl_compile"]
+    folders.append(Path(tempfile.gettempdir()) / f"zipvl_compile-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    errors = []
+    for folder in folders:
+        try:
+            lib = _build(cc, flags, folder / f"native_{key}.so")
+        except subprocess.CalledProcessError as err:
+            errors.append(err.stderr.decode(errors="replace")[-500:])
+            break  # the compiler failed: another folder would not help
+        except OSError as err:  # the folder is not writable, or the library does not load
+            errors.append(str(err))
+            continue
+        for fn in (lib.zipvl_decode, lib.zipvl_write):
+            fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_double]
+            fn.restype = ctypes.c_int
+        return lib
+    log.info("zipvl: the C kernels did not build (%s): the CPU paths run their torch bodies", "; ".join(errors))
+    return None
+
+
+def _build(cc: str, flags: list[str], target: Path) -> ctypes.CDLL:
+    """Compile the source to ``target`` unless it is there (published by an atomic rename, so that concurrent
+    builders each install a whole file), then load it."""
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src, out = Path(tmp) / "native.c", Path(tmp) / "native.so"
+            src.write_text(_SOURCE)
+            subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True)
+            os.replace(out, target)
+    return ctypes.CDLL(str(target))
 
 
 def refusal(
