@@ -86,24 +86,40 @@ class Segment(NamedTuple):
     pos: torch.Tensor
     fill: torch.Tensor
 
+    @staticmethod
+    def dtypes() -> tuple[torch.dtype, ...]:
+        """The fields' dtypes, in field order."""
+        return (
+            torch.uint8,
+            torch.float16,
+            torch.float16,
+            torch.uint8,
+            torch.float16,
+            torch.float16,
+            torch.int32,
+            torch.int32,
+        )
+
+    @staticmethod
+    def shapes(batch: int, heads: int, capacity: int, d: int, bits: int) -> tuple[tuple[int, ...], ...]:
+        """The fields' shapes, in field order, for ``capacity`` slots (a multiple of GROUP) at ``bits``."""
+        codes, groups, tokens = (
+            (batch, heads, capacity, d * bits // 8),
+            (batch, heads, capacity // GROUP, d),
+            (batch, heads, capacity),
+        )
+        return codes, groups, groups, codes, tokens, tokens, (batch, capacity), (batch,)
+
     @classmethod
     def empty(cls, batch: int, heads: int, capacity: int, d: int, bits: int, device: torch.device) -> Segment:
         """A segment with every slot empty (pos -1, fill 0); ``capacity`` a multiple of GROUP."""
         if capacity % GROUP:
             raise ValueError(f"segment capacity {capacity} is not a multiple of {GROUP}")
         max_code(bits)
-        width = d * bits // 8
-        zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)
-        return cls(
-            k_codes=zeros(batch, heads, capacity, width, dtype=torch.uint8),
-            k_scale=zeros(batch, heads, capacity // GROUP, d, dtype=torch.float16),
-            k_zero=zeros(batch, heads, capacity // GROUP, d, dtype=torch.float16),
-            v_codes=zeros(batch, heads, capacity, width, dtype=torch.uint8),
-            v_scale=zeros(batch, heads, capacity, dtype=torch.float16),
-            v_zero=zeros(batch, heads, capacity, dtype=torch.float16),
-            pos=torch.full((batch, capacity), -1, dtype=torch.int32, device=device),
-            fill=zeros(batch, dtype=torch.int32),
-        )
+        shapes, dtypes = cls.shapes(batch, heads, capacity, d, bits), cls.dtypes()
+        seg = cls(*(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in zip(shapes, dtypes)))
+        seg.pos.fill_(-1)
+        return seg
 
     @property
     def capacity(self) -> int:

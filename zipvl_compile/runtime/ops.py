@@ -122,13 +122,7 @@ def _binder(sig: inspect.Signature) -> Callable[[tuple, dict], dict[str, object]
     by every eager call: three per layer and decode step)."""
     params = list(sig.parameters.values())
     if any(p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-
-        def exact(args: tuple, kwargs: dict) -> dict[str, object]:
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            return dict(bound.arguments)
-
-        return exact
+        raise TypeError("zipvl: op bodies take positional-or-keyword and keyword-only parameters only")
     positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
     defaults = {p.name: p.default for p in params if p.default is not p.empty}
     required = [p.name for p in params if p.default is p.empty]

@@ -372,16 +372,6 @@ int zipvl_write(void **ptrs, const int64_t *ints, double scale_floor) {
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # q / tail / output dtypes, the C enum's order
 # a Segment's fields in order (the layout): codes, key scale / zero, codes, value scale / zero, pos, fill
 _POS = (torch.int32, torch.int32)  # the tail's pos and length
-_SEGMENT_DTYPES = (
-    torch.uint8,
-    torch.float16,
-    torch.float16,
-    torch.uint8,
-    torch.float16,
-    torch.float16,
-    torch.int32,
-    torch.int32,
-)
 
 
 def _compiler() -> str | None:
@@ -453,16 +443,16 @@ def refusal(
     tensors = (q, *hi, *lo, *tail)
     if q.dtype not in _DTYPES or q.dim() != 4:
         return f"q must be [B, Hq, 1, d] in fp32 / bf16 / fp16, got {q.dtype} {tuple(q.shape)}"
-    if tuple(map(_DTYPE, tensors)) != (q.dtype, *_SEGMENT_DTYPES, *_SEGMENT_DTYPES, q.dtype, q.dtype, *_POS):
+    if tuple(map(_DTYPE, tensors)) != (q.dtype, *Segment.dtypes(), *Segment.dtypes(), q.dtype, q.dtype, *_POS):
         return "the cache tensors are not in the layout's dtypes (or the tail not in q's)"
     if hi_bits not in QUANT_BITS or lo_bits not in QUANT_BITS:
         return f"bits must be in {QUANT_BITS}, got {hi_bits} / {lo_bits}"
-    batch, hq, q_len, d = q.shape
+    batch, hq, _, d = q.shape
     heads, c_hi, c_lo, slots = hq // max(n_rep, 1), hi.pos.shape[-1], lo.pos.shape[-1], tail.pos.shape[-1]
     shapes = (
         (batch, heads * n_rep, 1, d),
-        *_segment_shapes(batch, heads, c_hi, d, hi_bits),
-        *_segment_shapes(batch, heads, c_lo, d, lo_bits),
+        *Segment.shapes(batch, heads, c_hi, d, hi_bits),
+        *Segment.shapes(batch, heads, c_lo, d, lo_bits),
         *((batch, heads, slots, d),) * 2,
         (batch, slots),
         (batch,),
@@ -488,12 +478,6 @@ def _plain(tensors: tuple[torch.Tensor, ...]) -> bool:
         and all(map(operator.attrgetter("is_cpu"), tensors))
         and not any(map(operator.attrgetter("requires_grad"), tensors))
     )
-
-
-def _segment_shapes(batch: int, heads: int, capacity: int, d: int, bits: int) -> tuple[tuple[int, ...], ...]:
-    """The shapes of a :class:`Segment`'s fields, in order (the layout)."""
-    codes, groups = (batch, heads, capacity, d * bits // 8), (batch, heads, capacity // GROUP, d)
-    return codes, groups, groups, codes, (batch, heads, capacity), (batch, heads, capacity), (batch, capacity), (batch,)
 
 
 def decode_attention_native(
@@ -526,10 +510,22 @@ def launch(
     batch, hq, _, d = q.shape
     out = torch.empty_like(q)
     ptrs = [q, out, *hi, *lo, *tail]
-    ints = [batch, hq // n_rep, n_rep, d, _DTYPES[q.dtype], hi.capacity, hi_bits, lo.capacity, lo_bits, tail.slots]
+    ints = [
+        batch,
+        hq // n_rep,
+        n_rep,
+        d,
+        _DTYPES[q.dtype],
+        hi.capacity,
+        hi_bits,
+        lo.capacity,
+        lo_bits,
+        tail.slots,
+        GROUP,
+    ]
     status = lib.zipvl_decode(
         (ctypes.c_void_p * len(ptrs))(*(t.data_ptr() for t in ptrs)),
-        (ctypes.c_int64 * (len(ints) + 1))(*ints, GROUP),
+        (ctypes.c_int64 * len(ints))(*ints),
         scale,
     )
     if status:
@@ -558,10 +554,10 @@ def write_refusal(
         return (
             f"take must be bool and src_pos int [{batch}, {t}], got {take.dtype} {tuple(take.shape)}, {src_pos.dtype}"
         )
-    if tuple(map(_DTYPE, seg)) != _SEGMENT_DTYPES:
+    if tuple(map(_DTYPE, seg)) != Segment.dtypes():
         return "the segment's tensors are not in the layout's dtypes"
     capacity = seg.pos.shape[-1]
-    if capacity % GROUP or tuple(map(_SHAPE, seg)) != _segment_shapes(batch, heads, capacity, d, bits):
+    if capacity % GROUP or tuple(map(_SHAPE, seg)) != Segment.shapes(batch, heads, capacity, d, bits):
         return f"the segment's shapes do not match the layout for k_new {tuple(k_new.shape)} at {bits} bits"
     if not _plain((*seg, k_new, v_new, take, src_pos)):
         return "the C write takes CPU tensors that do not require grad (no tensor subclass)"
