@@ -205,6 +205,7 @@ def time_whole_op(t: Inputs, modes: tuple[str, ...], errors: dict[str, str]) -> 
         if out is None:
             continue
         res[f"op_{mode}_ms"] = _guard(lambda call=call: median_ms(call), errors, f"op_time/{mode}")
+        res[f"op_{mode}_graph_ms"] = _guard(lambda call=call: cuda_graph_ms(call), errors, f"op_graph/{mode}")
         res["op_kept_ratio"] = float(out[2].mean())
     return res
 
@@ -354,6 +355,8 @@ def bench_length(
             whole[f"op_{mode}_speedup"] = _div(dense_ms, op_ms)
             # achieved speedup dense / op as a share of the ideal 1 / r^2
             whole[f"op_{mode}_share_of_ideal"] = _div(dense_ms * r_op * r_op, op_ms) if op_ms and r_op else None
+            graph_ms = whole.get(f"op_{mode}_graph_ms")  # the op's GPU time, as inside a model the GPU keeps busy
+            whole[f"op_{mode}_graph_share_of_ideal"] = _div(dense_ms * r_op * r_op, graph_ms) if r_op else None
         rows.append(
             dict(
                 shape=name,
@@ -418,21 +421,22 @@ def _probe_grid() -> dict[str, Any]:
     }
 
 
-def _select_grid() -> dict[str, Any]:
-    """The SelectTiles of the sweep by name (the first is the default)."""
-    from zipvl_compile.runtime.kernels.select import DEFAULT_SELECT_TILES, SelectTiles
+def _select_grid(batch: int, n: int, device: str) -> dict[str, Any]:
+    """The selection launches of the sweep by name (the first is the policy's for ``batch`` rows of ``n``)."""
+    from zipvl_compile.runtime.kernels.device import sm_count
+    from zipvl_compile.runtime.kernels.select import DEFAULT_SELECT_TILES, SelectSplit, SelectTiles, select_launch_for
 
-    return {
-        "default": DEFAULT_SELECT_TILES,
-        "b1024_w4": SelectTiles(block=1024, num_warps=4),
-        "b1024_d4_w8": SelectTiles(block=1024, digit_bits=4, num_warps=8),
-        "b512_d4_w4": SelectTiles(block=512, digit_bits=4, num_warps=4),
-        "b2048_w16": SelectTiles(block=2048, num_warps=16),
-        "b2048_w8": SelectTiles(block=2048, num_warps=8),
-        "prefetch": SelectTiles(prefetch=True),
+    grid = {
+        "policy": select_launch_for(batch, n, sm_count(torch.device(device))),
+        "one_program": DEFAULT_SELECT_TILES,
+        "one_program_prefetch": SelectTiles(prefetch=True),
         "b2048_w8_prefetch": SelectTiles(block=2048, num_warps=8, prefetch=True),
-        "b1024_w8_prefetch": SelectTiles(block=1024, num_warps=8, prefetch=True),
     }
+    for programs in (16, 32, 64, 128):
+        for block, digits, warps in ((256, 4, 4), (512, 4, 4), (256, 2, 4), (256, 8, 8), (1024, 4, 8)):
+            name = f"split_p{programs}_b{block}_d{digits}_w{warps}"
+            grid[name] = SelectSplit(programs=programs, block=block, digit_bits=digits, num_warps=warps)
+    return grid
 
 
 def _sink_grid() -> dict[str, Any]:
@@ -524,7 +528,7 @@ def sweep_length(
         return rows
     colsum, seen = expected
     reference = select_kept(colsum, seen, valid, cfg.tau, cfg.min_keep, use_triton=False)
-    for config, tiles in _select_grid().items():
+    for config, tiles in _select_grid(batch, n, device).items():
         call = lambda tiles=tiles: select_kept_triton(colsum, seen, valid, cfg.tau, cfg.min_keep, tiles=tiles)
         row = _sweep_row(base, "select", config, call, errors)
         kept = _guard(call, errors, f"select_check/{config}")
@@ -623,8 +627,12 @@ COLUMNS = [
     "op_kept_ratio",
     "op_sinks_ms",
     "op_sinks_share_of_ideal",
+    "op_sinks_graph_ms",
+    "op_sinks_graph_share_of_ideal",
     "op_paper_ms",
     "op_paper_share_of_ideal",
+    "op_paper_graph_ms",
+    "op_paper_graph_share_of_ideal",
 ]
 
 

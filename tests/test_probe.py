@@ -223,9 +223,11 @@ def test_bench_sweep_smoke(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
 
     from bench import prefill_attention as bench
 
-    for grid in ("_probe_grid", "_select_grid", "_sink_grid"):
+    for grid in ("_probe_grid", "_sink_grid"):
         configs = getattr(bench, grid)()
         monkeypatch.setattr(bench, grid, lambda configs=configs: dict(list(configs.items())[:2]))
+    select_grid, kept = bench._select_grid, ("policy", "split_p16_b256_d4_w4")  # a split launch among them
+    monkeypatch.setattr(bench, "_select_grid", lambda *args: {k: v for k, v in select_grid(*args).items() if k in kept})
     monkeypatch.setattr(bench, "median_ms", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setenv("OUT", str(tmp_path))
     rows = bench.main(["--sweep-probe", "--smoke", "--lengths", "64", "--shapes", "tiny-gqa", "--sink-window", "8"])

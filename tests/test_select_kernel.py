@@ -17,10 +17,14 @@ from conftest import DEVICE
 from zipvl_compile.runtime.kernels.kept_attention import keep_to_index
 from zipvl_compile.runtime.kernels.select import (
     DEFAULT_SELECT_TILES,
+    MAX_SPLIT_PROGRAMS,
+    SPLIT_FROM,
     SelectResult,
+    SelectSplit,
     SelectTiles,
     select_kept,
     select_kept_triton,
+    select_launch_for,
 )
 from zipvl_compile.runtime.kernels.select_reference import select_tokens
 
@@ -189,10 +193,64 @@ def test_digit_widths(digit_bits: int) -> None:
     _check(*_inputs("skewed", 90, PADS[1:], seed=digit_bits), 0.975, 0, tiles=tiles)
 
 
-@pytest.mark.parametrize("bad", [SelectTiles(block=96), SelectTiles(digit_bits=3), SelectTiles(num_warps=3)])
-def test_bad_tiles(bad: SelectTiles) -> None:
+# the split launch over several programs per row: 300 keys in 16-position tiles, 5 programs of 64 keys (the
+# last one short), so ties, the tie ranks, the kept ranks and the last valid token cross program boundaries
+_SPLIT = SelectSplit(programs=5, block=16, num_warps=1)
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.975, 1.0])
+@pytest.mark.parametrize("kind", ["skewed", "integer", "score_ties", "zero"])
+def test_split_matches_reference(kind: str, tau: float) -> None:
+    seed = zlib.crc32(repr(("split", kind, tau)).encode())
+    _check(*_inputs(kind, 300, [(41, 0), (0, 77)], seed), tau, 20, tiles=_SPLIT)
+
+
+@pytest.mark.parametrize("force_ratio", [0.3, 2.0])
+def test_split_force_ratio(force_ratio: float) -> None:
+    _check(*_inputs("integer", 300, PADS, seed=11), 0.9, 64, force_ratio, tiles=_SPLIT)
+
+
+@pytest.mark.parametrize("digit_bits", [2, 8])
+def test_split_digit_widths(digit_bits: int) -> None:
+    tiles = _SPLIT._replace(digit_bits=digit_bits)
+    _check(*_inputs("integer", 300, PADS[:1], seed=digit_bits), 0.9, 10, tiles=tiles)
+    _check(*_inputs("skewed", 200, PADS[1:], seed=digit_bits), 0.975, 0, tiles=tiles)
+
+
+@pytest.mark.parametrize("n", [1, 37])
+def test_split_short_rows(n: int) -> None:
+    """Fewer tiles than programs (one program per tile is launched), a row without valid tokens."""
+    colsum, seen, _ = _inputs("skewed", n, [(0, 0)] * 3, seed=n)
+    valid = torch.ones(3, n, dtype=torch.bool)
+    valid[1, : n // 2] = False
+    valid[2] = False
+    out = _check(colsum, seen, valid.to(DEVICE), 0.9, 0, tiles=_SPLIT)
+    assert out.count[2] == 0 and out.ratio[2] == 0 and torch.equal(out.idx[2].cpu(), torch.arange(n))
+
+
+def test_split_is_the_policy_for_long_rows() -> None:
+    """Long rows take the split launch while the SMs outnumber the rows; short rows and large batches do not."""
+    assert select_launch_for(1, 32768, 132) == SelectSplit(programs=64)
+    assert select_launch_for(8, 65536, 132) == SelectSplit(programs=16)
+    assert select_launch_for(1, SPLIT_FROM - 1, 132) == DEFAULT_SELECT_TILES
+    assert select_launch_for(100, 32768, 132) == DEFAULT_SELECT_TILES
+    assert select_launch_for(1, 10**6, 1000).programs == MAX_SPLIT_PROGRAMS
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        SelectTiles(block=96),
+        SelectTiles(digit_bits=3),
+        SelectTiles(num_warps=3),
+        SelectSplit(programs=0),
+        SelectSplit(programs=MAX_SPLIT_PROGRAMS + 1),
+        SelectSplit(digit_bits=3),
+    ],
+)
+def test_bad_tiles(bad: SelectTiles | SelectSplit) -> None:
     colsum, seen, valid = _inputs("skewed", 64, PADS[:1], seed=1)
-    with pytest.raises(ValueError, match="SelectTiles"):
+    with pytest.raises(ValueError, match=type(bad).__name__):
         select_kept_triton(colsum, seen, valid, 0.9, 0, tiles=bad)
 
 
@@ -265,3 +323,34 @@ def test_compiled_dynamic_shapes_gpu() -> None:
         out = compiled(colsum, seen, valid, 0.9, 64)
         eager = select_kept(colsum, seen, valid, 0.9, 64)
         assert all(torch.equal(a, b) for a, b in zip(out, eager))
+
+
+def test_sm_count_traces_as_a_constant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split policy asks the device's SM count inside torch.compile (fullgraph): Dynamo takes it as a
+    constant (CUDA's device query stubbed, so the check runs on any machine)."""
+    from zipvl_compile.runtime.kernels import device
+
+    class Properties:
+        multi_processor_count = 77
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    monkeypatch.setattr(device, "_SM_COUNTS", {})
+    torch._dynamo.reset()
+    policy = torch.compile(
+        lambda x: x + select_launch_for(1, 32768, device.sm_count(torch.device("cuda"))).programs,
+        fullgraph=True,
+        backend="eager",
+    )
+    assert policy(torch.zeros(2)).tolist() == [64.0, 64.0]
+    assert device._SM_COUNTS == {0: 77}
+
+
+def test_bench_select_smoke(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """bench/select.py runs (tiny rows on the interpreter): every launch gives the same result, times positive."""
+    from bench import select as bench
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    rows = bench.main(["--smoke"])
+    assert len(rows) == 1 and all(row["same"] and row["policy_ms"] > 0 for row in rows)
+    assert (tmp_path / "select.json").exists()

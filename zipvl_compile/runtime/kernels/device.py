@@ -9,8 +9,6 @@ plain-torch reference elsewhere"; True on CPU tensors runs the kernel under the 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 # The SM count assumed under the Triton interpreter (no device to ask): that of an H100 / H200, so that the
@@ -29,15 +27,22 @@ def host_reads_are_free(x: torch.Tensor) -> bool:
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (CUDA), or :data:`INTERPRETER_SMS` for a CPU tensor."""
+    """Streaming multiprocessors of ``device`` (CUDA), or :data:`INTERPRETER_SMS` for a CPU tensor. Traced by
+    Dynamo as a constant (a launcher that asks it may run inside ``torch.compile``)."""
     if device.type != "cuda":
         return INTERPRETER_SMS
-    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+    return _cuda_sm_count(device.index)
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+_SM_COUNTS: dict[int, int] = {}
+
+
+@torch._dynamo.assume_constant_result
+def _cuda_sm_count(index: int | None) -> int:
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def check_power_of_two(owner: str, name: str, value: int, least: int = 1) -> None:
