@@ -140,9 +140,17 @@ def test_triton_path_matches_reference(
     assert (rows[valid] != 0).any(dim=-1).all()
 
 
-@pytest.mark.parametrize("tiles", [SinkTiles(rows=64, block_n=16, num_warps=2), SinkTiles(rows=256, block_n=64)])
+@pytest.mark.parametrize(
+    "tiles",
+    [
+        SinkTiles(rows=64, block_n=16, num_warps=2),
+        SinkTiles(rows=256, block_n=64),
+        SinkTiles(rows=32, block_n=16, num_warps=1),  # 16 positions: window tiles inside every row's window
+    ],
+)
 def test_merge_tiles_match_reference(tiles: SinkTiles) -> None:
-    """Other launch tiles (more query blocks and key tiles per window, or fewer) give the reference's result."""
+    """Other launch tiles (more query blocks and key tiles per window, or fewer) give the reference's result;
+    with 16-position blocks and 16-key tiles a window of 40 has tiles that skip the position masks."""
     q, k, v, keep, valid, scale, n_rep = _inputs((4, 2), 150, 16, torch.float32, "left", "random", _gen(tiles))
     plan = _plan(keep, valid, 40, 20, scale, n_rep)._replace(keep=keep & valid)
     out = sink_merge_triton(q, k, v, plan, kept_causal_attention_lse(q, k, v, plan, "reference", True), tiles)

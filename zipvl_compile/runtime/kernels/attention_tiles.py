@@ -97,24 +97,75 @@ def attend_tile(q, kv, keys, key_ok, d_ok, allowed, state, qk_scale):
 
 
 @triton.jit
-def attend_window(
-    q, kv, state, pos, start, end, window, valid_row, keep_row, row_keep, d_ok, qk_scale, BLOCK_N: tl.constexpr
+def _window_tile(
+    q,
+    kv,
+    state,
+    pos,
+    j0,
+    end,
+    window,
+    valid_row,
+    keep_row,
+    row_keep,
+    d_ok,
+    qk_scale,
+    INTERIOR: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """The dense window of the query rows at positions ``pos`` [M]: the keys j in [start, end) with
-    0 <= pos - j < window and valid_row[j] != 0 (valid_row, keep_row: int8 pointers to the batch row's flags),
-    in tiles of BLOCK_N -> the new ``state``. keep_row not None: minus the kept keys of the kept rows
-    (``row_keep`` bool [M])."""
-    for j0 in range(start, end, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        key_valid = tl.load(valid_row + cols, mask=col_ok, other=0) != 0
+    """One tile of :func:`attend_window` at keys [j0, j0 + BLOCK_N); INTERIOR: every key of it is inside every
+    row's window (no position masks)."""
+    cols = j0 + tl.arange(0, BLOCK_N)
+    if INTERIOR:
+        allowed = (tl.load(valid_row + cols) != 0)[None, :]
         if keep_row is not None:
-            key_keep = tl.load(keep_row + cols, mask=col_ok, other=0) != 0
-        gap = pos[:, None] - cols[None, :]
-        allowed = key_valid[None, :] & (gap >= 0) & (gap < window)
-        if keep_row is not None:
-            allowed = allowed & ~(row_keep[:, None] & key_keep[None, :])
-        state = attend_tile(q, kv, cols, col_ok, d_ok, allowed, state, qk_scale)
+            allowed = allowed & ~(row_keep[:, None] & (tl.load(keep_row + cols) != 0)[None, :])
+        return attend_tile(q, kv, cols, None, d_ok, allowed, state, qk_scale)
+    col_ok = cols < end
+    gap = pos[:, None] - cols[None, :]
+    allowed = (tl.load(valid_row + cols, mask=col_ok, other=0) != 0)[None, :] & (gap >= 0) & (gap < window)
+    if keep_row is not None:
+        allowed = allowed & ~(row_keep[:, None] & (tl.load(keep_row + cols, mask=col_ok, other=0) != 0)[None, :])
+    return attend_tile(q, kv, cols, col_ok, d_ok, allowed, state, qk_scale)
+
+
+@triton.jit
+def attend_window(
+    q,
+    kv,
+    state,
+    pos,
+    first,
+    start,
+    end,
+    window,
+    valid_row,
+    keep_row,
+    row_keep,
+    d_ok,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+):
+    """The dense window of the query rows at positions ``pos`` [M] (all in [first, end)): the keys j in
+    [start, end) with 0 <= pos - j < window and valid_row[j] != 0 (valid_row, keep_row: int8 pointers to the
+    batch row's flags), in tiles of BLOCK_N from ``start`` -> the new ``state``. keep_row not None: minus the
+    kept keys of the kept rows (``row_keep`` bool [M]). The tiles inside every row's window (keys >
+    end - 1 - window and <= first) skip the position masks."""
+    # interior tiles: k in [k_lo, k_mid), k-th tile at start + k * BLOCK_N
+    k_lo = (tl.maximum(end - window - start, 0) + BLOCK_N - 1) // BLOCK_N
+    k_mid = tl.maximum(tl.maximum(first + 1 - start, 0) // BLOCK_N, k_lo)
+    for j0 in range(start, tl.minimum(start + k_lo * BLOCK_N, end), BLOCK_N):
+        state = _window_tile(
+            q, kv, state, pos, j0, end, window, valid_row, keep_row, row_keep, d_ok, qk_scale, False, BLOCK_N
+        )
+    for j0 in range(start + k_lo * BLOCK_N, start + k_mid * BLOCK_N, BLOCK_N):
+        state = _window_tile(
+            q, kv, state, pos, j0, end, window, valid_row, keep_row, row_keep, d_ok, qk_scale, True, BLOCK_N
+        )
+    for j0 in range(start + k_mid * BLOCK_N, end, BLOCK_N):
+        state = _window_tile(
+            q, kv, state, pos, j0, end, window, valid_row, keep_row, row_keep, d_ok, qk_scale, False, BLOCK_N
+        )
     return state
 
 

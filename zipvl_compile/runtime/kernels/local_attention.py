@@ -114,7 +114,7 @@ def _local_attention_kernel(
     # (2) the window: every valid key j with i - window < j <= i
     start = tl.maximum(m0 - window + 1, 0)
     state = tiles.attend_window(
-        q, kv, state, rows, start, last_row + 1, window, valid_ptr + b * n, None, None, d_ok, qk_scale, BLOCK_N
+        q, kv, state, rows, m0, start, last_row + 1, window, valid_ptr + b * n, None, None, d_ok, qk_scale, BLOCK_N
     )
     _, l_i, acc = state
     row_valid = tl.load(valid_ptr + b * n + rows, mask=row_ok, other=0) != 0

@@ -175,7 +175,20 @@ def _sink_merge_kernel(
     end = tl.minimum(m0 + BLOCK_M, n)
     start = tl.maximum(m0 - window + 1, 0)
     state = tiles.attend_window(
-        q, kv, state, pos, start, end, window, valid_ptr + b * n, keep_ptr + b * n, row_keep, d_ok, qk_scale, BLOCK_N
+        q,
+        kv,
+        state,
+        pos,
+        m0,
+        start,
+        end,
+        window,
+        valid_ptr + b * n,
+        keep_ptr + b * n,
+        row_keep,
+        d_ok,
+        qk_scale,
+        BLOCK_N,
     )
     # (2) the sink keys before the window (i - j >= window), less the kept keys of kept queries
     for s0 in range(0, sinks, BLOCK_S):
