@@ -45,6 +45,8 @@ def write_segment_cpu_(
     inputs; True: required; False: the torch body below)."""
     if native:
         return native_kernels.write_segment_native_(seg, k_new, v_new, take, src_pos, bits)
+    if not take.any():  # a write taking nothing changes nothing (the dense prefill's lo segment): one host read
+        return
     lib = native_kernels.library() if native is None else None
     if lib is not None and native_kernels.write_refusal(seg, k_new, v_new, take, src_pos, bits) is None:
         return native_kernels.launch_write(lib, seg, k_new, v_new, take, src_pos, bits)
