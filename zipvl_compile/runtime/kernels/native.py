@@ -286,8 +286,9 @@ static uint16_t to_half_bits(float x) {
 
 /* The reference's arithmetic (kernels/quant_reference.py), in fp32: range parameters zero = fp16(lo), scale =
    fp16((hi - lo) * fp32(1 / (2^bits - 1))), both 0 for an empty range (lo > hi); codes clamp(floor((x - zero) /
-   max(scale, floor) + 0.5), 0, 2^bits - 1). No multiply-add can be fused here but code * scale + zero (exact
-   products), so the compiler's contraction does not change the bits. */
+   max(scale, floor) + 0.5), 0, 2^bits - 1). The only multiply-adds the compiler may fuse in the write (the
+   search's code * s + z, z - s * 0.5, delta + (hi - lo) / 32 and its fp64 squares) have exact products, so
+   contraction does not change the bits. */
 static void range_params(float lo, float hi, float inv_top, uint16_t *scale, uint16_t *zero) {
     if (lo > hi) lo = hi = 0.0f;
     *scale = to_half_bits((hi - lo) * inv_top);
