@@ -204,12 +204,15 @@ def _validity(q: torch.Tensor, attn_mask: torch.Tensor | None, geometry: Geometr
 def _dense(qkv: QKV, attn_mask: torch.Tensor | None, geometry: Geometry) -> Outputs:
     """Every valid token kept: exact dense attention, zero at padding rows, ratio 1. A bool mask that lets every
     query see every key is dropped where reading it is free (on a CPU), so that SDPA takes its causal kernel, as
-    the model's own SDPA path does for an all-ones attention mask."""
+    the model's own SDPA path does for an all-ones attention mask; there, without padding rows, the output is not
+    copied to zero them (~0.17 ms per layer at a 329-token prompt)."""
     geometry, valid = _validity(qkv.q, attn_mask, geometry)
     if attn_mask is not None and attn_mask.dtype == torch.bool and host_reads_are_free(attn_mask):
         attn_mask = None if bool(attn_mask.all()) else attn_mask
     out = dense_attention(*qkv, attn_mask, geometry.is_causal, geometry.scale, geometry.n_rep)
-    return torch.where(valid[:, None, :, None], out, 0), valid, torch.ones(qkv.q.shape[0], device=qkv.q.device)
+    if not (host_reads_are_free(valid) and bool(valid.all())):
+        out = torch.where(valid[:, None, :, None], out, 0)
+    return out, valid, torch.ones(qkv.q.shape[0], device=qkv.q.device)
 
 
 def _attend(

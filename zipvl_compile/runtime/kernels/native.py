@@ -1,5 +1,5 @@
 """The CPU paths' C functions, compiled at first use: decode attention over the packed cache, and the segment
-write at 4 and 8 bits.
+write (2, 4 and 8 bits).
 
 :func:`decode_attention_native`: the contract of
 :func:`~zipvl_compile.runtime.kernels.decode_reference.decode_attention_reference` (its oracle), called by
@@ -8,7 +8,8 @@ write at 4 and 8 bits.
 :class:`~zipvl_compile.runtime.layout.Tail` in q's dtype (fp32, bf16 or fp16). Returns ``[B, H*n_rep, 1, d]`` in
 q's dtype, computed in fp32. :func:`write_segment_native_`: the bytes of
 :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_` exactly (its arithmetic, written
-out in C), called by :func:`~zipvl_compile.runtime.kernels.quant_cpu.write_segment_cpu_` at 4 and 8 bits.
+out in C, the 2-bit range search included), called by
+:func:`~zipvl_compile.runtime.kernels.quant_cpu.write_segment_cpu_`.
 
 Why C: a decode step on the CPU is small (a few hundred slots per head at the demo's prompt), so a torch body
 pays for its ~45 ops' dispatch (~10 µs each inside a step on a 2-core machine) far more than for arithmetic; a
@@ -16,8 +17,11 @@ dense model reads its cache with one SDPA call. Here each (sequence, KV head) is
 scale is folded into the query per 64-slot group (``q·k = (q*k_scale)·code + q·k_zero``), scores of the
 ``n_rep`` query heads are kept for the valid slots only, one softmax, then one pass over the value codes
 (``p·v = (p*v_scale)·code + p·v_zero``). Empty slots (pos < 0, or at or past the fill / length) are skipped, so
-their parameters (possibly NaN) and codes are never read. Inner loops over channels are vectorised by the C
-compiler's vector extensions (``-O3 -march=native``; no fast-math). The C functions trust their inputs: every
+their parameters (possibly NaN) and codes are never read. The write runs the reference's arithmetic per (sequence,
+KV head, 64-slot group), the 2-bit range search in place. Inner loops over channels are vectorised by the C
+compiler (``-O3 -march=native``; ``-fno-trapping-math`` lets it vectorise ``floorf``; no fast-math: nothing is
+reassociated, and the write's only multiply-adds the compiler may fuse have exact products, so its bits stay the
+reference's). The C functions trust their inputs: every
 call is checked first (:func:`refusal`, :func:`write_refusal`: dtypes, shapes, plain contiguous CPU tensors).
 
 The library is built with the C compiler of ``$CC`` (else ``cc`` / ``gcc`` on the path) into
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from zipvl_compile.runtime.kernels.quant_reference import SCALE_FLOOR
+from zipvl_compile.runtime.kernels.quant_reference import KEY_SHRINK_STEPS, SCALE_FLOOR
 from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail
 
 log = logging.getLogger("zipvl_compile")
@@ -249,14 +253,28 @@ int zipvl_decode(void **ptrs, const int64_t *ints, double scale) {
     return 0;
 }
 
-static float load_elem(const void *base, int64_t index, int dtype) {
-    if (dtype == F32) return ((const float *)base)[index];
-    uint16_t h = ((const uint16_t *)base)[index];
-    if (dtype == F16) return half_to_float(h);
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+/* x[i * d + c] = the row src[i] (i < n) of a strided [t, d] plane at base + offset (element strides rs, cs) */
+static void gather_rows(const void *base, int64_t offset, const int64_t *src, int64_t n, int64_t rs, int64_t cs,
+                        int64_t d, int dtype, float *restrict x) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t row = offset + src[i] * rs;
+        float *restrict out = x + i * d;
+        if (dtype == F32 && cs == 1) {
+            memcpy(out, (const float *)base + row, (size_t)d * sizeof(float));
+        } else if (dtype == F32) {
+            const float *in = (const float *)base + row;
+            for (int64_t c = 0; c < d; c++) out[c] = in[c * cs];
+        } else if (dtype == BF16) {
+            const uint16_t *in = (const uint16_t *)base + row;
+            for (int64_t c = 0; c < d; c++) {
+                uint32_t bits = (uint32_t)in[c * cs] << 16;
+                memcpy(out + c, &bits, 4);
+            }
+        } else {
+            const uint16_t *in = (const uint16_t *)base + row;
+            for (int64_t c = 0; c < d; c++) out[c] = half_to_float(in[c * cs]);
+        }
+    }
 }
 
 static uint16_t to_half_bits(float x) {
@@ -266,51 +284,139 @@ static uint16_t to_half_bits(float x) {
     return bits;
 }
 
-/* the reference's arithmetic (kernels/quant_reference.py): zero = fp16(min), scale = fp16((max - min) * fp32(1 /
-   (2^bits - 1))), code = clamp(floor((x - zero) / max(scale, SCALE_FLOOR) + 0.5), 0, 2^bits - 1) in fp32 */
-static void range_params(float lo, float hi, int bits, uint16_t *scale, uint16_t *zero) {
-    *scale = to_half_bits((hi - lo) * (float)(1.0 / ((1 << bits) - 1)));
+/* The reference's arithmetic (kernels/quant_reference.py), in fp32: range parameters zero = fp16(lo), scale =
+   fp16((hi - lo) * fp32(1 / (2^bits - 1))), both 0 for an empty range (lo > hi); codes clamp(floor((x - zero) /
+   max(scale, floor) + 0.5), 0, 2^bits - 1). The only multiply-adds the compiler may fuse in the write (the
+   search's code * s + z, z - s * 0.5, delta + (hi - lo) / 32 and its fp64 squares) have exact products, so
+   contraction does not change the bits. */
+static void range_params(float lo, float hi, float inv_top, uint16_t *scale, uint16_t *zero) {
+    if (lo > hi) lo = hi = 0.0f;
+    *scale = to_half_bits((hi - lo) * inv_top);
     *zero = to_half_bits(lo);
 }
 
-static uint8_t range_code(float x, uint16_t scale, uint16_t zero, int bits, float floor_) {
-    float s = half_to_float(scale), y = (x - half_to_float(zero)) / (s > floor_ ? s : floor_);
-    float code = floorf(y + 0.5f), top = (float)((1 << bits) - 1);
-    return (uint8_t)(code < 0.0f ? 0.0f : (code > top ? top : code));
+static inline uint8_t range_code(float x, float zero, float divisor, float top) {
+    float code = floorf((x - zero) / divisor + 0.5f);
+    code = code < 0.0f ? 0.0f : code;
+    return (uint8_t)(code > top ? top : code);
 }
 
-static void pack(uint8_t *dst, const uint8_t *codes, int64_t d, int bits) {
-    const int per = 8 / bits;
-    for (int64_t i = 0; i < d / per; i++) {
-        uint8_t byte = 0;
-        for (int j = 0; j < per; j++) byte |= (uint8_t)(codes[i * per + j] << (j * bits));
-        dst[i] = byte;
+/* codes[c] of x[c] (c < d) under per-channel zero z[c] and divisor s[c] (the scale floored) */
+static void range_codes(const float *restrict x, const float *restrict z, const float *restrict s, int64_t d,
+                        float top, uint8_t *restrict codes) {
+    for (int64_t c = 0; c < d; c++) codes[c] = range_code(x[c], z[c], s[c], top);
+}
+
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+static v8 select8(i8 mask, v8 a, v8 b) { return (v8)((mask & (i8)a) | (~mask & (i8)b)); }
+
+/* *lo, *hi = the min and max of x[0..d), d >= 1 (8 lanes at once, the lanes reduced at the end) */
+static void row_range(const float *x, int64_t d, float *lo, float *hi) {
+    float l = x[0], h = x[0];
+    int64_t c = 0;
+    if (d >= 8) {
+        v8 vl = load8(x), vh = vl;
+        for (c = 8; c + 8 <= d; c += 8) {
+            const v8 y = load8(x + c);
+            vl = select8(y < vl, y, vl);
+            vh = select8(y > vh, y, vh);
+        }
+        for (int i = 0; i < 8; i++) {
+            l = vl[i] < l ? vl[i] : l;
+            h = vh[i] > h ? vh[i] : h;
+        }
+    }
+    for (; c < d; c++) {
+        l = x[c] < l ? x[c] : l;
+        h = x[c] > h ? x[c] : h;
+    }
+    *lo = l;
+    *hi = h;
+}
+
+/* 2 bits: of the ranges [lo + j u, hi - j u] (u = (hi - lo) / 32, j u built by repeated adds, j < steps), the
+   parameters with the least squared error over the m rows of x [m, d] (the first least wins). Codes of the search
+   by the reciprocal and a zero shifted by half a step: clamp(floor((x - (z - s/2)) * (1 / max(s, floor))), 0, 3).
+   The error is summed in fp64 as torch's CPU sum over a group's rows adds (partial sums of 16 rows, added in
+   order), so that even a near tie picks the reference's candidate. work: 4 d floats, 3 d doubles, 2 d halves. */
+static void best_key_params(const float *restrict x, int64_t m, int64_t d, const float *restrict lo,
+                            const float *restrict hi, int steps, float floor_, uint16_t *restrict scale,
+                            uint16_t *restrict zero, float *restrict work, double *restrict sums,
+                            uint16_t *restrict cand) {
+    float *restrict delta = work, *restrict zf = work + d, *restrict sf = work + 2 * d, *restrict rf = work + 3 * d;
+    double *restrict err = sums, *restrict part = sums + d, *restrict best = sums + 2 * d;
+    uint16_t *restrict s_bits = cand, *restrict z_bits = cand + d;
+    for (int j = 0; j < steps; j++) {
+        for (int64_t c = 0; c < d; c++) {
+            delta[c] = j == 0 ? 0.0f : delta[c] + (hi[c] - lo[c]) * (1.0f / 32.0f);
+            range_params(lo[c] + delta[c], hi[c] - delta[c], 1.0f / 3.0f, s_bits + c, z_bits + c);
+            sf[c] = half_to_float(s_bits[c]);
+            zf[c] = half_to_float(z_bits[c]);
+            rf[c] = 1.0f / (sf[c] > floor_ ? sf[c] : floor_);
+            err[c] = part[c] = 0.0;
+        }
+        for (int64_t i = 0; i < m; i++) {
+            const float *restrict row = x + i * d;
+            for (int64_t c = 0; c < d; c++) {
+                float code = floorf((row[c] - (zf[c] - sf[c] * 0.5f)) * rf[c]);
+                code = code < 0.0f ? 0.0f : (code > 3.0f ? 3.0f : code);
+                const double e = (double)((code * sf[c] + zf[c]) - row[c]);
+                part[c] += e * e;
+            }
+            if (i % 16 == 15 || i == m - 1)
+                for (int64_t c = 0; c < d; c++) {
+                    err[c] += part[c];
+                    part[c] = 0.0;
+                }
+        }
+        for (int64_t c = 0; c < d; c++)
+            if (j == 0 || err[c] < best[c]) {
+                best[c] = err[c];
+                scale[c] = s_bits[c];
+                zero[c] = z_bits[c];
+            }
     }
 }
 
-/* Append the taken tokens of k_new / v_new [B, H, t, d] (any strides) to a segment written with range
-   parameters (4 or 8 bits: no range search).
+static void pack(uint8_t *restrict dst, const uint8_t *restrict codes, int64_t d, int bits) {
+    if (bits == 8) {
+        memcpy(dst, codes, (size_t)d);
+    } else if (bits == 4) {
+        for (int64_t i = 0; i < d / 2; i++) dst[i] = (uint8_t)(codes[2 * i] | codes[2 * i + 1] << 4);
+    } else {
+        for (int64_t i = 0; i < d / 4; i++)
+            dst[i] = (uint8_t)(codes[4 * i] | codes[4 * i + 1] << 2 | codes[4 * i + 2] << 4 | codes[4 * i + 3] << 6);
+    }
+}
+
+/* Append the taken tokens of k_new / v_new [B, H, t, d] (any strides) to a segment at 2, 4 or 8 bits.
    ptrs: k_new, v_new, take (uint8 [B, t]), src_pos (int64 [B, t]), the segment's 8 fields.
-   ints: B, H, t, d, dtype, capacity, bits, GROUP, then k_new's 4 strides and v_new's 4 strides (elements).
-   scale_floor: the divisor floor of zero-range groups. Returns 0, or -1 when scratch memory cannot be allocated. */
+   ints: B, H, t, d, dtype, capacity, bits, GROUP, 2-bit search steps, then k_new's 4 strides and v_new's 4
+   strides (elements). scale_floor: the divisor floor of zero-range groups. Returns 0, or -1 when scratch memory
+   cannot be allocated. */
 int zipvl_write(void **ptrs, const int64_t *ints, double scale_floor) {
     const int64_t B = ints[0], H = ints[1], T = ints[2], d = ints[3], cap = ints[5], bits = ints[6], G = ints[7];
-    const int dtype = (int)ints[4];
-    const int64_t *ks = ints + 8, *vs = ints + 12, kb = d * bits / 8;
-    const float floor_ = (float)scale_floor;
+    const int dtype = (int)ints[4], steps = (int)ints[8];
+    const int64_t *ks = ints + 9, *vs = ints + 13, kb = d * bits / 8;
+    const float floor_ = (float)scale_floor, top = (float)((1 << bits) - 1), inv_top = (float)(1.0 / top);
     const uint8_t *take = ptrs[2];
     const int64_t *src_pos = ptrs[3];
     uint8_t *k_codes = ptrs[4], *v_codes = ptrs[7];
     uint16_t *k_scale = ptrs[5], *k_zero = ptrs[6], *v_scale = ptrs[8], *v_zero = ptrs[9];
     int32_t *pos = ptrs[10], *fill = ptrs[11];
+    /* scratch: taken indices; a group's rows, then min, max, zero, divisor and the search's floats; the search's
+       doubles and halves; codes */
     int64_t *src = malloc(sizeof(int64_t) * (size_t)(T > 0 ? T : 1));
-    float *lo = malloc(sizeof(float) * (size_t)(2 * d)), *x = malloc(sizeof(float) * (size_t)(G * d));
-    uint8_t *codes = malloc((size_t)(G * d));
-    if (!src || !lo || !x || !codes) {
-        free(src), free(lo), free(x), free(codes);
+    float *x = malloc(sizeof(float) * (size_t)((G + 8) * d + 1));
+    double *sums = malloc(sizeof(double) * (size_t)(3 * d + 1));
+    uint16_t *cand = malloc(sizeof(uint16_t) * (size_t)(2 * d + 1));
+    uint8_t *codes = malloc((size_t)(G * d + 1));
+    if (!src || !x || !sums || !cand || !codes) {
+        free(src), free(x), free(sums), free(cand), free(codes);
         return -1;
     }
-    float *hi = lo + d;
+    float *lo = x + G * d, *hi = lo + d, *zf = hi + d, *sf = zf + d, *work = sf + d;
     for (int64_t b = 0; b < B; b++) {
         int64_t count = 0;
         for (int64_t i = 0; i < T; i++)
@@ -322,49 +428,50 @@ int zipvl_write(void **ptrs, const int64_t *ints, double scale_floor) {
             const int64_t bh = b * H + h;
             for (int64_t g0 = 0; g0 < n; g0 += G) {
                 const int64_t m = count - g0 < G ? count - g0 : G; /* the group's taken tokens (>= 1) */
-                for (int64_t s = 0; s < m; s++) {
-                    const int64_t row = b * ks[0] + h * ks[1] + src[g0 + s] * ks[2];
-                    for (int64_t c = 0; c < d; c++) x[s * d + c] = load_elem(ptrs[0], row + c * ks[3], dtype);
-                }
-                for (int64_t c = 0; c < d; c++) lo[c] = hi[c] = x[c];
+                gather_rows(ptrs[0], b * ks[0] + h * ks[1], src + g0, m, ks[2], ks[3], d, dtype, x);
+                memcpy(lo, x, sizeof(float) * (size_t)d);
+                memcpy(hi, x, sizeof(float) * (size_t)d);
                 for (int64_t s = 1; s < m; s++)
                     for (int64_t c = 0; c < d; c++) {
                         lo[c] = x[s * d + c] < lo[c] ? x[s * d + c] : lo[c];
                         hi[c] = x[s * d + c] > hi[c] ? x[s * d + c] : hi[c];
                     }
-                const int64_t prow = (bh * (cap / G) + (start + g0) / G) * d;
-                for (int64_t c = 0; c < d; c++)
-                    range_params(lo[c], hi[c], (int)bits, k_scale + prow + c, k_zero + prow + c);
+                uint16_t *scale = k_scale + (bh * (cap / G) + (start + g0) / G) * d;
+                uint16_t *zero = k_zero + (scale - k_scale);
+                if (bits == 2) {
+                    best_key_params(x, m, d, lo, hi, steps, floor_, scale, zero, work, sums, cand);
+                } else {
+                    for (int64_t c = 0; c < d; c++) range_params(lo[c], hi[c], inv_top, scale + c, zero + c);
+                }
+                for (int64_t c = 0; c < d; c++) {
+                    const float s = half_to_float(scale[c]);
+                    zf[c] = half_to_float(zero[c]);
+                    sf[c] = s > floor_ ? s : floor_;
+                }
                 memset(codes, 0, (size_t)(G * d));
-                for (int64_t s = 0; s < m; s++)
-                    for (int64_t c = 0; c < d; c++)
-                        codes[s * d + c] =
-                            range_code(x[s * d + c], k_scale[prow + c], k_zero[prow + c], (int)bits, floor_);
+                for (int64_t s = 0; s < m; s++) range_codes(x + s * d, zf, sf, d, top, codes + s * d);
                 for (int64_t s = 0; s < G; s++)
                     pack(k_codes + (bh * cap + start + g0 + s) * kb, codes + s * d, d, (int)bits);
             }
             for (int64_t s = 0; s < n; s++) {
                 const int64_t slot = bh * cap + start + s;
                 memset(codes, 0, (size_t)d);
+                v_scale[slot] = v_zero[slot] = 0;
                 if (s < count) {
-                    float v_lo = INFINITY, v_hi = -INFINITY;
-                    for (int64_t c = 0; c < d; c++) {
-                        x[c] = load_elem(ptrs[1], b * vs[0] + h * vs[1] + src[s] * vs[2] + c * vs[3], dtype);
-                        v_lo = x[c] < v_lo ? x[c] : v_lo;
-                        v_hi = x[c] > v_hi ? x[c] : v_hi;
-                    }
-                    range_params(v_lo, v_hi, (int)bits, v_scale + slot, v_zero + slot);
-                    for (int64_t c = 0; c < d; c++)
-                        codes[c] = range_code(x[c], v_scale[slot], v_zero[slot], (int)bits, floor_);
-                } else {
-                    v_scale[slot] = v_zero[slot] = 0;
+                    gather_rows(ptrs[1], b * vs[0] + h * vs[1], src + s, 1, vs[2], vs[3], d, dtype, x);
+                    float v_lo, v_hi;
+                    row_range(x, d, &v_lo, &v_hi);
+                    range_params(v_lo, v_hi, inv_top, v_scale + slot, v_zero + slot);
+                    const float s_v = half_to_float(v_scale[slot]), z_v = half_to_float(v_zero[slot]);
+                    const float divisor = s_v > floor_ ? s_v : floor_;
+                    for (int64_t c = 0; c < d; c++) codes[c] = range_code(x[c], z_v, divisor, top);
                 }
                 pack(v_codes + slot * kb, codes, d, (int)bits);
             }
         }
         fill[b] = (int32_t)(start + written < cap ? start + written : cap);
     }
-    free(src), free(lo), free(x), free(codes);
+    free(src), free(x), free(sums), free(cand), free(codes);
     return 0;
 }
 """
@@ -397,7 +504,7 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         log.info("zipvl: no C compiler found ($CC, cc, gcc): the CPU paths run their torch bodies")
         return None
-    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11"]
+    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=gnu11"]
     key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _machine()]).encode()).hexdigest()[:16]
     configured = os.environ.get("ZIPVL_CACHE_DIR")
     folders = [Path(configured)] if configured else [Path.home() / ".cache" / "zipvl_compile"]
@@ -536,12 +643,11 @@ def launch(
 def write_refusal(
     seg: Segment, k_new: torch.Tensor, v_new: torch.Tensor, take: torch.Tensor, src_pos: torch.Tensor, bits: int
 ) -> str | None:
-    """Why :func:`write_segment_native_` cannot take these inputs, or None when it can: 4 or 8 bits (the 2-bit
-    range search stays in torch), k_new / v_new ``[B, H, t, d]`` of one of fp32 / bf16 / fp16 (any strides), take
-    bool and src_pos int ``[B, t]``, a segment of the layout's dtypes and shapes, all plain CPU tensors that do not
-    require grad."""
-    if bits not in (4, 8):
-        return f"the C write takes 4 or 8 bits (range parameters, no range search), got {bits}"
+    """Why :func:`write_segment_native_` cannot take these inputs, or None when it can: bits in the layout's
+    widths, k_new / v_new ``[B, H, t, d]`` of one of fp32 / bf16 / fp16 (any strides), take bool and src_pos int
+    ``[B, t]``, a segment of the layout's dtypes and shapes, all plain CPU tensors that do not require grad."""
+    if bits not in QUANT_BITS:
+        return f"bits must be in {QUANT_BITS}, got {bits}"
     if k_new.dim() != 4 or v_new.shape != k_new.shape or k_new.dtype not in _DTYPES or v_new.dtype != k_new.dtype:
         return f"k_new / v_new must be one [B, H, t, d] in fp32 / bf16 / fp16, got {k_new.dtype} {tuple(k_new.shape)}"
     batch, heads, t, d = k_new.shape
@@ -570,7 +676,7 @@ def write_segment_native_(
     seg: Segment, k_new: torch.Tensor, v_new: torch.Tensor, take: torch.Tensor, src_pos: torch.Tensor, bits: int
 ) -> None:
     """The segment write of :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_` (its
-    bits exactly) as one C function, at 4 or 8 bits. Raises RuntimeError where :func:`library` could not build it,
+    bits exactly) as one C function, at 2, 4 or 8 bits. Raises RuntimeError where :func:`library` could not build it,
     ValueError with :func:`write_refusal`'s reason for inputs it does not take."""
     lib = library()
     if lib is None:
@@ -594,7 +700,19 @@ def launch_write(
     batch, heads, t, d = k_new.shape
     take, src_pos = take.contiguous().view(torch.uint8), src_pos.to(torch.int64).contiguous()
     ptrs = [k_new, v_new, take, src_pos, *seg]
-    ints = [batch, heads, t, d, _DTYPES[k_new.dtype], seg.capacity, bits, GROUP, *k_new.stride(), *v_new.stride()]
+    ints = [
+        batch,
+        heads,
+        t,
+        d,
+        _DTYPES[k_new.dtype],
+        seg.capacity,
+        bits,
+        GROUP,
+        KEY_SHRINK_STEPS,
+        *k_new.stride(),
+        *v_new.stride(),
+    ]
     status = lib.zipvl_write(
         (ctypes.c_void_p * len(ptrs))(*(x.data_ptr() for x in ptrs)), (ctypes.c_int64 * len(ints))(*ints), SCALE_FLOOR
     )

@@ -1,8 +1,7 @@
 """The packed-segment write on the CPU: the reference's bits with far less work per call.
 
-At 4 and 8 bits, where a C compiler is at hand, the write is one C function
-(:mod:`~zipvl_compile.runtime.kernels.native`); the torch body below serves 2 bits (the range search) and a
-machine without a compiler.
+Where a C compiler is at hand, the write is one C function (:mod:`~zipvl_compile.runtime.kernels.native`); the
+torch body below serves a machine without one (and inputs the C function refuses).
 
 Same contract as :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_` (its oracle,
 bit for bit) and the same arithmetic (its ``range_params`` / ``range_codes`` / ``best_key_params``). What it
@@ -43,9 +42,11 @@ def write_segment_cpu_(
     to ``seg`` in place; see :func:`~zipvl_compile.runtime.kernels.quant_reference.write_segment_reference_`.
 
     native: the C write of :mod:`~zipvl_compile.runtime.kernels.native` (None: wherever it is built and takes the
-    inputs, i.e. at 4 and 8 bits; True: required; False: the torch body below)."""
+    inputs; True: required; False: the torch body below)."""
     if native:
         return native_kernels.write_segment_native_(seg, k_new, v_new, take, src_pos, bits)
+    if not take.any():  # a write taking nothing changes nothing (the dense prefill's lo segment): one host read
+        return
     lib = native_kernels.library() if native is None else None
     if lib is not None and native_kernels.write_refusal(seg, k_new, v_new, take, src_pos, bits) is None:
         return native_kernels.launch_write(lib, seg, k_new, v_new, take, src_pos, bits)
