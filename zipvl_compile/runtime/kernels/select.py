@@ -728,19 +728,32 @@ def _check(colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, min_ke
         raise ValueError(f"force_ratio must be >= 0, got {force_ratio}")
 
 
+class _Rows(NamedTuple):
+    """What a selection launch writes, allocated by :func:`select_kept_triton`: keep uint8 [B, n], idx int64
+    [B, n], count int64 [B], ratio float32 [B], and the int32 [B, n] order-key scratch rows (mass_key is
+    score_key itself unless Eq. 6's search runs)."""
+
+    keep: torch.Tensor
+    idx: torch.Tensor
+    count: torch.Tensor
+    ratio: torch.Tensor
+    score_key: torch.Tensor
+    mass_key: torch.Tensor
+
+
 def _launch_split(
     colsum: torch.Tensor,
     seen: torch.Tensor,
     valid: torch.Tensor,
-    given_p: torch.Tensor | None,
+    given_p: torch.Tensor,
     p_mode: int,
     tau: float,
     min_keep: int,
     split: SelectSplit,
-    out: dict[str, torch.Tensor],
+    out: _Rows,
 ) -> None:
-    """The split selection's launches (grid: programs per row, B) into ``out`` (keep, idx, count, ratio and the
-    key scratch rows, as :func:`select_kept_triton` allocates them)."""
+    """The split selection's launches (grid: programs per row, B) into ``out``; ``given_p``: int64 [B], read
+    with _P_GIVEN only (any int64 tensor otherwise)."""
     batch, n = colsum.shape
     chunk = triton.cdiv(triton.cdiv(n, split.programs), split.block) * split.block  # a slice: whole tiles
     n_prog = triton.cdiv(n, chunk)
@@ -751,11 +764,10 @@ def _launch_split(
     part = torch.empty(2, batch, n_prog, radix, **f64)
     low, above = torch.empty(2, batch, **i64), torch.empty(2, batch, **f64)
     row, row_above = torch.empty(batch, _ROW_FIELDS.value, **i64), torch.empty(batch, **f64)
-    given = out["count"] if given_p is None else given_p  # unused unless _P_GIVEN
     grid = (n_prog, batch)
     launch = dict(BLOCK=split.block, num_warps=split.num_warps)
     search_launch = dict(DIGIT_BITS=split.digit_bits, **launch)
-    mass_key, score_key = out["mass_key"], out["score_key"]
+    mass_key, score_key = out.mass_key, out.score_key
     wrap_triton(_split_keys_kernel)[grid](
         colsum, seen, valid, mass_key, score_key, stats, total, n, chunk, P_MODE=p_mode, **launch
     )
@@ -768,7 +780,7 @@ def _launch_split(
                 total,
                 row,
                 row_above,
-                given,
+                given_p,
                 part,
                 low,
                 above,
@@ -809,7 +821,7 @@ def _launch_split(
         total,
         row,
         row_above,
-        given,
+        given_p,
         part,
         low,
         above,
@@ -822,7 +834,7 @@ def _launch_split(
         **search_launch,
     )
     wrap_triton(_split_write_kernel)[grid](
-        valid, score_key, out["keep"], out["idx"], out["count"], out["ratio"], stats, row, n, chunk, **launch
+        valid, score_key, out.keep, out.idx, out.count, out.ratio, stats, row, n, chunk, **launch
     )
 
 
@@ -849,15 +861,16 @@ def select_kept_triton(
         p_mode = _P_ALL if tau >= 1.0 else _P_MASS
         given_p = None
     score_key = torch.empty(batch, n, device=colsum.device, dtype=torch.int32)
-    out = dict(
-        score_key=score_key,
-        mass_key=torch.empty_like(score_key) if p_mode == _P_MASS else score_key,  # unused unless _P_MASS
+    out = _Rows(
         # bool tensors travel as uint8 (a dtype view of bool cannot be lowered by Inductor: copies of n bytes)
         keep=torch.empty(batch, n, device=colsum.device, dtype=torch.uint8),
         idx=torch.empty(batch, n, device=colsum.device, dtype=torch.int64),
         count=torch.empty(batch, device=colsum.device, dtype=torch.int64),
         ratio=torch.empty(batch, device=colsum.device, dtype=torch.float32),
+        score_key=score_key,
+        mass_key=torch.empty_like(score_key) if p_mode == _P_MASS else score_key,  # unused unless _P_MASS
     )
+    given_p = out.count if given_p is None else given_p  # read with _P_GIVEN only
     valid_u8 = valid.to(torch.uint8)
     if isinstance(tiles, SelectSplit):
         _launch_split(colsum, seen, valid_u8, given_p, p_mode, tau, min_keep, tiles, out)
@@ -866,13 +879,13 @@ def select_kept_triton(
             colsum,
             seen,
             valid_u8,
-            out["count"] if given_p is None else given_p,  # unused unless _P_GIVEN
-            out["mass_key"],
+            given_p,
+            out.mass_key,
             score_key,
-            out["keep"],
-            out["idx"],
-            out["count"],
-            out["ratio"],
+            out.keep,
+            out.idx,
+            out.count,
+            out.ratio,
             n,
             float(tau),
             int(min_keep),
@@ -882,7 +895,7 @@ def select_kept_triton(
             PREFETCH=tiles.prefetch,
             num_warps=tiles.num_warps,
         )
-    return SelectResult(out["keep"].to(torch.bool), out["ratio"], out["idx"], out["count"])
+    return SelectResult(out.keep.to(torch.bool), out.ratio, out.idx, out.count)
 
 
 def select_kept(
