@@ -327,9 +327,9 @@ def _select_kernel(
 ):
     """One program per batch row b (see the module docstring); all [B, n] tensors contiguous.
 
-    valid_ptr / keep_ptr: uint8 views of bool [B, n]; given_p_ptr: int64 [B] (read with P_MODE == _P_GIVEN);
-    mass_key_ptr, score_key_ptr: int32 [B, n] scratch; idx_ptr int64 [B, n]; count_ptr int64 [B];
-    ratio_ptr float32 [B].
+    valid_ptr / keep_ptr: uint8 views of bool [B, n]; given_p_ptr: int64 [B] (read with P_MODE == _P_GIVEN only,
+    any pointer otherwise); mass_key_ptr, score_key_ptr: int32 [B, n] scratch; idx_ptr int64 [B, n]; count_ptr
+    int64 [B]; ratio_ptr float32 [B].
     """
     b = tl.program_id(0).to(tl.int64)
     row = b * n
@@ -753,7 +753,7 @@ def _launch_split(
     out: _Rows,
 ) -> None:
     """The split selection's launches (grid: programs per row, B) into ``out``; ``given_p``: int64 [B], read
-    with _P_GIVEN only (any int64 tensor otherwise)."""
+    with _P_GIVEN only (any tensor otherwise)."""
     batch, n = colsum.shape
     chunk = triton.cdiv(triton.cdiv(n, split.programs), split.block) * split.block  # a slice: whole tiles
     n_prog = triton.cdiv(n, chunk)
@@ -870,7 +870,9 @@ def select_kept_triton(
         score_key=score_key,
         mass_key=torch.empty_like(score_key) if p_mode == _P_MASS else score_key,  # unused unless _P_MASS
     )
-    given_p = out.count if given_p is None else given_p  # read with _P_GIVEN only
+    # read with _P_GIVEN only; otherwise a read-only input stands in (never an output: an argument both read and
+    # written through another name makes Inductor clone it, whose decomposition failed under dynamic shapes)
+    given_p = colsum if given_p is None else given_p
     valid_u8 = valid.to(torch.uint8)
     if isinstance(tiles, SelectSplit):
         _launch_split(colsum, seen, valid_u8, given_p, p_mode, tau, min_keep, tiles, out)
