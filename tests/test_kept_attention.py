@@ -20,8 +20,9 @@ from zipvl_compile.runtime.kernels.kept_attention import (
     kept_lse_reference,
     kept_mask,
     make_plan,
+    pack_kept_triton,
     pack_rows_reference,
-    pack_rows_triton,
+    packed_rows,
     unpack_rows_reference,
     unpack_rows_triton,
 )
@@ -173,19 +174,26 @@ def test_kept_part_with_lse_matches_reference(dtype: torch.dtype, use_triton: bo
         _check_kept_part(q, k, v, plan, backend, use_triton, tol)
 
 
+def _check_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> tuple:
+    """The one-launch Triton pack against make_plan + pack_rows_reference: equal plan, equal valid rows, zeros in
+    the _TAIL_ZERO_ROWS rows after them (within the buffer). Returns (plan, q_packed, total)."""
+    plan, *packed = pack_kept_triton(q, k, v, idx, count)
+    expect_plan, rows = make_plan(idx, count), packed_rows(idx, count)
+    assert torch.equal(plan.cu_seqlens, expect_plan.cu_seqlens) and torch.equal(plan.inv, expect_plan.inv)
+    total = int(count.sum())
+    for x, got in zip((q, k, v), packed, strict=True):
+        assert got.shape == (q.shape[0] * q.shape[2], x.shape[1], x.shape[3])
+        assert torch.equal(got[:total], pack_rows_reference(x.transpose(1, 2), rows)[:total])
+        assert (got[total : total + _TAIL_ZERO_ROWS] == 0).all()
+    return plan, packed[0], total
+
+
 @pytest.mark.parametrize("bshd_memory", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_pack_unpack_match_reference(dtype: torch.dtype, bshd_memory: bool) -> None:
     g = _gen(("pack", dtype, bshd_memory))
-    q, _, _, prefill = _inputs((3, 3), 37, 24, dtype, "random", g, bshd_memory)
-    count = prefill.count
-    plan = make_plan(prefill.idx, count)
-    x = q.transpose(1, 2)
-    total = int(count.sum())
-    packed = pack_rows_triton(x, plan)
-    expect = pack_rows_reference(x, plan)
-    assert torch.equal(packed[:total], expect[:total])
-    assert (packed[total : total + _TAIL_ZERO_ROWS] == 0).all()
+    q, k, v, prefill = _inputs((6, 2), 37, 24, dtype, "random", g, bshd_memory)
+    plan, packed, total = _check_pack(q, k, v, prefill.idx, prefill.count)
     # attention output stand-in: any values in the valid rows, NaN in the padding rows (never read)
     values = torch.randn(packed.shape, generator=g).to(dtype).to(DEVICE)
     out_packed = torch.where(torch.arange(packed.shape[0], device=DEVICE)[:, None, None] < total, values, float("nan"))
@@ -194,18 +202,30 @@ def test_triton_pack_unpack_match_reference(dtype: torch.dtype, bshd_memory: boo
     assert not unpacked.isnan().any()
 
 
+def test_triton_pack_edge_counts() -> None:
+    """Empty batch rows, a full row, the last row ending near the buffer's end (the zeroed tail is cut there),
+    head dim 24 (not a power of two) and more batch rows than one count block of the kernel."""
+    g = _gen("pack_edges")
+    batch, n, d = 70, 9, 24
+    q, k, v = (torch.randn(batch, h, n, d, generator=g).to(DEVICE) for h in (4, 2, 2))
+    keep = torch.rand(batch, n, generator=g) < 0.5
+    keep[0], keep[1], keep[-1] = False, True, True
+    idx, count = keep_to_index(keep.to(DEVICE))
+    _check_pack(q, k, v, idx, count)
+
+
 def test_plan_layout() -> None:
     """cu_seqlens, and packed row r of batch row b at slot j holds position idx[b, j]."""
     keep = _keep("random", 2, 30, _gen("plan"))
     idx, count = keep_to_index(keep)
-    plan = make_plan(idx, count)
+    plan, rows = make_plan(idx, count), packed_rows(idx, count)
     c0, c1 = count.tolist()
     assert plan.cu_seqlens.dtype == torch.int32 and plan.cu_seqlens.tolist() == [0, c0, c0 + c1]
-    assert torch.equal(plan.pos[:c0], idx[0, :c0]) and torch.equal(plan.pos[c0 : c0 + c1], idx[1, :c1])
-    assert plan.batch[: c0 + c1].tolist() == [0] * c0 + [1] * c1
+    assert torch.equal(rows.pos[:c0], idx[0, :c0]) and torch.equal(rows.pos[c0 : c0 + c1], idx[1, :c1])
+    assert rows.batch[: c0 + c1].tolist() == [0] * c0 + [1] * c1
     inv = plan.inv.view(2, 30)
     assert torch.equal(inv >= 0, keep)
-    assert torch.equal(plan.pos[inv[keep]], keep.nonzero()[:, 1])
+    assert torch.equal(rows.pos[inv[keep]], keep.nonzero()[:, 1])
 
 
 def test_default_backend_and_validation() -> None:
@@ -278,12 +298,7 @@ def test_gpu_backend_lse_matches_reference(backend: str, heads: tuple) -> None:
 def test_gpu_default_backend_and_pack_kernels() -> None:
     q, k, v, prefill = _inputs((8, 2), 3000, 128, torch.bfloat16, "random", _gen("dflt"))
     assert default_backend(q) == available_backends()[0]
-    plan = make_plan(prefill.idx, prefill.count)
-    total = int(prefill.count.sum())
-    for x in (q, k):
-        packed = pack_rows_triton(x.transpose(1, 2), plan)
-        assert torch.equal(packed[:total], pack_rows_reference(x.transpose(1, 2), plan)[:total])
-        assert (packed[total : total + _TAIL_ZERO_ROWS] == 0).all()
+    _check_pack(q, k, v, prefill.idx, prefill.count)
     out = kept_causal_attention(q, k, v, prefill)
     ref = kept_causal_attention_reference(q.float(), k.float(), v.float(), prefill)
     assert _rel_err(out, ref) < 1e-2

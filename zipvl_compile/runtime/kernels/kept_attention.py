@@ -17,28 +17,29 @@ RoPE was applied before the gather, so positions stay right. Nothing here syncs 
 shape from data: the packed buffers have the static size B * n.
 
 Pipeline (:func:`kept_causal_attention` = pack -> varlen attention -> unpack):
-1. :func:`make_plan`: cu_seqlens = [0, c0, c0 + c1, ...] (int32, built on the device) and, per packed row r,
-   its batch row, its slot in the kept list and its position; per output position its packed row or -1.
-2. :func:`pack_kept`: gather the kept tokens of q, k, v into [B * n, H, d] buffers, rows of all batch rows one
-   after the other (only the first sum(count) rows valid). The gather runs on the (B, S, H, D) view
-   ``x.transpose(1, 2)`` along S: the varlen kernels want (total, H, D), so this writes their layout directly,
-   with one index per token for all heads (a (B, H, S, D) gather needs one per (head, token) and a transpose
-   copy after it); when the memory already is (B, S, H, D), as the decoder's q/k after RoPE and v are, each
-   kept token is one contiguous H * d run. Measured on an H100: 2x cheaper than gathering in (B, H, S, D).
-3. the varlen causal kernel, backend chosen once per process: FlashAttention-4 ``fa4``
+1. :func:`pack_kept`: the plan (:class:`KeptPlan`: cu_seqlens = [0, c0, c0 + c1, ...], int32, built on the
+   device, and per output position its packed row or -1) and the kept tokens of q, k, v gathered into
+   [B * n, H, d] buffers, rows of all batch rows one after the other (only the first sum(count) rows valid);
+   on CUDA one Triton launch writes all of it (a program per slot block, batch row and head of q, k or v).
+   The gather runs on the (B, S, H, D) view ``x.transpose(1, 2)`` along S: the varlen kernels want (total, H,
+   D), so this writes their layout directly, with one index per token for all heads (a (B, H, S, D) gather
+   needs one per (head, token) and a transpose copy after it); when the memory already is (B, S, H, D), as the
+   decoder's q/k after RoPE and v are, each kept token is one contiguous H * d run. Measured on an H100: 2x
+   cheaper than gathering in (B, H, S, D).
+2. the varlen causal kernel, backend chosen once per process: FlashAttention-4 ``fa4``
    (``flash_attn.cute.flash_attn_varlen_func``), FlashAttention-2 ``fa2``, torch's ``torch_varlen``
    (``torch.nn.attention.varlen.varlen_attn``), else ``sdpa_padded`` (causal SDPA on each batch row's
    window of the packed buffer; exact, but costs dense n^2 work). All take max_seqlen = n (static) and GQA
    natively (torch 2.11's varlen_attn has no enable_gqa argument and no head check; the FlashAttention-2
    varlen kernel under it takes Hkv | Hq heads; 2.13 asks for enable_gqa=True).
-4. :func:`unpack_kept`: write every output row once: the packed row of a kept position, zeros elsewhere.
+3. :func:`unpack_kept`: write every output row once: the packed row of a kept position, zeros elsewhere.
 
-:func:`kept_causal_attention_lse` stops after step 3 and returns the packed output with the log-sum-exp of
+:func:`kept_causal_attention_lse` stops after step 2 and returns the packed output with the log-sum-exp of
 each packed row (:class:`KeptPart`), for callers that merge it with attention over other keys.
 
-On CUDA steps 2 and 4 are Triton kernels that touch only the valid rows (a torch gather of the static B * n
-rows would read and write the whole of q once more); their plain-torch references are
-:func:`pack_rows_reference` / :func:`unpack_rows_reference`. On CPU the default backend is
+On CUDA steps 1 and 3 are Triton kernels that touch only the valid rows (a torch gather of the static B * n
+rows would read and write the whole of q once more); their plain-torch references are :func:`make_plan` +
+:func:`pack_rows_reference` and :func:`unpack_rows_reference`. On CPU the default backend is
 :func:`kept_causal_attention_reference`; ``backend="sdpa_padded"`` runs the packing path there.
 """
 
@@ -67,19 +68,24 @@ _VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class KeptPlan(NamedTuple):
-    """Index plan of one call; every tensor lives on the device, sizes are static (R = B * n rows).
+    """Index plan of one call; both tensors live on the device, sizes are static (R = B * n rows).
 
     cu_seqlens int32 [B + 1]: [0, c0, c0 + c1, ...]; packed rows >= cu_seqlens[-1] are padding.
-    batch, slot, pos int64 [R]: batch row, index in idx[batch] and sequence position of packed row r
-        (clamped into range for padding rows).
     inv int64 [R]: packed row of output position b * n + s, or -1 when s is not kept in row b.
     """
 
     cu_seqlens: torch.Tensor
+    inv: torch.Tensor
+
+
+class PackedRows(NamedTuple):
+    """Where each packed row r (of R = B * n) comes from, int64 [R] each: its batch row, its index in
+    idx[batch] and its sequence position (clamped into range for padding rows). Built in torch by
+    :func:`packed_rows` for the reference paths; the Triton pack derives them per program instead."""
+
     batch: torch.Tensor
     slot: torch.Tensor
     pos: torch.Tensor
-    inv: torch.Tensor
 
 
 class PackedAttention(NamedTuple):
@@ -153,18 +159,36 @@ def kept_lse_reference(q: torch.Tensor, k: torch.Tensor, plan: PrefillPlan) -> t
     return scores.masked_fill(~mask, float("-inf")).logsumexp(dim=-1)
 
 
-def make_plan(idx: torch.Tensor, count: torch.Tensor) -> KeptPlan:
-    """The :class:`KeptPlan` of idx int64 [B, n] and count int [B] (see the module docstring)."""
-    batch, n = idx.shape
-    rows = torch.arange(batch * n, device=idx.device, dtype=torch.int64)
-    count = count.to(torch.int64)
-    ends = count.cumsum(dim=0)
+def _batch_and_slot(cu_seqlens: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch row, slot) int64 [B * n] of every packed row given cu_seqlens [B + 1], clamped into range for the
+    padding rows."""
+    batch = cu_seqlens.shape[0] - 1
+    rows = torch.arange(batch * n, device=cu_seqlens.device, dtype=torch.int64)
+    ends = cu_seqlens[1:].to(torch.int64)
     row_batch = torch.searchsorted(ends, rows, right=True).clamp_(max=batch - 1)
-    slot = (rows - (ends - count)[row_batch]).clamp_(0, n - 1)
-    pos = idx[row_batch, slot]
-    dest = torch.where(rows < ends[-1], row_batch * n + pos, batch * n)  # padding rows -> a spare slot
-    inv = torch.full((batch * n + 1,), -1, device=idx.device, dtype=torch.int64).index_copy_(0, dest, rows)
-    return KeptPlan(F.pad(ends, (1, 0)).to(torch.int32), row_batch, slot, pos, inv[:-1])
+    return row_batch, (rows - cu_seqlens[row_batch].to(torch.int64)).clamp_(0, n - 1)
+
+
+def _cu_seqlens(count: torch.Tensor) -> torch.Tensor:
+    return F.pad(count.to(torch.int64).cumsum(dim=0), (1, 0)).to(torch.int32)
+
+
+def packed_rows(idx: torch.Tensor, count: torch.Tensor) -> PackedRows:
+    """The :class:`PackedRows` of idx int64 [B, n] and count int [B] (plain torch)."""
+    row_batch, slot = _batch_and_slot(_cu_seqlens(count), idx.shape[1])
+    return PackedRows(row_batch, slot, idx[row_batch, slot])
+
+
+def make_plan(idx: torch.Tensor, count: torch.Tensor) -> KeptPlan:
+    """The :class:`KeptPlan` of idx int64 [B, n] and count int [B], in plain torch (the reference of what
+    :func:`pack_kept_triton` writes beside the packed rows)."""
+    batch, n = idx.shape
+    cu = _cu_seqlens(count)
+    rows = packed_rows(idx, count)
+    packed = torch.arange(batch * n, device=idx.device, dtype=torch.int64)
+    dest = torch.where(packed < cu[-1], rows.batch * n + rows.pos, batch * n)  # padding rows -> a spare slot
+    inv = torch.full((batch * n + 1,), -1, device=idx.device, dtype=torch.int64).index_copy_(0, dest, packed)
+    return KeptPlan(cu, inv[:-1])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,43 +196,90 @@ def make_plan(idx: torch.Tensor, count: torch.Tensor) -> KeptPlan:
 
 
 @triton.jit
-def _pack_rows_kernel(
+def _pack_row_block(
     x_ptr,
-    batch_ptr,
-    pos_ptr,
-    cu_ptr,
     out_ptr,
-    n_rows,
-    n_batch,
-    head_dim,
-    stride_xb,
-    stride_xs,
-    stride_xh,
-    stride_xd,
-    stride_or,
-    stride_oh,
-    stride_od,
-    BLOCK_R: tl.constexpr,
+    b,
+    head,
+    pos,
+    dest,
+    kept,
+    written,
+    stride_x,
+    HEADS: tl.constexpr,
+    D: tl.constexpr,
     BLOCK_D: tl.constexpr,
+):
+    """out[dest, head] = x[b, pos, head] where ``kept``, zeros where only ``written`` (one head of a row block;
+    x strides (batch, sequence, head, channel) in ``stride_x``; out contiguous [R, HEADS, D])."""
+    sb, ss, sh, sd = stride_x
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d[None, :] < D
+    src = x_ptr + b * sb + pos[:, None] * ss + head * sh + d[None, :] * sd
+    vals = tl.load(src, mask=kept[:, None] & d_ok, other=0.0)
+    tl.store(out_ptr + (dest[:, None] * HEADS + head) * D + d[None, :], vals, mask=written[:, None] & d_ok)
+
+
+@triton.jit
+def _pack_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    count_ptr,
+    qp_ptr,
+    kp_ptr,
+    vp_ptr,
+    cu_ptr,
+    inv_ptr,
+    n,
+    n_batch,
+    stride_q,
+    stride_k,
+    stride_v,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     ZERO_ROWS: tl.constexpr,
 ):
-    """out[r, h] = x[batch[r], pos[r], h] for r < total; zeros for total <= r < total + ZERO_ROWS.
+    """Gather the kept rows of q, k and v into their packed buffers, write cu_seqlens and inv (one launch).
 
-    Grid (row blocks, heads). Rows past that are neither read nor written.
+    Grid (slot blocks, B, HQ + 2 * HKV): program (blk, b, h) copies slots [blk * BLOCK_R, +BLOCK_R) of batch
+    row b's kept list (positions idx[b, slot], slot < count[b]) to packed rows cu[b] + slot of one head: q
+    head h, else k head h - HQ, else v head h - HQ - HKV. The last batch row also zeroes the ZERO_ROWS rows
+    after the last kept one (within the buffer). The q-head-0 programs write inv[b * n + pos] = packed row
+    (inv holds -1 beforehand), the (0, b, 0) programs cu[b + 1] (and cu[0] = 0).
     """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    head = tl.program_id(1).to(tl.int64)
-    total = tl.load(cu_ptr + n_batch)
-    valid = rows < total
-    b = tl.load(batch_ptr + rows, mask=valid, other=0)
-    s = tl.load(pos_ptr + rows, mask=valid, other=0)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d[None, :] < head_dim
-    src = x_ptr + b[:, None] * stride_xb + s[:, None] * stride_xs + head * stride_xh + d[None, :] * stride_xd
-    vals = tl.load(src, mask=valid[:, None] & d_ok, other=0.0)
-    written = (rows < total + ZERO_ROWS) & (rows < n_rows)
-    dst = out_ptr + rows[:, None].to(tl.int64) * stride_or + head * stride_oh + d[None, :] * stride_od
-    tl.store(dst, vals, mask=written[:, None] & d_ok)
+    blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2)
+    start = tl.zeros([], tl.int64)  # cu[b]: the counts of the batch rows before b
+    for first in range(0, b, BLOCK_B):
+        rows = first + tl.arange(0, BLOCK_B)
+        start += tl.sum(tl.load(count_ptr + rows, mask=rows < b, other=0).to(tl.int64))
+    count = tl.load(count_ptr + b).to(tl.int64)
+    if blk == 0 and h == 0:
+        tl.store(cu_ptr + b + 1, (start + count).to(tl.int32))
+        if b == 0:
+            tl.store(cu_ptr, 0)
+    end = count + tl.where(b == n_batch - 1, ZERO_ROWS, 0)  # slots this batch row writes
+    if blk * BLOCK_R < end:
+        slot = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        kept = slot < count
+        dest = start + slot
+        written = (slot < end) & (dest < n_batch * n)
+        pos = tl.load(idx_ptr + b * n + slot, mask=kept, other=0)
+        if h < HQ:
+            _pack_row_block(q_ptr, qp_ptr, b, h, pos, dest, kept, written, stride_q, HQ, D, BLOCK_D)
+            if h == 0:
+                tl.store(inv_ptr + b * n + pos, dest, mask=kept)
+        elif h < HQ + HKV:
+            _pack_row_block(k_ptr, kp_ptr, b, h - HQ, pos, dest, kept, written, stride_k, HKV, D, BLOCK_D)
+        else:
+            _pack_row_block(v_ptr, vp_ptr, b, h - HQ - HKV, pos, dest, kept, written, stride_v, HKV, D, BLOCK_D)
 
 
 @triton.jit
@@ -243,33 +314,9 @@ def _unpack_rows_kernel(
     tl.store(dst, vals, mask=in_range[:, None] & d_ok)
 
 
-def pack_rows_reference(x_bshd: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
+def pack_rows_reference(x_bshd: torch.Tensor, rows: PackedRows) -> torch.Tensor:
     """[B * n, H, d] contiguous: row r = x_bshd[batch[r], pos[r]] for every r (padding rows: real tokens)."""
-    return x_bshd[plan.batch, plan.pos]
-
-
-def pack_rows_triton(x_bshd: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
-    """Triton :func:`pack_rows_reference`: equal on the valid rows and the next _TAIL_ZERO_ROWS rows are 0;
-    rows after those are left uninitialised (no varlen kernel reads them)."""
-    batch, n, heads, head_dim = x_bshd.shape
-    out = x_bshd.new_empty(batch * n, heads, head_dim)
-    grid = (triton.cdiv(batch * n, _BLOCK_ROWS), heads)
-    _pack_rows_kernel[grid](
-        x_bshd,
-        plan.batch,
-        plan.pos,
-        plan.cu_seqlens,
-        out,
-        batch * n,
-        batch,
-        head_dim,
-        *x_bshd.stride(),
-        *out.stride(),
-        BLOCK_R=_BLOCK_ROWS,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        ZERO_ROWS=_TAIL_ZERO_ROWS,
-    )
-    return out
+    return x_bshd[rows.batch, rows.pos]
 
 
 def unpack_rows_reference(packed: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
@@ -297,6 +344,45 @@ def unpack_rows_triton(packed: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
     return out
 
 
+Packed = tuple[KeptPlan, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def pack_kept_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, count: torch.Tensor
+) -> Packed:
+    """Triton :func:`pack_kept`, one launch (:func:`_pack_kernel`): the plan equals :func:`make_plan`'s, the
+    packed rows equal :func:`pack_rows_reference`'s on the valid rows, the next _TAIL_ZERO_ROWS rows are 0 and
+    the rows after those are left uninitialised (no varlen kernel reads them)."""
+    batch, n_q, n, d = q.shape
+    n_kv = k.shape[1]
+    packed = [x.new_empty(batch * n, x.shape[1], d) for x in (q, k, v)]
+    cu = torch.empty(batch + 1, device=q.device, dtype=torch.int32)
+    inv = torch.full((batch * n,), -1, device=q.device, dtype=torch.int64)
+    grid = (triton.cdiv(n + _TAIL_ZERO_ROWS, _BLOCK_ROWS), batch, n_q + 2 * n_kv)
+    strides = [(x.stride(0), x.stride(2), x.stride(1), x.stride(3)) for x in (q, k, v)]  # (B, S, H, D) order
+    _pack_kernel[grid](
+        q,
+        k,
+        v,
+        idx,
+        count,
+        *packed,
+        cu,
+        inv,
+        n,
+        batch,
+        *strides,
+        HQ=n_q,
+        HKV=n_kv,
+        D=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_R=_BLOCK_ROWS,
+        BLOCK_B=64,
+        ZERO_ROWS=_TAIL_ZERO_ROWS,
+    )
+    return (KeptPlan(cu, inv), *packed)
+
+
 def pack_kept(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -304,14 +390,15 @@ def pack_kept(
     idx: torch.Tensor,
     count: torch.Tensor,
     use_triton: bool | None = None,
-) -> tuple[KeptPlan, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Packed:
     """(plan, q_packed [B*n, Hq, d], k_packed [B*n, Hkv, d], v_packed [B*n, Hkv, d]) from [B, H, n, d] inputs.
 
     ``use_triton``: the Triton gather (None: on CUDA); True on CPU tensors needs TRITON_INTERPRET=1.
     """
-    plan = make_plan(idx, count)
-    pack = pack_rows_triton if wants_triton(q, use_triton) else pack_rows_reference
-    return (plan, *(pack(x.transpose(1, 2), plan) for x in (q, k, v)))
+    if wants_triton(q, use_triton):
+        return pack_kept_triton(q, k, v, idx, count)
+    rows = packed_rows(idx, count)
+    return (make_plan(idx, count), *(pack_rows_reference(x.transpose(1, 2), rows) for x in (q, k, v)))
 
 
 def unpack_kept(out_packed: torch.Tensor, plan: KeptPlan, use_triton: bool | None = None) -> torch.Tensor:
@@ -458,12 +545,13 @@ def _run_sdpa_padded(
     point at it, so no uninitialised (possibly NaN) row enters a softmax or a P @ V product. The lse (SDPA
     does not return it) comes from :func:`_padded_lse` on the same windows."""
     starts = plan.cu_seqlens[:-1].to(torch.int64)
+    row_batch, slot = _batch_and_slot(plan.cu_seqlens, max_seqlen)
     last = (plan.cu_seqlens[-1].to(torch.int64) - 1).clamp(min=0)
     rows = torch.minimum(starts[:, None] + torch.arange(max_seqlen, device=qp.device), last)
     q, k, v = (x[rows].transpose(1, 2) for x in (qp, kp, vp))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_rep > 1)
-    lse = _padded_lse(q, k, scale, n_rep).transpose(1, 2)[plan.batch, plan.slot] if with_lse else None
-    return PackedAttention(out.transpose(1, 2)[plan.batch, plan.slot], lse)
+    lse = _padded_lse(q, k, scale, n_rep).transpose(1, 2)[row_batch, slot] if with_lse else None
+    return PackedAttention(out.transpose(1, 2)[row_batch, slot], lse)
 
 
 _VARLEN = {"fa4": _run_fa4, "fa2": _run_fa2, "torch_varlen": _run_torch_varlen, "sdpa_padded": _run_sdpa_padded}
@@ -547,7 +635,8 @@ def kept_causal_attention_lse(
     backend = backend or default_backend(q)
     if backend == "reference":
         packing = make_plan(plan.idx, plan.count)
-        rows = packing.batch, packing.pos
+        where = packed_rows(plan.idx, plan.count)
+        rows = where.batch, where.pos
         out = kept_causal_attention_reference(q, k, v, plan).transpose(1, 2)[rows]
         return KeptPart(packing, out, kept_lse_reference(q, k, plan).transpose(1, 2)[rows])
     packing, qp, kp, vp = pack_kept(q, k, v, plan.idx, plan.count, use_triton)
