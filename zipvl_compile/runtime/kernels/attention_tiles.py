@@ -36,6 +36,12 @@ def masked_attention_reference(
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def flag_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool [B, n] mask as the tile kernels read per-token flags: uint8, contiguous (a view, no copy, when
+    the mask already is contiguous)."""
+    return mask.contiguous().view(torch.uint8)
+
+
 @triton.jit
 def dot(a, b):
     """a [M, K] @ b [K, N] with fp32 accumulation; fp32 operands multiply exactly (tl.dot alone would round

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from zipvl_compile.runtime.kernels import attention_tiles as tiles
+from zipvl_compile.runtime.kernels.attention_tiles import flag_bytes
 from zipvl_compile.runtime.kernels.device import wants_triton
 from zipvl_compile.runtime.kernels.plan import PrefillPlan
 
@@ -137,7 +138,7 @@ def local_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         v,
         plan.idx,
         before,
-        plan.valid.to(torch.int8),
+        flag_bytes(plan.valid),
         out,
         n,
         heads,

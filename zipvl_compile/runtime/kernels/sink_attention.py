@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from zipvl_compile.runtime.kernels import attention_tiles as tiles
+from zipvl_compile.runtime.kernels.attention_tiles import flag_bytes
 from zipvl_compile.runtime.kernels.device import check_power_of_two, wants_triton
 from zipvl_compile.runtime.kernels.kept_attention import KeptPart, kept_causal_attention_lse
 from zipvl_compile.runtime.kernels.plan import PrefillPlan
@@ -266,8 +267,8 @@ def sink_merge_triton(
         q,
         k,
         v,
-        plan.keep.to(torch.int8),
-        plan.valid.to(torch.int8),
+        flag_bytes(plan.keep),
+        flag_bytes(plan.valid),
         sink_pos,
         kept.plan.inv,
         kept.out,
