@@ -730,8 +730,8 @@ def _check(colsum: torch.Tensor, seen: torch.Tensor, valid: torch.Tensor, min_ke
 
 class _Rows(NamedTuple):
     """What a selection launch writes, allocated by :func:`select_kept_triton`: keep uint8 [B, n], idx int64
-    [B, n], count int64 [B], ratio float32 [B], and the int32 [B, n] order-key scratch rows (mass_key is
-    score_key itself unless Eq. 6's search runs)."""
+    [B, n], count int64 [B], ratio float32 [B], and the int32 [B, n] order-key scratch rows (mass_key is a
+    one-element stand-in unless Eq. 6's search runs)."""
 
     keep: torch.Tensor
     idx: torch.Tensor
@@ -753,7 +753,7 @@ def _launch_split(
     out: _Rows,
 ) -> None:
     """The split selection's launches (grid: programs per row, B) into ``out``; ``given_p``: int64 [B], read
-    with _P_GIVEN only (any tensor otherwise)."""
+    with _P_GIVEN only (a stand-in otherwise)."""
     batch, n = colsum.shape
     chunk = triton.cdiv(triton.cdiv(n, split.programs), split.block) * split.block  # a slice: whole tiles
     n_prog = triton.cdiv(n, chunk)
@@ -838,6 +838,14 @@ def _launch_split(
     )
 
 
+def _stand_in(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor for a kernel argument the launch's mode never reads. Never another argument: no
+    tensor reaches a launch under two names, because Inductor's mutation analysis takes every pointer of these
+    kernels as written (their stores sit in loops) and clones one of two aliased written arguments, a clone
+    whose decomposition failed under dynamic shapes on the GPU (test_compiled_dynamic_shapes_gpu)."""
+    return torch.empty(1, device=like.device, dtype=dtype)
+
+
 def select_kept_triton(
     colsum: torch.Tensor,
     seen: torch.Tensor,
@@ -868,11 +876,9 @@ def select_kept_triton(
         count=torch.empty(batch, device=colsum.device, dtype=torch.int64),
         ratio=torch.empty(batch, device=colsum.device, dtype=torch.float32),
         score_key=score_key,
-        mass_key=torch.empty_like(score_key) if p_mode == _P_MASS else score_key,  # unused unless _P_MASS
+        mass_key=torch.empty_like(score_key) if p_mode == _P_MASS else _stand_in(colsum, torch.int32),  # _P_MASS only
     )
-    # read with _P_GIVEN only; otherwise a read-only input stands in (never an output: an argument both read and
-    # written through another name makes Inductor clone it, whose decomposition failed under dynamic shapes)
-    given_p = colsum if given_p is None else given_p
+    given_p = _stand_in(colsum, torch.int64) if given_p is None else given_p  # read with _P_GIVEN only
     valid_u8 = valid.to(torch.uint8)
     if isinstance(tiles, SelectSplit):
         _launch_split(colsum, seen, valid_u8, given_p, p_mode, tau, min_keep, tiles, out)
