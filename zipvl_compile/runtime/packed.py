@@ -135,7 +135,10 @@ def copy_slots_(into: Segment, seg: Segment, slots: int) -> None:
     """Copy the first ``slots`` slots of ``seg`` (a multiple of GROUP, within both capacities) and its ``fill`` into
     ``into``, a segment of the same batch, heads, head dim and bits; ``into``'s other slots are left as they are.
     One C call on the CPU where the library is built (:func:`~zipvl_compile.runtime.kernels.native.copy_slots_native_`),
-    else a copy per field (its oracle)."""
+    else a copy per field (its oracle). No slots (an empty segment and no reserve): the fill only."""
+    if slots == 0:
+        into.fill.copy_(seg.fill)
+        return
     lib = native.library() if seg.pos.is_cpu else None
     if lib is not None and native.copy_refusal(into, seg, slots) is None:
         native.launch_copy(lib, into, seg, slots)
