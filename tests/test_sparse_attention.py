@@ -71,6 +71,7 @@ def test_prompts_shorter_than_dense_below_run_dense(dense_below, dense):
     )
     assert torch.equal(keep, mask[:, 0, 0]) is dense  # every valid token kept iff dense
     assert moments[2].item() == float(dense)
+    assert torch.equal(moments[:2], torch.stack([ratio.mean(), (ratio * ratio).mean()]))  # (1, 1) when dense
     if dense:
         want = dense_attention(q, k, v, mask, True, 0.25, 2).masked_fill(~mask[:, 0, 0, None, :, None], 0)
         torch.testing.assert_close(out, want, atol=0, rtol=0)

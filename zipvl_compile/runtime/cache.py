@@ -43,7 +43,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Stati
 
 from zipvl_compile.runtime import ops
 from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail, clear_, nbytes, round_up
-from zipvl_compile.runtime.packed import shrunk_slots
+from zipvl_compile.runtime.packed import copy_slots_, shrunk_slots
 
 STORED_BITS = (*QUANT_BITS, 16)  # 16 = unquantised (model dtype), only as hi_bits = lo_bits = 16
 CLASS_STEP = 256  # size classes: multiples of 256 slots below 4096 ...
@@ -324,9 +324,7 @@ class ZipVLLayer(CacheLayerMixin):
         fits = spare is not None and spare.k_scale.shape[:2] == (batch, heads) and spare.k_scale.shape[3] == d
         if not (fits and spare.pos.device == device and spare.capacity >= need):
             spare = Segment.empty(batch, heads, self.plan(self.prompt_len).pooled_slots(need), d, bits, device)
-        for into, tensor, shape in zip(spare, seg, seg.cut_shapes(need), strict=True):
-            window = tuple(map(slice, shape))
-            into[window].copy_(tensor[window])
+        copy_slots_(spare, seg, need)
         return spare
 
     def mark_static(self) -> None:

@@ -196,10 +196,13 @@ def _bshd(x: torch.Tensor) -> torch.Tensor:
 
 
 def _outputs(outputs: sparse_impl.Outputs, prefill: Prefill, stats_slot: int) -> sparse_impl.Outputs:
-    """(out, keep, ratio) of a sparse prefill as the ops return them; the ratio, and whether the prompt was too
-    short for the sparse path (``prefill.selection.too_short``), are stored in ``stats_slot``."""
+    """(out, keep, ratio) of a sparse prefill as the ops return them; the ratio (known to be 1 when the prefill ran
+    dense, ``prefill.selection.runs_dense``), and whether the prompt was too short for the sparse path
+    (``prefill.selection.too_short``), are stored in ``stats_slot``."""
     out, keep, ratio = outputs
-    stats.record_ratio(stats_slot, ratio, prefill.selection.too_short(out))
+    if stats_slot >= 0:
+        selection = prefill.selection
+        stats.record_ratio(stats_slot, None if selection.runs_dense(out) else ratio, selection.too_short(out))
     return _bshd(out), keep, ratio
 
 

@@ -18,9 +18,15 @@ def new_slot(device: torch.device) -> tuple[int, torch.Tensor]:
     return len(_SLOTS) - 1, _SLOTS[-1]
 
 
-def record_ratio(slot: int, ratio: torch.Tensor, short: bool) -> None:
+def record_ratio(slot: int, ratio: torch.Tensor | None, short: bool) -> None:
     """Store (mean r, mean r^2, short) of a batch of kept ratios ``ratio`` float32 [B] into ``slot``; ``short``:
-    the prefill ran dense because the prompt was shorter than the op's ``dense_below``."""
-    if slot >= 0:
-        _SLOTS[slot][:2].copy_(torch.stack([ratio.mean(), (ratio * ratio).mean()]))
-        _SLOTS[slot][2].fill_(float(short))  # a fill: no host-to-device copy (a blocking one syncs the stream)
+    the prefill ran dense because the prompt was shorter than the op's ``dense_below``. ``ratio`` None: the prefill
+    kept every token (r = 1 in every row), stored without reading a ratio (two fills instead of five ops)."""
+    if slot < 0:
+        return
+    moments, flag = _SLOTS[slot][:2], _SLOTS[slot][2]
+    if ratio is None:
+        moments.fill_(1.0)
+    else:
+        moments.copy_(torch.stack([ratio.mean(), (ratio * ratio).mean()]))
+    flag.fill_(float(short))  # a fill: no host-to-device copy (a blocking one syncs the stream)
