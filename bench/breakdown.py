@@ -2,19 +2,19 @@
 
     python -m bench.breakdown decode [--context 8192] [--batch 1] [--methods static zipvl] [--steps 20]
     python -m bench.breakdown prefill [--length 32768] [--ratio 0.4] [--methods fa4 zipvl] [--steps 2]
-    python -m bench.breakdown op [--length 8192] [--steps 20]     # zipvl.sparse_attention alone
+    python -m bench.breakdown op [--length 8192] [--shape qwen2-7b] [--mode sinks]   # zipvl.sparse_attention alone
     python -m bench.breakdown {decode,prefill,op} --smoke    # tiny sizes on the CPU
 
 ``decode``: bench.decode's model and setup (HF static cache + ``torch.compile(mode="reduce-overhead")``, or the
 packed ZipVLCache under the zipvl backend with CUDA graphs); a step is one greedy token. ``prefill``:
 bench.prefill's Qwen2-7B-shaped model and options (HF with FA4 when importable, else sdpa; or zipvl with the kept
 ratio forced to ``--ratio``); a step is one forward of the prompt. ``op``: the whole ``zipvl.sparse_attention`` op
-called eagerly as ``bench.prefill_attention`` times it (Qwen2-7B shape, planted sparsity at ``--ratio``, tau
-0.975, sinks mode), beside dense attention (FA4 when importable, else SDPA). Per method, after ``--warmup`` steps
-(compilation, CUDA-graph recording): the wall time per step, then a ``torch.profiler`` trace of ``--steps``
-steps (kernels replayed from CUDA graphs included): kernels per step, GPU busy time per step, the kernels taking
-the most time; then ``cProfile`` of as many steps (host time per function, cumulative and own). Printed, and written to
-$OUT/breakdown_{decode,prefill,op}.json when $OUT is set.
+called eagerly as ``bench.prefill_attention`` times it (``--shape`` of its shapes, planted sparsity at
+``--ratio``, tau 0.975, prefill mode ``--mode``), beside dense attention (FA4 when importable, else SDPA). Per
+method, after ``--warmup`` steps (compilation, CUDA-graph recording): the wall time per step, then a
+``torch.profiler`` trace of ``--steps`` steps (kernels replayed from CUDA graphs included): kernels per step, GPU
+busy time per step, the kernels taking the most time; then ``cProfile`` of as many steps (host time per function,
+cumulative and own). Printed, and written to $OUT/breakdown_{decode,prefill,op}.json when $OUT is set.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench import decode, prefill
+from bench import decode, prefill, prefill_attention
 from bench._timing import device_name, write_json
 
 METHODS = {"decode": ("static", "zipvl"), "prefill": ("hf", "zipvl"), "op": ("dense", "zipvl")}
@@ -126,25 +126,24 @@ def prefill_steps(args: argparse.Namespace) -> tuple[dict, dict[str, Callable[[]
 
 def op_steps(args: argparse.Namespace) -> tuple[dict, dict[str, Callable[[], Callable[[], None]]]]:
     """As :func:`decode_steps`, a step being one call of the op (or of dense attention) on one layer's inputs."""
-    from bench import prefill_attention as pa
     from zipvl_compile.config import ZipVLConfig
     from zipvl_compile.runtime import ops
 
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
-    shape = pa.SHAPES["qwen2-7b"]
-    t = pa.planted(shape, 512 if args.smoke else args.length, args.ratio, dtype, device)
+    shape = prefill_attention.SHAPES[args.shape]
+    t = prefill_attention.planted(shape, 512 if args.smoke else args.length, args.ratio, dtype, device)
     q, k, v = t.bhsd()
     cfg = ZipVLConfig()
     rows = ops.probe_rows(q, is_causal=True, **cfg.probe_kwargs())
-    kwargs = {**cfg.probe_kwargs(), **cfg.selection_kwargs(), "prefill_mode": "sinks"}
+    kwargs = {**cfg.probe_kwargs(), **cfg.selection_kwargs(), "prefill_mode": args.mode}
     kwargs.update(is_causal=True, scale=t.scale, n_rep=t.n_rep)
-    backends = pa.dense_backends()
+    backends = prefill_attention.dense_backends()
     dense = backends.get("fa4") or next(iter(backends.values()))
     makers = {
         "dense": lambda: lambda: dense(t),
         "zipvl": lambda: lambda: ops.sparse_attention(q, k, v, probe_rows=rows, **kwargs),
     }
-    facts = {"length": q.shape[2], "ratio": args.ratio}
+    facts = {"length": q.shape[2], "ratio": args.ratio, "shape": args.shape, "mode": args.mode}
     return facts, {name: makers[name] for name in args.methods or METHODS["op"]}
 
 
@@ -155,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1, help="decode: batch size")
     parser.add_argument("--length", type=int, default=32768, help="prefill, op: prompt tokens")
     parser.add_argument("--ratio", type=float, default=0.4, help="prefill: zipvl's forced kept ratio; op: planted")
+    shapes, modes = list(prefill_attention.SHAPES), list(prefill_attention.MODES)
+    parser.add_argument("--shape", default="qwen2-7b", choices=shapes, help="op: the heads of the layer")
+    parser.add_argument("--mode", default="sinks", choices=modes, help="op: the prefill mode")
     parser.add_argument("--steps", type=int, default=None, help="profiled steps (default: decode 20, prefill 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: decode 8, prefill 1)")
     parser.add_argument("--top", type=int, default=30)

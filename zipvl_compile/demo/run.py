@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import statistics
 import sys
 import threading
 import time
@@ -170,25 +171,39 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def warm_up(subject: Subject, max_new: int) -> float:
-    """Generate two tokens with the timed run's max_new_tokens (so cache sizes, hence graphs, are the timed
-    run's): compiles, or warms up, the prefill and the decode. Returns the seconds taken."""
+# Prefills timed per model (the median is reported): one prefill of the default prompt, ~0.6 s on two CPU cores,
+# varies by 5-10% from run to run, more than the difference the --compare-dense table is there to show.
+PREFILL_RUNS = 3
+
+
+def _generate_tokens(subject: Subject, max_new: int, tokens: int) -> float:
+    """Generate ``tokens`` tokens with the timed run's max_new_tokens (so cache sizes, hence graphs, are the
+    timed run's); returns the seconds taken."""
     from transformers import StoppingCriteriaList
 
     start = time.perf_counter()
-    stop = StoppingCriteriaList([_StopAfter(subject.inputs["input_ids"].shape[1], 2)])
+    stop = StoppingCriteriaList([_StopAfter(subject.inputs["input_ids"].shape[1], tokens)])
     with torch.no_grad():
         subject.model.generate(**subject.inputs, max_new_tokens=max_new, do_sample=False, stopping_criteria=stop)
     return time.perf_counter() - start
 
 
+def warm_up(subject: Subject, max_new: int) -> float:
+    """Two tokens (:func:`_generate_tokens`): compiles, or warms up, the prefill and the decode. Returns the seconds
+    taken."""
+    return _generate_tokens(subject, max_new, 2)
+
+
 def generate(subject: Subject, max_new: int, device: str, stream: bool = False, on_first: Any = None) -> dict[str, Any]:
-    """Greedy generate, timed: prefill seconds, decode tokens/s, peak memory growth, new tokens and text.
+    """Greedy generate, timed: prefill seconds (the median over :data:`PREFILL_RUNS` prefills: the generate's own
+    time to its first token and that of ``PREFILL_RUNS - 1`` one-token generates before it), decode tokens/s, peak
+    memory growth, new tokens and text.
 
     stream: print the text as it is generated; on_first: called once the first new token is out (prefill done).
     """
     from transformers import TextStreamer
 
+    prefills = [_generate_tokens(subject, max_new, 1) for _ in range(PREFILL_RUNS - 1)]
     tok = subject.tokenizer
     text = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     clock = _Clock(text, on_first)
@@ -202,7 +217,8 @@ def generate(subject: Subject, max_new: int, device: str, stream: bool = False, 
         "new_tokens": len(new),
         "token_ids": new,
         "text": tok.decode(new, skip_special_tokens=True) if tok is not None else None,
-        "prefill_s": t[1] - t[0],
+        "prefill_s": statistics.median([t[1] - t[0], *prefills]),
+        "prefill_runs": PREFILL_RUNS,
         "decode_s": decode_s,
         "decode_tokens_per_s": (len(t) - 2) / decode_s if decode_s else None,
         "peak_memory_bytes": memory.growth,
