@@ -64,6 +64,7 @@ _BLOCK_ROWS = 32  # packed / output rows per Triton program (one head per progra
 # tiles, and a masked score times a NaN value row is still NaN, so the rows a tile can run into past the
 # last sequence must be finite (all other garbage rows are never read).
 _TAIL_ZERO_ROWS = 256
+_COUNT_BLOCK = 64  # batch rows' counts a pack program sums per step to find where its row's packed rows begin
 _VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -344,15 +345,15 @@ def unpack_rows_triton(packed: torch.Tensor, plan: KeptPlan) -> torch.Tensor:
     return out
 
 
-Packed = tuple[KeptPlan, torch.Tensor, torch.Tensor, torch.Tensor]
+Packed = tuple[KeptPlan, torch.Tensor, torch.Tensor, torch.Tensor]  # (plan, q_packed, k_packed, v_packed)
 
 
 def pack_kept_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, count: torch.Tensor
 ) -> Packed:
-    """Triton :func:`pack_kept`, one launch (:func:`_pack_kernel`): the plan equals :func:`make_plan`'s, the
-    packed rows equal :func:`pack_rows_reference`'s on the valid rows, the next _TAIL_ZERO_ROWS rows are 0 and
-    the rows after those are left uninitialised (no varlen kernel reads them)."""
+    """Triton :func:`pack_kept`, one launch of :func:`_pack_kernel` after the fill of ``inv``: the plan equals
+    :func:`make_plan`'s, the packed rows equal :func:`pack_rows_reference`'s on the valid rows, the next
+    _TAIL_ZERO_ROWS rows are 0 and the rows after those are left uninitialised (no varlen kernel reads them)."""
     batch, n_q, n, d = q.shape
     n_kv = k.shape[1]
     packed = [x.new_empty(batch * n, x.shape[1], d) for x in (q, k, v)]
@@ -377,7 +378,7 @@ def pack_kept_triton(
         D=d,
         BLOCK_D=triton.next_power_of_2(d),
         BLOCK_R=_BLOCK_ROWS,
-        BLOCK_B=64,
+        BLOCK_B=_COUNT_BLOCK,
         ZERO_ROWS=_TAIL_ZERO_ROWS,
     )
     return (KeptPlan(cu, inv), *packed)
