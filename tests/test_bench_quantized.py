@@ -1,7 +1,10 @@
-"""bench.decode's transformers QuantizedCache methods on the CPU (bytes held, tokens produced, skipped rows), and
-bench.breakdown's smoke runs."""
+"""bench.decode's transformers QuantizedCache methods on the CPU (bytes held, tokens produced, skipped rows),
+bench.breakdown's smoke runs, and the bench folder's module names."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +93,10 @@ def test_breakdown_smoke(monkeypatch, tmp_path, what, methods):
     assert (tmp_path / f"breakdown_{what}.json").exists()
     with pytest.raises(SystemExit):
         breakdown.main([what, "--smoke", "--methods", "hf" if what == "decode" else "static"])
+
+
+def test_no_bench_module_shadows_the_standard_library() -> None:
+    """``python bench/<script>.py`` puts bench/ first on sys.path: a bench/select.py was imported for the standard
+    library's ``select`` (by ``subprocess``) and broke every script run that way."""
+    names = {path.stem for path in (Path(__file__).parents[1] / "bench").glob("*.py")}
+    assert len(names) > 5 and not names & set(sys.stdlib_module_names)

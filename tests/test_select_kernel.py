@@ -347,8 +347,8 @@ def test_sm_count_traces_as_a_constant(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bench_select_smoke(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """bench/select.py runs (tiny rows on the interpreter): every launch gives the same result, times positive."""
-    from bench import select as bench
+    """bench/selection.py runs (tiny rows on the interpreter): every launch gives the same result, times positive."""
+    from bench import selection as bench
 
     monkeypatch.setenv("OUT", str(tmp_path))
     rows = bench.main(["--smoke"])

@@ -5,8 +5,8 @@ min_keep 64), ``select_kept_triton`` with one program per row (:data:`DEFAULT_SE
 prefetch) and with :func:`select_launch_for`'s launch (the split launch from 8k keys), median ms from CUDA-graph
 replay; ``same`` = every launch returned the same keep / ratio / idx / count.
 
-    python -m bench.select            # GPU; prints a markdown table, writes $OUT/select.json if OUT is set
-    python -m bench.select --smoke    # tiny sizes on CPU under the Triton interpreter (TRITON_INTERPRET=1)
+    python -m bench.selection            # GPU; prints a markdown table, writes $OUT/select.json if OUT is set
+    python -m bench.selection --smoke    # tiny sizes on CPU under the Triton interpreter (TRITON_INTERPRET=1)
 """
 
 from __future__ import annotations
