@@ -195,9 +195,14 @@ def _choose(valid: torch.Tensor, probes: Probes) -> torch.Tensor:
     return choose_probes(valid, probes.n_probe_recent, probes.n_probe_random, probes.seed)
 
 
+def _causal_without_mask(geometry: Geometry, attn_mask: torch.Tensor | None) -> Geometry:
+    """No mask at all means causal."""
+    return geometry._replace(is_causal=geometry.is_causal or attn_mask is None)
+
+
 def _validity(q: torch.Tensor, attn_mask: torch.Tensor | None, geometry: Geometry) -> tuple[Geometry, torch.Tensor]:
     """(geometry with is_causal set where there is no mask at all, valid bool [B, n])."""
-    geometry = geometry._replace(is_causal=geometry.is_causal or attn_mask is None)
+    geometry = _causal_without_mask(geometry, attn_mask)
     return geometry, token_validity(attn_mask, geometry.is_causal, q.shape[0], q.shape[2], q.device)
 
 
@@ -209,16 +214,13 @@ def _dense(qkv: QKV, attn_mask: torch.Tensor | None, geometry: Geometry) -> Outp
     per layer at a 329-token prompt for the copy, ~0.1 ms for the rest)."""
     q = qkv.q
     batch, n = q.shape[0], q.shape[2]
-    geometry = geometry._replace(is_causal=geometry.is_causal or attn_mask is None)  # as _validity
+    geometry = _causal_without_mask(geometry, attn_mask)  # before the mask may be dropped below
     if attn_mask is not None and attn_mask.dtype == torch.bool and host_reads_are_free(attn_mask):
         attn_mask = None if bool(attn_mask.all()) else attn_mask
     out = dense_attention(*qkv, attn_mask, geometry.is_causal, geometry.scale, geometry.n_rep)
-    if attn_mask is None:
-        valid = torch.ones(batch, n, dtype=torch.bool, device=q.device)
-    else:
-        valid = token_validity(attn_mask, geometry.is_causal, batch, n, q.device)
-        if not (host_reads_are_free(valid) and bool(valid.all())):
-            out = torch.where(valid[:, None, :, None], out, 0)
+    valid = token_validity(attn_mask, geometry.is_causal, batch, n, q.device)  # no mask: all ones, no read
+    if attn_mask is not None and not (host_reads_are_free(valid) and bool(valid.all())):
+        out = torch.where(valid[:, None, :, None], out, 0)
     return out, valid, torch.ones(batch, device=q.device)
 
 

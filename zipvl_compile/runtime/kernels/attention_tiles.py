@@ -153,9 +153,9 @@ def attend_window(
     BLOCK_N: tl.constexpr,
 ):
     """The dense window of the query rows at positions ``pos`` [M] (all in [first, end)): the keys j in
-    [start, end) with 0 <= pos - j < window and valid_row[j] != 0 (valid_row, keep_row: int8 pointers to the
-    batch row's flags), in tiles of BLOCK_N from ``start`` -> the new ``state``. keep_row not None: minus the
-    kept keys of the kept rows (``row_keep`` bool [M]). The tiles inside every row's window (keys >
+    [start, end) with 0 <= pos - j < window and valid_row[j] != 0 (valid_row, keep_row: byte pointers to the
+    batch row's flags, :func:`flag_bytes`), in tiles of BLOCK_N from ``start`` -> the new ``state``. keep_row not
+    None: minus the kept keys of the kept rows (``row_keep`` bool [M]). The tiles inside every row's window (keys >
     end - 1 - window and <= first) skip the position masks."""
     # interior tiles: k in [k_lo, k_mid), k-th tile at start + k * BLOCK_N
     k_lo = (tl.maximum(end - window - start, 0) + BLOCK_N - 1) // BLOCK_N

@@ -176,7 +176,11 @@ def _cu_seqlens(count: torch.Tensor) -> torch.Tensor:
 
 def packed_rows(idx: torch.Tensor, count: torch.Tensor) -> PackedRows:
     """The :class:`PackedRows` of idx int64 [B, n] and count int [B] (plain torch)."""
-    row_batch, slot = _batch_and_slot(_cu_seqlens(count), idx.shape[1])
+    return _packed_rows(idx, _cu_seqlens(count))
+
+
+def _packed_rows(idx: torch.Tensor, cu_seqlens: torch.Tensor) -> PackedRows:
+    row_batch, slot = _batch_and_slot(cu_seqlens, idx.shape[1])
     return PackedRows(row_batch, slot, idx[row_batch, slot])
 
 
@@ -185,7 +189,7 @@ def make_plan(idx: torch.Tensor, count: torch.Tensor) -> KeptPlan:
     :func:`pack_kept_triton` writes beside the packed rows)."""
     batch, n = idx.shape
     cu = _cu_seqlens(count)
-    rows = packed_rows(idx, count)
+    rows = _packed_rows(idx, cu)
     packed = torch.arange(batch * n, device=idx.device, dtype=torch.int64)
     dest = torch.where(packed < cu[-1], rows.batch * n + rows.pos, batch * n)  # padding rows -> a spare slot
     inv = torch.full((batch * n + 1,), -1, device=idx.device, dtype=torch.int64).index_copy_(0, dest, packed)
