@@ -79,15 +79,23 @@ def bytes_read(B: int, H: int, n_rep: int, n: int, d: int, elt: int) -> int:
 
 
 def variants_for(n_rep: int) -> list[dict]:
-    """The tuning grid timed by ``--variants``: every segment path that applies, warps, programs per SM."""
+    """The tuning grid timed by ``--variants``: every segment path that applies, warps, programs per SM, stages,
+    register cap (0: uncapped)."""
     grid = [
-        dict(path="swap", num_warps=w, programs_per_sm=p, num_stages=st)
+        dict(path="swap", num_warps=w, programs_per_sm=p, num_stages=st, maxnreg=0)
         for w in (1, 2, 4)
         for p in (4, 8, 16)
         for st in (1, 2, 3)
     ]
+    grid += [
+        dict(path="swap", num_warps=2, programs_per_sm=p, num_stages=2, maxnreg=r) for p in (8, 16) for r in (168, 128)
+    ]
     if n_rep == 1:
-        grid += [dict(path="fma", num_warps=4, programs_per_sm=p, num_stages=1) for p in (8, 16, 32)]
+        grid += [
+            dict(path="fma", num_warps=4, programs_per_sm=p, num_stages=1, maxnreg=r)
+            for p in (8, 16, 32)
+            for r in (0, 96, 128)
+        ]
     return grid
 
 
@@ -189,12 +197,13 @@ def markdown(rows: list[dict]) -> str:
         )
     tuned = [(r, v) for r in rows for v in r["variants"]]
     if tuned:
-        head = "| n | B | heads | path | warps | programs/SM | stages | µs | vs policy | max diff |"
-        lines += ["", head, "|" + "---|" * 10]
+        head = "| n | B | heads | path | warps | programs/SM | stages | maxnreg | µs | vs policy | max diff |"
+        lines += ["", head, "|" + "---|" * 11]
         for r, v in tuned:
             lines.append(
                 f"| {r['n']} | {r['B']} | {r['Hq']}/{r['H']} | {v['path']} | {v['num_warps']} | "
-                f"{v['programs_per_sm']} | {v['num_stages']} | {v['us']:.1f} | {r['triton_graph_us'] / v['us']:.2f}x | "
+                f"{v['programs_per_sm']} | {v['num_stages']} | {v['maxnreg'] or '-'} | {v['us']:.1f} | "
+                f"{r['triton_graph_us'] / v['us']:.2f}x | "
                 f"{v['max_diff_vs_policy']:.1e} |"
             )
     return "\n".join(lines)

@@ -247,6 +247,18 @@ def test_splits_agree(num_splits):
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("maxnreg", [0, 96, 168])
+def test_register_cap(path, maxnreg):
+    """A register cap (0: uncapped) leaves the result the reference's (on a GPU the capped kernels compile with
+    spills; the interpreter ignores the cap)."""
+    n_rep = 1 if path == "fma" else 4
+    args, _ = make_case(n_rep=n_rep, seed=8)
+    ref = decode_attention_reference(**args)
+    out = decode_attention_triton(*split(to_device(args)), path=path, maxnreg=maxnreg)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
 def test_dispatcher():
     args, _ = make_case(seed=2)
     ref = decode_attention_reference(**args)

@@ -44,8 +44,10 @@ Implementations with the same contract:
   take exact fp32 operands so that tests can be tight.
 
 Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): the CUDA-core path
-runs 1.25-1.94x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at about 40%
-of the bandwidth SDPA reaches: it is bound by instructions (about 3 per code: mask-or, add, FMA), not bytes.
+runs 1.37-2.11x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at 30-45% of
+the bandwidth SDPA reaches: it is bound by instructions (about 3 per code: mask-or, add, FMA), not bytes, and
+runs capped at 128 registers per thread (the policy's ``maxnreg``: ptxas otherwise takes 163, one program per SM
+fewer, 7-15% slower).
 The swapped tensor-core path (GQA 28/4) runs 1.04-1.33x faster than SDPA from 32k or at B = 8 and 0.85x at 8k
 B = 1 (13 µs against 11: launch-bound), at 22-29% of SDPA's bandwidth: bound by issue at low occupancy (255 registers,
 about 1100 instructions per 64-slot block and thread, of which the transposed value-code loads are byte-wide
@@ -57,6 +59,7 @@ output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -86,11 +89,13 @@ class DecodeCall(NamedTuple):
 
 class Tuning(NamedTuple):
     """Launch tuning of a segment path: split-K target in programs per SM (several waves even out splits of
-    unequal length), warps per program, software-pipelining depth."""
+    unequal length), warps per program, software-pipelining depth, and the register cap per thread given to
+    ptxas (``maxnreg``; None: uncapped, ptxas then takes what it likes, up to 255, whatever the occupancy)."""
 
     programs_per_sm: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
 
 
 # The segment paths (module docstring): "fma" (CUDA cores, n_rep = 1), "swap" (tensor cores, the codes as the big
@@ -98,7 +103,7 @@ class Tuning(NamedTuple):
 PATHS = ("fma", "swap")
 # per path, from the H200 sweeps of bench/decode_attention.py --variants (BENCHMARKS.md)
 _TUNING = {
-    "fma": Tuning(programs_per_sm=16, num_warps=4, num_stages=1),
+    "fma": Tuning(programs_per_sm=16, num_warps=4, num_stages=1, maxnreg=128),
     "swap": Tuning(programs_per_sm=8, num_warps=2, num_stages=2),
 }
 # query-head rows per program, padded: on the tensor-core path the queries are the small N operand of the dots,
@@ -618,6 +623,15 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
     tl.store(out_ptr + row * D + chan, (acc / tl.where(total > 0.0, total, 1.0)).to(out_ptr.dtype.element_ty))
 
 
+@functools.cache
+def _partial_launcher(num_warps: int, num_stages: int, maxnreg: int | None) -> triton.runtime.Autotuner:
+    """:func:`_decode_partial_kernel` with one launch configuration, as an autotuner of that one config: a
+    register cap reaches a kernel that torch.compile traces only through a config (it takes num_warps and
+    num_stages as launch options, maxnreg not)."""
+    config = triton.Config({}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+    return triton.autotune(configs=[config], key=[])(_decode_partial_kernel)
+
+
 def default_path(n_rep: int) -> str:
     """The policy's segment path for ``n_rep`` query heads per KV head."""
     return "fma" if n_rep == 1 else "swap"
@@ -663,6 +677,7 @@ def decode_attention_triton(
     programs_per_sm: int | None = None,
     num_stages: int | None = None,
     asm: bool | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Split-K Triton decode attention; arguments as :func:`decode_attention`.
 
@@ -670,7 +685,7 @@ def decode_attention_triton(
     KV head), default :func:`num_splits_for` with ``programs_per_sm``; path: the segment path, one of
     :data:`PATHS` (default :func:`default_path`; "fma" serves one query head per KV head); num_warps /
     num_stages: warps per program, software-pipelining depth; asm: the inline-PTX code unpacking of the
-    tensor-core path (default on CUDA).
+    tensor-core path (default on CUDA); maxnreg: the register cap per thread (0: uncapped).
     Segment tensors are made contiguous (a no-op for cache buffers). Returns [B, Hq, 1, d] in q's dtype.
     """
     hi, lo, tail, n_rep = call.hi, call.lo, call.tail, call.n_rep
@@ -706,7 +721,12 @@ def decode_attention_triton(
             seg._replace(k_codes=seg.k_codes.view(torch.uint32), v_codes=seg.v_codes.view(torch.uint32))
             for seg in (hi, lo)
         )
-    wrap_triton(_decode_partial_kernel)[(B, H, S)](
+    launch = _partial_launcher(
+        num_warps or max(policy.num_warps, 8 if d == 256 else 1),
+        num_stages or policy.num_stages,
+        policy.maxnreg if maxnreg is None else maxnreg or None,
+    )
+    wrap_triton(launch)[(B, H, S)](
         q.contiguous(),
         *hi,
         c_hi,
@@ -733,8 +753,6 @@ def decode_attention_triton(
         F32=q.dtype == torch.float32,
         ASM=(q.is_cuda if asm is None else asm) and q.dtype != torch.float32,
         PATH=PATHS.index(path),
-        num_warps=num_warps or max(policy.num_warps, 8 if d == 256 else 1),
-        num_stages=num_stages or policy.num_stages,
     )
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
     merge_chunk = min(triton.next_power_of_2(S), _MERGE_CHUNK)
