@@ -131,8 +131,8 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, variants: b
     q, call = args["q"], dec.DecodeCall(**{name: value for name, value in args.items() if name != "q"})
     fn = lambda: dec.decode_attention_triton(q, call)
     out = fn()
-    pps = dec.tuning(dec.default_path(n_rep)).programs_per_sm
-    splits = sum(dec.num_splits_for(B, H, n // 2, n // 2, R, sm_count(torch.device(device)), pps))
+    policy = dec.tuning(dec.default_path(n_rep))
+    splits = sum(dec.num_splits_for(B, H, n // 2, n // 2, R, sm_count(torch.device(device)), policy))
     err = None  # the fp32 reference is skipped where it would not fit comfortably
     if B * H * n_rep * n * d * 4 <= 2**30:
         err = (out.float() - decode_attention_reference(**args).float()).abs().max().item()

@@ -43,15 +43,15 @@ Implementations with the same contract:
   writes them to a workspace; a second kernel merges all partials, a chunk of them at a time. fp32 inputs
   take exact fp32 operands so that tests can be tight.
 
-Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): the CUDA-core path
-runs 1.37-2.11x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at 30-45% of
-the bandwidth SDPA reaches: it is bound by instructions (about 3 per code: mask-or, add, FMA), not bytes, and
-runs capped at 128 registers per thread (the policy's ``maxnreg``: ptxas otherwise takes 163, one program per SM
-fewer, 7-15% slower).
-The swapped tensor-core path (GQA 28/4) runs 1.04-1.33x faster than SDPA from 32k or at B = 8 and 0.85x at 8k
-B = 1 (13 µs against 11: launch-bound), at 22-29% of SDPA's bandwidth: bound by issue at low occupancy (255 registers,
-about 1100 instructions per 64-slot block and thread, of which the transposed value-code loads are byte-wide
-shared loads and byte permutes).
+Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py`` and the split sweep of BENCHMARKS.md): the
+CUDA-core path runs 1.66-2.11x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8)
+at 30-45% of the bandwidth SDPA reaches: it is bound by instructions (about 3 per code: mask-or, add, FMA), not
+bytes; it runs capped at 128 registers per thread (the policy's ``maxnreg``: ptxas otherwise takes 163, one
+program per SM fewer, 7-15% slower) and in splits of at least 8 blocks (shorter ones cost more in fixed work and
+merged partials than they gain in waves). The swapped tensor-core path (GQA 28/4) runs 1.12-1.27x faster than
+SDPA from 32k or at B = 8 and 0.81x at 8k B = 1 (13.6 µs against 11.0, of which the merge launch is 3.2), at
+22-29% of SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1100 instructions per 64-slot
+block and thread, of which the transposed value-code loads are byte-wide shared loads and byte permutes).
 
 Shapes: q ``[B, Hq, 1, d]`` with ``Hq = H * n_rep`` (query head ``h * n_rep + r`` reads KV head ``h``);
 output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 4, 8}.
@@ -89,13 +89,17 @@ class DecodeCall(NamedTuple):
 
 class Tuning(NamedTuple):
     """Launch tuning of a segment path: split-K target in programs per SM (several waves even out splits of
-    unequal length), warps per program, software-pipelining depth, and the register cap per thread given to
-    ptxas (``maxnreg``; None: uncapped, ptxas then takes what it likes, up to 255, whatever the occupancy)."""
+    unequal length), warps per program, software-pipelining depth, the register cap per thread given to ptxas
+    (``maxnreg``; None: uncapped, ptxas then takes what it likes, up to 255, whatever the occupancy), and the
+    bounds on a segment's splits: each walks at least ``min_blocks`` blocks of GROUP slots of a full segment, a
+    segment has at most ``max_splits`` (a split's fixed costs and the merge's partials weigh more than waves)."""
 
     programs_per_sm: int
     num_warps: int
     num_stages: int
     maxnreg: int | None = None
+    min_blocks: int = 4
+    max_splits: int = 64
 
 
 # The segment paths (module docstring): "fma" (CUDA cores, n_rep = 1), "swap" (tensor cores, the codes as the big
@@ -103,15 +107,14 @@ class Tuning(NamedTuple):
 PATHS = ("fma", "swap")
 # per path, from the H200 sweeps of bench/decode_attention.py --variants (BENCHMARKS.md)
 _TUNING = {
-    "fma": Tuning(programs_per_sm=16, num_warps=4, num_stages=1, maxnreg=128),
-    "swap": Tuning(programs_per_sm=8, num_warps=2, num_stages=2),
+    "fma": Tuning(programs_per_sm=16, num_warps=4, num_stages=1, maxnreg=128, min_blocks=8, max_splits=16),
+    "swap": Tuning(programs_per_sm=8, num_warps=2, num_stages=2, min_blocks=4, max_splits=64),
 }
 # query-head rows per program, padded: on the tensor-core path the queries are the small N operand of the dots,
 # whose smallest MMA size is 8 (offline sm_90 SASS at n_rep <= 8: 21-23% fewer instructions per block than 16);
 # the CUDA-core path uses the rows only in its tail, where 16 compiled to fewer instructions
 _MIN_ROWS = {"fma": 16, "swap": 8}
 _MERGE_CHUNK = 64  # partial states merged at a time (the merge kernel keeps [_MERGE_CHUNK, d] fp32 in registers)
-_MIN_BLOCKS_PER_SPLIT = 4  # a split walks at least this many blocks of GROUP slots of a full segment
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -649,18 +652,18 @@ def num_splits_for(
     c_lo: int,
     tail: int,
     sms: int,
-    programs_per_sm: int,
+    policy: Tuning,
 ) -> tuple[int, int, int]:
     """Splits (hi, lo, tail) per (sequence, KV head), from static shapes and the device's SM count ``sms``.
 
-    Together >= ``programs_per_sm`` programs per SM, shared between hi and lo in proportion to their capacity
-    (a block of GROUP slots costs about the same instructions at any bit width), each split getting at least
-    ``_MIN_BLOCKS_PER_SPLIT`` blocks of a full segment; the tail (a few hundred slots at most) gets one split
-    per 512 slots.
+    Together >= ``policy.programs_per_sm`` programs per SM, shared between hi and lo in proportion to their
+    capacity (a block of GROUP slots costs about the same instructions at any bit width), each split getting at
+    least ``policy.min_blocks`` blocks of a full segment, at most ``policy.max_splits`` per segment; the tail (a
+    few hundred slots at most) gets one split per 512 slots.
     """
-    per_seq = triton.cdiv(programs_per_sm * sms, batch * kv_heads)
+    per_seq = triton.cdiv(policy.programs_per_sm * sms, batch * kv_heads)
     share_hi = round(per_seq * c_hi / max(c_hi + c_lo, 1))
-    cap = lambda c: max(1, c // (_MIN_BLOCKS_PER_SPLIT * GROUP))
+    cap = lambda c: max(1, min(policy.max_splits, c // (policy.min_blocks * GROUP)))
     return (
         max(1, min(share_hi, cap(c_hi))),
         max(1, min(per_seq - share_hi, cap(c_lo))),
@@ -705,8 +708,8 @@ def decode_attention_triton(
     if fma and n_rep != 1:
         raise ValueError(f"decode_attention: the CUDA-core path serves n_rep = 1, got {n_rep}")
     policy = tuning(path)
-    programs_per_sm = programs_per_sm or policy.programs_per_sm
-    s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, sms, programs_per_sm)
+    policy = policy._replace(programs_per_sm=programs_per_sm or policy.programs_per_sm)
+    s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, sms, policy)
     S = s_hi + s_lo + s_tail
     acc_ws = torch.empty(B, Hq, S, d, device=q.device, dtype=torch.float32)
     m_ws = torch.empty(B, Hq, S, device=q.device, dtype=torch.float32)
