@@ -13,7 +13,14 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from zipvl_compile.runtime.kernels.decode import PATHS, DecodeCall, decode_attention, decode_attention_triton
+from zipvl_compile.runtime.kernels.decode import (
+    PATHS,
+    DecodeCall,
+    decode_attention,
+    decode_attention_triton,
+    num_splits_for,
+    tuning,
+)
 from zipvl_compile.runtime.kernels.decode_cpu import decode_attention_cpu
 from zipvl_compile.runtime.kernels.decode_reference import decode_attention_reference
 from zipvl_compile.runtime.layout import Segment, Tail
@@ -257,6 +264,24 @@ def test_register_cap(path, maxnreg):
     ref = decode_attention_reference(**args)
     out = decode_attention_triton(*split(to_device(args)), path=path, maxnreg=maxnreg)
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "batch,heads,slots", [(1, 32, 4096), (1, 32, 65536), (8, 32, 16384), (1, 4, 65536), (64, 8, 512)]
+)
+def test_split_bounds(path, batch, heads, slots):
+    """The policy's splits: enough programs for the SMs where the segments allow it, never more than the path's
+    max_splits per segment, never a split shorter than its min_blocks of a full segment (one at the least)."""
+    policy = tuning(path)
+    s_hi, s_lo, s_tail = num_splits_for(batch, heads, slots, slots, 100, 132, policy)
+    for s in (s_hi, s_lo):
+        assert 1 <= s <= policy.max_splits
+        assert s == 1 or slots // s >= policy.min_blocks * 64
+    want = -(-policy.programs_per_sm * 132 // (batch * heads))
+    cap = min(policy.max_splits, slots // (policy.min_blocks * 64))
+    assert s_hi + s_lo == min(want, 2 * cap) or min(s_hi, s_lo) == 1
+    assert s_tail == 1
 
 
 def test_dispatcher():
