@@ -80,23 +80,40 @@ def bytes_read(B: int, H: int, n_rep: int, n: int, d: int, elt: int) -> int:
 
 def variants_for(n_rep: int) -> list[dict]:
     """The tuning grid timed by ``--variants``: every segment path that applies, warps, programs per SM, stages,
-    register cap (0: uncapped)."""
+    register cap (0: uncapped), and split bounds (fewest blocks per split, most splits per segment); knobs not
+    varied are the path's policy (:func:`decode.tuning`)."""
+    from zipvl_compile.runtime.kernels import decode as dec
+
+    def knobs(path: str, **varied: int) -> dict:
+        policy = dec.tuning(path)._asdict()
+        policy["maxnreg"] = policy["maxnreg"] or 0
+        return dict(path=path, **(policy | varied))
+
     grid = [
-        dict(path="swap", num_warps=w, programs_per_sm=p, num_stages=st, maxnreg=0)
+        knobs("swap", num_warps=w, programs_per_sm=p, num_stages=st, maxnreg=0)
         for w in (1, 2, 4)
         for p in (4, 8, 16)
         for st in (1, 2, 3)
     ]
-    grid += [
-        dict(path="swap", num_warps=2, programs_per_sm=p, num_stages=2, maxnreg=r) for p in (8, 16) for r in (168, 128)
-    ]
+    grid += [knobs("swap", programs_per_sm=p, maxnreg=r) for p in (8, 16) for r in (168, 128)]
+    grid += [knobs("swap", min_blocks=b, max_splits=m) for b, m in ((4, 512), (8, 64), (16, 64))]
     if n_rep == 1:
-        grid += [
-            dict(path="fma", num_warps=4, programs_per_sm=p, num_stages=1, maxnreg=r)
-            for p in (8, 16, 32)
-            for r in (0, 96, 128)
-        ]
+        grid += [knobs("fma", programs_per_sm=p, maxnreg=r) for p in (8, 16, 32) for r in (0, 96, 128)]
+        grid += [knobs("fma", min_blocks=b, max_splits=m) for b, m in ((4, 512), (8, 32), (16, 16), (4, 16))]
     return grid
+
+
+def variant_launch(q: torch.Tensor, call, shape: tuple[int, int, int], sms: int, knobs: dict):
+    """A call of the Triton kernel with these knobs: the split bounds become split counts (:func:`num_splits_for`
+    with the knobs' policy), the rest are launch arguments. shape: (B, KV heads, tokens)."""
+    from zipvl_compile.runtime.kernels import decode as dec
+
+    B, H, n = shape
+    bounds = ("programs_per_sm", "min_blocks", "max_splits")
+    policy = dec.tuning(knobs["path"])._replace(**{k: knobs[k] for k in bounds})
+    splits = dec.num_splits_for(B, H, n // 2, n // 2, R, sms, policy)
+    launch = {k: v for k, v in knobs.items() if k not in bounds}
+    return lambda: dec.decode_attention_triton(q, call, num_splits=splits, **launch)
 
 
 def graph_time(fn) -> float:
@@ -148,16 +165,11 @@ def run_one(B: int, H: int, n_rep: int, n: int, d: int, device: str, variants: b
     best = g_tr if g_tr == g_tr else t_tr
     sdpa_best = g_sd if g_sd == g_sd else t_sd
     tuned = []
+    sms = sm_count(torch.device(device))
     for knobs in variants_for(n_rep) if variants else []:
-        out_v = dec.decode_attention_triton(q, call, **knobs)
-        diff = (out_v.float() - out.float()).abs().max().item()
-        tuned.append(
-            dict(
-                knobs,
-                us=graph_time(lambda knobs=knobs: dec.decode_attention_triton(q, call, **knobs)),
-                max_diff_vs_policy=diff,
-            )
-        )
+        variant = variant_launch(q, call, (B, H, n), sms, knobs)
+        diff = (variant().float() - out.float()).abs().max().item()
+        tuned.append(dict(knobs, us=graph_time(variant), max_diff_vs_policy=diff))
     return dict(
         B=B,
         Hq=H * n_rep,
@@ -197,12 +209,16 @@ def markdown(rows: list[dict]) -> str:
         )
     tuned = [(r, v) for r in rows for v in r["variants"]]
     if tuned:
-        head = "| n | B | heads | path | warps | programs/SM | stages | maxnreg | µs | vs policy | max diff |"
-        lines += ["", head, "|" + "---|" * 11]
+        head = (
+            "| n | B | heads | path | warps | programs/SM | stages | maxnreg | min blocks | max splits | µs "
+            "| vs policy | max diff |"
+        )
+        lines += ["", head, "|" + "---|" * 13]
         for r, v in tuned:
             lines.append(
                 f"| {r['n']} | {r['B']} | {r['Hq']}/{r['H']} | {v['path']} | {v['num_warps']} | "
-                f"{v['programs_per_sm']} | {v['num_stages']} | {v['maxnreg'] or '-'} | {v['us']:.1f} | "
+                f"{v['programs_per_sm']} | {v['num_stages']} | {v['maxnreg'] or '-'} | {v['min_blocks']} | "
+                f"{v['max_splits']} | {v['us']:.1f} | "
                 f"{r['triton_graph_us'] / v['us']:.2f}x | "
                 f"{v['max_diff_vs_policy']:.1e} |"
             )

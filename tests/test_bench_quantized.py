@@ -1,5 +1,5 @@
 """bench.decode's transformers QuantizedCache methods on the CPU (bytes held, tokens produced, skipped rows),
-bench.breakdown's smoke runs, and the bench folder's module names."""
+bench.breakdown's smoke runs, bench.decode_attention's tuning grid, and the bench folder's module names."""
 
 from __future__ import annotations
 
@@ -100,3 +100,24 @@ def test_no_bench_module_shadows_the_standard_library() -> None:
     library's ``select`` (by ``subprocess``) and broke every script run that way."""
     names = {path.stem for path in (Path(__file__).parents[1] / "bench").glob("*.py")}
     assert len(names) > 5 and not names & set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("n_rep", [1, 3])
+def test_decode_attention_variants_match_the_policy(n_rep):
+    """bench/decode_attention.py's --variants: every knob set names every field of the path's tuning, and the
+    split-bound variants (split counts from the bounds) give the policy's output."""
+    from bench import decode_attention as bench_da
+    from zipvl_compile.runtime.kernels import decode as dec
+
+    grid = bench_da.variants_for(n_rep)
+    assert all(set(dec.Tuning._fields) <= set(knobs) for knobs in grid)
+    B, H, n = 2, 2, 512
+    case = bench_da.make_cache(B, H, n_rep, n, 32, "cpu", torch.Generator().manual_seed(0))
+    q, call = case["q"], dec.DecodeCall(**{name: value for name, value in case.items() if name != "q"})
+    policy = dec.decode_attention_triton(q, call)
+    policy_bounds = lambda path: (dec.tuning(path).min_blocks, dec.tuning(path).max_splits)
+    bounds = [k for k in grid if (k["min_blocks"], k["max_splits"]) != policy_bounds(k["path"])]
+    assert bounds
+    for knobs in bounds:
+        out = bench_da.variant_launch(q, call, (B, H, n), 132, knobs)()
+        torch.testing.assert_close(out, policy, atol=2e-5, rtol=2e-5)
