@@ -247,3 +247,62 @@ def test_prefill_compaction_through_inductor():
             got = compiled.generate(input_ids=ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
             assert torch.equal(got, want)
             assert all(layer.compacted for _, layer in zipvl_compile.report().cache.packed_layers())
+
+
+@pytest.mark.parametrize("tau,dense_below", [(0.9, 10_000), (1.0, 0)])
+def test_dense_prefill_allocates_exact_segments(monkeypatch, tau, dense_below):
+    """The pool's caches know the selection: a prompt it runs dense (shorter than dense_below, or tau = 1) gets
+    hi = prompt + reserve and lo = reserve at once, nothing is cut in the prefill graph, and the tokens and the
+    bytes held are those of the worst-case allocation after its cut."""
+    from zipvl_compile.runtime import ops
+
+    shrinks = []
+    real = ops.kv_shrink
+    monkeypatch.setattr(ops, "kv_shrink", lambda *a, **k: shrinks.append(1) or real(*a, **k))
+    ids = _ids(90, batch=2)
+    outs, held = [], []
+    for pooled in (True, False):
+        _reset()
+        model = build_text("llama")
+        zipvl_compile.compile(model, tau=tau, min_keep=4, dense_below=dense_below, inner="eager")
+        if not pooled:  # the caller's cache: no selection given, the worst case and the cut as before
+            kwargs = {"past_key_values": ZipVLCache(model, max_cache_len=90 + 6)}
+        else:
+            kwargs = {}
+        shrinks.clear()
+        with torch.no_grad():
+            outs.append(model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, **kwargs))
+        cache = zipvl_compile.report().cache
+        layers = [layer for _, layer in cache.packed_layers()]
+        reserve = layers[0].plan(90).reserve
+        assert all(layer.exact == pooled for layer in layers)
+        if pooled:
+            assert not shrinks
+            assert all(layer.lo.capacity == reserve and layer.token_counts()[:2] == (90, 0) for layer in layers)
+            assert all(layer.hi.capacity == layers[0].plan(90).segment_slots for layer in layers)
+        else:
+            assert shrinks
+        held.append(cache.nbytes())
+    assert torch.equal(outs[0], outs[1])
+    assert held[0] == held[1]  # what the cut leaves is what the exact allocation holds
+
+
+def test_exact_segment_refuses_tokens_it_cannot_hold():
+    """A cache told the prefill runs dense whose write then keeps fewer tokens: an error, not a write past lo."""
+    from zipvl_compile.runtime import ops
+    from zipvl_compile.runtime.cache import ZipVLLayer
+    from zipvl_compile.runtime.sparse import Selection
+
+    layer = ZipVLLayer(200, 4, 2, 100, budget=200, selection=Selection(dense_below=10_000))
+    k, v = torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 16)
+    layer.allocate(1, 2, 130, 16, torch.float32, torch.device("cpu"))
+    assert layer.exact and layer.lo.capacity < 130
+    keep = torch.ones(1, 130, dtype=torch.bool)
+    keep[0, ::3] = False
+    pos = torch.arange(130)[None]
+    args = dict(k=k, v=v, pos=pos, hi_bits=4, lo_bits=2)
+    with pytest.raises(RuntimeError, match="sized for a dense prefill"):
+        ops.kv_write_(hi=list(layer.hi), lo=list(layer.lo), keep=keep, **args)
+    layer.allocate(1, 2, 130, 16, torch.float32, torch.device("cpu"))
+    ops.kv_write_(hi=list(layer.hi), lo=list(layer.lo), keep=torch.ones_like(keep), **args)  # all kept: fits
+    assert int(layer.hi.fill.max()) == 192 and int(layer.lo.fill.max()) == 0

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from zipvl_compile.runtime.cache import check_cache_options
-from zipvl_compile.runtime.sparse import PREFILL_MODES
+from zipvl_compile.runtime.sparse import PREFILL_MODES, Selection
 
 _KV_MODES = ("packed", "simulate", "off")
 _INNER = ("inductor", "aot_eager", "eager")
@@ -147,9 +147,20 @@ class ZipVLConfig:
             "sink_tokens": self.sink_tokens,
         }
 
+    def selection(self) -> Selection:
+        """The kept-set options as the sparse op holds them (:class:`~zipvl_compile.runtime.sparse.Selection`)."""
+        options = self.selection_kwargs()
+        return Selection(**{name: options[name] for name in Selection._fields})
+
     def cache_kwargs(self) -> dict[str, Any]:
-        """The :class:`~zipvl_compile.runtime.cache.ZipVLCache` arguments these options ask for."""
-        return {"hi_bits": self.hi_bits, "lo_bits": self.lo_bits, "recompress_interval": self.recompress_interval}
+        """The :class:`~zipvl_compile.runtime.cache.ZipVLCache` arguments these options ask for (with the
+        selection, so that a prefill that runs dense gets segments of its exact size)."""
+        return {
+            "hi_bits": self.hi_bits,
+            "lo_bits": self.lo_bits,
+            "recompress_interval": self.recompress_interval,
+            "selection": self.selection(),
+        }
 
     def summary(self) -> dict[str, Any]:
         """The options the compile report shows per graph."""

@@ -44,6 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Stati
 from zipvl_compile.runtime import ops
 from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail, clear_, nbytes, round_up
 from zipvl_compile.runtime.packed import copy_slots_, shrunk_slots
+from zipvl_compile.runtime.sparse import Selection
 
 STORED_BITS = (*QUANT_BITS, 16)  # 16 = unquantised (model dtype), only as hi_bits = lo_bits = 16
 CLASS_STEP = 256  # size classes: multiples of 256 slots below 4096 ...
@@ -224,11 +225,13 @@ class ZipVLLayer(CacheLayerMixin):
         recompress_interval: int,
         budget: int | None = None,
         pooled: bool = False,
+        selection: Selection | None = None,
         **kwargs: object,
     ) -> None:
         """max_cache_len: the length of the dense view (a size class, a guarded shape of decode graphs);
         budget: the tokens this layer must hold (prompt + decode), default ``max_cache_len``: it sizes the
-        reserves (:class:`Plan`); pooled: keep the buffers across :meth:`reset` (see :meth:`compact`)."""
+        reserves (:class:`Plan`); pooled: keep the buffers across :meth:`reset` (see :meth:`compact`);
+        selection: the prefill's kept-set options when known (:meth:`allocate`)."""
         super().__init__()
         self.max_cache_len = max_cache_len
         self.budget = max_cache_len if budget is None else budget
@@ -240,7 +243,9 @@ class ZipVLLayer(CacheLayerMixin):
         self.prompt_len = 0
         self.compacted = True
         self.pooled = pooled
+        self.selection = selection
         self.spare: Held | None = None  # pooled: the segments of the last call, kept by reset for the next one
+        self.exact = False  # the segments were allocated at their final size: nothing to cut (allocate)
 
     def plan(self, prompt_len: int) -> Plan:
         return Plan.of(prompt_len, self.budget, self.interval)
@@ -256,10 +261,14 @@ class ZipVLLayer(CacheLayerMixin):
     def allocate(self, batch: int, heads: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
         """Buffers for a prefill of ``n`` tokens of K/V ``[batch, heads, n, d]`` in ``dtype`` (:class:`Plan`):
         both segments at their worst case, to be compacted once the kept set is known (:meth:`compact`), and
-        the tail, which a pooled layer keeps when it fits (:meth:`prepare_tail`)."""
+        the tail, which a pooled layer keeps when it fits (:meth:`prepare_tail`). A prefill that the layer's
+        :attr:`selection` runs dense (every token kept, none in ``lo``) gets its final sizes at once: ``hi`` the
+        prompt plus the reserve, ``lo`` the reserve; nothing is cut afterwards."""
         plan = self.plan(n)
+        self.exact = self.selection is not None and self.selection.runs_dense_at(n, torch.device(device).type)
+        lo_slots = plan.reserve if self.exact else plan.segment_slots
         self.hi = Segment.empty(batch, heads, plan.segment_slots, d, self.hi_bits, device)
-        self.lo = Segment.empty(batch, heads, plan.segment_slots, d, self.lo_bits, device)
+        self.lo = Segment.empty(batch, heads, lo_slots, d, self.lo_bits, device)
         if not (self.pooled and self._tail_fits(batch, heads, d, dtype, device, plan.tail_slots)):
             self.tail = Tail.empty(batch, heads, plan.tail_slots, d, dtype, device)
             self.length = self.length.to(device)
@@ -311,8 +320,9 @@ class ZipVLLayer(CacheLayerMixin):
             self.spare = None
             self.compacted = True
             return
-        self.hi = Segment(*ops.kv_shrink(list(self.hi), reserve=reserve))
-        self.lo = Segment(*ops.kv_shrink(list(self.lo), reserve=reserve))
+        if not self.exact:
+            self.hi = Segment(*ops.kv_shrink(list(self.hi), reserve=reserve))
+            self.lo = Segment(*ops.kv_shrink(list(self.lo), reserve=reserve))
         self.compacted = not self.pooled
 
     def _moved(self, seg: Segment, spare: Segment | None, reserve: int, bits: int) -> Segment:
@@ -429,7 +439,10 @@ class ZipVLCache(Cache):
     held), with ``dense_reason`` saying why: :meth:`for_prompt` chooses it when packing would not pay.
     ``pooled=True`` (the caches of ``zipvl_compile.compile``'s pool): packed layers keep their buffers across
     :meth:`reset`, and their next prefill compacts into them when they have room (:meth:`ZipVLLayer.compact`;
-    :meth:`prepare` allocates the tails ahead of the prefill).
+    :meth:`prepare` allocates the tails ahead of the prefill). ``selection``: the prefill's kept-set options, when
+    the caller knows them (``zipvl_compile.compile``'s pool does): a prompt they run dense (every token kept)
+    gets segments of their final size instead of the worst case (:meth:`ZipVLLayer.allocate`). They must be the
+    options the prefill runs with: a prompt they call dense that then keeps fewer tokens would not fit ``lo``.
     """
 
     def __init__(
@@ -442,6 +455,7 @@ class ZipVLCache(Cache):
         packed: bool = True,
         dense_reason: str | None = None,
         pooled: bool = False,
+        selection: Selection | None = None,
     ) -> None:
         check_cache_options(hi_bits, lo_bits, recompress_interval)
         if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1:
@@ -465,7 +479,13 @@ class ZipVLCache(Cache):
             else:
                 layers.append(
                     ZipVLLayer(
-                        self.capacity_class, hi_bits, lo_bits, recompress_interval, budget=max_cache_len, pooled=pooled
+                        self.capacity_class,
+                        hi_bits,
+                        lo_bits,
+                        recompress_interval,
+                        budget=max_cache_len,
+                        pooled=pooled,
+                        selection=selection,
                     )
                 )
         super().__init__(layers=layers)

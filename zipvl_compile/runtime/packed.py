@@ -16,7 +16,7 @@ from zipvl_compile.runtime.kernels import native, tail_reference
 from zipvl_compile.runtime.kernels import tail as tail_kernels
 from zipvl_compile.runtime.kernels.device import host_reads_are_free, wants_triton
 from zipvl_compile.runtime.kernels.quant import write_staged_triton_
-from zipvl_compile.runtime.layout import GROUP, Segment, Tail, round_up
+from zipvl_compile.runtime.layout import GROUP, Segment, Tail, round_up, written_slots
 from zipvl_compile.runtime.quant import dequantize, write_segment_
 
 
@@ -57,8 +57,25 @@ def write_tokens_(
     if valid is None:
         valid = torch.ones(batch, t, dtype=torch.bool, device=k.device)
     take_hi = valid if keep is None else valid & keep
+    take_lo = valid & ~take_hi
+    for seg, take in ((hi, take_hi), (lo, take_lo)):
+        _assert_fits(seg, take)
     write_segment_(hi, k, v, take_hi, pos, hi_bits)
-    write_segment_(lo, k, v, valid & ~take_hi, pos, lo_bits)
+    write_segment_(lo, k, v, take_lo, pos, lo_bits)
+
+
+def _assert_fits(seg: Segment, take: torch.Tensor) -> None:
+    """A segment smaller than a write's worst case (one of a dense prefill's exact segments,
+    :meth:`~zipvl_compile.runtime.cache.ZipVLLayer.allocate`) is checked to take no more than it holds: an assertion
+    on the device (no host sync), never a write past its end. Segments of the worst case cost nothing here."""
+    if round_up(take.shape[1], GROUP) <= seg.capacity:
+        return
+    held = seg.fill + written_slots(take.sum(1, dtype=torch.int32))
+    torch._assert_async(
+        (held <= seg.capacity).all(),
+        "zipvl: a packed segment sized for a dense prefill was given more tokens than it holds "
+        "(the cache was built with other selection options than the prefill ran with)",
+    )
 
 
 def append_tail_(

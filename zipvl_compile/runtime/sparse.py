@@ -113,12 +113,21 @@ class Selection(NamedTuple):
 
     def too_short(self, q: torch.Tensor) -> bool:
         """q [B, H, n, d] is a prompt shorter than ``dense_below`` on its device: the op runs dense."""
-        limit = DENSE_BELOW.get(q.device.type, 0) if self.dense_below < 0 else self.dense_below
-        return q.shape[2] < limit
+        return self.too_short_at(q.shape[2], q.device.type)
+
+    def too_short_at(self, n: int, device_type: str) -> bool:
+        """A prompt of ``n`` tokens on a ``device_type`` device is shorter than ``dense_below``."""
+        limit = DENSE_BELOW.get(device_type, 0) if self.dense_below < 0 else self.dense_below
+        return n < limit
 
     def runs_dense(self, q: torch.Tensor) -> bool:
         """No selection for q's prompt: every token kept (:attr:`keeps_all`) or the prompt is :meth:`too_short`."""
-        return self.keeps_all or self.too_short(q)
+        return self.runs_dense_at(q.shape[2], q.device.type)
+
+    def runs_dense_at(self, n: int, device_type: str) -> bool:
+        """:meth:`runs_dense` for a prompt of ``n`` tokens on a ``device_type`` device (known before the prefill:
+        a cache that is told the selection sizes its segments for it)."""
+        return self.keeps_all or self.too_short_at(n, device_type)
 
 
 class Attend(NamedTuple):
