@@ -8,11 +8,13 @@ import torch.utils._pytree as pytree
 
 import zipvl_compile  # noqa: F401  (registers the pytree nodes)
 from zipvl_compile import ZipVLCache
+from zipvl_compile.runtime.sparse import Selection
 from zipvl_compile.testing import build_text
 
 
 def _filled(model, n=10, pooled=False):
-    cache = ZipVLCache(model, max_cache_len=40, recompress_interval=4, pooled=pooled)
+    selection = Selection(dense_below=100) if pooled else None  # a pooled cache knows the selection, as the pool's
+    cache = ZipVLCache(model, max_cache_len=40, recompress_interval=4, pooled=pooled, selection=selection)
     with torch.no_grad():
         model(input_ids=torch.arange(3, 3 + n)[None], past_key_values=cache)
         model(input_ids=torch.tensor([[9]]), past_key_values=cache)
@@ -23,12 +25,14 @@ def _same(a: ZipVLCache, b: ZipVLCache) -> None:
     assert type(b) is ZipVLCache and len(a.layers) == len(b.layers)
     for la, lb in zip(a.layers, b.layers):
         assert all(x is y for x, y in zip(la.buffers(), lb.buffers()))
-        assert (la.hi_bits, la.lo_bits, la.prompt_len, la.is_initialized, la.pooled) == (
+        assert (la.hi_bits, la.lo_bits, la.prompt_len, la.is_initialized, la.pooled, la.selection, la.exact) == (
             lb.hi_bits,
             lb.lo_bits,
             lb.prompt_len,
             lb.is_initialized,
             lb.pooled,
+            lb.selection,
+            lb.exact,
         )
     assert int(b.get_seq_length()) == int(a.get_seq_length())
 
