@@ -265,10 +265,8 @@ def test_dense_prefill_allocates_exact_segments(monkeypatch, tau, dense_below):
         _reset()
         model = build_text("llama")
         zipvl_compile.compile(model, tau=tau, min_keep=4, dense_below=dense_below, inner="eager")
-        if not pooled:  # the caller's cache: no selection given, the worst case and the cut as before
-            kwargs = {"past_key_values": ZipVLCache(model, max_cache_len=90 + 6)}
-        else:
-            kwargs = {}
+        # not pooled: the caller's cache, no selection given: the worst case and the cut as before
+        kwargs = {} if pooled else {"past_key_values": ZipVLCache(model, max_cache_len=90 + 6)}
         shrinks.clear()
         with torch.no_grad():
             outs.append(model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, **kwargs))

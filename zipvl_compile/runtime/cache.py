@@ -245,10 +245,18 @@ class ZipVLLayer(CacheLayerMixin):
         self.pooled = pooled
         self.selection = selection
         self.spare: Held | None = None  # pooled: the segments of the last call, kept by reset for the next one
-        self.exact = False  # the segments were allocated at their final size: nothing to cut (allocate)
 
     def plan(self, prompt_len: int) -> Plan:
         return Plan.of(prompt_len, self.budget, self.interval)
+
+    def _keeps_prompt(self, n: int, device: torch.device | str) -> bool:
+        """The layer's :attr:`selection` runs a prefill of ``n`` tokens on ``device`` dense (every token kept)."""
+        return self.selection is not None and self.selection.runs_dense_at(n, torch.device(device).type)
+
+    @property
+    def exact(self) -> bool:
+        """The segments were allocated at their final size for the last prefill (:meth:`allocate`): nothing to cut."""
+        return self.hi is not None and self._keeps_prompt(self.prompt_len, self.hi.pos.device)
 
     def capacity(self, prompt_len: int) -> int:
         """Slots of one segment at the prefill: the whole prompt plus the decode reserve (:class:`Plan`)."""
@@ -265,8 +273,7 @@ class ZipVLLayer(CacheLayerMixin):
         :attr:`selection` runs dense (every token kept, none in ``lo``) gets its final sizes at once: ``hi`` the
         prompt plus the reserve, ``lo`` the reserve; nothing is cut afterwards."""
         plan = self.plan(n)
-        self.exact = self.selection is not None and self.selection.runs_dense_at(n, torch.device(device).type)
-        lo_slots = plan.reserve if self.exact else plan.segment_slots
+        lo_slots = plan.reserve if self._keeps_prompt(n, device) else plan.segment_slots
         self.hi = Segment.empty(batch, heads, plan.segment_slots, d, self.hi_bits, device)
         self.lo = Segment.empty(batch, heads, lo_slots, d, self.lo_bits, device)
         if not (self.pooled and self._tail_fits(batch, heads, d, dtype, device, plan.tail_slots)):

@@ -200,9 +200,8 @@ def _outputs(outputs: sparse_impl.Outputs, prefill: Prefill, stats_slot: int) ->
     dense, ``prefill.selection.runs_dense``), and whether the prompt was too short for the sparse path
     (``prefill.selection.too_short``), are stored in ``stats_slot``."""
     out, keep, ratio = outputs
-    if stats_slot >= 0:
-        selection = prefill.selection
-        stats.record_ratio(stats_slot, None if selection.runs_dense(out) else ratio, selection.too_short(out))
+    selection = prefill.selection
+    stats.record_ratio(stats_slot, None if selection.runs_dense(out) else ratio, selection.too_short(out))
     return _bshd(out), keep, ratio
 
 

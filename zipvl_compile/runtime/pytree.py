@@ -2,9 +2,9 @@
 
 Children are what a layer holds (its two Segments, its Tail, its length: layout.py's NamedTuples, themselves
 pytree nodes); the context is everything static (bits, interval, view length and token budget, prompt length,
-whether the layer is initialised, the selection it was told and whether its segments are exact; for the cache
-also the model it was built for). So ``torch.export``, Dynamo guards and tree utilities see the cache's buffers,
-and a flatten/unflatten round trip rebuilds an equivalent cache.
+whether the layer is initialised, the selection it was told; for the cache also the model it was built for). So
+``torch.export``, Dynamo guards and tree utilities see the cache's buffers, and a flatten/unflatten round trip
+rebuilds an equivalent cache.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ _LAYER_STATIC = (
     "compacted",
     "pooled",
     "selection",
-    "exact",
 )
 _CACHE_STATIC = ("hi_bits", "lo_bits", "recompress_interval", "budget", "capacity_class", "model_key", "dense_reason")
 
