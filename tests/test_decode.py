@@ -245,6 +245,22 @@ def test_edge_cases(name):
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])
+def test_folded_codes_lose_nothing_a_half_float_keeps(bits):
+    """16-bit inputs on the CUDA-core path leave 2^23 in every unpacked code and take it out of the sums once
+    (``decode._codes_f32``, FOLD); fp32 inputs take the exact path. On the same fp16 data the two agree to one
+    fp16 rounding at the output's scale (the tail, which rounds p to fp16 on both, is left out)."""
+    shape = dict(d=128, caps=(512, 1024), fills=((512, 960), (320, 1024)), tail_lens=(0, 0))  # segments only
+    args, _ = make_case(n_rep=1, bits=bits, dtype=torch.float16, seed=bits[1], **shape)
+    tail = args["tail"]
+    wide = {**args, "q": args["q"].float(), "tail": tail._replace(k=tail.k.float(), v=tail.v.float())}
+    folded = decode_attention_triton(*split(to_device(args)), path="fma")
+    exact = decode_attention_triton(*split(to_device(wide)), path="fma")
+    assert folded.dtype == torch.float16
+    ulp = 2**-11 * exact.abs().max().item()
+    torch.testing.assert_close(folded.float(), exact.half().float(), atol=ulp, rtol=2**-10)
+
+
 @pytest.mark.parametrize("num_splits", [(1, 1, 1), (6, 5, 2), (40, 30, 2), None])
 def test_splits_agree(num_splits):
     """Any split counts give the reference's result: 72 splits (most with no block) merge in two chunks."""

@@ -44,10 +44,11 @@ Implementations with the same contract:
   take exact fp32 operands so that tests can be tight.
 
 Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py`` and the split sweep of BENCHMARKS.md): the
-CUDA-core path runs 1.66-2.11x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8)
-at 30-45% of the bandwidth SDPA reaches: it is bound by instructions (about 3 per code: mask-or, add, FMA), not
-bytes; it runs capped at 128 registers per thread (the policy's ``maxnreg``: ptxas otherwise takes 163, one
-program per SM fewer, 7-15% slower) and in splits of at least 8 blocks (shorter ones cost more in fixed work and
+CUDA-core path runs 1.75-2.18x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8)
+at 38-46% of the bandwidth SDPA reaches: it is bound by instructions (about 2 per code for 16-bit inputs: mask-or,
+FMA, the 2^23 taken out of the sums once, see :func:`_codes_f32`), not bytes; it runs
+capped at 128 registers per thread (the policy's ``maxnreg``: ptxas otherwise takes 163, one program per SM
+fewer, 7-15% slower) and in splits of at least 8 blocks (shorter ones cost more in fixed work and
 merged partials than they gain in waves). The swapped tensor-core path (GQA 28/4) runs 1.12-1.27x faster than
 SDPA from 32k or at B = 8 and 0.81x at 8k B = 1 (13.6 µs against 11.0, of which the merge launch is 3.2), at
 22-29% of SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1100 instructions per 64-slot
@@ -363,26 +364,32 @@ def _key_plane(kbyte, k_s, k_z, J: tl.constexpr, BITS: tl.constexpr, F32: tl.con
 
 
 @triton.jit
-def _code_place(BITS: tl.constexpr, D: tl.constexpr):
+def _code_place(BITS: tl.constexpr, D: tl.constexpr, FOLD: tl.constexpr):
     """Where channel c's code sits for :func:`_codes_f32`, as int32 [D] (shift, position): the word is shifted
-    right by ``shift`` (0 or 16) and the code then lies at bit ``position`` (< 16, so it stays inside the 23
-    mantissa bits of a float)."""
+    left by ``shift`` (right where negative) and the code then lies at bit ``position`` of a float's 23 mantissa
+    bits. Exact (FOLD false): shift 0 or -16, position < 16. FOLD: position in [15, 22) (bit % 8 + 15; the codes of
+    one byte share a shift), high enough that 2^23 need not be taken out code by code (:func:`_codes_f32`)."""
     bit = (tl.arange(0, D) % (32 // BITS)) * BITS
-    shift = tl.where(bit >= 16, 16, 0)
-    return shift, bit - shift
+    if FOLD:
+        position = bit % 8 + 15
+    else:
+        position = bit % 16
+    return position - bit, position
 
 
 @triton.jit
-def _codes_f32(words, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ASM: tl.constexpr):
+def _codes_f32(words, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr):
     """uint32 words [BLOCK, W] (W = D*BITS//32) -> fp32 [BLOCK, D] in channel order: ``code * 2^position``
-    (:func:`_code_place`), where channel w*CPW + t (CPW = 32 // BITS) is bits t*BITS.. of word w.
+    (:func:`_code_place`), plus 2^23 with FOLD, where channel w*CPW + t (CPW = 32 // BITS) is bits t*BITS.. of
+    word w.
 
     Each word is repeated CPW times in the thread's registers (joins add register dimensions, the reshape
     then merges them with the word axis: no data movement between threads). The code, masked in place, is
-    ORed into the mantissa of 2^23 and 2^23 subtracted: exact, and one AND-OR plus one add per code (no
-    shift for the low half of the word, no int->float conversion, which runs at a quarter of the FMA rate).
-    Callers fold ``2^-position`` into the other operand (an exact power of two). ASM (GPU): the AND-OR as one
-    ``lop3`` (the compiler otherwise emits two instructions).
+    ORed into the mantissa of 2^23: exact, one AND-OR per code, no int->float conversion (a quarter of the
+    FMA rate). Exact: 2^23 subtracted, one add per code. FOLD: 2^23 is left in, and callers take it out of
+    their sums once (``sum x*(2^23 + c*2^p) - 2^23 * sum x``): with the code at bit p >= 15 each product still
+    carries the code to 2^-16 of its own size. Callers fold ``2^-position`` into the other operand (an exact
+    power of two). ASM (GPU): the AND-OR as one ``lop3`` (the compiler otherwise emits two instructions).
     """
     CPW: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -392,8 +399,9 @@ def _codes_f32(words, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, 
         x = tl.join(x, x)
     if CPW >= 16:
         x = tl.join(x, x)
-    shift, position = _code_place(BITS, D)
-    x = tl.reshape(x, [BLOCK, D]) >> shift[None, :]  # words are uint32: logical shifts
+    shift, position = _code_place(BITS, D, FOLD)
+    x = tl.reshape(x, [BLOCK, D])  # words are uint32: logical shifts
+    x = (x << tl.maximum(shift, 0)[None, :]) >> tl.maximum(-shift, 0)[None, :]
     mask = tl.broadcast_to((MASK << position)[None, :], [BLOCK, D]).to(tl.uint32)
     if ASM:
         x = tl.inline_asm_elementwise(
@@ -401,7 +409,10 @@ def _codes_f32(words, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, 
         )
     else:
         x = (x & mask) | 0x4B000000
-    return x.to(tl.float32, bitcast=True) - 8388608.0
+    x = x.to(tl.float32, bitcast=True)
+    if not FOLD:
+        x = x - 8388608.0
+    return x
 
 
 @triton.jit
@@ -417,6 +428,7 @@ def _segment_partial_fma(
     D: tl.constexpr,
     BLOCK: tl.constexpr,
     ASM: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """One query head (n_rep = 1) over this split's share of a segment, on the CUDA cores (no padded rows).
 
@@ -430,14 +442,16 @@ def _segment_partial_fma(
     kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr = seg  # a Segment's pointers, in field order
     C, b, bh, split, n_splits = share  # capacity, sequence, (sequence, KV head), this split of n_splits
     W: tl.constexpr = D * BITS // 32
+    OFFSET: tl.constexpr = 8388608.0 if FOLD else 0.0  # the 2^23 each code carries (:func:`_codes_f32`)
     chan = tl.arange(0, D)
-    _, position = _code_place(BITS, D)
+    _, position = _code_place(BITS, D, FOLD)
     unplace = tl.exp2(-position.to(tl.float32))  # exact powers of two
     q = tl.load(q_ptr + qh * D + chan).to(tl.float32) * qk_scale
     q_placed = q * unplace
     m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # the running max (a scalar)
-    den = tl.zeros([BLOCK], tl.float32)  # per slot lane, reduced after the loop: sum of p, p·v_zero
+    den = tl.zeros([BLOCK], tl.float32)  # per slot lane, reduced after the loop: sum of p, p·v_zero, p·v_scale
     v_const = tl.zeros([BLOCK], tl.float32)
+    v_offset = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, D], tl.float32)
     fill = tl.load(fill_ptr + b)
     first, last = _block_range(fill, split, n_splits, BLOCK)
@@ -445,8 +459,8 @@ def _segment_partial_fma(
         valid, kw, vw, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, W, BLOCK)
         row = (bh * (C // BLOCK) + blk) * D + chan  # a block is one key group: one [D] scale/zero row
         qs = q_placed * tl.load(ks + row).to(tl.float32)
-        k_const = tl.sum(q * tl.load(kz + row).to(tl.float32), axis=0)
-        s = tl.sum(_codes_f32(kw, BITS, BLOCK, D, ASM) * qs[None, :], axis=1) + k_const
+        k_const = tl.sum(q * tl.load(kz + row).to(tl.float32) - OFFSET * qs, axis=0)
+        s = tl.sum(_codes_f32(kw, BITS, BLOCK, D, ASM, FOLD) * qs[None, :], axis=1) + k_const
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -456,14 +470,20 @@ def _segment_partial_fma(
             acc = acc * alpha
             den = den * alpha
             v_const = v_const * alpha
+            if FOLD:
+                v_offset = v_offset * alpha
         den += p
         v_const += p * v_z
-        acc += (p * v_s)[:, None] * _codes_f32(vw, BITS, BLOCK, D, ASM)
+        pv = p * v_s
+        if FOLD:
+            v_offset += pv
+        acc += pv[:, None] * _codes_f32(vw, BITS, BLOCK, D, ASM, FOLD)
         m = m_new
     m_ws, den_ws, acc_ws = out
     tl.store(m_ws + ws, m)
     tl.store(den_ws + ws, tl.sum(den, axis=0))
-    tl.store(acc_ws + ws * D + chan, tl.sum(acc, axis=0) * unplace + tl.sum(v_const, axis=0))
+    acc_c = tl.sum(acc, axis=0) - OFFSET * tl.sum(v_offset, axis=0)
+    tl.store(acc_ws + ws * D + chan, acc_c * unplace + tl.sum(v_const, axis=0))
 
 
 @triton.jit
@@ -522,7 +542,7 @@ def _segment_share(
     pointer, query-head rows, their mask and workspace rows, the first head and its row, qk_scale."""
     q_ptr, qh, row_ok, ws, qh0, ws0, qk_scale = rows
     if PATH == 0:
-        _segment_partial_fma(seg, share, out, ws0, q_ptr, qh0, qk_scale, BITS, D, BLOCK, ASM)
+        _segment_partial_fma(seg, share, out, ws0, q_ptr, qh0, qk_scale, BITS, D, BLOCK, ASM, not F32)
     else:
         _segment_partial(q_ptr, qh, row_ok, qk_scale, seg, share, out, ws, BITS, D, NP, BLOCK, F32, ASM)
 
