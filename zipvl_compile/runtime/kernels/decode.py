@@ -49,9 +49,9 @@ at 38-46% of the bandwidth SDPA reaches: it is bound by instructions (about 2 pe
 FMA, the 2^23 taken out of the sums once, see :func:`_codes_f32`), not bytes; it runs
 capped at 128 registers per thread (the policy's ``maxnreg``: ptxas otherwise takes 163, one program per SM
 fewer, 7-15% slower) and in splits of at least 8 blocks (shorter ones cost more in fixed work and
-merged partials than they gain in waves). The swapped tensor-core path (GQA 28/4) runs 1.12-1.27x faster than
-SDPA from 32k or at B = 8 and 0.81x at 8k B = 1 (13.6 µs against 11.0, of which the merge launch is 3.2), at
-22-29% of SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1100 instructions per 64-slot
+merged partials than they gain in waves). The swapped tensor-core path (GQA 28/4) runs 1.08-1.24x faster than
+SDPA from 32k or at B = 8 and 0.86x at 8k B = 1 (13.5 µs against 11.7, of which the merge launch is ~3), at
+19-27% of SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1100 instructions per 64-slot
 block and thread, of which the transposed value-code loads are byte-wide shared loads and byte permutes).
 
 Shapes: q ``[B, Hq, 1, d]`` with ``Hq = H * n_rep`` (query head ``h * n_rep + r`` reads KV head ``h``);
@@ -449,7 +449,8 @@ def _segment_partial_fma(
     q = tl.load(q_ptr + qh * D + chan).to(tl.float32) * qk_scale
     q_placed = q * unplace
     m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # the running max (a scalar)
-    den = tl.zeros([BLOCK], tl.float32)  # per slot lane, reduced after the loop: sum of p, p·v_zero, p·v_scale
+    # per slot lane, reduced after the loop: sums of p (den), p·v_zero (v_const), p·v_scale (v_offset, FOLD only)
+    den = tl.zeros([BLOCK], tl.float32)
     v_const = tl.zeros([BLOCK], tl.float32)
     v_offset = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, D], tl.float32)
