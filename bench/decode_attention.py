@@ -80,8 +80,8 @@ def bytes_read(B: int, H: int, n_rep: int, n: int, d: int, elt: int) -> int:
 
 def variants_for(n_rep: int) -> list[dict]:
     """The tuning grid timed by ``--variants``: every segment path that applies, warps, programs per SM, stages,
-    register cap (0: uncapped), and split bounds (fewest blocks per split, most splits per segment); knobs not
-    varied are the path's policy (:func:`decode.tuning`)."""
+    register cap (0: uncapped), split bounds (fewest blocks per split, most splits per segment) and the CUDA-core
+    path's channels per thread; knobs not varied are the path's policy (:func:`decode.tuning`)."""
     from zipvl_compile.runtime.kernels import decode as dec
 
     def knobs(path: str, **varied: int) -> dict:
@@ -100,6 +100,7 @@ def variants_for(n_rep: int) -> list[dict]:
     if n_rep == 1:
         grid += [knobs("fma", programs_per_sm=p, maxnreg=r) for p in (8, 16, 32) for r in (0, 96, 128)]
         grid += [knobs("fma", min_blocks=b, max_splits=m) for b, m in ((4, 512), (8, 32), (16, 16), (4, 16))]
+        grid += [knobs("fma", channels_per_thread=c) for c in (16, 64)]
     return grid
 
 
@@ -109,7 +110,7 @@ def variant_launch(q: torch.Tensor, call, shape: tuple[int, int, int], sms: int,
     from zipvl_compile.runtime.kernels import decode as dec
 
     B, H, n = shape
-    bounds = ("programs_per_sm", "min_blocks", "max_splits")
+    bounds = ("programs_per_sm", "min_blocks", "max_splits", "sparse_warps")
     policy = dec.tuning(knobs["path"])._replace(**{k: knobs[k] for k in bounds})
     splits = dec.num_splits_for(B, H, n // 2, n // 2, R, sms, policy)
     launch = {k: v for k, v in knobs.items() if k not in bounds}

@@ -18,6 +18,7 @@ from zipvl_compile.runtime.kernels.decode import (
     DecodeCall,
     decode_attention,
     decode_attention_triton,
+    launch_warps,
     num_splits_for,
     tuning,
 )
@@ -270,6 +271,21 @@ def test_splits_agree(num_splits):
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])
+@pytest.mark.parametrize("channels", [16, 32, 64])
+@pytest.mark.parametrize("d,num_warps", [(16, 4), (64, 4), (128, 1), (128, 4), (256, 8)])
+def test_fma_thread_layouts(dtype, bits, channels, d, num_warps):
+    """The CUDA-core path at every width of a thread's share of a slot (channels per thread, hence words per load,
+    slots per thread: 1, 2, 4 or 8 with one warp, the plain-sum fallback) gives the reference's result."""
+    args, _ = make_case(n_rep=1, bits=bits, dtype=dtype, d=d, seed=d + channels + num_warps + bits[0])
+    ref = decode_attention_reference(**args)
+    out = decode_attention_triton(
+        *split(to_device(args)), num_splits=(2, 3, 1), path="fma", num_warps=num_warps, channels_per_thread=channels
+    )
+    torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("maxnreg", [0, 96, 168])
 def test_register_cap(path, maxnreg):
@@ -298,6 +314,15 @@ def test_split_bounds(path, batch, heads, slots):
     cap = min(policy.max_splits, slots // (policy.min_blocks * 64))
     assert s_hi + s_lo == max(2, min(want, 2 * cap))
     assert s_tail == 1
+
+
+def test_launch_warps():
+    """A grid with fewer than two programs per SM takes the path's sparse_warps, any other its num_warps; d = 256 at
+    least 8."""
+    policy = tuning("swap")._replace(num_warps=2, sparse_warps=4)
+    assert launch_warps(policy, programs=4 * 65, sms=132, d=128) == 4
+    assert launch_warps(policy, programs=2 * 132, sms=132, d=128) == 2
+    assert launch_warps(policy, programs=10, sms=132, d=256) == 8
 
 
 def test_dispatcher():

@@ -22,10 +22,12 @@ Implementations with the same contract:
   ``n_rep = 1`` and "swap" otherwise):
 
   - CUDA cores, for one query head per KV head (``n_rep = 1``, no padded rows): the codes are read as
-    uint32 words; each word is repeated in registers and every code masked in place and ORed into the
-    mantissa of 2^23 (one ``lop3`` and one add per code, exact; its power-of-two place is folded into q
-    and the output). Scores are multiply-sums over channels per slot; the value accumulator is kept per
-    (slot lane, channel), reduced once after the loop and rescaled only when the running max grows.
+    uint32 words, a thread taking 32 channels of a slot in one vector load and two slots of each 64-slot
+    block; each word is repeated in registers and every code masked in place and ORed into the mantissa of
+    2^23 (one ``lop3`` per code; its power-of-two place is folded into q and the output). Scores are
+    multiply-sums over channels per slot; the value accumulator is kept per (slot lane, channel), a thread's
+    two slots summed into it by one chain of multiply-adds, reduced once after the loop and rescaled only when
+    the running max grows. Each block's loads are issued one block ahead.
   - Tensor cores, for ``n_rep > 1`` (``path="swap"``): per block the packed bytes are loaded once and serve
     all ``n_rep`` query heads. The codes are the big (M) operand, ``scores^T = keys @ q^T`` and ``acc^T =
     codes_v^T @ (p * v_scale)``, so the code tiles go from the pipelined shared-memory copy straight into the
@@ -43,16 +45,18 @@ Implementations with the same contract:
   writes them to a workspace; a second kernel merges all partials, a chunk of them at a time. fp32 inputs
   take exact fp32 operands so that tests can be tight.
 
-Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py`` and the split sweep of BENCHMARKS.md): the
-CUDA-core path runs 1.75-2.18x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8)
-at 38-46% of the bandwidth SDPA reaches: it is bound by instructions (about 2 per code for 16-bit inputs: mask-or,
-FMA, the 2^23 taken out of the sums once, see :func:`_codes_f32`), not bytes; it runs
-capped at 128 registers per thread (the policy's ``maxnreg``: ptxas otherwise takes 163, one program per SM
-fewer, 7-15% slower) and in splits of at least 8 blocks (shorter ones cost more in fixed work and
-merged partials than they gain in waves). The swapped tensor-core path (GQA 28/4) runs 1.08-1.24x faster than
-SDPA from 32k or at B = 8 and 0.86x at 8k B = 1 (13.5 µs against 11.7, of which the merge launch is ~3), at
-19-27% of SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1100 instructions per 64-slot
-block and thread, of which the transposed value-code loads are byte-wide shared loads and byte permutes).
+Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): the CUDA-core path runs
+1.80-2.59x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at 39-55% of the
+bandwidth SDPA reaches. With its loads one block ahead it is bound by issue (ncu at 32k B = 8: 0.70 instructions
+per cycle and scheduler, long-scoreboard stalls 0.14 cycles per instruction, were 1.66 with the loads in the
+block that uses them), about 2.5 instructions per code for 16-bit inputs (mask-or, FMA, a shift per byte; the
+2^23 taken out of the sums once, see :func:`_codes_f32`) plus ~210 per 64-slot block and thread; it runs capped at
+128 registers per thread (the policy's ``maxnreg``: four programs of 4 warps per SM) and in splits of at least 8
+blocks (shorter ones cost more in fixed work and merged partials than they gain in waves). The swapped
+tensor-core path (GQA 28/4) runs 1.10-1.26x faster than SDPA from 32k or at B = 8 and on par at 8k B = 1 (11.7 µs
+against 11.5: 4 warps and 65 splits where the grid leaves the SMs idle, :func:`launch_warps`), at 22-28% of
+SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1100 instructions per 64-slot block and
+thread, of which the transposed value-code loads are byte-wide shared loads and byte permutes).
 
 Shapes: q ``[B, Hq, 1, d]`` with ``Hq = H * n_rep`` (query head ``h * n_rep + r`` reads KV head ``h``);
 output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 4, 8}.
@@ -93,7 +97,10 @@ class Tuning(NamedTuple):
     unequal length), warps per program, software-pipelining depth, the register cap per thread given to ptxas
     (``maxnreg``; None: uncapped, ptxas then takes what it likes, up to 255, whatever the occupancy), and the
     bounds on a segment's splits: each walks at least ``min_blocks`` blocks of GROUP slots of a full segment, a
-    segment has at most ``max_splits`` (a split's fixed costs and the merge's partials weigh more than waves)."""
+    segment has at most ``max_splits`` (a split's fixed costs and the merge's partials weigh more than waves).
+    ``channels_per_thread``: on the CUDA-core path, the channels of a slot that one thread loads (one vector of
+    words) and accumulates; ``sparse_warps``: warps per program where the grid leaves the SMs nearly idle
+    (:func:`launch_warps`)."""
 
     programs_per_sm: int
     num_warps: int
@@ -101,6 +108,8 @@ class Tuning(NamedTuple):
     maxnreg: int | None = None
     min_blocks: int = 4
     max_splits: int = 64
+    channels_per_thread: int = 32
+    sparse_warps: int = 4
 
 
 # The segment paths (module docstring): "fma" (CUDA cores, n_rep = 1), "swap" (tensor cores, the codes as the big
@@ -109,7 +118,7 @@ PATHS = ("fma", "swap")
 # per path, from the H200 sweeps of bench/decode_attention.py --variants (BENCHMARKS.md)
 _TUNING = {
     "fma": Tuning(programs_per_sm=16, num_warps=4, num_stages=1, maxnreg=128, min_blocks=8, max_splits=16),
-    "swap": Tuning(programs_per_sm=8, num_warps=2, num_stages=2, min_blocks=4, max_splits=64),
+    "swap": Tuning(programs_per_sm=8, num_warps=2, num_stages=2, min_blocks=2, max_splits=64),
 }
 # query-head rows per program, padded: on the tensor-core path the queries are the small N operand of the dots,
 # whose smallest MMA size is 8 (offline sm_90 SASS at n_rep <= 8: 21-23% fewer instructions per block than 16);
@@ -378,8 +387,16 @@ def _code_place(BITS: tl.constexpr, D: tl.constexpr, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _codes_f32(words, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr):
-    """uint32 words [BLOCK, W] (W = D*BITS//32) -> fp32 [BLOCK, D] in channel order: ``code * 2^position``
+def _codes_f32(
+    words,
+    BITS: tl.constexpr,
+    REPS: tl.constexpr,
+    LANES: tl.constexpr,
+    D: tl.constexpr,
+    ASM: tl.constexpr,
+    FOLD: tl.constexpr,
+):
+    """uint32 words [REPS, LANES, W] (W = D*BITS//32) -> fp32 [REPS, LANES, D] in channel order: ``code * 2^position``
     (:func:`_code_place`), plus 2^23 with FOLD, where channel w*CPW + t (CPW = 32 // BITS) is bits t*BITS.. of
     word w.
 
@@ -400,9 +417,9 @@ def _codes_f32(words, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, 
     if CPW >= 16:
         x = tl.join(x, x)
     shift, position = _code_place(BITS, D, FOLD)
-    x = tl.reshape(x, [BLOCK, D])  # words are uint32: logical shifts
-    x = (x << tl.maximum(shift, 0)[None, :]) >> tl.maximum(-shift, 0)[None, :]
-    mask = tl.broadcast_to((MASK << position)[None, :], [BLOCK, D]).to(tl.uint32)
+    x = tl.reshape(x, [REPS, LANES, D])  # words are uint32: logical shifts
+    x = (x << tl.maximum(shift, 0)[None, None, :]) >> tl.maximum(-shift, 0)[None, None, :]
+    mask = tl.broadcast_to((MASK << position).to(tl.uint32)[None, None, :], [REPS, LANES, D])
     if ASM:
         x = tl.inline_asm_elementwise(
             "lop3.b32 $0, $1, $2, 0x4b000000, 0xea;", "=r,r,r", [x, mask], dtype=tl.uint32, is_pure=True, pack=1
@@ -413,6 +430,72 @@ def _codes_f32(words, BITS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, 
     if not FOLD:
         x = x - 8388608.0
     return x
+
+
+@triton.jit
+def _rep_fma(acc, w, x, REPS: tl.constexpr):
+    """acc [LANES, D] + sum over r of w[r, :, None] * x[r] (w [REPS, LANES], x [REPS, LANES, D]): for REPS in
+    {1, 2, 4} one chain of multiply-adds per element, r in order (a tree sum would cost a multiply and an add per
+    product; the reps lie in a thread's registers, so the splits move no data)."""
+    y = tl.permute(x, (1, 2, 0))  # [LANES, D, REPS]
+    v = tl.permute(w, (1, 0))  # [LANES, REPS]
+    if REPS == 1:
+        acc = acc + tl.reshape(v, [v.shape[0]])[:, None] * tl.reshape(y, [y.shape[0], y.shape[1]])
+    elif REPS == 2:
+        y0, y1 = tl.split(y)
+        v0, v1 = tl.split(v)
+        acc = acc + v0[:, None] * y0
+        acc = acc + v1[:, None] * y1
+    elif REPS == 4:
+        ya, yb = tl.split(tl.reshape(y, [y.shape[0], y.shape[1], 2, 2]))  # reps (0, 2), (1, 3)
+        va, vb = tl.split(tl.reshape(v, [v.shape[0], 2, 2]))
+        y0, y2 = tl.split(ya)
+        y1, y3 = tl.split(yb)
+        v0, v2 = tl.split(va)
+        v1, v3 = tl.split(vb)
+        acc = acc + v0[:, None] * y0
+        acc = acc + v1[:, None] * y1
+        acc = acc + v2[:, None] * y2
+        acc = acc + v3[:, None] * y3
+    else:  # more reps than the chains above (few warps): a plain sum
+        acc = acc + tl.sum(w[:, :, None] * x, axis=0)
+    return acc
+
+
+@triton.jit
+def _fma_loads(
+    head,
+    blk,
+    fill,
+    W: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    REPS: tl.constexpr,
+    LANES: tl.constexpr,
+):
+    """What the CUDA-core path reads of block ``blk`` (nothing past the fill): valid [REPS, LANES] (slot
+    r * LANES + l), key / value words [REPS, LANES, W], value scale / zero fp32 [REPS, LANES] (0 on invalid slots),
+    the block's key scale / zero rows fp32 [D]. head: a Segment's pointers moved to this (sequence, KV head), so
+    that the offsets here are small int32 ones."""
+    kc, ks, kz, vc, vs, vz, pos = head
+    slot = blk * BLOCK + tl.arange(0, REPS)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+    valid = tl.load(pos + slot, mask=slot < fill, other=-1) >= 0
+    slot2 = blk * BLOCK + tl.arange(0, BLOCK)
+    # [W // VEC, BLOCK, VEC]: word vectors first, so that the threads of a slot take its vectors (the compiler
+    # orders the non-contiguous dims by their index), then permuted to the slots-major order
+    tile = slot2[None, :, None] * W + tl.arange(0, W // VEC)[:, None, None] * VEC + tl.arange(0, VEC)[None, None, :]
+    ok = (slot2 < fill)[None, :, None]
+    kw = tl.reshape(tl.permute(tl.load(kc + tile, mask=ok, other=0), (1, 0, 2)), [REPS, LANES, W])
+    vw = tl.reshape(tl.permute(tl.load(vc + tile, mask=ok, other=0), (1, 0, 2)), [REPS, LANES, W])
+    # masked by the fill, not by valid: a mask on the positions' load would make these wait for it
+    v_s = tl.load(vs + slot, mask=slot < fill, other=0.0).to(tl.float32)
+    v_z = tl.load(vz + slot, mask=slot < fill, other=0.0).to(tl.float32)
+    row = blk * D + tl.arange(0, D)  # a block is one key group: one [D] scale/zero row
+    live = blk * BLOCK < fill  # a block past the fill (a prefetch past the last) reads nothing
+    k_s = tl.load(ks + row, mask=live, other=0.0).to(tl.float32)
+    k_z = tl.load(kz + row, mask=live, other=0.0).to(tl.float32)
+    return valid, kw, vw, tl.where(valid, v_s, 0.0), tl.where(valid, v_z, 0.0), k_s, k_z
 
 
 @triton.jit
@@ -429,19 +512,32 @@ def _segment_partial_fma(
     BLOCK: tl.constexpr,
     ASM: tl.constexpr,
     FOLD: tl.constexpr,
+    CPT: tl.constexpr,
+    WARPS: tl.constexpr,
 ):
     """One query head (n_rep = 1) over this split's share of a segment, on the CUDA cores (no padded rows).
 
     kc / vc: the codes as uint32 words [B, H, C, D*BITS//32] (the layout's bit order read four bytes at a
-    time, see :func:`_codes_f32`). Scores and the value accumulator stay in the load's layout: q·k is a
-    multiply-sum over channels per slot, and p·v accumulates per (slot, channel), reduced over slots once
-    after the loop; the accumulator is rescaled only when the running max grows. Dequantisation is folded
+    time, see :func:`_codes_f32`). A thread loads VEC words (CPT channels, at most four words) of a slot; the
+    block's GROUP slots lie as [REPS, LANES]: LANES slot lanes across the WARPS warps' threads, and REPS slots per
+    thread (slot ``r * LANES + l``). Scores and the value accumulator stay in that layout: q·k is a multiply-sum
+    over channels per slot; p·v accumulates per (slot lane, channel) fp32 [LANES, D], a thread's REPS slots summed
+    into it by one chain of multiply-adds (:func:`_rep_fma`), reduced over lanes once after the loop; the
+    accumulator is rescaled only when the running max grows. Each block's loads are issued one block ahead
+    (:func:`_fma_loads`), so that their latency overlaps the previous block's arithmetic. Dequantisation is folded
     as in the tensor-core path: ``q·k = (q*k_scale)·code + q·k_zero`` and ``p·v = (p*v_scale)·code +
     p·v_zero``.
     """
     kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr = seg  # a Segment's pointers, in field order
     C, b, bh, split, n_splits = share  # capacity, sequence, (sequence, KV head), this split of n_splits
     W: tl.constexpr = D * BITS // 32
+    # each thread loads VEC words (CPT channels) of a slot; LANES slots lie across the threads, and a thread holds
+    # REPS slots (one every LANES), whose products it sums before they reach the accumulator
+    VEC_WANTED: tl.constexpr = 4 if CPT * BITS // 32 > 4 else (1 if CPT * BITS // 32 < 1 else CPT * BITS // 32)
+    VEC: tl.constexpr = W if VEC_WANTED > W else VEC_WANTED
+    TW: tl.constexpr = 32 if W // VEC > 32 else W // VEC
+    LANES: tl.constexpr = BLOCK if 32 // TW * WARPS > BLOCK else 32 // TW * WARPS
+    REPS: tl.constexpr = BLOCK // LANES
     OFFSET: tl.constexpr = 8388608.0 if FOLD else 0.0  # the 2^23 each code carries (:func:`_codes_f32`)
     chan = tl.arange(0, D)
     _, position = _code_place(BITS, D, FOLD)
@@ -450,20 +546,26 @@ def _segment_partial_fma(
     q_placed = q * unplace
     m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # the running max (a scalar)
     # per slot lane, reduced after the loop: sums of p (den), p·v_zero (v_const), p·v_scale (v_offset, FOLD only)
-    den = tl.zeros([BLOCK], tl.float32)
-    v_const = tl.zeros([BLOCK], tl.float32)
-    v_offset = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, D], tl.float32)
+    den = tl.zeros([LANES], tl.float32)
+    v_const = tl.zeros([LANES], tl.float32)
+    v_offset = tl.zeros([LANES], tl.float32)
+    acc = tl.zeros([LANES, D], tl.float32)
     fill = tl.load(fill_ptr + b)
     first, last = _block_range(fill, split, n_splits, BLOCK)
+    slots = bh * C  # this (sequence, KV head)'s first slot
+    head = (kc + slots * W, ks + bh * (C // BLOCK) * D, kz + bh * (C // BLOCK) * D, vc + slots * W, vs + slots)
+    head += (vz + slots, pos_ptr + b * C)
+    nxt = _fma_loads(head, first, fill, W, D, BLOCK, VEC, REPS, LANES)
     for blk in range(first, last):
-        valid, kw, vw, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, W, BLOCK)
-        row = (bh * (C // BLOCK) + blk) * D + chan  # a block is one key group: one [D] scale/zero row
-        qs = q_placed * tl.load(ks + row).to(tl.float32)
-        k_const = tl.sum(q * tl.load(kz + row).to(tl.float32) - OFFSET * qs, axis=0)
-        s = tl.sum(_codes_f32(kw, BITS, BLOCK, D, ASM, FOLD) * qs[None, :], axis=1) + k_const
+        valid, kw, vw, v_s, v_z, k_s, k_z = nxt
+        # the next block's loads go out before this block's arithmetic (a block past the split's last is read for
+        # nothing; past the fill, nothing is read)
+        nxt = _fma_loads(head, blk + 1, fill, W, D, BLOCK, VEC, REPS, LANES)
+        qs = q_placed * k_s
+        k_const = tl.sum(q * k_z - OFFSET * qs, axis=0)
+        s = tl.sum(_codes_f32(kw, BITS, REPS, LANES, D, ASM, FOLD) * qs[None, None, :], axis=2) + k_const
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
+        m_new = tl.maximum(m, tl.max(tl.max(s, axis=0), axis=0))  # a thread's reps first
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)
         p = tl.exp2(s - m_use)
@@ -473,12 +575,12 @@ def _segment_partial_fma(
             v_const = v_const * alpha
             if FOLD:
                 v_offset = v_offset * alpha
-        den += p
-        v_const += p * v_z
+        den += tl.sum(p, axis=0)
+        v_const += tl.sum(p * v_z, axis=0)
         pv = p * v_s
         if FOLD:
-            v_offset += pv
-        acc += pv[:, None] * _codes_f32(vw, BITS, BLOCK, D, ASM, FOLD)
+            v_offset += tl.sum(pv, axis=0)
+        acc = _rep_fma(acc, pv, _codes_f32(vw, BITS, REPS, LANES, D, ASM, FOLD), REPS)
         m = m_new
     m_ws, den_ws, acc_ws = out
     tl.store(m_ws + ws, m)
@@ -538,12 +640,14 @@ def _segment_share(
     F32: tl.constexpr,
     ASM: tl.constexpr,
     PATH: tl.constexpr,
+    CPT: tl.constexpr,
+    WARPS: tl.constexpr,
 ):
     """One split's share of a segment on PATH (see :func:`_decode_partial_kernel`); rows: the program's query
     pointer, query-head rows, their mask and workspace rows, the first head and its row, qk_scale."""
     q_ptr, qh, row_ok, ws, qh0, ws0, qk_scale = rows
     if PATH == 0:
-        _segment_partial_fma(seg, share, out, ws0, q_ptr, qh0, qk_scale, BITS, D, BLOCK, ASM, not F32)
+        _segment_partial_fma(seg, share, out, ws0, q_ptr, qh0, qk_scale, BITS, D, BLOCK, ASM, not F32, CPT, WARPS)
     else:
         _segment_partial(q_ptr, qh, row_ok, qk_scale, seg, share, out, ws, BITS, D, NP, BLOCK, F32, ASM)
 
@@ -590,6 +694,8 @@ def _decode_partial_kernel(
     F32: tl.constexpr,
     ASM: tl.constexpr,
     PATH: tl.constexpr,
+    CPT: tl.constexpr,
+    WARPS: tl.constexpr,
 ):
     """Program (b, h, j): partial softmax state of query heads h*n_rep .. h*n_rep + n_rep - 1 over one share
     of one source: j < S_HI -> hi split j, j < S_HI + S_LO -> lo split j - S_HI, else a tail split. A segment
@@ -613,10 +719,10 @@ def _decode_partial_kernel(
     rows = (q_ptr, qh, row_ok, ws, qh0, ws0, qk_scale)
     if j < S_HI:
         hi = (hkc, hks, hkz, hvc, hvs, hvz, hpos, hfill)
-        _segment_share(rows, hi, (C_HI, b, bh, j, S_HI), out, HI_BITS, D, NP, BLOCK, F32, ASM, PATH)
+        _segment_share(rows, hi, (C_HI, b, bh, j, S_HI), out, HI_BITS, D, NP, BLOCK, F32, ASM, PATH, CPT, WARPS)
     elif j < S_HI + S_LO:
         lo = (lkc, lks, lkz, lvc, lvs, lvz, lpos, lfill)
-        _segment_share(rows, lo, (C_LO, b, bh, j - S_HI, S_LO), out, LO_BITS, D, NP, BLOCK, F32, ASM, PATH)
+        _segment_share(rows, lo, (C_LO, b, bh, j - S_HI, S_LO), out, LO_BITS, D, NP, BLOCK, F32, ASM, PATH, CPT, WARPS)
     else:
         share = (R, b, bh, j - S_HI - S_LO, n_splits - S_HI - S_LO)
         _tail_partial(q_ptr, qh, row_ok, qk_scale, (kt, vt, tpos, tlen), share, out, ws, D, NP, BLOCK)
@@ -654,6 +760,14 @@ def _partial_launcher(num_warps: int, num_stages: int, maxnreg: int | None) -> t
     num_stages as launch options, maxnreg not)."""
     config = triton.Config({}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
     return triton.autotune(configs=[config], key=[])(_decode_partial_kernel)
+
+
+def launch_warps(policy: Tuning, programs: int, sms: int, d: int) -> int:
+    """Warps per program of a launch of ``programs`` programs: the policy's ``num_warps``, or its ``sparse_warps``
+    where the grid leaves the SMs nearly idle (fewer than two programs per SM: the launch is bound by latency, and
+    more warps per program hide more of it); at least 8 for d = 256."""
+    warps = policy.num_warps if programs >= 2 * sms else policy.sparse_warps
+    return max(warps, 8 if d == 256 else 1)
 
 
 def default_path(n_rep: int) -> str:
@@ -702,14 +816,16 @@ def decode_attention_triton(
     num_stages: int | None = None,
     asm: bool | None = None,
     maxnreg: int | None = None,
+    channels_per_thread: int | None = None,
 ) -> torch.Tensor:
     """Split-K Triton decode attention; arguments as :func:`decode_attention`.
 
     Tuning (defaults: the policy; the benchmark sweeps them): num_splits: splits (hi, lo, tail) per (sequence,
     KV head), default :func:`num_splits_for` with ``programs_per_sm``; path: the segment path, one of
     :data:`PATHS` (default :func:`default_path`; "fma" serves one query head per KV head); num_warps /
-    num_stages: warps per program, software-pipelining depth; asm: the inline-PTX code unpacking of the
-    tensor-core path (default on CUDA); maxnreg: the register cap per thread (0: uncapped).
+    num_stages: warps per program (default :func:`launch_warps`), software-pipelining depth; asm: the inline-PTX
+    code unpacking of the tensor-core path (default on CUDA); maxnreg: the register cap per thread (0: uncapped);
+    channels_per_thread: the CUDA-core path's channels of a slot per thread (:class:`Tuning`).
     Segment tensors are made contiguous (a no-op for cache buffers). Returns [B, Hq, 1, d] in q's dtype.
     """
     hi, lo, tail, n_rep = call.hi, call.lo, call.tail, call.n_rep
@@ -745,8 +861,9 @@ def decode_attention_triton(
             seg._replace(k_codes=seg.k_codes.view(torch.uint32), v_codes=seg.v_codes.view(torch.uint32))
             for seg in (hi, lo)
         )
+    warps = num_warps or launch_warps(policy, B * H * S, sms, d)
     launch = _partial_launcher(
-        num_warps or max(policy.num_warps, 8 if d == 256 else 1),
+        warps,
         num_stages or policy.num_stages,
         policy.maxnreg if maxnreg is None else maxnreg or None,
     )
@@ -777,6 +894,8 @@ def decode_attention_triton(
         F32=q.dtype == torch.float32,
         ASM=(q.is_cuda if asm is None else asm) and q.dtype != torch.float32,
         PATH=PATHS.index(path),
+        CPT=channels_per_thread or policy.channels_per_thread,
+        WARPS=warps,
     )
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
     merge_chunk = min(triton.next_power_of_2(S), _MERGE_CHUNK)
