@@ -85,9 +85,7 @@ def variants_for(n_rep: int) -> list[dict]:
     from zipvl_compile.runtime.kernels import decode as dec
 
     def knobs(path: str, **varied: int) -> dict:
-        policy = dec.tuning(path)._asdict()
-        policy["maxnreg"] = policy["maxnreg"] or 0
-        return dict(path=path, **(policy | varied))
+        return dict(path=path, **(dec.tuning(path)._asdict() | varied))
 
     grid = [
         knobs("swap", num_warps=w, programs_per_sm=p, num_stages=st, maxnreg=0)

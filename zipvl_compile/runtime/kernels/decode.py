@@ -95,7 +95,7 @@ class DecodeCall(NamedTuple):
 class Tuning(NamedTuple):
     """Launch tuning of a segment path: split-K target in programs per SM (several waves even out splits of
     unequal length), warps per program, software-pipelining depth, the register cap per thread given to ptxas
-    (``maxnreg``; None: uncapped, ptxas then takes what it likes, up to 255, whatever the occupancy), and the
+    (``maxnreg``; 0: uncapped, ptxas then takes what it likes, up to 255, whatever the occupancy), and the
     bounds on a segment's splits: each walks at least ``min_blocks`` blocks of GROUP slots of a full segment, a
     segment has at most ``max_splits`` (a split's fixed costs and the merge's partials weigh more than waves).
     ``channels_per_thread``: on the CUDA-core path, the channels of a slot that one thread loads (one vector of
@@ -105,7 +105,7 @@ class Tuning(NamedTuple):
     programs_per_sm: int
     num_warps: int
     num_stages: int
-    maxnreg: int | None = None
+    maxnreg: int = 0
     min_blocks: int = 4
     max_splits: int = 64
     channels_per_thread: int = 32
@@ -754,11 +754,11 @@ def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: 
 
 
 @functools.cache
-def _partial_launcher(num_warps: int, num_stages: int, maxnreg: int | None) -> triton.runtime.Autotuner:
+def _partial_launcher(num_warps: int, num_stages: int, maxnreg: int) -> triton.runtime.Autotuner:
     """:func:`_decode_partial_kernel` with one launch configuration, as an autotuner of that one config: a
     register cap reaches a kernel that torch.compile traces only through a config (it takes num_warps and
-    num_stages as launch options, maxnreg not)."""
-    config = triton.Config({}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+    num_stages as launch options, maxnreg not); maxnreg 0: uncapped."""
+    config = triton.Config({}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg or None)
     return triton.autotune(configs=[config], key=[])(_decode_partial_kernel)
 
 
@@ -865,7 +865,7 @@ def decode_attention_triton(
     launch = _partial_launcher(
         warps,
         num_stages or policy.num_stages,
-        policy.maxnreg if maxnreg is None else maxnreg or None,
+        policy.maxnreg if maxnreg is None else maxnreg,
     )
     wrap_triton(launch)[(B, H, S)](
         q.contiguous(),
