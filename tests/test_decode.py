@@ -333,6 +333,14 @@ def test_dispatcher():
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("channels", [24, -8, 512])
+def test_bad_channels_per_thread(channels):
+    """A thread's share of a slot that no load layout has is refused by name, before any kernel."""
+    args, _ = make_case(n_rep=1, seed=2)
+    with pytest.raises(ValueError, match="channels_per_thread"):
+        decode_attention_triton(*split(to_device(args)), path="fma", channels_per_thread=channels)
+
+
 def test_bad_shapes():
     args, _ = make_case()
     with pytest.raises(ValueError, match="Hq = H\\*n_rep"):

@@ -846,6 +846,9 @@ def decode_attention_triton(
         raise ValueError(f"decode_attention: the CUDA-core path serves n_rep = 1, got {n_rep}")
     policy = tuning(path)
     policy = policy._replace(programs_per_sm=programs_per_sm or policy.programs_per_sm)
+    cpt = channels_per_thread or policy.channels_per_thread
+    if cpt & (cpt - 1) or not 1 <= cpt <= 256:  # more than a slot's channels: the whole slot
+        raise ValueError(f"decode_attention: channels_per_thread must be a power of two in [1, 256], got {cpt}")
     s_hi, s_lo, s_tail = num_splits or num_splits_for(B, H, c_hi, c_lo, R, sms, policy)
     S = s_hi + s_lo + s_tail
     acc_ws = torch.empty(B, Hq, S, d, device=q.device, dtype=torch.float32)
@@ -894,7 +897,7 @@ def decode_attention_triton(
         F32=q.dtype == torch.float32,
         ASM=(q.is_cuda if asm is None else asm) and q.dtype != torch.float32,
         PATH=PATHS.index(path),
-        CPT=channels_per_thread or policy.channels_per_thread,
+        CPT=cpt,
         WARPS=warps,
     )
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
