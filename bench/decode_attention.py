@@ -6,7 +6,8 @@ median of ``triton.testing.do_bench`` and of CUDA-graph replay (``do_bench_cudag
 what one call must read or write: codes + quantisation params + positions + tail + q/out (the split-K
 workspace is listed apart as ``ws_bytes``). Achieved bandwidth = bytes / graph time, against the bandwidth
 SDPA reaches on its (larger) bf16 cache in the same run. Replaying one call on one set of inputs leaves them in
-the L2 cache where they fit (the packed cache at 8k-32k B = 1, SDPA's GQA cache at 8k), unlike a decode step, whose
+the L2 cache where they fit (by the MB-read column against the datasheet's 50 MB: the packed cache at 8k B = 1
+MHA and at every GQA shape up to 32k B = 1 and 8k B = 8, SDPA's GQA cache at 8k B = 1), unlike a decode step, whose
 other layers evict them: the "cold" columns time each call over enough copies of its inputs that one replay reads
 more than twice the L2 (:func:`cold_copies`), per call. ``--variants`` also times the tuning grid of
 :func:`decode_attention_triton` (path, warps, programs per SM) for each shape, each checked against the policy's

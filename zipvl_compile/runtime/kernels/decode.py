@@ -50,9 +50,10 @@ Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARK
 bandwidth SDPA reaches. With its loads one block ahead it is bound by issue (ncu at 32k B = 8: 0.70 instructions
 per cycle and scheduler, long-scoreboard stalls 0.14 cycles per instruction, were 1.66 with the loads in the
 block that uses them), about 2.5 instructions per code for 16-bit inputs (mask-or, FMA, a shift per byte; the
-2^23 taken out of the sums once, see :func:`_codes_f32`) plus ~210 per 64-slot block and thread; it runs capped at
-128 registers per thread (the policy's ``maxnreg``: four programs of 4 warps per SM) and in splits of at least 8
-blocks (shorter ones cost more in fixed work and merged partials than they gain in waves). The swapped
+2^23 taken out of the sums once, see :func:`_codes_f32`) plus ~210 per 64-slot block and thread (offline
+SASS); it runs capped at 128 registers per thread (the policy's ``maxnreg``: four programs of 4 warps per SM) and
+in splits of at least 8 blocks (shorter ones cost more in fixed work and merged partials than they gain in
+waves). The swapped
 tensor-core path (GQA 28/4) runs 1.10-1.26x faster than SDPA from 32k or at B = 8 and on par at 8k B = 1 (11.7 µs
 against 11.5: 4 warps and 65 splits where the grid leaves the SMs idle, :func:`launch_warps`), at 22-28% of
 SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1100 instructions per 64-slot block and
@@ -235,22 +236,15 @@ def _store_partial(out, ws, row_ok, m, den, acc, J: tl.constexpr, PER: tl.conste
 
 
 @triton.jit
-def _load_block(
-    kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, COLS: tl.constexpr, BLOCK: tl.constexpr, V_T: tl.constexpr = False
-):
-    """Block ``blk`` (GROUP slots) of a segment: (valid bool [BLOCK], key and value codes [BLOCK, COLS] as
-    stored (bytes, or uint32 words; with V_T the value codes transposed, [COLS, BLOCK], as loaded), value scale
-    and zero fp32 [BLOCK], masked to 0 on invalid slots so that garbage params of empty slots never reach p)."""
+def _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``blk`` (GROUP slots) of a segment for the tensor-core path: (valid bool [BLOCK], key code bytes
+    [BLOCK, COLS] as stored, value code bytes transposed [COLS, BLOCK], as loaded, value scale and zero fp32
+    [BLOCK], masked to 0 on invalid slots so that garbage params of empty slots never reach p)."""
     slot = blk * BLOCK + tl.arange(0, BLOCK)
     slot_ok = slot < fill
     valid = tl.load(pos_ptr + b * C + slot, mask=slot_ok, other=-1) >= 0
-    tile = (bh * C + slot[:, None]) * COLS + tl.arange(0, COLS)[None, :]
-    k_code = tl.load(kc + tile, mask=slot_ok[:, None], other=0)
-    if V_T:
-        tile_t = (bh * C + slot[None, :]) * COLS + tl.arange(0, COLS)[:, None]
-        v_code = tl.load(vc + tile_t, mask=slot_ok[None, :], other=0)
-    else:
-        v_code = tl.load(vc + tile, mask=slot_ok[:, None], other=0)
+    k_code = tl.load(kc + (bh * C + slot[:, None]) * COLS + tl.arange(0, COLS)[None, :], mask=slot_ok[:, None], other=0)
+    v_code = tl.load(vc + (bh * C + slot[None, :]) * COLS + tl.arange(0, COLS)[:, None], mask=slot_ok[None, :], other=0)
     v_s = tl.load(vs + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
     v_z = tl.load(vz + bh * C + slot, mask=valid, other=0.0).to(tl.float32)
     return valid, k_code, v_code, v_s, v_z
@@ -305,7 +299,7 @@ def _segment_partial(
     fill = tl.load(fill_ptr + b)
     first, last = _block_range(fill, split, n_splits, BLOCK)
     for blk in range(first, last):
-        valid, kbyte, vbyte, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, KB, BLOCK, True)
+        valid, kbyte, vbyte, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, KB, BLOCK)
         # keys: a block is one quantisation group -> one [D] scale/zero row
         row = (bh * (C // BLOCK) + blk) * D + tl.arange(0, D)
         ks0, ks1, ks2, ks3 = _deinterleave(tl.load(ks + row), PER, KB)
@@ -481,11 +475,11 @@ def _fma_loads(
     kc, ks, kz, vc, vs, vz, pos = head
     slot = blk * BLOCK + tl.arange(0, REPS)[:, None] * LANES + tl.arange(0, LANES)[None, :]
     valid = tl.load(pos + slot, mask=slot < fill, other=-1) >= 0
-    slot2 = blk * BLOCK + tl.arange(0, BLOCK)
+    slot_w = blk * BLOCK + tl.arange(0, BLOCK)  # the same slots, for the word tile's own layout
     # [W // VEC, BLOCK, VEC]: word vectors first, so that the threads of a slot take its vectors (the compiler
     # orders the non-contiguous dims by their index), then permuted to the slots-major order
-    tile = slot2[None, :, None] * W + tl.arange(0, W // VEC)[:, None, None] * VEC + tl.arange(0, VEC)[None, None, :]
-    ok = (slot2 < fill)[None, :, None]
+    tile = slot_w[None, :, None] * W + tl.arange(0, W // VEC)[:, None, None] * VEC + tl.arange(0, VEC)[None, None, :]
+    ok = (slot_w < fill)[None, :, None]
     kw = tl.reshape(tl.permute(tl.load(kc + tile, mask=ok, other=0), (1, 0, 2)), [REPS, LANES, W])
     vw = tl.reshape(tl.permute(tl.load(vc + tile, mask=ok, other=0), (1, 0, 2)), [REPS, LANES, W])
     # masked by the fill, not by valid: a mask on the positions' load would make these wait for it
@@ -533,10 +527,9 @@ def _segment_partial_fma(
     W: tl.constexpr = D * BITS // 32
     # each thread loads VEC words (CPT channels) of a slot; LANES slots lie across the threads, and a thread holds
     # REPS slots (one every LANES), whose products it sums before they reach the accumulator
-    VEC_WANTED: tl.constexpr = 4 if CPT * BITS // 32 > 4 else (1 if CPT * BITS // 32 < 1 else CPT * BITS // 32)
-    VEC: tl.constexpr = W if VEC_WANTED > W else VEC_WANTED
-    TW: tl.constexpr = 32 if W // VEC > 32 else W // VEC
-    LANES: tl.constexpr = BLOCK if 32 // TW * WARPS > BLOCK else 32 // TW * WARPS
+    VEC: tl.constexpr = min(max(CPT * BITS // 32, 1), 4, W)
+    TW: tl.constexpr = min(W // VEC, 32)  # threads along a slot's words
+    LANES: tl.constexpr = min(32 // TW * WARPS, BLOCK)
     REPS: tl.constexpr = BLOCK // LANES
     OFFSET: tl.constexpr = 8388608.0 if FOLD else 0.0  # the 2^23 each code carries (:func:`_codes_f32`)
     chan = tl.arange(0, D)
