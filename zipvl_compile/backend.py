@@ -12,12 +12,13 @@ import torch
 import torch.fx as fx
 
 from zipvl_compile.config import ZipVLConfig
+from zipvl_compile.logs import LOG_NAME
 from zipvl_compile.passes.pass_manager import run_passes
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.report import GraphRecord, report
 from zipvl_compile.runtime import ops
 
-log = logging.getLogger("zipvl_compile")
+log = logging.getLogger(LOG_NAME)
 
 
 def zipvl_backend(

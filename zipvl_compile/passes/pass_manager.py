@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch.fx as fx
 
 from zipvl_compile.config import ZipVLConfig
+from zipvl_compile.logs import LOG_NAME
 from zipvl_compile.passes.causal_mask import analyse_mask
 from zipvl_compile.passes.classify import classify_site, locate_site
 from zipvl_compile.passes.dce import safe_dce
@@ -24,7 +25,7 @@ from zipvl_compile.passes.rewrite_attention import SharedProbes, rewrite_site
 from zipvl_compile.passes.site import AttentionSite
 from zipvl_compile.report import GraphRecord, SiteRecord
 
-log = logging.getLogger("zipvl_compile")
+log = logging.getLogger(LOG_NAME)
 
 SITE_PASSES: list[tuple[str, Callable[[AttentionSite], None]]] = [
     ("locate", locate_site),
