@@ -11,8 +11,11 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICE
 
+from zipvl_compile.runtime.kernels import decode
 from zipvl_compile.runtime.kernels.decode import (
     PATHS,
     DecodeCall,
@@ -231,6 +234,8 @@ CASES = {
     "d128": dict(d=128, n_rep=1),
     "d256": dict(d=256, n_rep=1),
     "long_tail": dict(R=150, tail_lens=(150, 80)),
+    "no_lo_capacity": dict(caps=(192, 0), fills=((192, 0), (64, 0)), n_rep=1),
+    "no_lo_capacity_gqa": dict(caps=(192, 0), fills=((192, 0), (64, 0)), n_rep=4),
 }
 
 
@@ -244,6 +249,36 @@ def test_edge_cases(name):
         torch.testing.assert_close(decode_attention_cpu(**args, native=native).double(), exp, atol=1e-5, rtol=1e-5)
     out = decode_attention_triton(*split(to_device(args)), num_splits=(2, 1, 2))
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+@triton.jit
+def _planes_kernel(x_ptr, out_ptr, N: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr):
+    """out fp32 [4, N]: the four tensors decode._planes returns for the N bytes x."""
+    offs = tl.arange(0, N)
+    p0, p1, p2, p3 = decode._planes(tl.load(x_ptr + offs), BITS, F32, ASM)
+    tl.store(out_ptr + offs, p0.to(tl.float32))
+    tl.store(out_ptr + N + offs, p1.to(tl.float32))
+    tl.store(out_ptr + 2 * N + offs, p2.to(tl.float32))
+    tl.store(out_ptr + 3 * N + offs, p3.to(tl.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("f32,asm", [(True, False), (False, False), (False, True)])
+def test_planes_exact(bits, f32, asm):
+    """The tensor-core path's unpacking of every byte value (in a shuffled order): sub-plane J holds the code at bit
+    shift J*bits exactly, plus 2^(10 - J*bits) for fp16 codes; planes past 8 // bits repeat plane 0. The PTX
+    branch needs a GPU."""
+    if asm and DEVICE != "cuda":
+        pytest.skip("inline PTX needs a GPU")
+    x = torch.randperm(256, generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    out = torch.empty(4, 256, device=DEVICE)
+    _planes_kernel[(1,)](x.to(DEVICE), out, N=256, BITS=bits, F32=f32, ASM=asm)
+    per, mask = 8 // bits, (1 << bits) - 1
+    exp = torch.stack(
+        [(x.long() >> j * bits & mask).float() + (0 if f32 else 2.0 ** (10 - j * bits)) for j in range(per)]
+    )
+    exp = torch.cat([exp, exp[:1].expand(4 - per, -1)]) if per < 4 else exp
+    assert torch.equal(out.cpu(), exp)
 
 
 @pytest.mark.parametrize("bits", [(4, 2), (8, 4), (2, 2)])

@@ -29,14 +29,16 @@ Implementations with the same contract:
     two slots summed into it by one chain of multiply-adds, reduced once after the loop and rescaled only when
     the running max grows. Each block's loads are issued one block ahead.
   - Tensor cores, for ``n_rep > 1`` (``path="swap"``): per block the packed bytes are loaded once and serve
-    all ``n_rep`` query heads. The codes are the big (M) operand, ``scores^T = keys @ q^T`` and ``acc^T =
-    codes_v^T @ (p * v_scale)``, so the code tiles go from the pipelined shared-memory copy straight into the
-    dot's register operand (keys dequantised in fp16 there, value codes loaded transposed) and only the small
-    ``p`` tile takes a trip through shared memory; the query heads are the small N operand, padded to 8.
-    Channels are handled as ``8 // bits`` sub-planes (bits ``J*bits..`` of every byte = channels
-    ``i*(8//bits) + J``), so byte tiles are used as they lie and queries and outputs are permuted instead;
-    codes become fp16 ``1024 + code`` by ORing them into the mantissa (inline PTX on the GPU), the 1024
-    subtracted exactly before the key's multiply-add and taken out of the values through the zero-point
+    all ``n_rep`` query heads. The codes are the big (M) operand, ``scores^T = codes_k @ (q * k_scale)^T`` and
+    ``acc^T = codes_v^T @ (p * v_scale)``, so the code tiles go from the pipelined shared-memory copy straight
+    into the dot's register operand (value codes loaded transposed) and only the small tiles, ``p`` and the
+    queries scaled by the block's key scales, take a trip through shared memory; the query heads are the small
+    N operand, padded to 8. Channels are handled as ``8 // bits`` sub-planes (bits ``J*bits..`` of every byte =
+    channels ``i*(8//bits) + J``), so byte tiles are used as they lie and queries and outputs are permuted
+    instead; codes become fp16 ``2^(10 - J*bits) + code`` by one and-or per pair (masked in place, ORed with
+    an exponent J*bits below 1024's; inline PTX on the GPU, two byte-spreading permutes serving every plane of
+    four bytes), and the offset and the zero points come in through one constant per block and query head on
+    each side (``sum q*k_zero - offset * sum q*k_scale``, ``sum p*v_zero - offset * sum p*v_scale``).
     term. Two warps per program (Ampere-style MMA) beat four (the Hopper warp-group MMA) on the H200, and
     this path beat the one with the queries as the big operand (rows padded to 16, layout conversions
     through shared memory) at every GQA shape of the sweep (BENCHMARKS.md).
@@ -53,11 +55,12 @@ block that uses them), about 2.5 instructions per code for 16-bit inputs (mask-o
 2^23 taken out of the sums once, see :func:`_codes_f32`) plus ~210 per 64-slot block and thread (offline
 SASS); it runs capped at 128 registers per thread (the policy's ``maxnreg``: four programs of 4 warps per SM) and
 in splits of at least 8 blocks (shorter ones cost more in fixed work and merged partials than they gain in
-waves). The swapped
-tensor-core path (GQA 28/4) runs 1.10-1.26x faster than SDPA from 32k or at B = 8 and on par at 8k B = 1 (11.7 µs
-against 11.5: 4 warps and 65 splits where the grid leaves the SMs idle, :func:`launch_warps`), at 22-28% of
-SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1100 instructions per 64-slot block and
-thread, of which the transposed value-code loads are byte-wide shared loads and byte permutes).
+waves). The swapped tensor-core path (GQA 28/4) runs 1.17-1.35x faster than SDPA from 32k or at B = 8 and on par
+at 8k B = 1 (11.4 µs against 11.7, and 13.8 against 13.7 with the inputs out of L2: 4 warps and 65 splits where
+the grid leaves the SMs idle, :func:`launch_warps`), at 22-29% of SDPA's bandwidth: bound by issue at low occupancy
+(255 registers, about 1020 (4-bit) / 860 (2-bit) instructions per 64-slot block and thread in offline SASS, of
+which the transposed value-code loads are byte-wide shared loads and byte permutes, and the per-block key constants
+cross-lane sums).
 
 Shapes: q ``[B, Hq, 1, d]`` with ``Hq = H * n_rep`` (query head ``h * n_rep + r`` reads KV head ``h``);
 output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 4, 8}.
@@ -165,39 +168,94 @@ def _mm(a, b, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _plane(byte, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr):
-    """Sub-plane J of a packed byte tile: the codes at bit shift J*BITS, i.e. channels i*(8//BITS) + J.
+def _plane_offset(J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr):
+    """The constant every code of sub-plane J carries as :func:`_planes` unpacks it: 0 for fp32 codes, else
+    ``2^(10 - J*BITS)``."""
+    OFFSET: tl.constexpr = 0.0 if F32 else float(1 << (10 - J * BITS))
+    return OFFSET
 
-    F32: fp32 codes. Otherwise fp16 ``1024 + code``: the code ORed into the mantissa of 1024 (exact; no
-    conversion instruction); callers subtract the 1024 through their zero-point term. ASM (GPU): the same
-    in PTX on four bytes at a time (two byte-spreading permutes, then shift + and-or per fp16 pair). It is
-    declared pure: Inductor's mutation analysis of a ``triton_op``'s kernels rejects impure inline asm (it
-    would then treat every input, the whole cache included, as written).
+
+@triton.jit
+def _plane(x, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr):
+    """Sub-plane J of bytes x (int16) as :func:`_planes` gives it, in plain operations."""
+    c = x & ((1 << BITS) - 1 << J * BITS)
+    if F32:
+        r = (c >> J * BITS).to(tl.float32)
+    else:
+        r = (c | (0x6400 - J * BITS * 0x400)).to(tl.float16, bitcast=True)
+    return r
+
+
+@triton.jit
+def _planes(byte, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr):
+    """The 8//BITS sub-planes of a packed byte tile (plane J: the codes at bit shift J*BITS, i.e. channels
+    i*(8//BITS) + J), as four tensors of the tile's shape (unused ones repeat plane 0).
+
+    F32: the codes as fp32. Otherwise fp16 ``2^(10 - J*BITS) + code`` (:func:`_plane_offset`): the code is masked in
+    place, at bit J*BITS of the mantissa, and ORed with an exponent J*BITS below 1024's, so that the mantissa's
+    unit is 2^-(J*BITS): no shift, no conversion, exact; callers take the offset out through their zero-point
+    terms. ASM (GPU): the same in PTX on four bytes at a time, every plane of them from the same two
+    byte-spreading permutes, then one and-or per plane and fp16 pair. It is declared pure: Inductor's mutation
+    analysis of a ``triton_op``'s kernels rejects impure inline asm (it would then treat every input, the whole
+    cache included, as written).
     """
-    MASK: tl.constexpr = (1 << BITS) - 1
+    PER: tl.constexpr = 8 // BITS
     if ASM:
-        r = tl.inline_asm_elementwise(
-            "{ .reg .b32 t0, t1; prmt.b32 t0, $2, 0, 0x4140; prmt.b32 t1, $2, 0, 0x4342; "
-            f"shr.b32 t0, t0, {J * BITS}; shr.b32 t1, t1, {J * BITS}; "
-            f"lop3.b32 $0, t0, {MASK * 0x10001}, 0x64006400, 0xea; "
-            f"lop3.b32 $1, t1, {MASK * 0x10001}, 0x64006400, 0xea; }}",
-            "=r,=r,r",
-            [byte],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=4,
-        )
+        # per plane J: mask M<J> (the plane's bits in both fp16 halves), exponent E<J> (2^(10 - J*BITS) in both)
+        M0: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+        M1: tl.constexpr = M0 << BITS
+        M2: tl.constexpr = M0 << 2 * BITS
+        M3: tl.constexpr = M0 << 3 * BITS
+        E0: tl.constexpr = 0x6400 * 0x10001
+        E1: tl.constexpr = (0x6400 - BITS * 0x400) * 0x10001
+        E2: tl.constexpr = (0x6400 - 2 * BITS * 0x400) * 0x10001
+        E3: tl.constexpr = (0x6400 - 3 * BITS * 0x400) * 0x10001
+        if PER == 1:
+            r = tl.inline_asm_elementwise(
+                "{ .reg .b32 t0, t1; prmt.b32 t0, $2, 0, 0x4140; prmt.b32 t1, $2, 0, 0x4342; "
+                f"lop3.b32 $0, t0, {M0}, {E0}, 0xea; lop3.b32 $1, t1, {M0}, {E0}, 0xea; }}",
+                "=r,=r,r",
+                [byte],
+                dtype=tl.float16,
+                is_pure=True,
+                pack=4,
+            )
+            planes = (r, r, r, r)
+        elif PER == 2:
+            p0, p1 = tl.inline_asm_elementwise(
+                "{ .reg .b32 t0, t1; prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342; "
+                f"lop3.b32 $0, t0, {M0}, {E0}, 0xea; lop3.b32 $1, t1, {M0}, {E0}, 0xea; "
+                f"lop3.b32 $2, t0, {M1}, {E1}, 0xea; lop3.b32 $3, t1, {M1}, {E1}, 0xea; }}",
+                "=r,=r,=r,=r,r",
+                [byte],
+                dtype=(tl.float16, tl.float16),
+                is_pure=True,
+                pack=4,
+            )
+            planes = (p0, p1, p0, p0)
+        else:
+            p0, p1, p2, p3 = tl.inline_asm_elementwise(
+                "{ .reg .b32 t0, t1; prmt.b32 t0, $8, 0, 0x4140; prmt.b32 t1, $8, 0, 0x4342; "
+                f"lop3.b32 $0, t0, {M0}, {E0}, 0xea; lop3.b32 $1, t1, {M0}, {E0}, 0xea; "
+                f"lop3.b32 $2, t0, {M1}, {E1}, 0xea; lop3.b32 $3, t1, {M1}, {E1}, 0xea; "
+                f"lop3.b32 $4, t0, {M2}, {E2}, 0xea; lop3.b32 $5, t1, {M2}, {E2}, 0xea; "
+                f"lop3.b32 $6, t0, {M3}, {E3}, 0xea; lop3.b32 $7, t1, {M3}, {E3}, 0xea; }}",
+                "=r,=r,=r,=r,=r,=r,=r,=r,r",
+                [byte],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                is_pure=True,
+                pack=4,
+            )
+            planes = (p0, p1, p2, p3)
     else:
         x = byte.to(tl.int16)
-        if J > 0:
-            x = x >> (J * BITS)
-        if (J + 1) * BITS < 8:
-            x = x & MASK
-        if F32:
-            r = x.to(tl.float32)
-        else:
-            r = (x | 0x6400).to(tl.float16, bitcast=True)
-    return r
+        p0 = _plane(x, 0, BITS, F32)
+        planes = (p0, p0, p0, p0)
+        if PER > 1:
+            planes = (p0, _plane(x, 1, BITS, F32), p0, p0)
+        if PER > 2:
+            planes = (p0, planes[1], _plane(x, 2, BITS, F32), _plane(x, 3, BITS, F32))
+    return planes
 
 
 @triton.jit
@@ -272,24 +330,23 @@ def _segment_partial(
 
     Channels are handled as 8//BITS sub-planes (channel i*PER + J = bits J*BITS.. of byte i), so each
     packed byte tile is loaded once and used as it lies: no reshape. Up to 4 sub-planes (2-bit codes). The
-    codes are the big operand of both dots, the NP query heads the small one: scores^T [BLOCK, NP] = keys_J
-    [BLOCK, KB] @ q_J^T (keys dequantised per sub-plane, one subtract and one multiply-add per code) and
-    acc_J^T [KB, NP] += codes_J^T [KB, BLOCK] @ (p * v_scale) [BLOCK, NP], so the code tiles feed the dots
-    from registers.
+    codes are the big operand of both dots, the NP query heads the small one: scores^T [BLOCK, NP] = sum over J
+    of codes_J [BLOCK, KB] @ (q_J * k_scale_J)^T plus the block's key constant (:func:`_key_update`), and acc_J^T
+    [KB, NP] += codes_J^T [KB, BLOCK] @ (p * v_scale) [BLOCK, NP] plus its value constant
+    (:func:`_value_update`), so the code tiles feed the dots from registers as :func:`_planes` unpacks them.
     """
     kc, ks, kz, vc, vs, vz, pos_ptr, fill_ptr = seg  # a Segment's pointers, in field order
     C, b, bh, split, n_splits = share  # capacity, sequence, (sequence, KV head), this split of n_splits
     PER: tl.constexpr = 8 // BITS
     KB: tl.constexpr = D * BITS // 8
-    OFFSET: tl.constexpr = 0.0 if F32 else 1024.0
     OP: tl.constexpr = tl.float32 if F32 else tl.float16
     DOT: tl.constexpr = KB >= 16
-    q0 = _q_operand(q_ptr, qh, row_ok, qk_scale, 0, PER, KB, D, OP)
+    q0 = tl.trans(_load_q_plane(q_ptr, qh, row_ok, qk_scale, 0, PER, KB, D))
     if PER > 1:
-        q1 = _q_operand(q_ptr, qh, row_ok, qk_scale, 1, PER, KB, D, OP)
+        q1 = tl.trans(_load_q_plane(q_ptr, qh, row_ok, qk_scale, 1, PER, KB, D))
     if PER > 2:
-        q2 = _q_operand(q_ptr, qh, row_ok, qk_scale, 2, PER, KB, D, OP)
-        q3 = _q_operand(q_ptr, qh, row_ok, qk_scale, 3, PER, KB, D, OP)
+        q2 = tl.trans(_load_q_plane(q_ptr, qh, row_ok, qk_scale, 2, PER, KB, D))
+        q3 = tl.trans(_load_q_plane(q_ptr, qh, row_ok, qk_scale, 3, PER, KB, D))
     m = tl.full([NP], float("-inf"), tl.float32)
     den = tl.zeros([NP], tl.float32)
     a0 = tl.zeros([KB, NP], tl.float32)
@@ -300,25 +357,31 @@ def _segment_partial(
     first, last = _block_range(fill, split, n_splits, BLOCK)
     for blk in range(first, last):
         valid, kbyte, vbyte, v_s, v_z = _load_block(kc, vc, vs, vz, pos_ptr, fill, C, b, bh, blk, KB, BLOCK)
-        # keys: a block is one quantisation group -> one [D] scale/zero row
+        # keys: a block is one quantisation group -> one [D] scale/zero row, folded into the queries
         row = (bh * (C // BLOCK) + blk) * D + tl.arange(0, D)
-        ks0, ks1, ks2, ks3 = _deinterleave(tl.load(ks + row), PER, KB)
-        kz0, kz1, kz2, kz3 = _deinterleave(tl.load(kz + row), PER, KB)
-        s = _mm(_key_plane(kbyte, ks0, kz0, 0, BITS, F32, ASM), q0, DOT)
+        ks0, ks1, ks2, ks3 = _deinterleave(tl.load(ks + row).to(tl.float32), PER, KB)
+        kz0, kz1, kz2, kz3 = _deinterleave(tl.load(kz + row).to(tl.float32), PER, KB)
+        kp0, kp1, kp2, kp3 = _planes(kbyte, BITS, F32, ASM)
+        s = tl.zeros([BLOCK, NP], tl.float32)
+        k_terms = tl.zeros([KB, NP], tl.float32)
+        s, k_terms = _key_update(s, k_terms, kp0, q0, ks0, kz0, 0, BITS, F32, DOT)
         if PER > 1:
-            s += _mm(_key_plane(kbyte, ks1, kz1, 1, BITS, F32, ASM), q1, DOT)
+            s, k_terms = _key_update(s, k_terms, kp1, q1, ks1, kz1, 1, BITS, F32, DOT)
         if PER > 2:
-            s += _mm(_key_plane(kbyte, ks2, kz2, 2, BITS, F32, ASM), q2, DOT)
-            s += _mm(_key_plane(kbyte, ks3, kz3, 3, BITS, F32, ASM), q3, DOT)
-        p, alpha, m, den = _online_update(tl.where(valid[:, None], s, float("-inf")), m, den, 0)
+            s, k_terms = _key_update(s, k_terms, kp2, q2, ks2, kz2, 2, BITS, F32, DOT)
+            s, k_terms = _key_update(s, k_terms, kp3, q3, ks3, kz3, 3, BITS, F32, DOT)
+        s = tl.where(valid[:, None], s + tl.sum(k_terms, axis=0)[None, :], float("-inf"))
+        p, alpha, m, den = _online_update(s, m, den, 0)
         pv = (p * v_s[:, None]).to(OP)
-        v_const = tl.sum(p * v_z[:, None], axis=0) - OFFSET * tl.sum(pv.to(tl.float32), axis=0)
-        a0 = _value_update(a0, alpha, pv, vbyte, v_const, 0, BITS, F32, ASM, DOT)
+        pz = tl.sum(p * v_z[:, None], axis=0)
+        pvs = tl.sum(pv.to(tl.float32), axis=0)
+        vp0, vp1, vp2, vp3 = _planes(vbyte, BITS, F32, ASM)
+        a0 = _value_update(a0, alpha, pv, vp0, pz, pvs, 0, BITS, F32, DOT)
         if PER > 1:
-            a1 = _value_update(a1, alpha, pv, vbyte, v_const, 1, BITS, F32, ASM, DOT)
+            a1 = _value_update(a1, alpha, pv, vp1, pz, pvs, 1, BITS, F32, DOT)
         if PER > 2:
-            a2 = _value_update(a2, alpha, pv, vbyte, v_const, 2, BITS, F32, ASM, DOT)
-            a3 = _value_update(a3, alpha, pv, vbyte, v_const, 3, BITS, F32, ASM, DOT)
+            a2 = _value_update(a2, alpha, pv, vp2, pz, pvs, 2, BITS, F32, DOT)
+            a3 = _value_update(a3, alpha, pv, vp3, pz, pvs, 3, BITS, F32, DOT)
     _store_partial(out, ws, row_ok, m, den, tl.trans(a0), 0, PER, KB, D)
     if PER > 1:
         _store_partial(out, ws, row_ok, m, den, tl.trans(a1), 1, PER, KB, D)
@@ -328,12 +391,16 @@ def _segment_partial(
 
 
 @triton.jit
-def _q_operand(
-    q_ptr, qh, row_ok, qk_scale, J: tl.constexpr, PER: tl.constexpr, KB: tl.constexpr, D: tl.constexpr, OP: tl.constexpr
+def _key_update(
+    s, k_terms, code, q, k_s, k_z, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, DOT: tl.constexpr
 ):
-    """Sub-plane J of the queries as the dots' second operand: [KB, NP] in the operand dtype OP (from
-    :func:`_load_q_plane`)."""
-    return tl.trans(_load_q_plane(q_ptr, qh, row_ok, qk_scale, J, PER, KB, D)).to(OP)
+    """Scores and their per-block constant's terms after sub-plane J: s [BLOCK, NP] + code [BLOCK, KB] (as
+    :func:`_planes` unpacks it) @ (q * k_s) [KB, NP]; k_terms [KB, NP] + q * k_z minus the codes' offset times
+    q * k_s (summed over channels once per block by the caller). q fp32 [KB, NP]: the queries' plane J times
+    qk_scale; k_s / k_z fp32 [KB]: this group's parameters at channels i*(8//BITS) + J. The dot's operand q * k_s
+    is rounded to the codes' dtype, and the offset taken out of that rounded operand, so that it cancels exactly."""
+    qs = (q * k_s[:, None]).to(code.dtype)
+    return s + _mm(code, qs, DOT), k_terms + q * k_z[:, None] - _plane_offset(J, BITS, F32) * qs.to(tl.float32)
 
 
 @triton.jit
@@ -341,29 +408,19 @@ def _value_update(
     acc,
     alpha,
     pv,
-    vbyte,
-    v_const,
+    code,
+    pz,
+    pvs,
     J: tl.constexpr,
     BITS: tl.constexpr,
     F32: tl.constexpr,
-    ASM: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    """The accumulator of sub-plane J after one block: acc [KB, NP] rescaled by alpha [NP] plus codes_J^T
-    [KB, BLOCK] (vbyte as loaded, transposed) @ pv [BLOCK, NP] plus v_const [NP]."""
-    return acc * alpha[None, :] + _mm(_plane(vbyte, J, BITS, F32, ASM), pv, DOT) + v_const[None, :]
-
-
-@triton.jit
-def _key_plane(kbyte, k_s, k_z, J: tl.constexpr, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr):
-    """Sub-plane J of a key byte tile [BLOCK, KB], dequantised in the operand dtype: code * k_scale + k_zero
-    (k_s / k_z [KB] float16: this group's parameters at channels i*(8//BITS) + J)."""
-    code = _plane(kbyte, J, BITS, F32, ASM)
-    if F32:
-        key = code * k_s.to(tl.float32)[None, :] + k_z.to(tl.float32)[None, :]
-    else:  # 1024 + code, exact in fp16: the subtraction is exact too
-        key = (code - 1024.0).to(tl.float16) * k_s[None, :] + k_z[None, :]
-    return key.to(code.dtype)
+    """The accumulator of sub-plane J after one block: acc [KB, NP] rescaled by alpha [NP] plus code [KB, BLOCK]
+    (the value codes transposed, as :func:`_planes` unpacks them) @ pv [BLOCK, NP] (p * v_scale), plus the zero
+    points' term pz [NP] (sum of p * v_zero) minus the codes' offset times pvs [NP] (the sum of pv)."""
+    v_const = pz - _plane_offset(J, BITS, F32) * pvs
+    return acc * alpha[None, :] + _mm(code, pv, DOT) + v_const[None, :]
 
 
 @triton.jit

@@ -48,10 +48,11 @@ from pathlib import Path
 
 import torch
 
+from zipvl_compile.logs import LOG_NAME
 from zipvl_compile.runtime.kernels.quant_reference import KEY_SHRINK_STEPS, SCALE_FLOOR
 from zipvl_compile.runtime.layout import GROUP, QUANT_BITS, Segment, Tail
 
-log = logging.getLogger("zipvl_compile")
+log = logging.getLogger(LOG_NAME)
 
 _SOURCE = r"""
 #include <math.h>
