@@ -144,17 +144,28 @@ def _block_range(length, split, n_splits, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _online_update(s, m, den, SLOTS: tl.constexpr):
+def _online_max(s, m, SLOTS: tl.constexpr):
     """Base-2 online softmax step. s: scores of NP query heads over a block, slots along axis SLOTS ([NP, BLOCK]
-    for SLOTS = 1, [BLOCK, NP] for 0; -inf = masked); m, den [NP] running max, sum.
+    for SLOTS = 1, [BLOCK, NP] for 0; -inf = masked); m [NP] running max.
 
-    Returns (p, alpha, m_new, den_new): probabilities of this block (s's shape), rescale factor of the old state.
+    Returns (p, alpha, m_new): probabilities of this block (s's shape), rescale factor of the old state, new max.
     """
     m_new = tl.maximum(m, tl.max(s, axis=SLOTS))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_use)
-    p = tl.exp2(s - tl.expand_dims(m_use, SLOTS))
+    return tl.exp2(s - tl.expand_dims(m_use, SLOTS)), tl.exp2(m - m_use), m_new
+
+
+@triton.jit
+def _online_update(s, m, den, SLOTS: tl.constexpr):
+    """:func:`_online_max`, and the running sum den [NP] after the block: (p, alpha, m_new, den_new)."""
+    p, alpha, m_new = _online_max(s, m, SLOTS)
     return p, alpha, m_new, den * alpha + tl.sum(p, axis=SLOTS)
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    """Combine function of a three-tensor sum (one reduction, one cross-warp exchange for all three)."""
+    return a0 + b0, a1 + b1, a2 + b2
 
 
 @triton.jit
@@ -371,10 +382,11 @@ def _segment_partial(
             s, k_terms = _key_update(s, k_terms, kp2, q2, ks2, kz2, 2, BITS, F32, DOT)
             s, k_terms = _key_update(s, k_terms, kp3, q3, ks3, kz3, 3, BITS, F32, DOT)
         s = tl.where(valid[:, None], s + tl.sum(k_terms, axis=0)[None, :], float("-inf"))
-        p, alpha, m, den = _online_update(s, m, den, 0)
+        p, alpha, m = _online_max(s, m, 0)
         pv = (p * v_s[:, None]).to(OP)
-        pz = tl.sum(p * v_z[:, None], axis=0)
-        pvs = tl.sum(pv.to(tl.float32), axis=0)
+        # over the block's slots: p (the running sum), p * v_zero and p * v_scale (the values' constant)
+        p_sum, pz, pvs = tl.reduce((p, p * v_z[:, None], pv.to(tl.float32)), 0, _add3)
+        den = den * alpha + p_sum
         vp0, vp1, vp2, vp3 = _planes(vbyte, BITS, F32, ASM)
         a0 = _value_update(a0, alpha, pv, vp0, pz, pvs, 0, BITS, F32, DOT)
         if PER > 1:
