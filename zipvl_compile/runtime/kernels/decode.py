@@ -39,7 +39,7 @@ Implementations with the same contract:
     an exponent J*bits below 1024's; inline PTX on the GPU, two byte-spreading permutes serving every plane of
     four bytes), and the offset and the zero points come in through one constant per block and query head on
     each side (``sum q*k_zero - offset * sum q*k_scale``, ``sum p*v_zero - offset * sum p*v_scale``).
-    term. Two warps per program (Ampere-style MMA) beat four (the Hopper warp-group MMA) on the H200, and
+    Two warps per program (Ampere-style MMA) beat four (the Hopper warp-group MMA) on the H200, and
     this path beat the one with the queries as the big operand (rows padded to 16, layout conversions
     through shared memory) at every GQA shape of the sweep (BENCHMARKS.md).
 
