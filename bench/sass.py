@@ -21,7 +21,7 @@ import re
 from typing import NamedTuple
 
 GPU_TARGET = ("cuda", 90, 32)  # the H200's architecture, warp size
-D, BLOCK = 128, 64
+D = 128  # head dim, as in bench/decode_attention.py
 
 
 class Loop(NamedTuple):
@@ -43,6 +43,7 @@ def compile_sass(path: str, bits: int, n_rep: int, num_warps: int, maxnreg: int,
     from triton.tools.disasm import get_sass
 
     from zipvl_compile.runtime.kernels import decode as dec
+    from zipvl_compile.runtime.layout import GROUP
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("bench/sass.py compiles kernels: unset TRITON_INTERPRET")
@@ -79,7 +80,7 @@ def compile_sass(path: str, bits: int, n_rep: int, num_warps: int, maxnreg: int,
         LO_BITS=bits,
         D=D,
         NP=max(dec._MIN_ROWS[path], triton.next_power_of_2(n_rep)),
-        BLOCK=BLOCK,
+        BLOCK=GROUP,
         F32=False,
         ASM=True,
         PATH=dec.PATHS.index(path),

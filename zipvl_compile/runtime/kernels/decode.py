@@ -211,61 +211,36 @@ def _planes(byte, BITS: tl.constexpr, F32: tl.constexpr, ASM: tl.constexpr):
     cache included, as written).
     """
     PER: tl.constexpr = 8 // BITS
+    # the plane each of the four results holds: J, or plane 0 past the byte's planes
+    J1: tl.constexpr = 1 if PER > 1 else 0
+    J2: tl.constexpr = 2 if PER > 2 else 0
+    J3: tl.constexpr = 3 if PER > 2 else 0
     if ASM:
-        # per plane J: mask M<J> (the plane's bits in both fp16 halves), exponent E<J> (2^(10 - J*BITS) in both)
+        # per result: mask M (the plane's bits in both fp16 halves), exponent E (2^(10 - J*BITS) in both); the
+        # and-ors of results a caller does not use are dead code to ptxas
         M0: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-        M1: tl.constexpr = M0 << BITS
-        M2: tl.constexpr = M0 << 2 * BITS
-        M3: tl.constexpr = M0 << 3 * BITS
+        M1: tl.constexpr = M0 << J1 * BITS
+        M2: tl.constexpr = M0 << J2 * BITS
+        M3: tl.constexpr = M0 << J3 * BITS
         E0: tl.constexpr = 0x6400 * 0x10001
-        E1: tl.constexpr = (0x6400 - BITS * 0x400) * 0x10001
-        E2: tl.constexpr = (0x6400 - 2 * BITS * 0x400) * 0x10001
-        E3: tl.constexpr = (0x6400 - 3 * BITS * 0x400) * 0x10001
-        if PER == 1:
-            r = tl.inline_asm_elementwise(
-                "{ .reg .b32 t0, t1; prmt.b32 t0, $2, 0, 0x4140; prmt.b32 t1, $2, 0, 0x4342; "
-                f"lop3.b32 $0, t0, {M0}, {E0}, 0xea; lop3.b32 $1, t1, {M0}, {E0}, 0xea; }}",
-                "=r,=r,r",
-                [byte],
-                dtype=tl.float16,
-                is_pure=True,
-                pack=4,
-            )
-            planes = (r, r, r, r)
-        elif PER == 2:
-            p0, p1 = tl.inline_asm_elementwise(
-                "{ .reg .b32 t0, t1; prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342; "
-                f"lop3.b32 $0, t0, {M0}, {E0}, 0xea; lop3.b32 $1, t1, {M0}, {E0}, 0xea; "
-                f"lop3.b32 $2, t0, {M1}, {E1}, 0xea; lop3.b32 $3, t1, {M1}, {E1}, 0xea; }}",
-                "=r,=r,=r,=r,r",
-                [byte],
-                dtype=(tl.float16, tl.float16),
-                is_pure=True,
-                pack=4,
-            )
-            planes = (p0, p1, p0, p0)
-        else:
-            p0, p1, p2, p3 = tl.inline_asm_elementwise(
-                "{ .reg .b32 t0, t1; prmt.b32 t0, $8, 0, 0x4140; prmt.b32 t1, $8, 0, 0x4342; "
-                f"lop3.b32 $0, t0, {M0}, {E0}, 0xea; lop3.b32 $1, t1, {M0}, {E0}, 0xea; "
-                f"lop3.b32 $2, t0, {M1}, {E1}, 0xea; lop3.b32 $3, t1, {M1}, {E1}, 0xea; "
-                f"lop3.b32 $4, t0, {M2}, {E2}, 0xea; lop3.b32 $5, t1, {M2}, {E2}, 0xea; "
-                f"lop3.b32 $6, t0, {M3}, {E3}, 0xea; lop3.b32 $7, t1, {M3}, {E3}, 0xea; }}",
-                "=r,=r,=r,=r,=r,=r,=r,=r,r",
-                [byte],
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                is_pure=True,
-                pack=4,
-            )
-            planes = (p0, p1, p2, p3)
+        E1: tl.constexpr = (0x6400 - J1 * BITS * 0x400) * 0x10001
+        E2: tl.constexpr = (0x6400 - J2 * BITS * 0x400) * 0x10001
+        E3: tl.constexpr = (0x6400 - J3 * BITS * 0x400) * 0x10001
+        planes = tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1; prmt.b32 t0, $8, 0, 0x4140; prmt.b32 t1, $8, 0, 0x4342; "
+            f"lop3.b32 $0, t0, {M0}, {E0}, 0xea; lop3.b32 $1, t1, {M0}, {E0}, 0xea; "
+            f"lop3.b32 $2, t0, {M1}, {E1}, 0xea; lop3.b32 $3, t1, {M1}, {E1}, 0xea; "
+            f"lop3.b32 $4, t0, {M2}, {E2}, 0xea; lop3.b32 $5, t1, {M2}, {E2}, 0xea; "
+            f"lop3.b32 $6, t0, {M3}, {E3}, 0xea; lop3.b32 $7, t1, {M3}, {E3}, 0xea; }}",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [byte],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True,
+            pack=4,
+        )
     else:
         x = byte.to(tl.int16)
-        p0 = _plane(x, 0, BITS, F32)
-        planes = (p0, p0, p0, p0)
-        if PER > 1:
-            planes = (p0, _plane(x, 1, BITS, F32), p0, p0)
-        if PER > 2:
-            planes = (p0, planes[1], _plane(x, 2, BITS, F32), _plane(x, 3, BITS, F32))
+        planes = (_plane(x, 0, BITS, F32), _plane(x, J1, BITS, F32), _plane(x, J2, BITS, F32), _plane(x, J3, BITS, F32))
     return planes
 
 
