@@ -297,9 +297,10 @@ def test_folded_codes_lose_nothing_a_half_float_keeps(bits):
     torch.testing.assert_close(folded.float(), exact.half().float(), atol=ulp, rtol=2**-10)
 
 
-@pytest.mark.parametrize("num_splits", [(1, 1, 1), (6, 5, 2), (40, 30, 2), None])
+@pytest.mark.parametrize("num_splits", [(1, 1, 1), (6, 5, 2), (40, 30, 2), (150, 120, 2), None])
 def test_splits_agree(num_splits):
-    """Any split counts give the reference's result: 72 splits (most with no block) merge in two chunks."""
+    """Any split counts give the reference's result: 72 splits (most with no block) merge in one chunk, 272 in two
+    (``decode._MERGE_CHUNK``)."""
     args, _ = make_case(n_rep=4, seed=5)
     ref = decode_attention_reference(**args)
     out = decode_attention_triton(*split(to_device(args)), num_splits=num_splits)

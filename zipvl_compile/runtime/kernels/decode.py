@@ -44,8 +44,8 @@ Implementations with the same contract:
     through shared memory) at every GQA shape of the sweep (BENCHMARKS.md).
 
   Each program keeps a running max / sum / accumulator per query head (base-2 online softmax, fp32) and
-  writes them to a workspace; a second kernel merges all partials, a chunk of them at a time. fp32 inputs
-  take exact fp32 operands so that tests can be tight.
+  writes them to a workspace; a second kernel merges the partials, one program per query head and 32 channels.
+  fp32 inputs take exact fp32 operands so that tests can be tight.
 
 Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): the CUDA-core path runs
 1.80-2.59x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at 39-55% of the
@@ -128,7 +128,12 @@ _TUNING = {
 # whose smallest MMA size is 8 (offline sm_90 SASS at n_rep <= 8: 21-23% fewer instructions per block than 16);
 # the CUDA-core path uses the rows only in its tail, where 16 compiled to fewer instructions
 _MIN_ROWS = {"fma": 16, "swap": 8}
-_MERGE_CHUNK = 64  # partial states merged at a time (the merge kernel keeps [_MERGE_CHUNK, d] fp32 in registers)
+# the merge kernel: a program per query head and _MERGE_CHANNELS channels, _MERGE_CHUNK partial states at a time
+# (a [_MERGE_CHUNK, _MERGE_CHANNELS] fp32 tile in registers: every split of the policy's launches in one pass).
+# On the H200 the merge of one program per query head, 64 partials at a time, was 40% of the op at 8k B = 1 GQA
+# (28 programs; BENCHMARKS.md).
+_MERGE_CHUNK = 256
+_MERGE_CHANNELS = 32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -766,19 +771,18 @@ def _decode_partial_kernel(
 
 
 @triton.jit
-def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: tl.constexpr):
-    """Program (b*Hq + head): merge the S partial states of one query head into out [D] (out's dtype), SP
-    partials at a time (a whole [S, D] tile would not fit in registers at hundreds of splits): the largest
-    max first, then one pass of weighted sums."""
+def _decode_merge_kernel(acc_ws, m_ws, den_ws, out_ptr, S, D: tl.constexpr, SP: tl.constexpr, DC: tl.constexpr):
+    """Program (b*Hq + head, c): merge the S partial states of one query head into channels c*DC .. c*DC + DC - 1
+    of out [.., D] (out's dtype), SP partials at a time: the largest max first, then one pass of weighted sums."""
     row = tl.program_id(0).to(tl.int64)
-    chan = tl.arange(0, D)
+    chan = tl.program_id(1) * DC + tl.arange(0, DC)
     m_all = tl.max(tl.full([SP], float("-inf"), tl.float32), axis=0)
     for s0 in range(0, S, SP):
         sp = s0 + tl.arange(0, SP)
         m_all = tl.maximum(m_all, tl.max(tl.load(m_ws + row * S + sp, mask=sp < S, other=float("-inf")), axis=0))
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
     total = tl.zeros([SP], tl.float32)
-    acc = tl.zeros([D], tl.float32)
+    acc = tl.zeros([DC], tl.float32)
     for s0 in range(0, S, SP):
         sp = s0 + tl.arange(0, SP)
         sp_ok = sp < S
@@ -938,8 +942,10 @@ def decode_attention_triton(
         WARPS=warps,
     )
     out = torch.empty(B, Hq, 1, d, device=q.device, dtype=q.dtype)
-    merge_chunk = min(triton.next_power_of_2(S), _MERGE_CHUNK)
-    wrap_triton(_decode_merge_kernel)[(B * Hq,)](acc_ws, m_ws, den_ws, out, S, D=d, SP=merge_chunk)
+    dc = min(d, _MERGE_CHANNELS)
+    wrap_triton(_decode_merge_kernel)[(B * Hq, d // dc)](
+        acc_ws, m_ws, den_ws, out, S, D=d, SP=min(triton.next_power_of_2(S), _MERGE_CHUNK), DC=dc
+    )
     return out
 
 
