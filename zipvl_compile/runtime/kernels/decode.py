@@ -48,19 +48,19 @@ Implementations with the same contract:
   fp32 inputs take exact fp32 operands so that tests can be tight.
 
 Performance (H200, bits 4/2 at r = 0.5, ``bench/decode_attention.py``, BENCHMARKS.md): the CUDA-core path runs
-1.80-2.59x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at 39-55% of the
+1.89-2.60x faster than bf16 SDPA decode on the same tokens (MHA 32x128, 8k-128k, B 1 and 8) at 41-55% of the
 bandwidth SDPA reaches. With its loads one block ahead it is bound by issue (ncu at 32k B = 8: 0.70 instructions
 per cycle and scheduler, long-scoreboard stalls 0.14 cycles per instruction, were 1.66 with the loads in the
 block that uses them), about 2.5 instructions per code for 16-bit inputs (mask-or, FMA, a shift per byte; the
 2^23 taken out of the sums once, see :func:`_codes_f32`) plus ~210 per 64-slot block and thread (offline
 SASS); it runs capped at 128 registers per thread (the policy's ``maxnreg``: four programs of 4 warps per SM) and
 in splits of at least 8 blocks (shorter ones cost more in fixed work and merged partials than they gain in
-waves). The swapped tensor-core path (GQA 28/4) runs 1.17-1.35x faster than SDPA from 32k or at B = 8 and on par
-at 8k B = 1 (11.4 µs against 11.7, and 13.8 against 13.7 with the inputs out of L2: 4 warps and 65 splits where
-the grid leaves the SMs idle, :func:`launch_warps`), at 22-29% of SDPA's bandwidth: bound by issue at low occupancy
-(255 registers, about 1020 (4-bit) / 860 (2-bit) instructions per 64-slot block and thread in offline SASS, of
-which the transposed value-code loads are byte-wide shared loads and byte permutes, and the per-block key constants
-cross-lane sums).
+waves). The swapped tensor-core path (GQA 28/4) runs 1.22-1.57x faster than SDPA (1.31x at 8k B = 1, 8.9 µs
+against 11.7, where the grid leaves the SMs idle: 4 warps and 65 splits, :func:`launch_warps`), at 26-34% of
+SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1020 (4-bit) / 860 (2-bit) instructions
+per 64-slot block and thread in offline SASS, of which the transposed value-code loads are byte-wide shared loads
+and byte permutes, and the per-block key constants cross-lane sums). The merge is a few µs of latency at B = 1
+(its programs: one per query head and 32 channels).
 
 Shapes: q ``[B, Hq, 1, d]`` with ``Hq = H * n_rep`` (query head ``h * n_rep + r`` reads KV head ``h``);
 output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 4, 8}.
