@@ -59,8 +59,8 @@ waves). The swapped tensor-core path (GQA 28/4) runs 1.22-1.57x faster than SDPA
 against 11.7, where the grid leaves the SMs idle: 4 warps and 65 splits, :func:`launch_warps`), at 26-34% of
 SDPA's bandwidth: bound by issue at low occupancy (255 registers, about 1020 (4-bit) / 860 (2-bit) instructions
 per 64-slot block and thread in offline SASS, of which the transposed value-code loads are byte-wide shared loads
-and byte permutes, and the per-block key constants cross-lane sums). The merge is a few µs of latency at B = 1
-(its programs: one per query head and 32 channels).
+and byte permutes, and the per-block key constants cross-lane sums). The merge adds 2.2-3.2 µs at B = 1 (8k-32k,
+both layouts: the op timed with and without it).
 
 Shapes: q ``[B, Hq, 1, d]`` with ``Hq = H * n_rep`` (query head ``h * n_rep + r`` reads KV head ``h``);
 output ``[B, Hq, 1, d]`` in q's dtype. d in {16, 32, 64, 128, 256}; bits in {2, 4, 8}.
